@@ -1,0 +1,72 @@
+"""fiddler_async: publish model events to Fiddler without making a prediction wait.
+
+>>> async with AsyncPublisher("https://acme.fiddler.ai", token) as pub:
+...     event_id = pub.publish_event_nowait("bank_churn", "bank_churn", {"age": 42, "churn": 0.1})
+"""
+
+from ._version import __version__
+from .config import OverflowPolicy, PublisherConfig
+from .destination import ModelInfo
+from .exceptions import (
+    APIError,
+    AuthenticationError,
+    BadRequestError,
+    ConfigurationError,
+    ConflictError,
+    ConnectError,
+    ErrorReason,
+    EventBatchError,
+    EventEncodeError,
+    EventError,
+    EventTooLargeError,
+    FiddlerError,
+    NotFoundError,
+    PayloadTooLargeError,
+    PermissionDeniedError,
+    PublisherClosedError,
+    QueueFullError,
+    RateLimitedError,
+    RequestTimeoutError,
+    SchemaMismatchError,
+    ServerError,
+    TransportError,
+    UnprocessableEntityError,
+)
+from .flusher import DeliveryFailure
+from .publisher import AsyncPublisher, ErrorCallback
+from .stats import FlushResult, StatsSnapshot
+
+__all__ = [
+    "APIError",
+    "AsyncPublisher",
+    "AuthenticationError",
+    "BadRequestError",
+    "ConfigurationError",
+    "ConflictError",
+    "ConnectError",
+    "DeliveryFailure",
+    "ErrorCallback",
+    "ErrorReason",
+    "EventBatchError",
+    "EventEncodeError",
+    "EventError",
+    "EventTooLargeError",
+    "FiddlerError",
+    "FlushResult",
+    "ModelInfo",
+    "NotFoundError",
+    "OverflowPolicy",
+    "PayloadTooLargeError",
+    "PermissionDeniedError",
+    "PublisherClosedError",
+    "PublisherConfig",
+    "QueueFullError",
+    "RateLimitedError",
+    "RequestTimeoutError",
+    "SchemaMismatchError",
+    "ServerError",
+    "StatsSnapshot",
+    "TransportError",
+    "UnprocessableEntityError",
+    "__version__",
+]

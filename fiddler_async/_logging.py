@@ -1,0 +1,41 @@
+"""The library's logger, with repeats of the same warning limited to one per interval.
+
+A full queue or a down backend can produce the same warning thousands of times a second; a log
+flood is its own outage. Each kind of message (a key) is logged at most once per interval, and
+the next line says how many were held back.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+logger = logging.getLogger("fiddler_async")
+
+__all__ = ["RateLimitedLog", "logger"]
+
+
+class RateLimitedLog:
+    def __init__(self, interval: float, log: logging.Logger = logger) -> None:
+        self._interval = interval
+        self._log = log
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def warning(self, key: str, message: str) -> None:
+        self.emit(logging.WARNING, key, message)
+
+    def error(self, key: str, message: str) -> None:
+        self.emit(logging.ERROR, key, message)
+
+    def emit(self, level: int, key: str, message: str) -> None:
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self._interval:
+            self._held[key] = self._held.get(key, 0) + 1
+            return
+        self._last[key] = now
+        held = self._held.pop(key, 0)
+        if held:
+            message = f"{message} (and {held} more like this since the last report)"
+        self._log.log(level, message)

@@ -1,0 +1,236 @@
+"""The bounded in-memory queue: one FIFO lane per destination, bounds over all lanes together.
+
+The queue is bounded by events and by bytes of encoded events. When a new event does not fit,
+the overflow policy decides: ``drop_oldest`` evicts the oldest queued events (across lanes)
+until it fits, ``drop_newest`` discards the new event, ``raise`` refuses it with
+:class:`QueueFullError`, and ``block`` makes an awaiting caller wait for room. Every drop is
+settled in the ledger with its reason; nothing leaves the queue uncounted.
+
+All of this runs on the event loop's thread without awaiting, so no lock is needed and a
+caller cancelled while waiting for room leaves the queue untouched.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+
+import anyio
+
+from .config import PublisherConfig
+from .destination import Destination
+from .exceptions import PublisherClosedError, QueueFullError
+from .stats import Ledger
+
+__all__ = ["EventBuffer", "Fixup", "Item", "Lane"]
+
+Fixup = tuple[str | None, int | None, int]
+"""For an event queued before its model was resolved: (event id, timestamp in epoch ms, flags),
+applied by the exporter once the model's id and timestamp columns are known."""
+
+Item = tuple[int, bytes, Fixup | None]
+"""A queued event: (sequence number, encoded JSON object, fix-up or None when final)."""
+
+
+class Lane:
+    """The queued events of one destination, oldest first."""
+
+    __slots__ = ("bytes", "dest", "items", "since")
+
+    def __init__(self, dest: Destination) -> None:
+        self.dest = dest
+        self.items: deque[Item] = deque()
+        self.bytes = 0
+        self.since: float | None = None
+        """When the oldest event still waiting here was queued (monotonic), None when empty."""
+
+
+class EventBuffer:
+    def __init__(
+        self, config: PublisherConfig, ledger: Ledger, warn: Callable[[str, str], None]
+    ) -> None:
+        self._config = config
+        self._ledger = ledger
+        self._warn = warn
+        self._lanes: dict[Destination, Lane] = {}
+        self.events = 0
+        self.bytes = 0
+        self._wakeup: anyio.Event | None = None
+        self._room: anyio.Event | None = None
+        self.closed = False
+        self._max_events = config.max_queue_events
+        self._max_bytes = config.max_queue_bytes
+        self._batch_events = config.max_batch_events
+        self._batch_bytes = config.max_batch_bytes
+
+    def lane(self, dest: Destination) -> Lane:
+        lane = self._lanes.get(dest)
+        if lane is None:
+            lane = self._lanes[dest] = Lane(dest)
+        return lane
+
+    # The caller's side
+
+    def offer(self, lane: Lane, body: bytes, fixup: Fixup | None) -> None:
+        """Queue an event now, applying the overflow policy if it does not fit."""
+        size = len(body)
+        if self.events >= self._max_events or self.bytes + size > self._max_bytes:
+            policy = self._config.overflow
+            if policy == "drop_newest":
+                item = (self._ledger.next_seq(), body, fixup)
+                self._drop([item], self._full_reason(size))
+                return
+            if policy == "drop_oldest":
+                self._evict_until_fits(size)
+            else:  # raise; and block, which cannot wait here
+                self._reject(size)
+        self._append(lane, (self._ledger.next_seq(), body, fixup), size)
+
+    async def put(self, lane: Lane, body: bytes, fixup: Fixup | None, timeout: float) -> None:
+        """Queue an event, waiting up to ``timeout`` seconds for room (the ``block`` policy)."""
+        size = len(body)
+        with anyio.move_on_after(timeout):
+            while self.events >= self._max_events or self.bytes + size > self._max_bytes:
+                if self._room is None:
+                    self._room = anyio.Event()
+                await self._room.wait()
+                if self.closed:
+                    raise PublisherClosedError("the publisher closed while waiting for room")
+        if self.events >= self._max_events or self.bytes + size > self._max_bytes:
+            self._reject(size, waited=timeout)
+        self._append(lane, (self._ledger.next_seq(), body, fixup), size)
+
+    def fits(self, events: int, size: int) -> bool:
+        """Whether ``events`` more events of ``size`` bytes in all fit without overflow."""
+        return self.events + events <= self._max_events and self.bytes + size <= self._max_bytes
+
+    def _append(self, lane: Lane, item: Item, size: int) -> None:
+        items = lane.items
+        items.append(item)
+        lane.bytes += size
+        self.events += 1
+        self.bytes += size
+        # Wake the flusher only when there is something new for it to decide: a lane that just
+        # got its first event (a linger timer to arm) or a batch that just became full.
+        count = len(items)
+        if count == 1:
+            lane.since = time.monotonic()
+            self.wake()
+        elif count == self._batch_events or (lane.bytes >= self._batch_bytes > lane.bytes - size):
+            self.wake()
+
+    def _full_reason(self, size: int) -> str:
+        return "queue_full" if self.events >= self._max_events else "queue_bytes"
+
+    def _reject(self, size: int, waited: float | None = None) -> None:
+        self._ledger.rejected += 1
+        bound = "events" if self._full_reason(size) == "queue_full" else "bytes"
+        after = f" after waiting {waited:g} s" if waited is not None else ""
+        raise QueueFullError(
+            f"queue full ({self.events} events, {self.bytes} bytes; bound hit: {bound}){after}"
+        )
+
+    def _evict_until_fits(self, size: int) -> None:
+        evicted: dict[str, list[Item]] = {}
+        while self.events and (
+            self.events >= self._max_events or self.bytes + size > self._max_bytes
+        ):
+            reason = self._full_reason(size)
+            oldest = min(
+                (lane for lane in self._lanes.values() if lane.items),
+                key=lambda lane: lane.items[0][0],
+            )
+            item = oldest.items.popleft()
+            self._forget(oldest, [item])
+            evicted.setdefault(reason, []).append(item)
+        for reason, items in evicted.items():
+            self._drop(items, reason)
+
+    def _drop(self, items: list[Item], reason: str) -> None:
+        self._ledger.settle(items, "dropped", reason)
+        self._warn(
+            f"drop:{reason}",
+            f"dropped {len(items)} event(s): {reason} "
+            f"(bounds: {self._max_events} events, {self._max_bytes} bytes)",
+        )
+
+    def _forget(self, lane: Lane, items: list[Item]) -> None:
+        """Account for ``items`` having left ``lane``."""
+        size = sum(len(item[1]) for item in items)
+        lane.bytes -= size
+        self.events -= len(items)
+        self.bytes -= size
+        if not lane.items:
+            lane.since = None
+        if self._room is not None:
+            self._room.set()
+            self._room = None
+
+    # The flusher's side
+
+    def close(self) -> None:
+        """Refuse further waiting for room; callers blocked in :meth:`put` get an error."""
+        self.closed = True
+        if self._room is not None:
+            self._room.set()
+            self._room = None
+
+    def wake(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    async def wait(self, timeout: float) -> None:
+        """Sleep until an event arrives, a batch fills, :meth:`wake` is called, or ``timeout``."""
+        self._wakeup = anyio.Event()
+        try:
+            with anyio.move_on_after(timeout):
+                await self._wakeup.wait()
+        finally:
+            self._wakeup = None
+
+    def next_lane(self, now: float, force: bool) -> Lane | None:
+        """A lane with a batch to send now: full, lingered long enough, or any when forced."""
+        linger = self._config.linger
+        chosen: Lane | None = None
+        for lane in self._lanes.values():
+            if not lane.items:
+                continue
+            if len(lane.items) >= self._batch_events or lane.bytes >= self._batch_bytes:
+                return lane
+            if chosen is None and (force or now - (lane.since or now) >= linger):
+                chosen = lane
+        return chosen
+
+    def seconds_to_next_linger(self, now: float) -> float:
+        """Time until the earliest lane's linger expires; infinity when nothing is queued."""
+        starts = [lane.since for lane in self._lanes.values() if lane.since is not None]
+        if not starts:
+            return math.inf
+        return max(0.0, min(starts) + self._config.linger - now)
+
+    def take_batch(self, lane: Lane) -> list[Item]:
+        """Remove up to one request's worth of events from the front of ``lane``."""
+        items = lane.items
+        batch: list[Item] = []
+        size = 0
+        limit_events, limit_bytes = self._batch_events, self._batch_bytes
+        while items and len(batch) < limit_events:
+            next_size = len(items[0][1]) + 1  # and a comma
+            if batch and size + next_size > limit_bytes:
+                break
+            batch.append(items.popleft())
+            size += next_size
+        self._forget(lane, batch)
+        return batch
+
+    def take_all(self) -> list[Item]:
+        """Empty the queue (at the close deadline), returning what was in it."""
+        taken: list[Item] = []
+        for lane in self._lanes.values():
+            batch = list(lane.items)
+            lane.items.clear()
+            self._forget(lane, batch)
+            taken.extend(batch)
+        return taken

@@ -1,0 +1,95 @@
+"""Every knob of the publisher, in one frozen object with documented defaults.
+
+The defaults are chosen so that a burst of 100,000 typical events (a few hundred bytes each) to a
+healthy server fits in the queue and loses nothing, while memory stays bounded when the server
+is down: the queue holds at most ``max_queue_events`` events and ``max_queue_bytes`` bytes of
+encoded events, whichever is reached first.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = ["OverflowPolicy", "PublisherConfig"]
+
+OverflowPolicy = Literal["drop_oldest", "drop_newest", "block", "raise"]
+
+MAX_EVENTS_PER_REQUEST = 1000
+"""Fiddler's v3 API takes at most 1000 events in one request."""
+
+
+class PublisherConfig(BaseModel):
+    """Configuration of :class:`~fiddler_async.AsyncPublisher`. Immutable; times are in seconds.
+
+    Build one with keywords, e.g. ``PublisherConfig(linger=0.1, overflow="block")``, or derive a
+    variant with ``config.model_copy(update={...})``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # The queue
+    max_queue_events: int = Field(250_000, ge=1)
+    """Most events held in memory waiting to be sent."""
+    max_queue_bytes: int = Field(128 * 1024 * 1024, ge=1024)
+    """Most bytes of encoded events held in memory waiting to be sent."""
+    overflow: OverflowPolicy = "drop_oldest"
+    """What a full queue does: ``drop_oldest`` evicts the oldest queued event, ``drop_newest``
+    discards the new one, ``raise`` raises QueueFullError at the caller, ``block`` makes
+    ``publish_event`` wait up to ``block_timeout`` for room (then raise QueueFullError).
+    Every drop is counted by reason in ``stats()``."""
+    block_timeout: float = Field(5.0, ge=0)
+    """Longest wait of ``publish_event`` for room under the ``block`` policy."""
+
+    # Batching
+    max_batch_events: int = Field(MAX_EVENTS_PER_REQUEST, ge=1, le=MAX_EVENTS_PER_REQUEST)
+    """Events per request; a batch this full is sent at once."""
+    max_batch_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    """Bytes of events per request; a batch this large is sent at once. Also the largest event."""
+    linger: float = Field(0.5, ge=0)
+    """Longest time an event waits for its batch to fill before the batch is sent anyway."""
+    max_in_flight: int = Field(4, ge=1, le=64)
+    """Requests sent concurrently."""
+
+    # HTTP
+    connect_timeout: float = Field(5.0, gt=0)
+    request_timeout: float = Field(30.0, gt=0)
+    """Longest wait for a response to one request (read, write and pool)."""
+
+    # Retry
+    retry_max_attempts: int = Field(8, ge=1)
+    """Attempts per request, the first one included."""
+    retry_max_elapsed: float = Field(120.0, gt=0)
+    """No retry starts after this long since the first attempt of a request."""
+    retry_backoff_initial: float = Field(0.5, gt=0)
+    """Cap of the first backoff; it doubles per retry (full jitter: a uniform draw below it)."""
+    retry_backoff_max: float = Field(30.0, gt=0)
+    """Largest backoff cap."""
+    retry_after_max: float = Field(60.0, ge=0)
+    """Largest wait honoured from a server's Retry-After header."""
+
+    # Lifecycle
+    flush_timeout: float = Field(30.0, gt=0)
+    """Deadline of ``flush()`` when called without one."""
+    close_timeout: float = Field(10.0, gt=0)
+    """Deadline of ``aclose()`` when called without one."""
+
+    # Events
+    stamp_publish_time: bool = True
+    """Write the publish time into the model's timestamp column when the event has none."""
+
+    # Logs
+    log_interval: float = Field(30.0, ge=0)
+    """Repeated warnings (drops, failed batches) are logged at most once per interval."""
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> PublisherConfig:
+        if self.max_batch_bytes > self.max_queue_bytes:
+            raise ValueError(
+                f"max_batch_bytes ({self.max_batch_bytes}) must not exceed "
+                f"max_queue_bytes ({self.max_queue_bytes})"
+            )
+        if self.retry_backoff_initial > self.retry_backoff_max:
+            raise ValueError("retry_backoff_initial must not exceed retry_backoff_max")
+        return self

@@ -1,0 +1,80 @@
+"""Where an event goes: a model (by name, resolved once to its schema) and a request kind.
+
+A :class:`Destination` is one stream of requests: the same model, environment and method
+(``POST`` to insert, ``PATCH`` to update). Events are batched per destination. All destinations
+of one model share a :class:`ModelRef`, which holds the model's schema once it is resolved.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Literal
+
+import orjson
+
+__all__ = ["Destination", "EnvType", "ModelInfo", "ModelRef"]
+
+EnvType = Literal["PRODUCTION", "PRE_PRODUCTION"]
+ENV_TYPES: tuple[str, ...] = ("PRODUCTION", "PRE_PRODUCTION")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The facts of a resolved model that a publisher needs (from ``GET /v3/models/{id}``)."""
+
+    id: str
+    name: str
+    project_id: str
+    project_name: str
+    version: str | None = None
+    event_id_col: str | None = None
+    event_ts_col: str | None = None
+    event_ts_format: str | None = None
+    columns: tuple[str, ...] = ()
+
+    def timestamp_json(self, millis: int) -> bytes:
+        """An epoch-milliseconds time as the JSON value the model's timestamp column expects.
+
+        ``event_ts_format`` may be a strftime pattern (the time is written in UTC), ``epoch
+        seconds``, or ``epoch milliseconds``/``infer``/unset (epoch milliseconds are sent).
+        """
+        fmt = self.event_ts_format
+        if fmt and "%" in fmt:
+            moment = dt.datetime.fromtimestamp(millis / 1000, tz=dt.timezone.utc)
+            return orjson.dumps(moment.strftime(fmt))
+        if fmt and fmt.strip().lower() == "epoch seconds":
+            seconds, rest = divmod(millis, 1000)
+            return str(seconds).encode() if not rest else orjson.dumps(millis / 1000)
+        return str(millis).encode()
+
+
+@dataclass(eq=False)
+class ModelRef:
+    """A model as the caller names it; ``info`` is filled in once the name is resolved."""
+
+    project: str
+    model: str
+    info: ModelInfo | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.project}/{self.model}"
+
+
+@dataclass(frozen=True, eq=False)
+class Destination:
+    """One stream of requests: a model, an environment, and insert (POST) or update (PATCH)."""
+
+    model: ModelRef
+    env_type: str
+    env_name: str | None
+    update: bool
+
+    @property
+    def method(self) -> str:
+        return "PATCH" if self.update else "POST"
+
+    def describe(self) -> str:
+        env = self.env_type if self.env_name is None else f"{self.env_type}:{self.env_name}"
+        return f"{self.method} {self.model.label} ({env})"

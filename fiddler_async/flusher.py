@@ -1,0 +1,170 @@
+"""The background batching loop: turns queued events into requests, and settles every outcome.
+
+A lane (one destination's queue) is sent when it holds a full batch (``max_batch_events`` events
+or ``max_batch_bytes`` bytes), when its oldest event has waited ``linger`` seconds, or at once
+while a flush is under way. Up to ``max_in_flight`` requests run at the same time; while all are
+busy, events stay in the queue, where the overflow policy bounds them.
+
+The flusher knows an :class:`Exporter`, never HTTP. Whatever an export does (succeed, fail,
+raise a bug, be cancelled at the close deadline), every event of the batch is settled exactly
+once, and the loop goes on: a failing batch or a raising callback never stops the flusher.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import anyio
+import anyio.abc
+import orjson
+
+from ._logging import logger
+from .buffer import EventBuffer, Item
+from .config import PublisherConfig
+from .destination import Destination
+from .exceptions import EventError
+from .stats import Ledger
+
+__all__ = ["DeliveryFailure", "Exporter", "Flusher"]
+
+
+class Exporter(Protocol):
+    async def export(
+        self, dest: Destination, items: Sequence[Item]
+    ) -> list[tuple[Item, EventError]]: ...
+
+
+@dataclass(frozen=True)
+class DeliveryFailure:
+    """Events that could not be delivered, and why; what an ``on_error`` callback receives."""
+
+    error: BaseException
+    """The final error: an APIError or TransportError, or an EventError for one event."""
+    project: str
+    model: str
+    env_type: str
+    env_name: str | None
+    update: bool
+    bodies: tuple[bytes, ...]
+    """The events as encoded JSON."""
+    event_ids: tuple[str | None, ...]
+    """The event ids, where known."""
+
+    def events(self) -> list[dict[str, Any]]:
+        """The events, decoded."""
+        return [orjson.loads(body) for body in self.bodies]
+
+    @classmethod
+    def of(cls, dest: Destination, items: Sequence[Item], error: BaseException) -> DeliveryFailure:
+        info = dest.model.info
+        id_col = info.event_id_col if info is not None else None
+        ids: list[str | None] = []
+        for _, body, fixup in items:
+            if fixup is not None:
+                ids.append(fixup[0])
+            elif id_col is not None:
+                value = orjson.loads(body).get(id_col)
+                ids.append(None if value is None else str(value))
+            else:
+                ids.append(None)
+        return cls(
+            error=error,
+            project=dest.model.project,
+            model=dest.model.model,
+            env_type=dest.env_type,
+            env_name=dest.env_name,
+            update=dest.update,
+            bodies=tuple(item[1] for item in items),
+            event_ids=tuple(ids),
+        )
+
+
+class Flusher:
+    def __init__(
+        self,
+        config: PublisherConfig,
+        buffer: EventBuffer,
+        ledger: Ledger,
+        exporter: Exporter,
+        on_failure: Callable[[DeliveryFailure], Awaitable[None]],
+    ) -> None:
+        self._buffer = buffer
+        self._ledger = ledger
+        self._exporter = exporter
+        self._on_failure = on_failure
+        self._slots = anyio.Semaphore(config.max_in_flight)
+        self._flushing = 0
+        self.in_flight_requests = 0
+        self.in_flight_events = 0
+
+    def begin_flush(self) -> None:
+        """Send partial batches at once until :meth:`end_flush`."""
+        self._flushing += 1
+        self._buffer.wake()
+
+    def end_flush(self) -> None:
+        self._flushing -= 1
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        async with anyio.create_task_group() as tg:
+            task_status.started()
+            while True:
+                try:
+                    await self._cycle(tg)
+                except Exception:  # a bug here must not end delivery for the process
+                    logger.exception("fiddler_async flusher error; continuing in 1 s")
+                    await anyio.sleep(1.0)
+
+    async def _cycle(self, tg: anyio.abc.TaskGroup) -> None:
+        buffer = self._buffer
+        if buffer.next_lane(time.monotonic(), self._flushing > 0) is None:
+            await buffer.wait(buffer.seconds_to_next_linger(time.monotonic()))
+            return
+        await self._slots.acquire()
+        # Look again: while we waited for a slot, the queue may have changed (evictions, more).
+        lane = buffer.next_lane(time.monotonic(), self._flushing > 0)
+        if lane is None:
+            self._slots.release()
+            return
+        batch = buffer.take_batch(lane)
+        self.in_flight_requests += 1
+        self.in_flight_events += len(batch)
+        tg.start_soon(self._deliver, lane.dest, batch)
+
+    async def _deliver(self, dest: Destination, batch: list[Item]) -> None:
+        ledger = self._ledger
+        failures: list[DeliveryFailure] = []
+        try:
+            refused = await self._exporter.export(dest, batch)
+        except anyio.get_cancelled_exc_class():
+            # Only aclose() cancels a delivery, at its deadline. The request may or may not
+            # have reached the server; we cannot know, so these count as dropped at shutdown.
+            ledger.settle(batch, "dropped", "shutdown")
+            raise
+        except Exception as exc:
+            ledger.settle(batch, "failed")
+            failures.append(DeliveryFailure.of(dest, batch, exc))
+        else:
+            refused_ids = {id(item) for item, _ in refused}
+            ledger.settle([i for i in batch if id(i) not in refused_ids], "delivered")
+            for item, error in refused:
+                ledger.settle([item], "failed")
+                failures.append(DeliveryFailure.of(dest, [item], error))
+        finally:
+            # Settled and no longer in flight in the same step, so stats always add up.
+            self.in_flight_requests -= 1
+            self.in_flight_events -= len(batch)
+            self._slots.release()
+        for failure in failures:
+            await self._report(failure)
+
+    async def _report(self, failure: DeliveryFailure) -> None:
+        try:
+            await self._on_failure(failure)
+        except Exception:
+            logger.exception("fiddler_async: reporting a delivery failure raised")

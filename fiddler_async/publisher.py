@@ -1,0 +1,522 @@
+"""``AsyncPublisher``: the public face. Publishing is a few microseconds of CPU; the rest runs in
+the background.
+
+Lifecycle: ``unopened`` -> ``open`` (``start()`` or ``async with``) -> ``closing`` -> ``closed``
+(``aclose()``). The background work (the flusher and its requests) runs in a task of its own,
+spawned by ``start()`` and ended by ``aclose()``, so the two may be called from different tasks:
+a framework's startup hook and shutdown hook, for example. It never raises into your tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import inspect
+import os
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any
+
+import anyio
+import httpx
+import sniffio
+
+from ._logging import RateLimitedLog, logger
+from .buffer import EventBuffer, Fixup, Lane
+from .config import PublisherConfig
+from .destination import ENV_TYPES, Destination, ModelInfo, ModelRef
+from .encode import encode_event, epoch_millis, new_event_id, splice_members
+from .exceptions import (
+    ConfigurationError,
+    EventBatchError,
+    EventEncodeError,
+    EventError,
+    EventTooLargeError,
+    PublisherClosedError,
+    QueueFullError,
+    SchemaMismatchError,
+)
+from .flusher import DeliveryFailure, Flusher
+from .retry import RetryPolicy
+from .stats import FlushResult, Ledger, StatsSnapshot
+from .wire import ID_EXPLICIT, TS_EXPLICIT, FiddlerV3Exporter, client_headers, place_columns
+
+__all__ = ["AsyncPublisher", "ErrorCallback"]
+
+ErrorCallback = Callable[[DeliveryFailure], Awaitable[None] | None]
+"""Called with every delivery failure; may be a plain function or a coroutine function."""
+
+_EventTime = int | float | Any  # epoch milliseconds, or a datetime
+
+
+class _State(enum.Enum):
+    UNOPENED = "unopened"
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+# Tasks spawned on asyncio are kept here so the loop cannot garbage-collect them mid-flight.
+_background_tasks: set[asyncio.Task[None]] = set()
+
+
+def _spawn_detached(fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+    """Run ``fn(*args)`` in a task owned by no caller, so that any task may later stop it."""
+    if sniffio.current_async_library() == "trio":
+        import trio  # noqa: PLC0415  (only present, and only needed, under trio)
+
+        trio.lowlevel.spawn_system_task(fn, *args, name="fiddler_async")
+    else:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(
+            fn(*args),  # type: ignore[arg-type]
+            name="fiddler_async",
+        )
+        _background_tasks.add(task)
+        task.add_done_callback(_background_tasks.discard)
+
+
+class AsyncPublisher:
+    """Publishes Fiddler events from async code without waiting on the network.
+
+    ``url`` and ``token`` default to the ``FIDDLER_URL`` and ``FIDDLER_TOKEN`` environment
+    variables. ``config`` holds every other knob (see :class:`PublisherConfig`); ``transport``
+    replaces the HTTP transport (e.g. ``httpx.MockTransport`` in tests); ``on_error`` is called
+    with a :class:`DeliveryFailure` for every event that could not be delivered.
+
+    Use ``async with AsyncPublisher() as pub:``, or ``await pub.start()`` and later
+    ``await pub.aclose()``, from any task.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        *,
+        config: PublisherConfig | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        on_error: ErrorCallback | None = None,
+    ) -> None:
+        url = url if url is not None else os.environ.get("FIDDLER_URL")
+        token = token if token is not None else os.environ.get("FIDDLER_TOKEN")
+        if not url:
+            raise ConfigurationError("no Fiddler URL: pass url= or set FIDDLER_URL")
+        if not token:
+            raise ConfigurationError("no Fiddler token: pass token= or set FIDDLER_TOKEN")
+        try:
+            parsed = httpx.URL(url)
+        except httpx.InvalidURL as exc:
+            raise ConfigurationError(f"url {url!r} is not a valid URL: {exc}") from None
+        if parsed.scheme not in ("http", "https") or not parsed.host:
+            raise ConfigurationError(f"url {url!r} must be an http:// or https:// URL with a host")
+        self._url = url.rstrip("/")
+        self._token = token
+        self._config = config if config is not None else PublisherConfig()
+        self._transport = transport
+        self._on_error = on_error
+        self._ledger = Ledger()
+        self._log = RateLimitedLog(self._config.log_interval)
+        self._buffer = EventBuffer(self._config, self._ledger, self._log.warning)
+        self._routes: dict[tuple[str, str, str, str | None, bool], tuple[Destination, Lane]] = {}
+        self._models: dict[tuple[str, str], ModelRef] = {}
+        self._state = _State.UNOPENED
+        self._client: httpx.AsyncClient | None = None
+        self._exporter: FiddlerV3Exporter | None = None
+        self._flusher: Flusher | None = None
+        self._runner_scope: anyio.CancelScope | None = None
+        self._runner_done: anyio.Event | None = None
+        self._closed: anyio.Event | None = None
+        self._close_result = FlushResult()
+
+    def __repr__(self) -> str:
+        return f"<AsyncPublisher url={self._url!r} state={self._state.value}>"
+
+    @property
+    def config(self) -> PublisherConfig:
+        return self._config
+
+    # Lifecycle
+
+    async def __aenter__(self) -> AsyncPublisher:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        """Start the background flusher. Call once; then publish; then ``aclose()``."""
+        if self._state is not _State.UNOPENED:
+            raise PublisherClosedError(f"start() on a publisher that is {self._state.value}")
+        config = self._config
+        slots = config.max_in_flight + 2  # and room for name lookups beside the publishes
+        self._client = httpx.AsyncClient(
+            base_url=self._url,
+            headers=client_headers(self._token),
+            timeout=httpx.Timeout(config.request_timeout, connect=config.connect_timeout),
+            limits=httpx.Limits(max_connections=slots, max_keepalive_connections=slots),
+            transport=self._transport,
+        )
+        self._exporter = FiddlerV3Exporter(
+            self._client, self._ledger, RetryPolicy(config, self._log)
+        )
+        self._flusher = Flusher(
+            config, self._buffer, self._ledger, self._exporter, self._report_failure
+        )
+        started, self._runner_done, self._closed = anyio.Event(), anyio.Event(), anyio.Event()
+        _spawn_detached(self._run, self._flusher, started, self._runner_done)
+        await started.wait()
+        self._state = _State.OPEN
+
+    async def _run(self, flusher: Flusher, started: anyio.Event, done: anyio.Event) -> None:
+        try:
+            with anyio.CancelScope() as self._runner_scope:
+                async with anyio.create_task_group() as tg:
+                    await tg.start(flusher.run)
+                    started.set()
+        except Exception:
+            logger.exception("fiddler_async background task failed; events are no longer sent")
+        finally:
+            started.set()
+            done.set()
+
+    async def aclose(self, timeout: float | None = None) -> FlushResult:
+        """Send what is queued, waiting at most ``timeout`` seconds (default
+        ``config.close_timeout``), then stop. At the deadline, requests in flight are cancelled
+        and they and the events still queued are dropped (reason ``shutdown``); the result says
+        what became of the events that were pending. Closing again returns the same result.
+        """
+        if self._state is _State.UNOPENED:
+            self._state = _State.CLOSED
+            return self._close_result
+        if self._state is not _State.OPEN:
+            assert self._closed is not None
+            with anyio.CancelScope(shield=True):
+                await self._closed.wait()
+            return self._close_result
+        self._state = _State.CLOSING
+        assert self._flusher is not None
+        assert self._client is not None
+        assert self._runner_scope is not None
+        assert self._runner_done is not None
+        assert self._closed is not None
+        timeout = self._config.close_timeout if timeout is None else timeout
+        self._buffer.close()
+        watch = self._ledger.watch(self._pending())
+        self._flusher.begin_flush()
+        # Closing is cleanup: it runs to its own deadline even if the caller is cancelled.
+        with anyio.move_on_after(timeout, shield=True):
+            await watch.done.wait()
+        self._runner_scope.cancel()
+        self._ledger.settle(self._buffer.take_all(), "dropped", "shutdown")
+        with anyio.move_on_after(1.0, shield=True):
+            await self._runner_done.wait()
+            await self._client.aclose()
+        self._ledger.unwatch(watch)
+        self._close_result = watch.result()
+        if self._close_result.dropped:
+            logger.warning(
+                "fiddler_async closed at its %.3g s deadline: %d event(s) dropped",
+                timeout,
+                self._close_result.dropped,
+            )
+        self._state = _State.CLOSED
+        self._closed.set()
+        return self._close_result
+
+    async def flush(self, timeout: float | None = None) -> FlushResult:
+        """Send everything queued now, without waiting for batches to fill, and wait until the
+        events accepted before this call are settled or ``timeout`` seconds (default
+        ``config.flush_timeout``) have passed. Returns on time, with what became of them."""
+        if self._state is _State.UNOPENED:
+            raise PublisherClosedError("flush() before start()")
+        if self._flusher is None or self._state is _State.CLOSED:
+            return FlushResult()
+        timeout = self._config.flush_timeout if timeout is None else timeout
+        watch = self._ledger.watch(self._pending())
+        self._flusher.begin_flush()
+        try:
+            with anyio.move_on_after(timeout):
+                await watch.done.wait()
+        finally:
+            self._flusher.end_flush()
+            self._ledger.unwatch(watch)
+        return watch.result()
+
+    # Publishing
+
+    def publish_event_nowait(
+        self,
+        project_id: str,
+        model_id: str,
+        event: Mapping[str, Any],
+        *,
+        event_id: str | None = None,
+        update_event: bool = False,
+        event_timestamp: _EventTime | None = None,
+        env_type: str = "PRODUCTION",
+        env_name: str | None = None,
+    ) -> str:
+        """Queue one event and return its id, never waiting. For fire-and-forget from any
+        coroutine. A full queue applies the overflow policy; under ``block``, which cannot wait
+        here, a full queue raises QueueFullError. Bad input raises at once and queues nothing.
+        """
+        if self._state is not _State.OPEN:
+            raise self._not_open()
+        dest, lane = self._route(project_id, model_id, env_type, env_name, update_event)
+        body, fixup, returned_id = self._prepare(dest, event, event_id, event_timestamp)
+        self._buffer.offer(lane, body, fixup)
+        return returned_id
+
+    async def publish_event(
+        self,
+        project_id: str,
+        model_id: str,
+        event: Mapping[str, Any],
+        *,
+        event_id: str | None = None,
+        update_event: bool = False,
+        event_timestamp: _EventTime | None = None,
+        env_type: str = "PRODUCTION",
+        env_name: str | None = None,
+    ) -> str:
+        """Queue one event and return its id (Fiddler's ``publish_event``, without the wait).
+
+        ``project_id`` and ``model_id`` are names (a model's UUID is accepted as ``model_id``).
+        ``event_id`` and ``event_timestamp`` (epoch milliseconds, or a datetime) are written
+        into the model's event id and timestamp columns; without an ``event_id`` one is
+        generated. ``update_event=True`` sends the event as an update (PATCH) of the event with
+        that id. Waits only when the queue is full and the overflow policy is ``block``.
+        """
+        if self._config.overflow != "block":
+            return self.publish_event_nowait(
+                project_id,
+                model_id,
+                event,
+                event_id=event_id,
+                update_event=update_event,
+                event_timestamp=event_timestamp,
+                env_type=env_type,
+                env_name=env_name,
+            )
+        if self._state is not _State.OPEN:
+            raise self._not_open()
+        dest, lane = self._route(project_id, model_id, env_type, env_name, update_event)
+        body, fixup, returned_id = self._prepare(dest, event, event_id, event_timestamp)
+        await self._buffer.put(lane, body, fixup, self._config.block_timeout)
+        return returned_id
+
+    async def publish_events_batch(
+        self,
+        project_id: str,
+        model_id: str,
+        events: Iterable[Mapping[str, Any]] | Any,
+        *,
+        update_event: bool = False,
+        event_ids: Iterable[str] | None = None,
+        event_timestamps: Iterable[_EventTime | None] | None = None,
+        env_type: str = "PRODUCTION",
+        env_name: str | None = None,
+    ) -> list[str]:
+        """Queue many events (an iterable of dicts, or a pandas DataFrame); return their ids.
+
+        All events are checked before any is queued: if some are invalid, EventBatchError
+        lists each by position and nothing is queued. Updates without ``event_ids`` take each
+        event's id from the model's id column, so the model is resolved first (one lookup,
+        then cached).
+        """
+        if self._state is not _State.OPEN:
+            raise self._not_open()
+        rows = _rows(events)
+        ids = _aligned(event_ids, len(rows), "event_ids")
+        times = _aligned(event_timestamps, len(rows), "event_timestamps")
+        dest, lane = self._route(project_id, model_id, env_type, env_name, update_event)
+        if update_event and event_ids is None and dest.model.info is None:
+            await self.resolve(project_id, model_id)
+        prepared: list[tuple[bytes, Fixup | None, str]] = []
+        errors: dict[int, EventError] = {}
+        for index, row in enumerate(rows):
+            try:
+                prepared.append(self._prepare(dest, row, ids[index], times[index]))
+            except EventError as exc:
+                errors[index] = exc
+        if errors:
+            raise EventBatchError(errors)
+        buffer = self._buffer
+        policy = self._config.overflow
+        if policy == "raise" and not buffer.fits(len(prepared), sum(len(p[0]) for p in prepared)):
+            self._ledger.rejected += len(prepared)
+            raise QueueFullError(f"queue has no room for {len(prepared)} events; none queued")
+        for body, fixup, _ in prepared:
+            if policy == "block":
+                await buffer.put(lane, body, fixup, self._config.block_timeout)
+            else:
+                buffer.offer(lane, body, fixup)
+        return [returned_id for _, _, returned_id in prepared]
+
+    async def resolve(self, project_id: str, model_id: str) -> ModelInfo:
+        """Look the model up now (normally done in the background on first use) and return its
+        schema facts. Useful at startup to fail fast on a wrong name, and to make the ids
+        returned for events that carry their own id column exact from the first event."""
+        if self._state is not _State.OPEN:
+            raise self._not_open()
+        assert self._exporter is not None
+        return await self._exporter.resolve(self._model_ref(project_id, model_id))
+
+    def stats(self) -> StatsSnapshot:
+        """A snapshot of the counters. ``accepted == delivered + failed + dropped_total +
+        pending`` holds in every snapshot."""
+        ledger, flusher = self._ledger, self._flusher
+        return StatsSnapshot(
+            accepted=ledger.accepted,
+            delivered=ledger.delivered,
+            failed=ledger.failed,
+            dropped=dict(ledger.dropped),
+            rejected=ledger.rejected,
+            queued_events=self._buffer.events,
+            queued_bytes=self._buffer.bytes,
+            in_flight_requests=flusher.in_flight_requests if flusher else 0,
+            in_flight_events=flusher.in_flight_events if flusher else 0,
+            requests=ledger.requests,
+            retries=ledger.retries,
+            responses=dict(ledger.responses),
+            last_error=ledger.last_error,
+        )
+
+    # Internals
+
+    def _pending(self) -> int:
+        in_flight = self._flusher.in_flight_events if self._flusher else 0
+        return self._buffer.events + in_flight
+
+    def _not_open(self) -> PublisherClosedError:
+        if self._state is _State.UNOPENED:
+            return PublisherClosedError("the publisher is not started: use `async with` or start()")
+        return PublisherClosedError(f"the publisher is {self._state.value}")
+
+    def _model_ref(self, project_id: str, model_id: str) -> ModelRef:
+        key = (project_id, model_id)
+        ref = self._models.get(key)
+        if ref is None:
+            for name, value in (("project_id", project_id), ("model_id", model_id)):
+                if not isinstance(value, str) or not value:
+                    raise ConfigurationError(f"{name} must be a non-empty string, got {value!r}")
+            ref = self._models[key] = ModelRef(project_id, model_id)
+        return ref
+
+    def _route(
+        self, project_id: str, model_id: str, env_type: str, env_name: str | None, update: bool
+    ) -> tuple[Destination, Lane]:
+        key = (project_id, model_id, env_type, env_name, update)
+        route = self._routes.get(key)
+        if route is None:
+            if env_type not in ENV_TYPES:
+                raise ConfigurationError(f"env_type must be one of {ENV_TYPES}, got {env_type!r}")
+            if (env_type == "PRE_PRODUCTION") != (env_name is not None):
+                raise ConfigurationError(
+                    "env_name names a PRE_PRODUCTION dataset: required for PRE_PRODUCTION, "
+                    "and only for it"
+                )
+            dest = Destination(
+                self._model_ref(project_id, model_id), env_type, env_name, bool(update)
+            )
+            route = self._routes[key] = (dest, self._buffer.lane(dest))
+        return route
+
+    def _prepare(
+        self,
+        dest: Destination,
+        event: Mapping[str, Any],
+        event_id: object,
+        event_timestamp: object,
+    ) -> tuple[bytes, Fixup | None, str]:
+        """Encode one event for ``dest``: (body, fix-up for later or None, the id to return)."""
+        id_explicit = event_id is not None
+        given: str | None
+        if id_explicit:
+            given = _event_id_text(event_id)
+        elif dest.update:
+            given = None  # an update joins an existing id; it never gets a new one
+        else:
+            given = new_event_id()
+        ts_explicit = event_timestamp is not None
+        if ts_explicit:
+            millis: int | None = epoch_millis(event_timestamp)
+        elif self._config.stamp_publish_time and not dest.update:
+            millis = int(time.time() * 1000)
+        else:
+            millis = None
+        body = encode_event(event)
+        info = dest.model.info
+        if info is None:
+            # The model's columns are not known yet: the exporter places id and time later.
+            if dest.update and not id_explicit:
+                raise SchemaMismatchError(
+                    "an update needs event_id= until the model is resolved; pass it, or "
+                    "`await publisher.resolve(project_id, model_id)` first"
+                )
+            flags = (ID_EXPLICIT if id_explicit else 0) | (TS_EXPLICIT if ts_explicit else 0)
+            self._check_size(body)
+            return body, (given, millis, flags), given or ""
+        members, remove, carried = place_columns(
+            info,
+            event,
+            update=dest.update,
+            event_id=given,
+            id_explicit=id_explicit,
+            ts_millis=millis,
+            ts_explicit=ts_explicit,
+        )
+        if remove:
+            body = encode_event({k: v for k, v in event.items() if k not in remove})
+        body = splice_members(body, members)
+        self._check_size(body)
+        return body, None, carried or given or ""
+
+    def _check_size(self, body: bytes) -> None:
+        if len(body) + 1 > self._config.max_batch_bytes:
+            raise EventTooLargeError(
+                f"event is {len(body)} bytes encoded; max_batch_bytes is "
+                f"{self._config.max_batch_bytes}"
+            )
+
+    async def _report_failure(self, failure: DeliveryFailure) -> None:
+        count = len(failure.bodies)
+        where = f"{failure.project}/{failure.model}"
+        self._log.error(
+            f"failed:{where}:{type(failure.error).__name__}",
+            f"{count} event(s) for {where} not delivered: "
+            f"{type(failure.error).__name__}: {failure.error}",
+        )
+        if self._on_error is not None:
+            outcome = self._on_error(failure)
+            if inspect.isawaitable(outcome):
+                await outcome
+
+
+def _event_id_text(value: object) -> str:
+    if isinstance(value, bool) or (not isinstance(value, str | int) and not hasattr(value, "hex")):
+        raise EventEncodeError(
+            f"event_id must be a string, got {type(value).__qualname__!r}", field="event_id"
+        )
+    text = str(value)
+    if not text:
+        raise EventError("event_id must not be empty")
+    return text
+
+
+def _rows(events: Any) -> list[Mapping[str, Any]]:
+    if hasattr(events, "to_dict") and type(events).__module__.startswith("pandas"):
+        records: list[Mapping[str, Any]] = events.to_dict(orient="records")
+        return records
+    if isinstance(events, Mapping | str | bytes):
+        raise EventError("events must be an iterable of events (dicts), or a DataFrame")
+    return list(events)
+
+
+def _aligned(values: Iterable[Any] | None, count: int, name: str) -> list[Any]:
+    if values is None:
+        return [None] * count
+    listed = list(values)
+    if len(listed) != count:
+        raise EventError(f"{name} has {len(listed)} values for {count} events")
+    return listed

@@ -1,0 +1,86 @@
+"""When and how long to retry a request, built on tenacity (its types stay in this module).
+
+- Retried: 429, every 5xx but 501, connection errors and timeouts. Other answers are final.
+- Wait: full-jitter exponential backoff, a uniform draw in ``[0, cap)`` where the cap starts at
+  ``retry_backoff_initial`` and doubles per retry up to ``retry_backoff_max``. Spreading retries
+  over the whole interval is what keeps many clients from retrying in lockstep.
+- A ``Retry-After`` from the server replaces the backoff (capped at ``retry_after_max``), plus a
+  little jitter so that every client told "10 s" does not come back in the same millisecond.
+- Stop: after ``retry_max_attempts`` attempts, or when the next attempt would start later than
+  ``retry_max_elapsed`` after the first; the last error is raised as it was.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import anyio
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_before_delay,
+)
+
+from ._logging import RateLimitedLog
+from .config import PublisherConfig
+from .exceptions import APIError, RateLimitedError, ServerError, TransportError
+
+__all__ = ["RetryPolicy", "is_retryable"]
+
+T = TypeVar("T")
+
+
+def is_retryable(exc: BaseException) -> bool:
+    if isinstance(exc, TransportError | RateLimitedError):
+        return True
+    return isinstance(exc, ServerError) and exc.status != 501
+
+
+class RetryPolicy:
+    def __init__(self, config: PublisherConfig, log: RateLimitedLog) -> None:
+        self._config = config
+        self._log = log
+
+    def backoff(self, retry_number: int, error: BaseException | None) -> float:
+        """Seconds to wait before retry number ``retry_number`` (1 for the first retry)."""
+        config = self._config
+        if isinstance(error, APIError) and error.retry_after is not None:
+            wait = min(error.retry_after, config.retry_after_max)
+            return wait + random.uniform(0, min(1.0, 0.1 * wait))
+        cap = min(config.retry_backoff_max, config.retry_backoff_initial * 2 ** (retry_number - 1))
+        return random.uniform(0, cap)
+
+    def _wait(self, state: RetryCallState) -> float:
+        error = state.outcome.exception() if state.outcome else None
+        return self.backoff(state.attempt_number, error)
+
+    async def call(self, attempt: Callable[[int], Awaitable[T]], *, what: str) -> T:
+        """Run ``attempt(n)`` (n = 0 for the first try, then the retry number) until it succeeds,
+        fails for good, or the budget runs out; then the last error is raised as it was."""
+        config = self._config
+
+        def before_sleep(state: RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome else None
+            self._log.warning(
+                f"retry:{what}",
+                f"{what} failed ({error}); retry {state.attempt_number} of "
+                f"{config.retry_max_attempts - 1} in {state.upcoming_sleep:.2f} s",
+            )
+
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(config.retry_max_attempts)
+            | stop_before_delay(config.retry_max_elapsed),
+            wait=self._wait,
+            retry=retry_if_exception(is_retryable),
+            sleep=anyio.sleep,
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        async for try_ in retrying:
+            with try_:
+                return await attempt(try_.retry_state.attempt_number - 1)
+        raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover

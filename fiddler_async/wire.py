@@ -1,0 +1,361 @@
+"""Fiddler's v3 REST protocol: name resolution, request bodies, answers and errors.
+
+This is the only module that knows httpx and Fiddler's wire format. The flusher hands it a batch
+of queued events for a destination; it resolves the model (once, then cached), places the event
+id and timestamp into the model's own columns, sends one ``POST``/``PATCH /v3/events`` per batch
+with the retry policy, and turns every failure into a :mod:`fiddler_async.exceptions` error.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import math
+import platform
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import anyio
+import httpx
+import orjson
+
+from ._version import __version__
+from .buffer import Item
+from .destination import Destination, ModelInfo, ModelRef
+from .encode import json_member, splice_members
+from .exceptions import (
+    APIError,
+    ConnectError,
+    ErrorReason,
+    EventError,
+    NotFoundError,
+    RequestTimeoutError,
+    SchemaMismatchError,
+    api_error_class,
+)
+from .retry import RetryPolicy
+from .stats import Ledger
+
+__all__ = ["CLIENT_NAME", "FiddlerV3Exporter", "client_headers", "place_columns"]
+
+CLIENT_NAME = "fiddler-async"
+EVENTS_PATH = "/v3/events"
+
+# Fix-up flags of an event queued before its model was resolved.
+ID_EXPLICIT = 1
+TS_EXPLICIT = 2
+
+
+def client_headers(token: str) -> dict[str, str]:
+    """The headers of every request, as the official client sends them, with our own name."""
+    return {
+        "Authorization": f"Bearer {token}",
+        "X-Fiddler-Client-Name": CLIENT_NAME,
+        "X-Fiddler-Client-Version": __version__,
+        "X-Fiddler-Python-Version": platform.python_version(),
+    }
+
+
+def place_columns(
+    info: ModelInfo,
+    event: Mapping[str, Any],
+    *,
+    update: bool,
+    event_id: str | None,
+    id_explicit: bool,
+    ts_millis: int | None,
+    ts_explicit: bool,
+) -> tuple[list[bytes], frozenset[str], str | None]:
+    """Map the publish call's ``event_id`` and ``event_timestamp`` onto the model's columns.
+
+    Fiddler has no magic keys: the id and the time are ordinary columns named by the model's
+    ``event_id_col`` and ``event_ts_col``. Returns the members to splice into the encoded event,
+    the keys to remove from it first (a value the caller passed explicitly replaces the event's
+    own), and the id the event will carry (None when the model has no id column).
+
+    The rules: an explicit id or time needs the model to have that column. Without an explicit
+    id, an id the event already carries in the id column is kept; otherwise the generated one is
+    added. An update is keyed by the id, so it needs one. The publish time is added only to new
+    events (an update must not move the time of the event it joins) that carry no time.
+    """
+    members: list[bytes] = []
+    remove: set[str] = set()
+    id_col, ts_col = info.event_id_col, info.event_ts_col
+    carried_id: str | None = None
+    if id_explicit or (update and id_col is None):
+        if id_col is None:
+            raise SchemaMismatchError(
+                f"model {info.name!r} has no event id column, so "
+                + ("an update cannot be keyed" if update else "event_id cannot be sent")
+            )
+        if id_col in event:
+            remove.add(id_col)
+        assert event_id is not None
+        members.append(json_member(id_col, orjson.dumps(event_id)))
+        carried_id = event_id
+    elif id_col is not None and id_col in event:
+        value = event[id_col]
+        carried_id = value if isinstance(value, str) else str(value)
+    elif update:
+        raise SchemaMismatchError(
+            f"an update needs event_id= or the model's id column {id_col!r} in the event"
+        )
+    elif id_col is not None and event_id is not None:
+        members.append(json_member(id_col, orjson.dumps(event_id)))
+        carried_id = event_id
+    if ts_explicit:
+        if ts_col is None:
+            raise SchemaMismatchError(
+                f"model {info.name!r} has no event timestamp column, so "
+                "event_timestamp cannot be sent"
+            )
+        if ts_col in event:
+            remove.add(ts_col)
+        assert ts_millis is not None
+        members.append(json_member(ts_col, info.timestamp_json(ts_millis)))
+    elif ts_millis is not None and ts_col is not None and not update and ts_col not in event:
+        members.append(json_member(ts_col, info.timestamp_json(ts_millis)))
+    return members, frozenset(remove), carried_id
+
+
+def finalize_event(info: ModelInfo, update: bool, body: bytes, fixup: tuple[Any, ...]) -> bytes:
+    """Place the columns of an event that was queued before its model was resolved."""
+    event_id, ts_millis, flags = fixup
+    event = orjson.loads(body)
+    members, remove, _ = place_columns(
+        info,
+        event,
+        update=update,
+        event_id=event_id,
+        id_explicit=bool(flags & ID_EXPLICIT),
+        ts_millis=ts_millis,
+        ts_explicit=bool(flags & TS_EXPLICIT),
+    )
+    if remove:
+        body = orjson.dumps({k: v for k, v in event.items() if k not in remove})
+    return splice_members(body, members)
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header: a number of seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - time.time()
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+def error_from_response(response: httpx.Response) -> APIError:
+    """The exception for an error answer, from Fiddler's error envelope where there is one."""
+    status = response.status_code
+    code, message = status, response.reason_phrase or f"HTTP {status}"
+    reasons: list[ErrorReason] = []
+    try:
+        payload = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        payload = None
+        text = response.text.strip()
+        if text:
+            message = text[:300]
+    error = payload.get("error") if isinstance(payload, dict) else None
+    if isinstance(error, dict):
+        message = str(error.get("message") or message)
+        if isinstance(error.get("code"), int):
+            code = error["code"]
+        for item in error.get("errors") or ():
+            if isinstance(item, dict):
+                reasons.append(
+                    ErrorReason(
+                        reason=str(item.get("reason") or ""),
+                        message=str(item.get("message") or ""),
+                        help=str(item.get("help") or ""),
+                    )
+                )
+    return api_error_class(status)(
+        message,
+        status=status,
+        code=code,
+        reasons=reasons,
+        retry_after=parse_retry_after(response.headers.get("retry-after")),
+    )
+
+
+def parse_model(data: Mapping[str, Any]) -> ModelInfo:
+    """The publisher's view of a ``GET /v3/models/{id}`` answer's ``data``."""
+    project = data.get("project") or {}
+    schema = data.get("schema") or {}
+    columns = tuple(
+        str(column["name"])
+        for column in schema.get("columns") or ()
+        if isinstance(column, dict) and "name" in column
+    )
+    return ModelInfo(
+        id=str(data["id"]),
+        name=str(data.get("name") or ""),
+        project_id=str(project.get("id") or ""),
+        project_name=str(project.get("name") or ""),
+        version=data.get("version"),
+        event_id_col=data.get("event_id_col") or None,
+        event_ts_col=data.get("event_ts_col") or None,
+        event_ts_format=data.get("event_ts_format") or None,
+        columns=columns,
+    )
+
+
+def _name_filter(**equals: str) -> str:
+    rules = [{"field": f, "operator": "equal", "value": v} for f, v in equals.items()]
+    return orjson.dumps({"condition": "AND", "rules": rules}).decode()
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
+
+
+class FiddlerV3Exporter:
+    """Sends batches of queued events to Fiddler's v3 API."""
+
+    def __init__(self, client: httpx.AsyncClient, ledger: Ledger, retry: RetryPolicy) -> None:
+        self._client = client
+        self._ledger = ledger
+        self._retry = retry
+        self._resolving: dict[int, anyio.Lock] = {}
+
+    # Requests
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        retry: int,
+        content: bytes | None = None,
+        params: Mapping[str, str | int] | None = None,
+    ) -> httpx.Response:
+        headers = {}
+        if content is not None:
+            headers["Content-Type"] = "application/json"
+        if retry:
+            headers["X-Fiddler-Client-Retry"] = str(retry)
+            self._ledger.retries += 1
+        self._ledger.requests += 1
+        try:
+            response = await self._client.request(
+                method, path, content=content, params=params, headers=headers
+            )
+        except httpx.TimeoutException as exc:
+            raise self._failed(
+                "Timeout", RequestTimeoutError(f"{method} {path}: timed out")
+            ) from exc
+        except httpx.TransportError as exc:
+            detail = str(exc) or type(exc).__name__
+            raise self._failed("ConnectError", ConnectError(f"{method} {path}: {detail}")) from exc
+        self._ledger.record_response(str(response.status_code))
+        if not response.is_success:
+            raise self._failed(None, error_from_response(response))
+        return response
+
+    def _failed(self, key: str | None, error: Exception) -> Exception:
+        if key is not None:
+            self._ledger.record_response(key)
+        self._ledger.last_error = f"{type(error).__name__}: {error}"
+        return error
+
+    async def _get_data(self, path: str, retry: int, **params: str | int) -> Any:
+        response = await self._request("GET", path, retry=retry, params=params)
+        try:
+            return orjson.loads(response.content)["data"]
+        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            raise self._failed(
+                None,
+                APIError(f"GET {path}: unexpected answer, no 'data'", status=response.status_code),
+            ) from exc
+
+    # Name resolution
+
+    async def resolve(self, ref: ModelRef) -> ModelInfo:
+        """The model's schema, looked up once (one lookup at a time per model) and cached."""
+        if ref.info is not None:
+            return ref.info
+        lock = self._resolving.setdefault(id(ref), anyio.Lock())
+        async with lock:
+            if ref.info is None:
+                ref.info = await self._retry.call(
+                    lambda retry: self._lookup(ref, retry), what=f"resolve {ref.label}"
+                )
+        return ref.info
+
+    async def _lookup(self, ref: ModelRef, retry: int) -> ModelInfo:
+        if _is_uuid(ref.model):
+            return parse_model(await self._get_data(f"/v3/models/{ref.model}", retry))
+        projects = await self._get_data(
+            "/v3/projects", retry, filter=_name_filter(name=ref.project)
+        )
+        if not projects.get("items"):
+            raise NotFoundError(f"project {ref.project!r} not found", status=404)
+        project_id = str(projects["items"][0]["id"])
+        models = await self._get_data(
+            "/v3/models",
+            retry,
+            filter=_name_filter(name=ref.model, project_id=project_id),
+            limit=1,
+            ordering="created_at",
+        )
+        if not models.get("items"):
+            raise NotFoundError(
+                f"model {ref.model!r} not found in project {ref.project!r}", status=404
+            )
+        model_id = str(models["items"][0]["id"])
+        return parse_model(await self._get_data(f"/v3/models/{model_id}", retry))
+
+    # Publishing
+
+    async def export(
+        self, dest: Destination, items: Sequence[Item]
+    ) -> list[tuple[Item, EventError]]:
+        """Deliver ``items`` to ``dest``; returns the events refused before sending, with why.
+
+        Raises the last error when the request fails for good.
+        """
+        info = await self.resolve(dest.model)
+        bodies: list[bytes] = []
+        refused: list[tuple[Item, EventError]] = []
+        for item in items:
+            body, fixup = item[1], item[2]
+            if fixup is None:
+                bodies.append(body)
+                continue
+            try:
+                bodies.append(finalize_event(info, dest.update, body, fixup))
+            except EventError as exc:
+                refused.append((item, exc))
+        if bodies:
+            payload = b"".join(
+                (
+                    b'{"source":{"type":"EVENTS","events":[',
+                    b",".join(bodies),
+                    b']},"model_id":',
+                    orjson.dumps(info.id),
+                    b',"env_type":',
+                    orjson.dumps(dest.env_type),
+                    b',"env_name":',
+                    orjson.dumps(dest.env_name),
+                    b"}",
+                )
+            )
+            await self._retry.call(
+                lambda retry: self._request(dest.method, EVENTS_PATH, retry=retry, content=payload),
+                what=dest.describe(),
+            )
+        return refused

@@ -1,0 +1,161 @@
+"""Encoding at publish time: what each kind of value becomes, and errors that name the field."""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import json
+import math
+import uuid
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fiddler_async import EventEncodeError, EventError
+from fiddler_async.encode import encode_event, epoch_millis, new_event_id, splice_members
+
+
+def roundtrip(event: dict[str, Any]) -> dict[str, Any]:
+    decoded: dict[str, Any] = json.loads(encode_event(event))
+    return decoded
+
+
+def test_numpy_scalars_and_arrays_become_python_values() -> None:
+    event = {
+        "i64": np.int64(7),
+        "i32": np.int32(-3),
+        "f32": np.float32(0.5),
+        "b": np.bool_(True),
+        "arr": np.array([1.5, 2.5]),
+        "strided": np.arange(6).reshape(2, 3)[:, 0],
+        "objects": np.array(["a", None], dtype=object),
+    }
+    assert roundtrip(event) == {
+        "i64": 7,
+        "i32": -3,
+        "f32": 0.5,
+        "b": True,
+        "arr": [1.5, 2.5],
+        "strided": [0, 3],
+        "objects": ["a", None],
+    }
+
+
+def test_nan_infinity_and_pandas_missing_values_become_null() -> None:
+    event = {
+        "nan": float("nan"),
+        "inf": math.inf,
+        "ninf": -math.inf,
+        "np_nan": np.float64("nan"),
+        "arr_nan": np.array([1.0, np.nan]),
+        "na": pd.NA,
+        "nat": pd.NaT,
+        "dec_nan": decimal.Decimal("NaN"),
+    }
+    assert roundtrip(event) == {
+        "nan": None,
+        "inf": None,
+        "ninf": None,
+        "np_nan": None,
+        "arr_nan": [1.0, None],
+        "na": None,
+        "nat": None,
+        "dec_nan": None,
+    }
+
+
+def test_times_decimals_uuids_as_the_official_client_sends_them() -> None:
+    moment = dt.datetime(2024, 1, 2, 3, 4, 5, 678000)
+    ident = uuid.UUID("12345678-1234-5678-1234-567812345678")
+    event = {
+        "when": moment,
+        "day": dt.date(2024, 1, 2),
+        "ts": pd.Timestamp("2024-01-01 13:00:00"),
+        "price": decimal.Decimal("12.3400"),
+        "id": ident,
+        "tags": {"x"},
+    }
+    body = encode_event(event)
+    assert b'"price":12.3400' in body  # exact, not a float approximation
+    assert json.loads(body) == {
+        "when": "2024-01-02 03:04:05.678000",
+        "day": "2024-01-02",
+        "ts": "2024-01-01 13:00:00",
+        "price": 12.34,
+        "id": str(ident),
+        "tags": ["x"],
+    }
+
+
+def test_dataframe_records_encode() -> None:
+    frame = pd.DataFrame(
+        {
+            "age": pd.array([41, None], dtype="Int64"),
+            "score": [0.5, np.nan],
+            "when": pd.to_datetime(["2024-01-01 13:00", None]),
+            "geo": pd.Categorical(["France", "Spain"]),
+        }
+    )
+    rows = [roundtrip(r) for r in frame.to_dict(orient="records")]
+    assert rows == [
+        {"age": 41, "score": 0.5, "when": "2024-01-01 13:00:00", "geo": "France"},
+        {"age": None, "score": None, "when": None, "geo": "Spain"},
+    ]
+
+
+class Opaque:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("event", "field"),
+    [
+        ({"a": 1, "bad": Opaque()}, "bad"),
+        ({"nested": {"ok": 1, "deep": [1, 2, Opaque()]}}, "nested.deep[2]"),
+        ({"blob": b"bytes are ambiguous"}, "blob"),
+        ({"big": 2**70}, "big"),
+        ({"m": {1: "x"}}, "m[1]"),
+    ],
+)
+def test_unencodable_value_names_the_field(event: dict[str, Any], field: str) -> None:
+    with pytest.raises(EventEncodeError) as info:
+        encode_event(event)
+    assert info.value.field == field
+    assert repr(field) in str(info.value)
+    assert isinstance(info.value, TypeError)  # what callers of a JSON encoder expect
+
+
+def test_non_mapping_event_is_refused() -> None:
+    with pytest.raises(EventEncodeError, match="mapping"):
+        encode_event([("a", 1)])  # type: ignore[arg-type]
+
+
+def test_splice_members_puts_columns_first() -> None:
+    assert splice_members(b'{"a":1}', [b'"id":"x"']) == b'{"id":"x","a":1}'
+    assert splice_members(b"{}", [b'"id":"x"', b'"ts":5']) == b'{"id":"x","ts":5}'
+    assert splice_members(b'{"a":1}', []) == b'{"a":1}'
+
+
+def test_epoch_millis() -> None:
+    assert epoch_millis(1_700_000_000_123) == 1_700_000_000_123
+    assert epoch_millis(1.6) == 2
+    aware = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
+    assert epoch_millis(aware) == 1_704_067_200_000
+    assert epoch_millis(aware.replace(tzinfo=None)) == 1_704_067_200_000  # naive is UTC
+    with pytest.raises(EventEncodeError, match="event_timestamp"):
+        epoch_millis("2024-01-01")
+    with pytest.raises(EventError, match="finite"):
+        epoch_millis(float("nan"))
+    with pytest.raises(EventEncodeError):
+        epoch_millis(True)
+
+
+def test_event_ids_are_unique_uuid_shaped() -> None:
+    ids = [new_event_id() for _ in range(10_000)]
+    assert len(set(ids)) == len(ids)
+    for text in ids[:50]:
+        parsed = uuid.UUID(text)
+        assert parsed.version == 4
+        assert str(parsed) == text

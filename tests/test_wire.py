@@ -1,0 +1,277 @@
+"""The Fiddler v3 wire, through httpx.MockTransport: headers, bodies, lookups, errors."""
+
+from __future__ import annotations
+
+import datetime as dt
+import email.utils
+import platform
+import time
+from typing import Any
+
+import anyio
+import httpx
+import numpy as np
+import pytest
+
+import fiddler_async
+from fiddler_async import (
+    APIError,
+    BadRequestError,
+    DeliveryFailure,
+    NotFoundError,
+    RateLimitedError,
+    SchemaMismatchError,
+    ServerError,
+)
+from fiddler_async.wire import error_from_response, parse_retry_after
+
+from .conftest import bank_event, eventually, mock_publisher
+from .fake_fiddler import FakeFiddler
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_request_headers_and_body(fake: FakeFiddler) -> None:
+    async with mock_publisher(fake) as pub:
+        eid = pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(1))
+        assert (await pub.flush(5)).complete
+    (request,) = fake.event_requests()
+    assert request.method == "POST"
+    headers = request.headers
+    assert headers["authorization"] == "Bearer test-token"
+    assert headers["x-fiddler-client-name"] == "fiddler-async"
+    assert headers["x-fiddler-client-version"] == fiddler_async.__version__
+    assert headers["x-fiddler-python-version"] == platform.python_version()
+    assert headers["content-type"] == "application/json"
+    assert "x-fiddler-client-retry" not in headers
+    body = request.json()
+    model = next(iter(fake.models.values()))
+    assert body["model_id"] == model["id"]
+    assert body["env_type"] == "PRODUCTION"
+    assert body["env_name"] is None
+    assert body["source"]["type"] == "EVENTS"
+    (event,) = body["source"]["events"]
+    assert event["event_id"] == eid
+    assert isinstance(event["timestamp"], int)  # the publish time, in epoch ms
+    assert {k: v for k, v in event.items() if k not in ("event_id", "timestamp")} == bank_event(1)
+
+
+async def test_event_id_and_timestamp_go_into_the_models_columns(fake: FakeFiddler) -> None:
+    fake.add_model(
+        "p", "m", event_id_col="row_id", event_ts_col="at", event_ts_format="%Y-%m-%d %H:%M:%S"
+    )
+    when = dt.datetime(2024, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+    async with mock_publisher(fake) as pub:
+        returned = pub.publish_event_nowait(
+            "p", "m", {"x": 1}, event_id="e-1", event_timestamp=when
+        )
+        assert returned == "e-1"
+        await pub.flush(5)
+        # Once the model is known, the same rules apply at publish time.
+        pub.publish_event_nowait("p", "m", {"x": 2}, event_id="e-2", event_timestamp=1_704_164_645_000)
+        await pub.flush(5)
+    first, second = fake.stored()
+    assert first == {"__model": "m", "row_id": "e-1", "at": "2024-01-02 03:04:05", "x": 1}
+    assert second == {"__model": "m", "row_id": "e-2", "at": "2024-01-02 03:04:05", "x": 2}
+
+
+async def test_an_id_the_event_carries_is_kept(fake: FakeFiddler) -> None:
+    async with mock_publisher(fake) as pub:
+        info = await pub.resolve("bank_churn", "bank_churn")
+        assert info.event_id_col == "event_id"
+        returned = pub.publish_event_nowait(
+            "bank_churn", "bank_churn", {**bank_event(), "event_id": "mine"}
+        )
+        assert returned == "mine"
+        overridden = pub.publish_event_nowait(
+            "bank_churn", "bank_churn", {**bank_event(), "event_id": "old"}, event_id="new"
+        )
+        assert overridden == "new"
+        await pub.flush(5)
+    assert [e["event_id"] for e in fake.stored()] == ["mine", "new"]
+
+
+async def test_update_is_a_patch_keyed_by_the_id_column(fake: FakeFiddler) -> None:
+    async with mock_publisher(fake) as pub:
+        eid = await pub.publish_event("bank_churn", "bank_churn", bank_event())
+        await pub.publish_event(
+            "bank_churn", "bank_churn", {"churn": "yes"}, event_id=eid, update_event=True
+        )
+        assert (await pub.flush(5)).delivered == 2
+    insert, update = fake.event_requests()
+    assert insert.method == "POST"
+    assert update.method == "PATCH"
+    # The update carries the id and the new column, and no publish time (that would move
+    # the time of the event it joins).
+    assert update.json()["source"]["events"] == [{"event_id": eid, "churn": "yes"}]
+
+
+async def test_update_without_id_before_resolution_is_refused_at_the_caller(
+    fake: FakeFiddler,
+) -> None:
+    async with mock_publisher(fake) as pub:
+        with pytest.raises(SchemaMismatchError, match="event_id"):
+            pub.publish_event_nowait("bank_churn", "bank_churn", {"churn": 1}, update_event=True)
+        await pub.resolve("bank_churn", "bank_churn")
+        # Once resolved, the id column of the event keys the update.
+        got = pub.publish_event_nowait(
+            "bank_churn", "bank_churn", {"event_id": "e9", "churn": 1}, update_event=True
+        )
+        assert got == "e9"
+        with pytest.raises(SchemaMismatchError, match="'event_id'"):
+            pub.publish_event_nowait("bank_churn", "bank_churn", {"churn": 1}, update_event=True)
+        assert pub.stats().accepted == 1
+
+
+async def test_explicit_id_for_a_model_without_id_column(fake: FakeFiddler) -> None:
+    fake.add_model("p", "noid", event_id_col=None, event_ts_col=None)
+    failures: list[DeliveryFailure] = []
+    async with mock_publisher(fake, on_error=failures.append) as pub:
+        # Not resolved yet: accepted, then refused alone when the schema is known.
+        pub.publish_event_nowait("p", "noid", {"x": 1}, event_id="e1")
+        pub.publish_event_nowait("p", "noid", {"x": 2})
+        result = await pub.flush(5)
+        assert (result.delivered, result.failed) == (1, 1)
+        # Resolved now: refused at the caller, nothing queued.
+        with pytest.raises(SchemaMismatchError, match="no event id column"):
+            pub.publish_event_nowait("p", "noid", {"x": 3}, event_id="e3")
+        with pytest.raises(SchemaMismatchError, match="no event timestamp column"):
+            pub.publish_event_nowait("p", "noid", {"x": 3}, event_timestamp=0)
+    (failure,) = failures
+    assert isinstance(failure.error, SchemaMismatchError)
+    assert failure.event_ids == ("e1",)
+    assert failure.events() == [{"x": 1}]
+    assert fake.stored() == [{"__model": "noid", "x": 2}]
+
+
+async def test_names_are_resolved_once_and_cached(fake: FakeFiddler) -> None:
+    async with mock_publisher(fake, max_batch_events=100) as pub:
+        for i in range(1000):
+            pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(i))
+        pub.publish_event_nowait(
+            "bank_churn", "bank_churn", {"churn": 1}, event_id="x", update_event=True
+        )
+        assert (await pub.flush(5)).delivered == 1001
+    paths = [r.path for r in fake.lookups()]
+    model_id = next(iter(fake.models))
+    assert paths == ["/v3/projects", "/v3/models", f"/v3/models/{model_id}"]
+    projects, models, _ = fake.lookups()
+    assert projects.headers["authorization"] == "Bearer test-token"
+    assert len(fake.event_requests()) == 11
+
+
+async def test_model_uuid_is_accepted(fake: FakeFiddler) -> None:
+    model_id = next(iter(fake.models))
+    async with mock_publisher(fake) as pub:
+        pub.publish_event_nowait("bank_churn", model_id, bank_event())
+        assert (await pub.flush(5)).delivered == 1
+    assert [r.path for r in fake.lookups()] == [f"/v3/models/{model_id}"]
+
+
+async def test_unknown_names_fail_with_not_found(fake: FakeFiddler) -> None:
+    failures: list[DeliveryFailure] = []
+    async with mock_publisher(fake, on_error=failures.append) as pub:
+        with pytest.raises(NotFoundError, match="project 'nope' not found"):
+            await pub.resolve("nope", "bank_churn")
+        with pytest.raises(NotFoundError, match="model 'nope' not found"):
+            await pub.resolve("bank_churn", "nope")
+        pub.publish_event_nowait("bank_churn", "nope", {"x": 1})
+        result = await pub.flush(5)
+    assert result.failed == 1
+    assert isinstance(failures[0].error, NotFoundError)
+    assert failures[0].model == "nope"
+
+
+async def test_api_error_body_is_parsed_into_the_exception(fake: FakeFiddler) -> None:
+    fake.reject_if = lambda event: "column 'age' must be an int" if event.get("age") == "x" else None
+    failures: list[DeliveryFailure] = []
+    async with mock_publisher(fake, on_error=failures.append) as pub:
+        pub.publish_event_nowait("bank_churn", "bank_churn", {**bank_event(), "age": "x"})
+        result = await pub.flush(5)
+        stats = pub.stats()
+    assert result.failed == 1
+    error = failures[0].error
+    assert isinstance(error, BadRequestError)
+    assert (error.status, error.code, error.message) == (400, 400, "column 'age' must be an int")
+    assert error.reasons[0].reason == "BadRequest"
+    assert stats.responses == {"200": 3, "400": 1}
+    assert stats.last_error is not None
+    assert "column 'age' must be an int" in stats.last_error
+
+
+def test_error_parsing_without_an_envelope() -> None:
+    response = httpx.Response(502, text="<html>bad gateway</html>")
+    error = error_from_response(response)
+    assert isinstance(error, ServerError)
+    assert error.status == 502
+    assert "bad gateway" in error.message
+    assert error.reasons == ()
+
+    limited = error_from_response(
+        httpx.Response(429, headers={"Retry-After": "7"}, json={"error": {"code": 429}})
+    )
+    assert isinstance(limited, RateLimitedError)
+    assert limited.retry_after == 7.0
+    assert type(error_from_response(httpx.Response(418))) is APIError
+
+
+def test_retry_after_forms() -> None:
+    assert parse_retry_after("3.5") == 3.5
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("soon") is None
+    later = email.utils.formatdate(time.time() + 30, usegmt=True)
+    seconds = parse_retry_after(later)
+    assert seconds is not None
+    assert 25 <= seconds <= 31
+    assert parse_retry_after("-4") == 0.0
+
+
+async def test_numpy_values_arrive_as_numbers(fake: FakeFiddler) -> None:
+    async with mock_publisher(fake) as pub:
+        await pub.publish_event(
+            "bank_churn",
+            "bank_churn",
+            {"age": np.int64(41), "balance": np.float32(0.5), "score": float("nan")},
+        )
+        await pub.flush(5)
+    (event,) = fake.stored()
+    assert (event["age"], event["balance"], event["score"]) == (41, 0.5, None)
+
+
+async def test_event_is_captured_at_publish_time(fake: FakeFiddler) -> None:
+    event: dict[str, Any] = {"age": 40, "tags": ["a"], "nested": {"k": 1}}
+    async with mock_publisher(fake, linger=60) as pub:
+        pub.publish_event_nowait("bank_churn", "bank_churn", event, event_id="e")
+        event["age"] = 99
+        event["tags"].append("b")
+        event["nested"]["k"] = 2
+        event["new"] = True
+        await anyio.sleep(0)
+        await pub.flush(5)
+    (stored,) = fake.stored()
+    assert {k: stored[k] for k in ("age", "tags", "nested")} == {
+        "age": 40,
+        "tags": ["a"],
+        "nested": {"k": 1},
+    }
+    assert "new" not in stored
+
+
+async def test_pre_production_environment(fake: FakeFiddler) -> None:
+    async with mock_publisher(fake) as pub:
+        pub.publish_event_nowait(
+            "bank_churn", "bank_churn", bank_event(), env_type="PRE_PRODUCTION", env_name="train"
+        )
+        await pub.flush(5)
+    body = fake.event_requests()[0].json()
+    assert (body["env_type"], body["env_name"]) == ("PRE_PRODUCTION", "train")
+
+
+async def test_wait_for_is_not_needed_for_each_publish(fake: FakeFiddler) -> None:
+    """publish_event returns before anything is sent: the network happens later."""
+    async with mock_publisher(fake, linger=60) as pub:
+        await pub.publish_event("bank_churn", "bank_churn", bank_event())
+        assert fake.requests == []
+        assert pub.stats().queued_events == 1
+        await pub.flush(5)
+        await eventually(lambda: pub.stats().delivered == 1)
