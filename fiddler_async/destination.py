@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 import orjson
@@ -33,20 +34,36 @@ class ModelInfo:
     event_ts_format: str | None = None
     columns: tuple[str, ...] = ()
 
+    # Computed once per model, for the publish path: `"column":` prefixes and the time format.
+    @cached_property
+    def id_key(self) -> bytes:
+        return orjson.dumps(self.event_id_col) + b":"
+
+    @cached_property
+    def ts_key(self) -> bytes:
+        return orjson.dumps(self.event_ts_col) + b":"
+
+    @cached_property
+    def _ts_style(self) -> str:
+        fmt = (self.event_ts_format or "").strip()
+        if "%" in fmt:
+            return "strftime"
+        return "seconds" if fmt.lower() == "epoch seconds" else "millis"
+
     def timestamp_json(self, millis: int) -> bytes:
         """An epoch-milliseconds time as the JSON value the model's timestamp column expects.
 
         ``event_ts_format`` may be a strftime pattern (the time is written in UTC), ``epoch
         seconds``, or ``epoch milliseconds``/``infer``/unset (epoch milliseconds are sent).
         """
-        fmt = self.event_ts_format
-        if fmt and "%" in fmt:
-            moment = dt.datetime.fromtimestamp(millis / 1000, tz=dt.timezone.utc)
-            return orjson.dumps(moment.strftime(fmt))
-        if fmt and fmt.strip().lower() == "epoch seconds":
+        style = self._ts_style
+        if style == "millis":
+            return b"%d" % millis
+        if style == "seconds":
             seconds, rest = divmod(millis, 1000)
-            return str(seconds).encode() if not rest else orjson.dumps(millis / 1000)
-        return str(millis).encode()
+            return b"%d" % seconds if not rest else orjson.dumps(millis / 1000)
+        moment = dt.datetime.fromtimestamp(millis / 1000, tz=dt.timezone.utc)
+        return orjson.dumps(moment.strftime(self.event_ts_format or ""))
 
 
 @dataclass(eq=False)

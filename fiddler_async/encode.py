@@ -31,7 +31,7 @@ import orjson
 
 from .exceptions import EventEncodeError, EventError
 
-__all__ = ["encode_event", "epoch_millis", "json_member", "new_event_id", "splice_members"]
+__all__ = ["encode_event", "epoch_millis", "new_event_id", "splice_members"]
 
 _OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_PASSTHROUGH_DATETIME
 _dumps = orjson.dumps
@@ -103,11 +103,6 @@ def _find_bad_value(value: Any, path: str) -> tuple[str | None, str]:
         cause = exc.__cause__ or exc
         return path, str(cause)
     return None, ""
-
-
-def json_member(name: str, value_json: bytes) -> bytes:
-    """``"name":value`` for splicing a column into an encoded event."""
-    return _dumps(name) + b":" + value_json
 
 
 def splice_members(body: bytes, members: list[bytes]) -> bytes:

@@ -25,7 +25,7 @@ from ._logging import logger
 from .buffer import EventBuffer, Item
 from .config import PublisherConfig
 from .destination import Destination
-from .exceptions import EventError
+from .exceptions import FiddlerError
 from .stats import Ledger
 
 __all__ = ["DeliveryFailure", "Exporter", "Flusher"]
@@ -34,7 +34,9 @@ __all__ = ["DeliveryFailure", "Exporter", "Flusher"]
 class Exporter(Protocol):
     async def export(
         self, dest: Destination, items: Sequence[Item]
-    ) -> list[tuple[Item, EventError]]: ...
+    ) -> list[tuple[Item, FiddlerError]]:
+        """Deliver ``items``; return those not delivered, each with its error."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -140,7 +142,7 @@ class Flusher:
         ledger = self._ledger
         failures: list[DeliveryFailure] = []
         try:
-            refused = await self._exporter.export(dest, batch)
+            failed = await self._exporter.export(dest, batch)
         except anyio.get_cancelled_exc_class():
             # Only aclose() cancels a delivery, at its deadline. The request may or may not
             # have reached the server; we cannot know, so these count as dropped at shutdown.
@@ -150,11 +152,14 @@ class Flusher:
             ledger.settle(batch, "failed")
             failures.append(DeliveryFailure.of(dest, batch, exc))
         else:
-            refused_ids = {id(item) for item, _ in refused}
-            ledger.settle([i for i in batch if id(i) not in refused_ids], "delivered")
-            for item, error in refused:
-                ledger.settle([item], "failed")
-                failures.append(DeliveryFailure.of(dest, [item], error))
+            failed_ids = {id(item) for item, _ in failed}
+            ledger.settle([i for i in batch if id(i) not in failed_ids], "delivered")
+            by_error: dict[int, tuple[FiddlerError, list[Item]]] = {}
+            for item, error in failed:
+                by_error.setdefault(id(error), (error, []))[1].append(item)
+            for error, items in by_error.values():
+                ledger.settle(items, "failed")
+                failures.append(DeliveryFailure.of(dest, items, error))
         finally:
             # Settled and no longer in flight in the same step, so stats always add up.
             self.in_flight_requests -= 1

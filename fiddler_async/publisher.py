@@ -157,7 +157,10 @@ class AsyncPublisher:
             transport=self._transport,
         )
         self._exporter = FiddlerV3Exporter(
-            self._client, self._ledger, RetryPolicy(config, self._log)
+            self._client,
+            self._ledger,
+            RetryPolicy(config, self._log),
+            max_batch_bytes=config.max_batch_bytes,
         )
         self._flusher = Flusher(
             config, self._buffer, self._ledger, self._exporter, self._report_failure

@@ -23,12 +23,13 @@ import orjson
 from ._version import __version__
 from .buffer import Item
 from .destination import Destination, ModelInfo, ModelRef
-from .encode import json_member, splice_members
+from .encode import splice_members
 from .exceptions import (
     APIError,
     ConnectError,
     ErrorReason,
     EventError,
+    FiddlerError,
     NotFoundError,
     RequestTimeoutError,
     SchemaMismatchError,
@@ -66,7 +67,7 @@ def place_columns(
     id_explicit: bool,
     ts_millis: int | None,
     ts_explicit: bool,
-) -> tuple[list[bytes], frozenset[str], str | None]:
+) -> tuple[list[bytes], tuple[str, ...], str | None]:
     """Map the publish call's ``event_id`` and ``event_timestamp`` onto the model's columns.
 
     Fiddler has no magic keys: the id and the time are ordinary columns named by the model's
@@ -80,7 +81,7 @@ def place_columns(
     events (an update must not move the time of the event it joins) that carry no time.
     """
     members: list[bytes] = []
-    remove: set[str] = set()
+    remove: tuple[str, ...] = ()
     id_col, ts_col = info.event_id_col, info.event_ts_col
     carried_id: str | None = None
     if id_explicit or (update and id_col is None):
@@ -90,9 +91,9 @@ def place_columns(
                 + ("an update cannot be keyed" if update else "event_id cannot be sent")
             )
         if id_col in event:
-            remove.add(id_col)
+            remove = (id_col,)
         assert event_id is not None
-        members.append(json_member(id_col, orjson.dumps(event_id)))
+        members.append(info.id_key + orjson.dumps(event_id))
         carried_id = event_id
     elif id_col is not None and id_col in event:
         value = event[id_col]
@@ -102,7 +103,7 @@ def place_columns(
             f"an update needs event_id= or the model's id column {id_col!r} in the event"
         )
     elif id_col is not None and event_id is not None:
-        members.append(json_member(id_col, orjson.dumps(event_id)))
+        members.append(info.id_key + orjson.dumps(event_id))
         carried_id = event_id
     if ts_explicit:
         if ts_col is None:
@@ -111,12 +112,12 @@ def place_columns(
                 "event_timestamp cannot be sent"
             )
         if ts_col in event:
-            remove.add(ts_col)
+            remove = (*remove, ts_col)
         assert ts_millis is not None
-        members.append(json_member(ts_col, info.timestamp_json(ts_millis)))
+        members.append(info.ts_key + info.timestamp_json(ts_millis))
     elif ts_millis is not None and ts_col is not None and not update and ts_col not in event:
-        members.append(json_member(ts_col, info.timestamp_json(ts_millis)))
-    return members, frozenset(remove), carried_id
+        members.append(info.ts_key + info.timestamp_json(ts_millis))
+    return members, remove, carried_id
 
 
 def finalize_event(info: ModelInfo, update: bool, body: bytes, fixup: tuple[Any, ...]) -> bytes:
@@ -226,8 +227,16 @@ def _is_uuid(text: str) -> bool:
 class FiddlerV3Exporter:
     """Sends batches of queued events to Fiddler's v3 API."""
 
-    def __init__(self, client: httpx.AsyncClient, ledger: Ledger, retry: RetryPolicy) -> None:
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        ledger: Ledger,
+        retry: RetryPolicy,
+        *,
+        max_batch_bytes: int,
+    ) -> None:
         self._client = client
+        self._max_batch_bytes = max_batch_bytes
         self._ledger = ledger
         self._retry = retry
         self._resolving: dict[int, anyio.Lock] = {}
@@ -323,39 +332,64 @@ class FiddlerV3Exporter:
 
     async def export(
         self, dest: Destination, items: Sequence[Item]
-    ) -> list[tuple[Item, EventError]]:
-        """Deliver ``items`` to ``dest``; returns the events refused before sending, with why.
-
-        Raises the last error when the request fails for good.
-        """
-        info = await self.resolve(dest.model)
-        bodies: list[bytes] = []
-        refused: list[tuple[Item, EventError]] = []
+    ) -> list[tuple[Item, FiddlerError]]:
+        """Deliver ``items`` to ``dest``; returns the events that were not delivered, each with
+        its error (the final error of its request, or why the event itself was refused)."""
+        try:
+            info = await self.resolve(dest.model)
+        except FiddlerError as exc:
+            return [(item, exc) for item in items]
+        failed: list[tuple[Item, FiddlerError]] = []
+        ready: list[tuple[Item, bytes]] = []
         for item in items:
             body, fixup = item[1], item[2]
             if fixup is None:
-                bodies.append(body)
+                ready.append((item, body))
                 continue
             try:
-                bodies.append(finalize_event(info, dest.update, body, fixup))
+                ready.append((item, finalize_event(info, dest.update, body, fixup)))
             except EventError as exc:
-                refused.append((item, exc))
-        if bodies:
-            payload = b"".join(
-                (
-                    b'{"source":{"type":"EVENTS","events":[',
-                    b",".join(bodies),
-                    b']},"model_id":',
-                    orjson.dumps(info.id),
-                    b',"env_type":',
-                    orjson.dumps(dest.env_type),
-                    b',"env_name":',
-                    orjson.dumps(dest.env_name),
-                    b"}",
-                )
+                failed.append((item, exc))
+        # Events queued before the model was known grew when their id and time were placed,
+        # so a batch can outgrow the byte limit here: then it goes out as several requests.
+        for chunk in _split_by_bytes(ready, self._max_batch_bytes):
+            try:
+                await self._send(info, dest, [body for _, body in chunk])
+            except FiddlerError as exc:
+                failed.extend((item, exc) for item, _ in chunk)
+        return failed
+
+    async def _send(self, info: ModelInfo, dest: Destination, bodies: list[bytes]) -> None:
+        payload = b"".join(
+            (
+                b'{"source":{"type":"EVENTS","events":[',
+                b",".join(bodies),
+                b']},"model_id":',
+                orjson.dumps(info.id),
+                b',"env_type":',
+                orjson.dumps(dest.env_type),
+                b',"env_name":',
+                orjson.dumps(dest.env_name),
+                b"}",
             )
-            await self._retry.call(
-                lambda retry: self._request(dest.method, EVENTS_PATH, retry=retry, content=payload),
-                what=dest.describe(),
-            )
-        return refused
+        )
+        await self._retry.call(
+            lambda retry: self._request(dest.method, EVENTS_PATH, retry=retry, content=payload),
+            what=dest.describe(),
+        )
+
+
+def _split_by_bytes(ready: list[tuple[Item, bytes]], limit: int) -> list[list[tuple[Item, bytes]]]:
+    chunks: list[list[tuple[Item, bytes]]] = []
+    current: list[tuple[Item, bytes]] = []
+    size = 0
+    for entry in ready:
+        grown = len(entry[1]) + 1  # and a comma
+        if current and size + grown > limit:
+            chunks.append(current)
+            current, size = [], 0
+        current.append(entry)
+        size += grown
+    if current:
+        chunks.append(current)
+    return chunks

@@ -57,7 +57,7 @@ def loopback_publisher(url: str, **changes: Any) -> AsyncPublisher:
 async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
     """Wait until ``predicate()`` holds; fail the test if it does not within ``timeout``."""
     with anyio.fail_after(timeout):
-        while not predicate():
+        while not predicate():  # noqa: ASYNC110  (polls state that has no event to await)
             await anyio.sleep(0.005)
 
 
@@ -77,5 +77,3 @@ def bank_event(i: int = 0) -> dict[str, Any]:
         "estimatedsalary": 50000.25,
         "predicted_churn": 0.25,
     }
-
-

@@ -197,9 +197,7 @@ class FakeFiddler:
     def mock_transport(self) -> httpx.MockTransport:
         def handler(request: httpx.Request) -> httpx.Response:
             target = request.url.raw_path.decode()
-            answer = self.handle(
-                request.method, target, dict(request.headers), request.read()
-            )
+            answer = self.handle(request.method, target, dict(request.headers), request.read())
             if isinstance(answer, Fault):
                 raise httpx.ConnectError("injected: connection dropped", request=request)
             status, headers, payload = answer
@@ -247,7 +245,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     fake: FakeFiddler
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
     def _serve(self) -> None:
@@ -270,7 +268,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(payload)
 
-    do_GET = do_POST = do_PATCH = _serve  # noqa: N815
+    do_GET = do_POST = do_PATCH = _serve
 
 
 @contextlib.contextmanager

@@ -1,0 +1,46 @@
+"""Development sessions: ``nox -s tests lint typecheck`` is what CI runs (see .ci/run)."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_existing_virtualenvs = True
+nox.options.sessions = ["lint", "typecheck", "tests"]
+
+PYPROJECT = nox.project.load_toml("pyproject.toml")
+
+
+def install_group(session: nox.Session, group: str) -> None:
+    session.install(*nox.project.dependency_groups(PYPROJECT, group))
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The test suite, on asyncio and trio."""
+    session.install("-e", ".")
+    install_group(session, "test")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff: lint (with the ASYNC rules) and formatting."""
+    install_group(session, "lint")
+    session.run("ruff", "check", "fiddler_async", "tests", "benchmarks", "noxfile.py")
+    session.run("ruff", "format", "--check", "fiddler_async", "tests", "benchmarks", "noxfile.py")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict on the package and on tests/typing (a file that uses the public API)."""
+    session.install("-e", ".")
+    install_group(session, "typecheck")
+    session.run("mypy")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Publish latency and end-to-end throughput against a loopback sink (prints a table)."""
+    session.install("-e", ".")
+    session.run("python", "-m", "benchmarks.publish", *session.posargs)

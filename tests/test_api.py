@@ -1,0 +1,168 @@
+"""The public surface: names, the exception tree, configuration, and bad input at the caller."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydantic
+import pytest
+
+import fiddler_async
+from fiddler_async import (
+    AsyncPublisher,
+    ConfigurationError,
+    EventBatchError,
+    EventEncodeError,
+    EventTooLargeError,
+    FiddlerError,
+    PublisherConfig,
+)
+from fiddler_async import exceptions as exceptions_module
+
+from .conftest import bank_event, mock_publisher
+from .fake_fiddler import FakeFiddler
+
+
+def test_public_names_are_sorted_and_exist() -> None:
+    assert fiddler_async.__all__ == sorted(fiddler_async.__all__)
+    for name in fiddler_async.__all__:
+        assert hasattr(fiddler_async, name), name
+
+
+def test_every_exception_descends_from_the_root_and_is_drawn_in_the_tree() -> None:
+    doc = exceptions_module.__doc__ or ""
+    classes = [
+        obj
+        for _, obj in inspect.getmembers(exceptions_module, inspect.isclass)
+        if issubclass(obj, Exception) and obj.__module__ == exceptions_module.__name__
+    ]
+    assert len(classes) > 10
+    for cls in classes:
+        assert issubclass(cls, FiddlerError)
+        assert re.search(rf"\b{cls.__name__}\b", doc), f"{cls.__name__} missing from the tree"
+        assert getattr(fiddler_async, cls.__name__) is cls
+
+
+def test_config_is_frozen_validated_and_documented() -> None:
+    config = PublisherConfig()
+    with pytest.raises(pydantic.ValidationError):
+        config.linger = 1.0  # type: ignore[misc]
+    with pytest.raises(pydantic.ValidationError, match="max_batch_events"):
+        PublisherConfig(max_batch_events=1001)
+    with pytest.raises(pydantic.ValidationError, match="overflow"):
+        PublisherConfig(overflow="drop_everything")  # type: ignore[arg-type]
+    with pytest.raises(pydantic.ValidationError, match="max_queue_bytes"):
+        PublisherConfig(max_batch_bytes=10_000, max_queue_bytes=5_000)
+    with pytest.raises(pydantic.ValidationError, match="lingr"):  # a typo is not ignored
+        PublisherConfig(lingr=1.0)  # type: ignore[call-arg]
+    assert config.model_copy(update={"linger": 2.0}).linger == 2.0
+    # The README's configuration table lists every knob with its default.
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    for name, field in PublisherConfig.model_fields.items():
+        assert f"`{name}`" in readme, name
+        assert field.default is not None
+
+
+def test_missing_or_bad_url_and_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FIDDLER_URL", raising=False)
+    monkeypatch.delenv("FIDDLER_TOKEN", raising=False)
+    with pytest.raises(ConfigurationError, match="FIDDLER_URL"):
+        AsyncPublisher()
+    with pytest.raises(ConfigurationError, match="FIDDLER_TOKEN"):
+        AsyncPublisher("https://acme.fiddler.ai")
+    with pytest.raises(ConfigurationError, match="http"):
+        AsyncPublisher("ftp://acme.fiddler.ai", "t")
+
+
+def test_the_token_never_appears_in_repr() -> None:
+    pub = AsyncPublisher("https://acme.fiddler.ai", "s3cr3t-token")
+    assert "s3cr3t" not in repr(pub)
+    assert "acme.fiddler.ai" in repr(pub)
+
+
+anyio = pytest.mark.anyio
+
+
+@anyio
+async def test_bad_events_raise_at_the_caller_and_queue_nothing(fake: FakeFiddler) -> None:
+    async with mock_publisher(fake, max_batch_bytes=2048) as pub:
+        with pytest.raises(EventEncodeError, match=r"'features\.vector\[1\]'") as info:
+            pub.publish_event_nowait(
+                "bank_churn", "bank_churn", {"features": {"vector": [1, object()]}}
+            )
+        assert isinstance(info.value, TypeError)
+        with pytest.raises(EventEncodeError, match="mapping"):
+            await pub.publish_event("bank_churn", "bank_churn", [1, 2])  # type: ignore[arg-type]
+        with pytest.raises(EventTooLargeError, match="max_batch_bytes"):
+            pub.publish_event_nowait("bank_churn", "bank_churn", {"text": "x" * 4096})
+        with pytest.raises(EventEncodeError, match="event_timestamp"):
+            pub.publish_event_nowait("bank_churn", "bank_churn", {}, event_timestamp="noon")
+        with pytest.raises(EventEncodeError, match="event_id"):
+            pub.publish_event_nowait("bank_churn", "bank_churn", {}, event_id=["x"])  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError, match="env_type"):
+            pub.publish_event_nowait("bank_churn", "bank_churn", {}, env_type="STAGING")
+        with pytest.raises(ConfigurationError, match="env_name"):
+            pub.publish_event_nowait("bank_churn", "bank_churn", {}, env_type="PRE_PRODUCTION")
+        with pytest.raises(ConfigurationError, match="model_id"):
+            pub.publish_event_nowait("bank_churn", "", {})
+        stats = pub.stats()
+        assert (stats.accepted, stats.queued_events) == (0, 0)
+        # The publisher goes on working.
+        pub.publish_event_nowait("bank_churn", "bank_churn", bank_event())
+        assert (await pub.flush(5)).delivered == 1
+
+
+@anyio
+async def test_a_batch_with_bad_events_names_each_and_queues_nothing(fake: FakeFiddler) -> None:
+    events = [bank_event(i) for i in range(10)]
+    events[3]["age"] = object()
+    events[7]["balance"] = {1, object()}
+    async with mock_publisher(fake) as pub:
+        with pytest.raises(EventBatchError) as info:
+            await pub.publish_events_batch("bank_churn", "bank_churn", events)
+        assert sorted(info.value.errors) == [3, 7]
+        assert "events[3]" in str(info.value)
+        assert info.value.errors[3].field == "age"  # type: ignore[attr-defined]
+        assert pub.stats().accepted == 0
+        with pytest.raises(fiddler_async.EventError, match="event_ids has 1 values"):
+            await pub.publish_events_batch(
+                "bank_churn", "bank_churn", [bank_event()] * 2, event_ids=["a"]
+            )
+
+
+@anyio
+async def test_a_dataframe_batch(fake: FakeFiddler) -> None:
+    frame = pd.DataFrame([bank_event(i) for i in range(5)])
+    frame["age"] = frame["age"].astype(np.int64)
+    frame["when"] = pd.Timestamp("2024-01-01 13:00")
+    frame.loc[2, "balance"] = np.nan
+    async with mock_publisher(fake) as pub:
+        ids = await pub.publish_events_batch(
+            "bank_churn", "bank_churn", frame, event_ids=[f"row{i}" for i in range(5)]
+        )
+        assert ids == [f"row{i}" for i in range(5)]
+        await pub.flush(5)
+    stored = fake.stored()
+    assert [e["event_id"] for e in stored] == ids
+    assert stored[2]["balance"] is None
+    assert stored[0]["age"] == 30
+    assert stored[0]["when"] == "2024-01-01 13:00:00"
+
+
+@anyio
+async def test_batch_updates_take_ids_from_the_id_column(fake: FakeFiddler) -> None:
+    async with mock_publisher(fake) as pub:
+        ids = await pub.publish_events_batch(
+            "bank_churn", "bank_churn", [bank_event(i) for i in range(3)]
+        )
+        targets = [{"event_id": eid, "churn": "yes"} for eid in ids]
+        assert (
+            await pub.publish_events_batch("bank_churn", "bank_churn", targets, update_event=True)
+            == ids
+        )
+        await pub.flush(5)
+    assert fake.stored("PATCH") == [{"__model": "bank_churn", **t} for t in targets]

@@ -1,0 +1,160 @@
+"""The bounded queue: every overflow policy, both bounds, and counts that add up."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from fiddler_async import AsyncPublisher, QueueFullError
+
+from .conftest import bank_event, eventually, loopback_publisher, mock_publisher
+from .fake_fiddler import FakeFiddler, Fault
+
+pytestmark = pytest.mark.anyio
+
+# With linger this long and batches larger than the queue, nothing leaves the queue on its own.
+HELD = {"linger": 3600, "max_queue_events": 10, "max_batch_events": 1000}
+
+
+def customers(fake: FakeFiddler) -> list[str]:
+    return [e["customer_id"] for e in fake.stored()]
+
+
+def assert_adds_up(pub: AsyncPublisher) -> None:
+    s = pub.stats()
+    assert s.accepted == s.delivered + s.failed + s.dropped_total + s.pending
+
+
+async def test_drop_oldest_keeps_the_newest(fake: FakeFiddler) -> None:
+    async with mock_publisher(fake, overflow="drop_oldest", **HELD) as pub:
+        for i in range(15):
+            pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(i))
+        stats = pub.stats()
+        assert (stats.accepted, stats.queued_events, stats.dropped) == (15, 10, {"queue_full": 5})
+        assert_adds_up(pub)
+        result = await pub.flush(5)
+    assert (result.delivered, result.dropped) == (10, 0)  # the flush began after the drops
+    assert customers(fake) == [f"c{i}" for i in range(5, 15)]
+
+
+async def test_drop_newest_keeps_the_oldest(fake: FakeFiddler) -> None:
+    async with mock_publisher(fake, overflow="drop_newest", **HELD) as pub:
+        for i in range(15):
+            pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(i))
+        assert pub.stats().dropped == {"queue_full": 5}
+        assert_adds_up(pub)
+        await pub.flush(5)
+    assert customers(fake) == [f"c{i}" for i in range(10)]
+
+
+async def test_raise_refuses_at_the_caller(fake: FakeFiddler) -> None:
+    async with mock_publisher(fake, overflow="raise", **HELD) as pub:
+        for i in range(10):
+            pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(i))
+        with pytest.raises(QueueFullError, match="bound hit: events"):
+            pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(10))
+        with pytest.raises(QueueFullError):
+            await pub.publish_event("bank_churn", "bank_churn", bank_event(11))
+        with pytest.raises(QueueFullError, match="none queued"):
+            await pub.publish_events_batch("bank_churn", "bank_churn", [bank_event(12)])
+        stats = pub.stats()
+        assert (stats.accepted, stats.rejected, stats.dropped) == (10, 3, {})
+        assert_adds_up(pub)
+        await pub.flush(5)
+    assert customers(fake) == [f"c{i}" for i in range(10)]
+
+
+async def test_the_byte_bound_applies_too(fake: FakeFiddler) -> None:
+    async with mock_publisher(
+        fake, overflow="drop_oldest", linger=3600, max_queue_bytes=4096, max_batch_bytes=4096
+    ) as pub:
+        for i in range(40):
+            pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(i))
+        stats = pub.stats()
+        assert stats.queued_bytes <= 4096
+        assert set(stats.dropped) == {"queue_bytes"}
+        assert stats.dropped["queue_bytes"] + stats.queued_events == 40
+        assert_adds_up(pub)
+        await pub.flush(5)
+    kept = customers(fake)
+    assert kept == [f"c{i}" for i in range(40 - len(kept), 40)]
+
+
+async def test_block_waits_for_room_then_times_out(fake: FakeFiddler, loopback: str) -> None:
+    fake.script(Fault(hang=True))  # the first request hangs, so the queue cannot drain
+    async with loopback_publisher(
+        loopback,
+        overflow="block",
+        block_timeout=0.2,
+        max_queue_events=5,
+        max_batch_events=5,
+        max_in_flight=1,
+        linger=3600,
+    ) as pub:
+        for i in range(5):  # a full batch: taken and sent (and hanging)
+            await pub.publish_event("bank_churn", "bank_churn", bank_event(i))
+        await eventually(lambda: pub.stats().in_flight_requests == 1)
+        for i in range(5, 10):  # fills the queue again while the one request hangs
+            await pub.publish_event("bank_churn", "bank_churn", bank_event(i))
+        with anyio.fail_after(5):
+            with pytest.raises(QueueFullError, match=r"after waiting 0\.2 s"):
+                await pub.publish_event("bank_churn", "bank_churn", bank_event(10))
+        # The nowait form cannot wait: under `block` it refuses at once.
+        with pytest.raises(QueueFullError):
+            pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(11))
+        assert pub.stats().rejected == 2
+        assert_adds_up(pub)
+        await pub.aclose(0.5)
+
+
+async def test_block_proceeds_when_room_appears(fake: FakeFiddler) -> None:
+    async with mock_publisher(
+        fake, overflow="block", block_timeout=30, max_queue_events=5, linger=3600
+    ) as pub:
+        for i in range(5):
+            await pub.publish_event("bank_churn", "bank_churn", bank_event(i))
+        async with anyio.create_task_group() as tg:
+            done = anyio.Event()
+
+            async def blocked() -> None:
+                await pub.publish_event("bank_churn", "bank_churn", bank_event(5))
+                done.set()
+
+            tg.start_soon(blocked)
+            await anyio.sleep(0.05)
+            assert not done.is_set()  # waiting for room, not dropped
+            await pub.flush(5)  # drains the queue, making room
+            with anyio.fail_after(5):
+                await done.wait()
+        await pub.flush(5)
+        assert pub.stats().dropped == {}
+    assert customers(fake) == [f"c{i}" for i in range(6)]
+
+
+async def test_a_caller_cancelled_while_blocked_leaves_the_queue_intact(
+    fake: FakeFiddler,
+) -> None:
+    async with mock_publisher(
+        fake, overflow="block", block_timeout=30, max_queue_events=3, linger=3600
+    ) as pub:
+        for i in range(3):
+            await pub.publish_event("bank_churn", "bank_churn", bank_event(i))
+        with anyio.move_on_after(0.05) as scope:
+            await pub.publish_event("bank_churn", "bank_churn", bank_event(99))
+        assert scope.cancelled_caught
+        stats = pub.stats()
+        assert (stats.accepted, stats.queued_events, stats.rejected) == (3, 3, 0)
+        assert_adds_up(pub)
+        await pub.flush(5)
+    assert customers(fake) == ["c0", "c1", "c2"]
+
+
+async def test_drops_are_logged_once_per_interval(
+    fake: FakeFiddler, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with mock_publisher(fake, overflow="drop_newest", log_interval=3600, **HELD) as pub:
+        for i in range(1000):
+            pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(i))
+        assert pub.stats().dropped == {"queue_full": 990}
+    drop_lines = [r for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(drop_lines) == 1

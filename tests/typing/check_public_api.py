@@ -1,0 +1,64 @@
+"""Never run: mypy --strict checks that the public API reads well to a type checker.
+
+(pytest does not collect it: the name does not start with ``test_``.)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from fiddler_async import (
+    APIError,
+    AsyncPublisher,
+    DeliveryFailure,
+    ErrorReason,
+    FiddlerError,
+    FlushResult,
+    ModelInfo,
+    PublisherConfig,
+    StatsSnapshot,
+)
+
+
+async def on_error(failure: DeliveryFailure) -> None:
+    error: BaseException = failure.error
+    ids: tuple[str | None, ...] = failure.event_ids
+    del error, ids
+
+
+def on_error_sync(failure: DeliveryFailure) -> None:
+    del failure
+
+
+async def use() -> None:
+    config = PublisherConfig(linger=0.1, overflow="block", max_in_flight=2)
+    async with AsyncPublisher("https://acme.fiddler.ai", "token", config=config) as pub:
+        event_id: str = pub.publish_event_nowait("p", "m", {"x": 1})
+        same: str = await pub.publish_event(
+            "p",
+            "m",
+            {"churn": 1},
+            event_id=event_id,
+            update_event=True,
+            event_timestamp=dt.datetime.now(dt.timezone.utc),
+        )
+        ids: list[str] = await pub.publish_events_batch("p", "m", [{"x": 1}, {"x": 2}])
+        info: ModelInfo = await pub.resolve("p", "m")
+        result: FlushResult = await pub.flush(timeout=5)
+        complete: bool = result.complete
+        stats: StatsSnapshot = pub.stats()
+        total: int = stats.dropped_total + stats.pending
+        del same, ids, info, complete, total
+
+    other = AsyncPublisher(on_error=on_error)
+    third = AsyncPublisher(on_error=on_error_sync)
+    await other.start()
+    closed: FlushResult = await other.aclose(timeout=1.0)
+    del closed, third
+
+
+def describe(error: FiddlerError) -> str:
+    if isinstance(error, APIError):
+        reasons: tuple[ErrorReason, ...] = error.reasons
+        return f"{error.status} {error.code} {error.message} {reasons} {error.retry_after}"
+    return str(error)
