@@ -169,3 +169,16 @@ def test_backoff_is_full_jitter_capped_and_retry_after_is_capped() -> None:
     assert all(5.0 <= policy.backoff(1, told) <= 5.5 for _ in range(100))
     too_long = RateLimitedError("x", status=429, retry_after=3600.0)
     assert all(20.0 <= policy.backoff(1, too_long) <= 21.0 for _ in range(100))
+
+
+async def test_a_timed_out_request_is_retried(fake: FakeFiddler, loopback: str) -> None:
+    fake.script(Fault(hang=True))
+    async with loopback_publisher(loopback, request_timeout=0.2) as pub:
+        pub.publish_event_nowait("bank_churn", "bank_churn", bank_event())
+        result = await pub.flush(10)
+        stats = pub.stats()
+    assert result.delivered == 1
+    assert stats.responses["Timeout"] == 1
+    assert stats.last_error is not None
+    assert "timed out" in stats.last_error
+    assert retry_headers(fake) == [None, "1"]
