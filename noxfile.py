@@ -18,7 +18,7 @@ def install_group(session: nox.Session, group: str) -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     """The test suite, on asyncio and trio."""
-    session.install("-e", ".")
+    session.install("-e", ".[cli,parquet]")
     install_group(session, "test")
     session.run("pytest", *session.posargs)
 
@@ -34,7 +34,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on the package and on tests/typing (a file that uses the public API)."""
-    session.install("-e", ".")
+    session.install("-e", ".[cli]")
     install_group(session, "typecheck")
     session.run("mypy")
 

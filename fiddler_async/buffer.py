@@ -37,14 +37,27 @@ Item = tuple[int, bytes, Fixup | None]
 class Lane:
     """The queued events of one destination, oldest first."""
 
-    __slots__ = ("bytes", "dest", "items", "since")
+    __slots__ = ("after", "bytes", "dest", "in_flight", "items", "since")
 
-    def __init__(self, dest: Destination) -> None:
+    def __init__(self, dest: Destination, after: Lane | None = None) -> None:
         self.dest = dest
         self.items: deque[Item] = deque()
         self.bytes = 0
         self.since: float | None = None
         """When the oldest event still waiting here was queued (monotonic), None when empty."""
+        self.in_flight: list[int] = []
+        """The first sequence number of each batch of this lane being sent."""
+        self.after = after
+        """For an update lane, the insert lane of the same model and environment: an update
+        is not sent while an insert accepted before it is still queued or in flight, so that
+        it never reaches the server ahead of the event it joins."""
+
+    def holds_before(self, seq: int) -> bool:
+        """Whether an event accepted before ``seq`` is still queued or in flight here."""
+        return bool(self.items and self.items[0][0] < seq) or any(s < seq for s in self.in_flight)
+
+    def blocked(self) -> bool:
+        return self.after is not None and self.after.holds_before(self.items[0][0])
 
 
 class EventBuffer:
@@ -54,7 +67,7 @@ class EventBuffer:
         self._config = config
         self._ledger = ledger
         self._warn = warn
-        self._lanes: dict[Destination, Lane] = {}
+        self._lanes: dict[tuple[int, str, str | None, bool], Lane] = {}
         self.events = 0
         self.bytes = 0
         self._wakeup: anyio.Event | None = None
@@ -66,9 +79,14 @@ class EventBuffer:
         self._batch_bytes = config.max_batch_bytes
 
     def lane(self, dest: Destination) -> Lane:
-        lane = self._lanes.get(dest)
+        """The lane of ``dest`` (one per model, environment, and insert or update)."""
+        key = (id(dest.model), dest.env_type, dest.env_name, dest.update)
+        lane = self._lanes.get(key)
         if lane is None:
-            lane = self._lanes[dest] = Lane(dest)
+            inserts = None
+            if dest.update:
+                inserts = self.lane(Destination(dest.model, dest.env_type, dest.env_name, False))
+            lane = self._lanes[key] = Lane(dest, after=inserts)
         return lane
 
     # The caller's side
@@ -195,7 +213,7 @@ class EventBuffer:
         linger = self._config.linger
         chosen: Lane | None = None
         for lane in self._lanes.values():
-            if not lane.items:
+            if not lane.items or lane.blocked():
                 continue
             if len(lane.items) >= self._batch_events or lane.bytes >= self._batch_bytes:
                 return lane
@@ -204,8 +222,13 @@ class EventBuffer:
         return chosen
 
     def seconds_to_next_linger(self, now: float) -> float:
-        """Time until the earliest lane's linger expires; infinity when nothing is queued."""
-        starts = [lane.since for lane in self._lanes.values() if lane.since is not None]
+        """Time until the earliest linger expires among lanes free to send; infinity if none.
+        (A blocked update lane is woken by :meth:`sent` when the inserts before it are.)"""
+        starts = [
+            lane.since
+            for lane in self._lanes.values()
+            if lane.since is not None and not lane.blocked()
+        ]
         if not starts:
             return math.inf
         return max(0.0, min(starts) + self._config.linger - now)
@@ -223,7 +246,15 @@ class EventBuffer:
             batch.append(items.popleft())
             size += next_size
         self._forget(lane, batch)
+        if batch:
+            lane.in_flight.append(batch[0][0])
         return batch
+
+    def sent(self, lane: Lane, batch: list[Item]) -> None:
+        """A batch taken from ``lane`` is settled (whatever its outcome)."""
+        if batch:
+            lane.in_flight.remove(batch[0][0])
+            self.wake()  # an update lane may have been waiting for it
 
     def take_all(self) -> list[Item]:
         """Empty the queue (at the close deadline), returning what was in it."""

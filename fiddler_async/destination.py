@@ -32,7 +32,11 @@ class ModelInfo:
     event_id_col: str | None = None
     event_ts_col: str | None = None
     event_ts_format: str | None = None
-    columns: tuple[str, ...] = ()
+    columns: tuple[tuple[str, str], ...] = ()
+    """The schema's columns: (name, data type), in order."""
+    inputs: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()
 
     # Computed once per model, for the publish path: `"column":` prefixes and the time format.
     @cached_property

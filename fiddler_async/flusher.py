@@ -22,7 +22,7 @@ import anyio.abc
 import orjson
 
 from ._logging import logger
-from .buffer import EventBuffer, Item
+from .buffer import EventBuffer, Item, Lane
 from .config import PublisherConfig
 from .destination import Destination
 from .exceptions import FiddlerError
@@ -136,10 +136,10 @@ class Flusher:
         batch = buffer.take_batch(lane)
         self.in_flight_requests += 1
         self.in_flight_events += len(batch)
-        tg.start_soon(self._deliver, lane.dest, batch)
+        tg.start_soon(self._deliver, lane, batch)
 
-    async def _deliver(self, dest: Destination, batch: list[Item]) -> None:
-        ledger = self._ledger
+    async def _deliver(self, lane: Lane, batch: list[Item]) -> None:
+        ledger, dest = self._ledger, lane.dest
         failures: list[DeliveryFailure] = []
         try:
             failed = await self._exporter.export(dest, batch)
@@ -164,6 +164,7 @@ class Flusher:
             # Settled and no longer in flight in the same step, so stats always add up.
             self.in_flight_requests -= 1
             self.in_flight_events -= len(batch)
+            self._buffer.sent(lane, batch)
             self._slots.release()
         for failure in failures:
             await self._report(failure)

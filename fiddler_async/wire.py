@@ -193,8 +193,9 @@ def parse_model(data: Mapping[str, Any]) -> ModelInfo:
     """The publisher's view of a ``GET /v3/models/{id}`` answer's ``data``."""
     project = data.get("project") or {}
     schema = data.get("schema") or {}
+    spec = data.get("spec") or {}
     columns = tuple(
-        str(column["name"])
+        (str(column["name"]), str(column.get("data_type") or ""))
         for column in schema.get("columns") or ()
         if isinstance(column, dict) and "name" in column
     )
@@ -208,6 +209,9 @@ def parse_model(data: Mapping[str, Any]) -> ModelInfo:
         event_ts_col=data.get("event_ts_col") or None,
         event_ts_format=data.get("event_ts_format") or None,
         columns=columns,
+        inputs=tuple(spec.get("inputs") or ()),
+        outputs=tuple(spec.get("outputs") or ()),
+        targets=tuple(spec.get("targets") or ()),
     )
 
 

@@ -7,8 +7,9 @@ import anyio
 import pytest
 
 from fiddler_async import AsyncPublisher, PublisherConfig
+from fiddler_async.emulator import Emulator, running_emulator
 
-from .fake_fiddler import TOKEN, FakeFiddler, serve
+from .fake_fiddler import MODELS, TOKEN, InProcessFiddler
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -17,15 +18,16 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def fake() -> FakeFiddler:
-    return FakeFiddler()
+def inproc() -> InProcessFiddler:
+    """The emulator's app in-process, behind httpx.MockTransport."""
+    return InProcessFiddler()
 
 
 @pytest.fixture
-def loopback(fake: FakeFiddler) -> Iterator[str]:
-    """The fake served over real HTTP on a loopback port."""
-    with serve(fake) as url:
-        yield url
+def fiddler() -> Iterator[Emulator]:
+    """The emulator on a loopback port (real HTTP), serving tests/models.toml."""
+    with running_emulator(models=MODELS, token=TOKEN) as emulator:
+        yield emulator
 
 
 # Tests should not wait on the real backoff: small, but still jittered and exponential.
@@ -36,22 +38,31 @@ def config(**changes: Any) -> PublisherConfig:
     return PublisherConfig(**{**FAST_RETRY, **changes})
 
 
-def mock_publisher(fake: FakeFiddler, **changes: Any) -> AsyncPublisher:
-    """A publisher talking to ``fake`` through httpx.MockTransport."""
+def mock_publisher(inproc: InProcessFiddler, **changes: Any) -> AsyncPublisher:
+    """A publisher talking to the in-process emulator through httpx.MockTransport."""
     on_error = changes.pop("on_error", None)
     return AsyncPublisher(
         "https://fiddler.test",
         TOKEN,
         config=config(**changes),
-        transport=fake.mock_transport(),
+        transport=inproc.transport(),
         on_error=on_error,
     )
 
 
-def loopback_publisher(url: str, **changes: Any) -> AsyncPublisher:
-    """A publisher talking to the fake over real HTTP."""
+def loopback_publisher(emulator: Emulator, **changes: Any) -> AsyncPublisher:
+    """A publisher talking to the emulator over real HTTP."""
     on_error = changes.pop("on_error", None)
-    return AsyncPublisher(url, TOKEN, config=config(**changes), on_error=on_error)
+    return AsyncPublisher(emulator.url, TOKEN, config=config(**changes), on_error=on_error)
+
+
+def publishes(emulator: Emulator) -> list[dict[str, Any]]:
+    """The emulator's log of POST/PATCH /v3/events requests, oldest first."""
+    return [r for r in emulator.requests() if r["path"] == "/v3/events"]
+
+
+def retry_headers(emulator: Emulator) -> list[str | None]:
+    return [r["headers"].get("x-fiddler-client-retry") for r in publishes(emulator)]
 
 
 async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -62,7 +73,7 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> No
 
 
 def bank_event(i: int = 0) -> dict[str, Any]:
-    """One bank-churn event (the seed's 12 fields but the id and time)."""
+    """One bank-churn event: the 12 fields of the seed, without id and time."""
     return {
         "customer_id": f"c{i}",
         "creditscore": 600 + i % 200,

@@ -27,16 +27,16 @@ from fiddler_async import (
 from fiddler_async.wire import error_from_response, parse_retry_after
 
 from .conftest import bank_event, eventually, mock_publisher
-from .fake_fiddler import FakeFiddler
+from .fake_fiddler import InProcessFiddler, body
 
 pytestmark = pytest.mark.anyio
 
 
-async def test_request_headers_and_body(fake: FakeFiddler) -> None:
-    async with mock_publisher(fake) as pub:
+async def test_request_headers_and_body(inproc: InProcessFiddler) -> None:
+    async with mock_publisher(inproc) as pub:
         eid = pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(1))
         assert (await pub.flush(5)).complete
-    (request,) = fake.event_requests()
+    (request,) = inproc.event_requests()
     assert request.method == "POST"
     headers = request.headers
     assert headers["authorization"] == "Bearer test-token"
@@ -45,24 +45,21 @@ async def test_request_headers_and_body(fake: FakeFiddler) -> None:
     assert headers["x-fiddler-python-version"] == platform.python_version()
     assert headers["content-type"] == "application/json"
     assert "x-fiddler-client-retry" not in headers
-    body = request.json()
-    model = next(iter(fake.models.values()))
-    assert body["model_id"] == model["id"]
-    assert body["env_type"] == "PRODUCTION"
-    assert body["env_name"] is None
-    assert body["source"]["type"] == "EVENTS"
-    (event,) = body["source"]["events"]
+    sent = body(request)
+    assert sent["model_id"] == inproc.model_id()
+    assert sent["env_type"] == "PRODUCTION"
+    assert sent["env_name"] is None
+    assert sent["source"]["type"] == "EVENTS"
+    (event,) = sent["source"]["events"]
     assert event["event_id"] == eid
     assert isinstance(event["timestamp"], int)  # the publish time, in epoch ms
     assert {k: v for k, v in event.items() if k not in ("event_id", "timestamp")} == bank_event(1)
 
 
-async def test_event_id_and_timestamp_go_into_the_models_columns(fake: FakeFiddler) -> None:
-    fake.add_model(
-        "p", "m", event_id_col="row_id", event_ts_col="at", event_ts_format="%Y-%m-%d %H:%M:%S"
-    )
+async def test_event_id_and_timestamp_go_into_the_models_columns(inproc: InProcessFiddler) -> None:
+    # tests/models.toml: model p/m keeps its id in "row_id" and its time in "at" (strftime).
     when = dt.datetime(2024, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
-    async with mock_publisher(fake) as pub:
+    async with mock_publisher(inproc) as pub:
         returned = pub.publish_event_nowait(
             "p", "m", {"x": 1}, event_id="e-1", event_timestamp=when
         )
@@ -73,13 +70,13 @@ async def test_event_id_and_timestamp_go_into_the_models_columns(fake: FakeFiddl
             "p", "m", {"x": 2}, event_id="e-2", event_timestamp=1_704_164_645_000
         )
         await pub.flush(5)
-    first, second = fake.stored()
-    assert first == {"__model": "m", "row_id": "e-1", "at": "2024-01-02 03:04:05", "x": 1}
-    assert second == {"__model": "m", "row_id": "e-2", "at": "2024-01-02 03:04:05", "x": 2}
+    first, second = inproc.stored("p", "m")
+    assert first == {"row_id": "e-1", "at": "2024-01-02 03:04:05", "x": 1}
+    assert second == {"row_id": "e-2", "at": "2024-01-02 03:04:05", "x": 2}
 
 
-async def test_an_id_the_event_carries_is_kept(fake: FakeFiddler) -> None:
-    async with mock_publisher(fake) as pub:
+async def test_an_id_the_event_carries_is_kept(inproc: InProcessFiddler) -> None:
+    async with mock_publisher(inproc) as pub:
         info = await pub.resolve("bank_churn", "bank_churn")
         assert info.event_id_col == "event_id"
         returned = pub.publish_event_nowait(
@@ -91,28 +88,28 @@ async def test_an_id_the_event_carries_is_kept(fake: FakeFiddler) -> None:
         )
         assert overridden == "new"
         await pub.flush(5)
-    assert [e["event_id"] for e in fake.stored()] == ["mine", "new"]
+    assert [e["event_id"] for e in inproc.stored()] == ["mine", "new"]
 
 
-async def test_update_is_a_patch_keyed_by_the_id_column(fake: FakeFiddler) -> None:
-    async with mock_publisher(fake) as pub:
+async def test_update_is_a_patch_keyed_by_the_id_column(inproc: InProcessFiddler) -> None:
+    async with mock_publisher(inproc) as pub:
         eid = await pub.publish_event("bank_churn", "bank_churn", bank_event())
         await pub.publish_event(
             "bank_churn", "bank_churn", {"churn": "yes"}, event_id=eid, update_event=True
         )
         assert (await pub.flush(5)).delivered == 2
-    insert, update = fake.event_requests()
+    insert, update = inproc.event_requests()
     assert insert.method == "POST"
     assert update.method == "PATCH"
     # The update carries the id and the new column, and no publish time (that would move
     # the time of the event it joins).
-    assert update.json()["source"]["events"] == [{"event_id": eid, "churn": "yes"}]
+    assert body(update)["source"]["events"] == [{"event_id": eid, "churn": "yes"}]
 
 
 async def test_update_without_id_before_resolution_is_refused_at_the_caller(
-    fake: FakeFiddler,
+    inproc: InProcessFiddler,
 ) -> None:
-    async with mock_publisher(fake) as pub:
+    async with mock_publisher(inproc) as pub:
         with pytest.raises(SchemaMismatchError, match="event_id"):
             pub.publish_event_nowait("bank_churn", "bank_churn", {"churn": 1}, update_event=True)
         await pub.resolve("bank_churn", "bank_churn")
@@ -126,10 +123,9 @@ async def test_update_without_id_before_resolution_is_refused_at_the_caller(
         assert pub.stats().accepted == 1
 
 
-async def test_explicit_id_for_a_model_without_id_column(fake: FakeFiddler) -> None:
-    fake.add_model("p", "noid", event_id_col=None, event_ts_col=None)
+async def test_explicit_id_for_a_model_without_id_column(inproc: InProcessFiddler) -> None:
     failures: list[DeliveryFailure] = []
-    async with mock_publisher(fake, on_error=failures.append) as pub:
+    async with mock_publisher(inproc, on_error=failures.append) as pub:
         # Not resolved yet: accepted, then refused alone when the schema is known.
         pub.publish_event_nowait("p", "noid", {"x": 1}, event_id="e1")
         pub.publish_event_nowait("p", "noid", {"x": 2})
@@ -144,36 +140,35 @@ async def test_explicit_id_for_a_model_without_id_column(fake: FakeFiddler) -> N
     assert isinstance(failure.error, SchemaMismatchError)
     assert failure.event_ids == ("e1",)
     assert failure.events() == [{"x": 1}]
-    assert fake.stored() == [{"__model": "noid", "x": 2}]
+    assert inproc.stored("p", "noid") == [{"x": 2}]
 
 
-async def test_names_are_resolved_once_and_cached(fake: FakeFiddler) -> None:
-    async with mock_publisher(fake, max_batch_events=100) as pub:
+async def test_names_are_resolved_once_and_cached(inproc: InProcessFiddler) -> None:
+    async with mock_publisher(inproc, max_batch_events=100) as pub:
         for i in range(1000):
             pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(i))
         pub.publish_event_nowait(
             "bank_churn", "bank_churn", {"churn": 1}, event_id="x", update_event=True
         )
         assert (await pub.flush(5)).delivered == 1001
-    paths = [r.path for r in fake.lookups()]
-    model_id = next(iter(fake.models))
-    assert paths == ["/v3/projects", "/v3/models", f"/v3/models/{model_id}"]
-    projects = fake.lookups()[0]
+    paths = [r.url.path for r in inproc.lookups()]
+    assert paths == ["/v3/projects", "/v3/models", f"/v3/models/{inproc.model_id()}"]
+    projects = inproc.lookups()[0]
     assert projects.headers["authorization"] == "Bearer test-token"
-    assert len(fake.event_requests()) == 11
+    assert len(inproc.event_requests()) == 11
 
 
-async def test_model_uuid_is_accepted(fake: FakeFiddler) -> None:
-    model_id = next(iter(fake.models))
-    async with mock_publisher(fake) as pub:
+async def test_model_uuid_is_accepted(inproc: InProcessFiddler) -> None:
+    model_id = inproc.model_id()
+    async with mock_publisher(inproc) as pub:
         pub.publish_event_nowait("bank_churn", model_id, bank_event())
         assert (await pub.flush(5)).delivered == 1
-    assert [r.path for r in fake.lookups()] == [f"/v3/models/{model_id}"]
+    assert [r.url.path for r in inproc.lookups()] == [f"/v3/models/{model_id}"]
 
 
-async def test_unknown_names_fail_with_not_found(fake: FakeFiddler) -> None:
+async def test_unknown_names_fail_with_not_found(inproc: InProcessFiddler) -> None:
     failures: list[DeliveryFailure] = []
-    async with mock_publisher(fake, on_error=failures.append) as pub:
+    async with mock_publisher(inproc, on_error=failures.append) as pub:
         with pytest.raises(NotFoundError, match="project 'nope' not found"):
             await pub.resolve("nope", "bank_churn")
         with pytest.raises(NotFoundError, match="model 'nope' not found"):
@@ -185,23 +180,22 @@ async def test_unknown_names_fail_with_not_found(fake: FakeFiddler) -> None:
     assert failures[0].model == "nope"
 
 
-async def test_api_error_body_is_parsed_into_the_exception(fake: FakeFiddler) -> None:
-    fake.reject_if = lambda event: (
-        "column 'age' must be an int" if event.get("age") == "x" else None
-    )
+async def test_api_error_body_is_parsed_into_the_exception(inproc: InProcessFiddler) -> None:
     failures: list[DeliveryFailure] = []
-    async with mock_publisher(fake, on_error=failures.append) as pub:
+    async with mock_publisher(inproc, on_error=failures.append) as pub:
         pub.publish_event_nowait("bank_churn", "bank_churn", {**bank_event(), "age": "x"})
         result = await pub.flush(5)
         stats = pub.stats()
     assert result.failed == 1
     error = failures[0].error
     assert isinstance(error, BadRequestError)
-    assert (error.status, error.code, error.message) == (400, 400, "column 'age' must be an int")
-    assert error.reasons[0].reason == "BadRequest"
+    assert (error.status, error.code) == (400, 400)
+    assert "events[0].age: expected int, got str 'x'" in error.message
+    assert error.reasons[0].reason == "ValidationError"
+    assert "events[0].age" in error.reasons[0].message
     assert stats.responses == {"200": 3, "400": 1}
     assert stats.last_error is not None
-    assert "column 'age' must be an int" in stats.last_error
+    assert "events[0].age" in stats.last_error
 
 
 def test_error_parsing_without_an_envelope() -> None:
@@ -231,21 +225,21 @@ def test_retry_after_forms() -> None:
     assert parse_retry_after("-4") == 0.0
 
 
-async def test_numpy_values_arrive_as_numbers(fake: FakeFiddler) -> None:
-    async with mock_publisher(fake) as pub:
+async def test_numpy_values_arrive_as_numbers(inproc: InProcessFiddler) -> None:
+    async with mock_publisher(inproc) as pub:
         await pub.publish_event(
             "bank_churn",
             "bank_churn",
-            {"age": np.int64(41), "balance": np.float32(0.5), "score": float("nan")},
+            {"age": np.int64(41), "balance": np.float32(0.5), "churn": float("nan")},
         )
         await pub.flush(5)
-    (event,) = fake.stored()
-    assert (event["age"], event["balance"], event["score"]) == (41, 0.5, None)
+    (event,) = inproc.stored()
+    assert (event["age"], event["balance"], event["churn"]) == (41, 0.5, None)
 
 
-async def test_event_is_captured_at_publish_time(fake: FakeFiddler) -> None:
+async def test_event_is_captured_at_publish_time(inproc: InProcessFiddler) -> None:
     event: dict[str, Any] = {"age": 40, "tags": ["a"], "nested": {"k": 1}}
-    async with mock_publisher(fake, linger=60) as pub:
+    async with mock_publisher(inproc, linger=60) as pub:
         pub.publish_event_nowait("bank_churn", "bank_churn", event, event_id="e")
         event["age"] = 99
         event["tags"].append("b")
@@ -253,7 +247,7 @@ async def test_event_is_captured_at_publish_time(fake: FakeFiddler) -> None:
         event["new"] = True
         await anyio.lowlevel.checkpoint()
         await pub.flush(5)
-    (stored,) = fake.stored()
+    (stored,) = inproc.stored()
     assert {k: stored[k] for k in ("age", "tags", "nested")} == {
         "age": 40,
         "tags": ["a"],
@@ -262,21 +256,21 @@ async def test_event_is_captured_at_publish_time(fake: FakeFiddler) -> None:
     assert "new" not in stored
 
 
-async def test_pre_production_environment(fake: FakeFiddler) -> None:
-    async with mock_publisher(fake) as pub:
+async def test_pre_production_environment(inproc: InProcessFiddler) -> None:
+    async with mock_publisher(inproc) as pub:
         pub.publish_event_nowait(
             "bank_churn", "bank_churn", bank_event(), env_type="PRE_PRODUCTION", env_name="train"
         )
         await pub.flush(5)
-    body = fake.event_requests()[0].json()
-    assert (body["env_type"], body["env_name"]) == ("PRE_PRODUCTION", "train")
+    sent = body(inproc.event_requests()[0])
+    assert (sent["env_type"], sent["env_name"]) == ("PRE_PRODUCTION", "train")
 
 
-async def test_wait_for_is_not_needed_for_each_publish(fake: FakeFiddler) -> None:
+async def test_wait_for_is_not_needed_for_each_publish(inproc: InProcessFiddler) -> None:
     """publish_event returns before anything is sent: the network happens later."""
-    async with mock_publisher(fake, linger=60) as pub:
+    async with mock_publisher(inproc, linger=60) as pub:
         await pub.publish_event("bank_churn", "bank_churn", bank_event())
-        assert fake.requests == []
+        assert inproc.requests == []
         assert pub.stats().queued_events == 1
         await pub.flush(5)
         await eventually(lambda: pub.stats().delivered == 1)

@@ -1,0 +1,374 @@
+"""The ``fiddler-async`` command: publish files, run the emulator, look at what it holds.
+
+    fiddler-async publish FILE --project P --model M [--update] [--url U --token T]
+    fiddler-async serve [--host H] [--port P] [--token T] [--db FILE] [--models FILE] [faults]
+    fiddler-async inspect [--db FILE | --url U] [--project P --model M] [--events N] [--duplicates]
+
+Without a URL (``--url`` or ``FIDDLER_URL``), ``publish`` starts the emulator in-process and
+stores the events in ``./fiddler-emulator.db``, then says how to look at them.
+Exit status: 0 all delivered; 1 some rows were bad or events were not delivered; 2 nothing could
+be done (a wrong name, an unreachable server, a missing file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from ._version import __version__
+from .config import PublisherConfig
+from .exceptions import FiddlerError, NotFoundError
+from .flusher import DeliveryFailure
+from .publisher import AsyncPublisher
+from .rows import RowError, coerce_row, count_rows, file_format, read_rows
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+__all__ = ["main"]
+
+DEFAULT_DB = "fiddler-emulator.db"
+SHOWN_PROBLEMS = 20
+
+
+class _Fatal(Exception):
+    """Nothing could be published; the message says why."""
+
+
+def _console() -> tuple[Console, Console]:
+    try:
+        from rich.console import Console  # noqa: PLC0415
+    except ImportError:  # pragma: no cover
+        raise _Fatal("this command needs the cli extra: pip install 'fiddler-async[cli]'") from None
+    return Console(soft_wrap=True), Console(stderr=True, soft_wrap=True)
+
+
+def _emulator_module() -> Any:
+    try:
+        from . import emulator  # noqa: PLC0415
+    except ImportError:
+        raise _Fatal(
+            "the emulator needs the server extra: pip install 'fiddler-async[server]'"
+        ) from None
+    return emulator
+
+
+# publish
+
+
+async def _publish(args: argparse.Namespace) -> int:
+    out, err = _console()
+    path = Path(args.file)
+    if not path.is_file():
+        raise _Fatal(f"no such file: {path}")
+    try:
+        fmt = file_format(path)
+    except ValueError as exc:
+        raise _Fatal(str(exc)) from None
+    url = args.url or os.environ.get("FIDDLER_URL")
+    token = args.token or os.environ.get("FIDDLER_TOKEN")
+    async with contextlib.AsyncExitStack() as stack:
+        embedded = None
+        if not url:
+            embedded = await stack.enter_async_context(_emulator_module().emulator(db=args.db))
+            url, token = embedded.url, embedded.token
+            err.print(f"No Fiddler URL given: publishing to an embedded emulator at {url}")
+        if not token:
+            raise _Fatal("no token: pass --token or set FIDDLER_TOKEN")
+        failures: list[DeliveryFailure] = []
+        config = PublisherConfig(overflow="block", block_timeout=args.timeout)
+        pub = await stack.enter_async_context(
+            AsyncPublisher(url, token, config=config, on_error=failures.append)
+        )
+        try:
+            with anyio.fail_after(args.timeout):
+                info = await pub.resolve(args.project, args.model)
+        except NotFoundError as exc:
+            raise _Fatal(f"{exc.message} at {url}") from None
+        except (FiddlerError, TimeoutError) as exc:
+            raise _Fatal(f"cannot use {url}: {exc or 'no answer'}") from None
+        types = dict(info.columns)
+        if args.update:
+            required: tuple[str, ...] = (info.event_id_col,) if info.event_id_col else ()
+        else:
+            required = tuple(c for c in (*info.inputs, *info.outputs) if c in types)
+        started = time.perf_counter()
+        bad, latencies = await _publish_rows(pub, args, path, fmt, types, required, err)
+        result = await pub.flush(args.timeout)
+        seconds = time.perf_counter() - started
+        stats = pub.stats()
+    for problem in bad[:SHOWN_PROBLEMS]:
+        err.print(f"[red]bad row[/red] {problem}", highlight=False)
+    if len(bad) > SHOWN_PROBLEMS:
+        err.print(f"... and {len(bad) - SHOWN_PROBLEMS} more bad rows")
+    for failure in failures[:SHOWN_PROBLEMS]:
+        err.print(f"[red]not delivered[/red] {len(failure.bodies)} event(s): {failure.error}")
+    latencies.sort()
+    p99 = latencies[int(len(latencies) * 0.99)] / 1000 if latencies else 0.0
+    out.print(f"Published {path} to {args.project}/{args.model} at {url}", highlight=False)
+    rows = [
+        ("delivered", f"{stats.delivered:,}"),
+        ("failed", f"{stats.failed:,}"),
+        ("dropped", f"{stats.dropped_total:,}"),
+        ("bad rows", f"{len(bad):,}"),
+        ("seconds", f"{seconds:.2f} ({stats.delivered / max(seconds, 1e-9):,.0f} events/s)"),
+        ("p99 enqueue", f"{p99:.1f} µs"),
+    ]
+    for name, value in rows:
+        out.print(f"  {name:<12} {value}", highlight=False)
+    if embedded is not None:
+        out.print(
+            f"The events went to the embedded Fiddler emulator, stored in {args.db}.\n"
+            f"Look at them:  fiddler-async inspect --db {args.db} --events 5",
+            highlight=False,
+        )
+    complete = result.complete and not stats.failed and not stats.dropped_total
+    return 0 if complete and not bad else 1
+
+
+async def _publish_rows(
+    pub: AsyncPublisher,
+    args: argparse.Namespace,
+    path: Path,
+    fmt: str,
+    types: dict[str, str],
+    required: tuple[str, ...],
+    err: Console,
+) -> tuple[list[RowError], list[int]]:
+    from rich.progress import (  # noqa: PLC0415
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    bad: list[RowError] = []
+    latencies: list[int] = []
+    total = count_rows(path)
+    columns = (
+        TextColumn("[bold]publishing"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[rate]} rows/s"),
+        TimeRemainingColumn(),
+    )
+    clock = time.perf_counter_ns
+    with Progress(*columns, console=err) as progress, open(path, "rb") as stream:
+        task = progress.add_task("publish", total=total, rate="-")
+        begun = time.perf_counter()
+        for count, (line, row) in enumerate(read_rows(stream, fmt), start=1):
+            try:
+                if isinstance(row, RowError):
+                    raise row
+                event = coerce_row(line, row, types, required)
+            except RowError as exc:
+                bad.append(exc)
+            else:
+                t0 = clock()
+                await pub.publish_event(args.project, args.model, event, update_event=args.update)
+                latencies.append(clock() - t0)
+            if count % 500 == 0:
+                rate = count / max(time.perf_counter() - begun, 1e-9)
+                progress.update(task, completed=count, rate=f"{rate:,.0f}")
+                await anyio.lowlevel.checkpoint()
+        progress.update(task, completed=total)
+    return bad, latencies
+
+
+# serve
+
+
+def _faults(args: argparse.Namespace) -> Any:
+    faults = _emulator_module().Faults(
+        error_503=args.error_503,
+        error_429=args.error_429,
+        retry_after=args.retry_after,
+        drop=args.drop,
+        latency=args.latency,
+        spike=args.spike,
+        spike_latency=args.spike_latency,
+        max_body_bytes=args.max_body_bytes,
+        seed=args.seed,
+    )
+    if args.outage:
+        faults.update({"outage_seconds": args.outage})
+    return faults
+
+
+def _serve(args: argparse.Namespace) -> int:
+    emulator = _emulator_module()
+    out, _ = _console()
+    out.print(
+        f"Fiddler emulator on http://{args.host}:{args.port}  (token {args.token!r}, "
+        f"db {args.db}, models {args.models or 'bank_churn (built in)'})\n"
+        f"Point a publisher at it:  FIDDLER_URL=http://{args.host}:{args.port} "
+        f"FIDDLER_TOKEN={args.token}",
+        highlight=False,
+    )
+    emulator.serve_forever(
+        host=args.host,
+        port=args.port,
+        token=args.token,
+        db=args.db,
+        models=args.models,
+        faults=_faults(args),
+        count_only=args.count_only,
+    )
+    return 0
+
+
+# inspect
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    out, _ = _console()
+    if args.url:
+        summary, events, duplicates = _inspect_url(args)
+    else:
+        summary, events, duplicates = _inspect_db(args)
+    for model in summary["models"]:
+        out.print(
+            f"{model['project']}/{model['model']}: {model['events']:,} events, "
+            f"{model['distinct_ids']:,} distinct ids, {model['duplicates']:,} duplicates",
+            highlight=False,
+        )
+    for event in events:
+        out.print(json.dumps(event), highlight=False, soft_wrap=True)
+    for event_id, times in duplicates.items():
+        out.print(f"duplicate {event_id}: stored {times} times", highlight=False)
+    return 0
+
+
+def _inspect_db(args: argparse.Namespace) -> tuple[dict[str, Any], list[Any], dict[str, int]]:
+    emulator = _emulator_module()
+    db = Path(args.db)
+    if not db.is_file():
+        raise _Fatal(f"no emulator database at {db} (publish without --url first, or pass --db)")
+    catalog = emulator.load_catalog(args.models)
+    store = emulator.Store(str(db))
+    try:
+        models = [
+            {
+                "project": m.project,
+                "model": m.name,
+                "events": store.count(m.id),
+                "distinct_ids": store.distinct_ids(m.id),
+                "duplicates": sum(n - 1 for n in store.duplicates(m.id).values()),
+            }
+            for m in catalog.models
+        ]
+        chosen = catalog.find(args.project, args.model) or catalog.models[0]
+        events = store.events(chosen.id, limit=args.events) if args.events else []
+        duplicates = store.duplicates(chosen.id) if args.duplicates else {}
+    finally:
+        store.close()
+    return {"models": models}, events, duplicates
+
+
+def _inspect_url(args: argparse.Namespace) -> tuple[dict[str, Any], list[Any], dict[str, int]]:
+    import httpx  # noqa: PLC0415
+
+    token = args.token or os.environ.get("FIDDLER_TOKEN") or "emulator-token"
+    params = {"project": args.project, "model": args.model}
+    with httpx.Client(base_url=args.url, headers={"Authorization": f"Bearer {token}"}) as client:
+        try:
+            summary = client.get("/_emulator/summary").raise_for_status().json()
+            events = (
+                client.get("/_emulator/events", params={**params, "limit": args.events})
+                .raise_for_status()
+                .json()["events"]
+                if args.events
+                else []
+            )
+            duplicates = (
+                client.get("/_emulator/duplicates", params=params).raise_for_status().json()
+                if args.duplicates
+                else {"duplicates": {}}
+            )["duplicates"]
+        except httpx.HTTPError as exc:
+            raise _Fatal(f"cannot read the emulator at {args.url}: {exc}") from None
+    return summary, events, duplicates
+
+
+# The parser
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fiddler-async", description="Publish events to Fiddler, or run a local emulator."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    publish = commands.add_parser(
+        "publish", help="publish a CSV, JSON Lines or Parquet file of events"
+    )
+    publish.add_argument("file", help="events: .csv, .jsonl or .parquet (needs pyarrow)")
+    publish.add_argument("--project", required=True, help="the project's name")
+    publish.add_argument("--model", required=True, help="the model's name (or UUID)")
+    publish.add_argument("--update", action="store_true", help="the rows update earlier events")
+    publish.add_argument("--url", help="Fiddler's URL (default: FIDDLER_URL, else an embedded emulator)")
+    publish.add_argument("--token", help="the API token (default: FIDDLER_TOKEN)")
+    publish.add_argument("--db", default=DEFAULT_DB, help="the embedded emulator's database file")
+    publish.add_argument("--timeout", type=float, default=120.0, help="longest wait for delivery")
+    publish.set_defaults(run=lambda a: anyio.run(_publish, a))
+
+    serve = commands.add_parser("serve", help="run the Fiddler emulator")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--token", default="emulator-token")
+    serve.add_argument("--db", default=":memory:", help="SQLite file (default: in memory)")
+    serve.add_argument("--models", help="a TOML file of projects and models (default: bank_churn)")
+    serve.add_argument("--count-only", action="store_true", help="count events, store nothing")
+    faults = serve.add_argument_group("faults")
+    faults.add_argument("--error-503", type=float, default=0.0, help="fraction answered 503")
+    faults.add_argument("--error-429", type=float, default=0.0, help="fraction answered 429")
+    faults.add_argument("--retry-after", type=float, default=1.0, help="Retry-After seconds")
+    faults.add_argument("--drop", type=float, default=0.0, help="fraction of connections dropped")
+    faults.add_argument("--latency", type=float, default=0.0, help="seconds added to answers")
+    faults.add_argument("--spike", type=float, default=0.0, help="fraction of latency spikes")
+    faults.add_argument("--spike-latency", type=float, default=0.0, help="seconds of a spike")
+    faults.add_argument("--max-body-bytes", type=int, default=0, help="413 above this (0: none)")
+    faults.add_argument("--outage", type=float, default=0.0, help="answer 503 for N seconds")
+    faults.add_argument("--seed", type=int, default=None, help="seed of the fault draws")
+    serve.set_defaults(run=_serve)
+
+    inspect = commands.add_parser("inspect", help="what an emulator holds")
+    inspect.add_argument("--db", default=DEFAULT_DB, help="an emulator's database file")
+    inspect.add_argument("--url", help="or a running emulator's URL")
+    inspect.add_argument("--token", help="the running emulator's token")
+    inspect.add_argument("--models", help="the models file the emulator was started with")
+    inspect.add_argument("--project", default="bank_churn")
+    inspect.add_argument("--model", default="bank_churn")
+    inspect.add_argument("--events", type=int, default=0, help="print the first N events")
+    inspect.add_argument("--duplicates", action="store_true", help="list duplicated event ids")
+    inspect.set_defaults(run=_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        code: int = args.run(args)
+    except _Fatal as exc:
+        print(f"fiddler-async: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,541 @@
+"""The emulator's ASGI app: the part of Fiddler's v3 REST API that publishing uses.
+
+Served: ``/v3/server-info``, ``/v3/version-compatibility``, project and model lookup with the
+filter syntax, model detail, ``POST``/``PATCH /v3/events`` (a list of events, or an uploaded
+file), ``/v3/files/upload`` and ``/v3/jobs/{id}``; every answer in Fiddler's envelopes
+(``NORMAL``, ``PAGINATED``, ``ERROR``) and behind bearer-token auth. Under ``/_emulator`` an
+admin API reads what was stored and changes the faults while running.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..rows import RowError, coerce_row, file_format, read_rows
+from .catalog import ORGANIZATION, USER, Catalog, ModelDef
+from .faults import Faults
+from .store import Store
+
+__all__ = ["EmulatorState", "create_app"]
+
+SERVER_VERSION = "25.2.0"
+MAX_EVENTS = 1000
+ENV_TYPES = ("PRODUCTION", "PRE_PRODUCTION")
+
+
+@dataclass
+class EmulatorState:
+    catalog: Catalog
+    store: Store
+    faults: Faults = field(default_factory=Faults)
+    token: str | None = None
+    """The token every /v3 request must carry; None accepts any bearer token."""
+    requests: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=10_000))
+    stopping: anyio.Event | None = None
+    """Set when the server stops: ends the requests held by a `hang` fault."""
+
+
+class DroppedConnection(Exception):
+    """Raised after the response started: the server closes the connection mid-answer."""
+
+
+# Envelopes
+
+
+def ok(data: Any, status: int = 200) -> JSONResponse:
+    return JSONResponse({"data": data, "api_version": "3.0", "kind": "NORMAL"}, status)
+
+
+def paginated(items: list[Any], offset: int, limit: int) -> JSONResponse:
+    page = items[offset : offset + limit]
+    data = {
+        "page_size": limit,
+        "total": len(items),
+        "item_count": len(page),
+        "page_count": max(1, -(-len(items) // max(1, limit))),
+        "page_index": offset // max(1, limit) + 1,
+        "offset": offset,
+        "items": page,
+    }
+    return JSONResponse({"data": data, "api_version": "3.0", "kind": "PAGINATED"})
+
+
+def error(
+    status: int,
+    message: str,
+    reasons: list[tuple[str, str]] | None = None,
+    *,
+    retry_after: float | None = None,
+) -> JSONResponse:
+    errors = [
+        {"reason": reason, "message": text, "help": ""}
+        for reason, text in (reasons or [(_REASONS.get(status, "Error"), message)])
+    ]
+    body = {
+        "error": {"code": status, "message": message, "errors": errors},
+        "api_version": "3.0",
+        "kind": "ERROR",
+    }
+    headers = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else None
+    return JSONResponse(body, status, headers=headers)
+
+
+_REASONS = {
+    400: "BadRequest",
+    401: "Unauthorized",
+    404: "NotFound",
+    405: "MethodNotAllowed",
+    413: "RequestEntityTooLarge",
+    429: "TooManyRequests",
+    503: "ServiceUnavailable",
+}
+
+
+# Filters: {"condition": "AND"|"OR", "rules": [{"field", "operator", "value"} | a group]}
+
+
+def _matches(item: Mapping[str, Any], group: Mapping[str, Any]) -> bool:
+    results = []
+    for rule in group.get("rules", []):
+        if "rules" in rule:
+            results.append(_matches(item, rule))
+            continue
+        value, wanted, operator = (
+            item.get(rule.get("field")),
+            rule.get("value"),
+            rule.get("operator"),
+        )
+        if operator == "equal":
+            results.append(str(value) == str(wanted))
+        elif operator == "not_equal":
+            results.append(str(value) != str(wanted))
+        elif operator == "in":
+            results.append(str(value) in [str(w) for w in wanted or []])
+        elif operator == "not_in":
+            results.append(str(value) not in [str(w) for w in wanted or []])
+        elif operator == "contains":
+            results.append(str(wanted) in str(value))
+        else:
+            raise ValueError(f"unsupported filter operator {operator!r}")
+    return any(results) if group.get("condition", "AND").upper() == "OR" else all(results)
+
+
+def _filtered(
+    request: Request, items: list[dict[str, Any]], flat: Callable[[dict[str, Any]], dict[str, Any]]
+) -> list[dict[str, Any]]:
+    raw = request.query_params.get("filter")
+    if not raw:
+        return items
+    group = json.loads(raw)
+    return [item for item in items if _matches(flat(item), group)]
+
+
+def _page_args(request: Request) -> tuple[int, int]:
+    return int(request.query_params.get("offset", 0)), int(request.query_params.get("limit", 50))
+
+
+# Event validation
+
+
+def _type_problem(data_type: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    ok_types: tuple[type, ...]
+    if data_type == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"expected int, got {type(value).__name__} {value!r}"
+        return None
+    ok_types = {
+        "float": (int, float),
+        "bool": (bool,),
+        "str": (str,),
+        "category": (str, int, bool, float),
+        "timestamp": (str, int, float),
+        "vector": (list,),
+    }.get(data_type, (object,))
+    if isinstance(value, bool) and data_type == "float":
+        return f"expected float, got bool {value!r}"
+    if not isinstance(value, ok_types):
+        return f"expected {data_type}, got {type(value).__name__} {value!r}"
+    return None
+
+
+def validate_events(model: ModelDef, events: list[Any], update: bool) -> list[str]:
+    """Why each bad event is bad, one line per problem, naming its position and column."""
+    types = model.types
+    problems: list[str] = []
+    for index, event in enumerate(events):
+        if not isinstance(event, dict):
+            problems.append(f"events[{index}]: an event must be an object")
+            continue
+        if update and event.get(model.event_id_col or "") is None:
+            problems.append(
+                f"events[{index}]: an update needs the id column {model.event_id_col!r}"
+            )
+        for column, value in event.items():
+            data_type = types.get(column)
+            problem = _type_problem(data_type, value) if data_type else None
+            if problem:
+                problems.append(f"events[{index}].{column}: {problem}")
+    return problems
+
+
+def _event_ids(model: ModelDef, events: list[dict[str, Any]]) -> list[str]:
+    column = model.event_id_col
+    return [
+        str(e[column]) if column and e.get(column) is not None else str(uuid.uuid4())
+        for e in events
+    ]
+
+
+def _file_rows(
+    model: ModelDef, name: str, content: bytes
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The rows of an uploaded file, typed by the model's schema, and what is wrong with any."""
+    rows: list[dict[str, Any]] = []
+    problems: list[str] = []
+    try:
+        read = list(read_rows(io.BytesIO(content), file_format(name)))
+    except (ValueError, ImportError) as exc:
+        return [], [f"cannot read {name}: {exc}"]
+    for line, row in read:
+        try:
+            if isinstance(row, RowError):
+                raise row
+            rows.append(coerce_row(line, row, model.types))
+        except RowError as exc:
+            problems.append(str(exc))
+    return rows, problems
+
+
+class _Api:
+    """The routes' handlers, over one emulator's state."""
+
+    def __init__(self, state: EmulatorState) -> None:
+        self.state = state
+        self.store = state.store
+        self.catalog = state.catalog
+
+    # Connecting and looking up
+
+    async def server_info(self, request: Request) -> Response:
+        return ok(
+            {"feature_flags": {}, "server_version": SERVER_VERSION, "organization": ORGANIZATION}
+        )
+
+    async def version_compatibility(self, request: Request) -> Response:
+        return ok({})
+
+    async def projects(self, request: Request) -> Response:
+        items = _filtered(request, self.catalog.projects(), lambda p: p)
+        return paginated(items, *_page_args(request))
+
+    async def project(self, request: Request) -> Response:
+        wanted = request.path_params["project_id"]
+        found = [p for p in self.catalog.projects() if p["id"] == wanted]
+        return ok(found[0]) if found else error(404, "project not found")
+
+    async def models(self, request: Request) -> Response:
+        by_id = {m.id: m for m in self.catalog.models}
+
+        def flat(record: dict[str, Any]) -> dict[str, Any]:
+            model = by_id[record["id"]]
+            return {**record, "project_id": model.project_id, "project_name": model.project}
+
+        items = _filtered(request, [m.compact_record() for m in self.catalog.models], flat)
+        ordering = request.query_params.get("ordering", "")
+        if ordering.lstrip("-") in ("created_at", "version"):
+            items.sort(key=lambda r: r["version"], reverse=ordering.startswith("-"))
+        return paginated(items, *_page_args(request))
+
+    async def model(self, request: Request) -> Response:
+        found = self.catalog.model(request.path_params["model_id"])
+        return ok(found.record()) if found else error(404, "model not found")
+
+    # Publishing
+
+    async def publish(self, request: Request) -> Response:
+        update = request.method == "PATCH"
+        entry = request.scope.get("fiddler_log", {})
+        try:
+            body = await request.body()
+            entry["bytes"] = len(body)
+            payload = json.loads(body)
+            model_id = str(payload["model_id"])
+            source = payload["source"]
+            kind = source["type"]
+        except (ValueError, KeyError, TypeError):
+            return error(400, "the body must be JSON with model_id and source.type")
+        model = self.catalog.model(model_id)
+        if model is None:
+            return error(404, f"model {model_id} not found")
+        env_type, env_name = payload.get("env_type", "PRODUCTION"), payload.get("env_name")
+        events = source.get("events")
+        entry.update(
+            model=model.name,
+            project=model.project,
+            env_type=env_type,
+            env_name=env_name,
+            events=len(events) if isinstance(events, list) else None,
+        )
+        if env_type not in ENV_TYPES:
+            return error(400, f"env_type must be one of {list(ENV_TYPES)}")
+        if env_type == "PRE_PRODUCTION" and not env_name:
+            return error(400, "env_name (the dataset name) is required for PRE_PRODUCTION")
+        if update and not model.event_id_col:
+            return error(400, f"model {model.name!r} has no event id column: cannot update")
+        if kind == "EVENTS":
+            return self._publish_events(model, env_type, env_name, events, update)
+        if kind == "FILE":
+            return self._publish_file(model, env_type, env_name, str(source.get("file_id")), update)
+        return error(400, f"source.type must be EVENTS or FILE, got {kind!r}")
+
+    def _publish_events(
+        self, model: ModelDef, env_type: str, env_name: str | None, events: Any, update: bool
+    ) -> Response:
+        if not isinstance(events, list) or not 0 < len(events) <= MAX_EVENTS:
+            return error(400, f"source.events must be a list of 1 to {MAX_EVENTS} events")
+        problems = validate_events(model, events, update)
+        if problems:
+            return error(
+                400,
+                f"{len(problems)} invalid value(s): {problems[0]}",
+                [("ValidationError", p) for p in problems],
+            )
+        self._store(model, env_type, env_name, events, update)
+        return ok({"source_type": "EVENTS", "event_ids": _event_ids(model, events)}, 202)
+
+    def _publish_file(
+        self, model: ModelDef, env_type: str, env_name: str | None, file_id: str, update: bool
+    ) -> Response:
+        uploaded = self.store.file(file_id)
+        if uploaded is None:
+            return error(404, f"file {file_id} not found")
+        job: dict[str, Any] = {
+            "id": str(uuid.uuid4()),
+            "name": "Publish events",
+            "status": "SUCCESS",
+            "progress": 100.0,
+            "info": {"model_id": model.id, "env_type": env_type},
+        }
+        rows, problems = _file_rows(model, *uploaded)
+        if not problems:
+            problems = validate_events(model, rows, update)
+        if problems:
+            job.update(status="FAILURE", error_message=problems[0], error_reason="ValidationError")
+        else:
+            self._store(model, env_type, env_name, rows, update)
+            job["info"]["events"] = len(rows)
+        self.store.save_job(job)
+        return ok({"source_type": "FILE", "job": {"id": job["id"], "name": job["name"]}}, 202)
+
+    def _store(
+        self,
+        model: ModelDef,
+        env_type: str,
+        env_name: str | None,
+        events: list[dict[str, Any]],
+        update: bool,
+    ) -> None:
+        if update:
+            assert model.event_id_col is not None
+            self.store.update(model.id, env_type, env_name, model.event_id_col, events)
+        else:
+            self.store.insert(model.id, env_type, env_name, model.event_id_col, events)
+
+    async def upload(self, request: Request) -> Response:
+        form = await request.form()
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            return error(400, "multipart field 'file' is required")
+        name = upload.filename or "upload.csv"
+        file_id = self.store.add_file(name, await upload.read())
+        now = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
+        return ok(
+            {
+                "id": file_id,
+                "filename": name,
+                "status": "SUCCESSFUL",
+                "type": name.rsplit(".", 1)[-1].upper(),
+                "created_at": now,
+                "updated_at": now,
+                "created_by": USER,
+                "updated_by": USER,
+            }
+        )
+
+    async def job(self, request: Request) -> Response:
+        found = self.store.job(request.path_params["job_id"])
+        return ok({**found, "extras": {}}) if found else error(404, "job not found")
+
+    # The admin API: what was stored, and the faults
+
+    def _admin_model(self, request: Request) -> ModelDef | Response:
+        project, name = request.query_params.get("project"), request.query_params.get("model")
+        if project is None and name is None and len(self.catalog.models) == 1:
+            return self.catalog.models[0]
+        found = self.catalog.find(project or "", name or "")
+        return found or error(404, f"no model {project}/{name}")
+
+    async def summary(self, request: Request) -> Response:
+        store = self.store
+        models = []
+        for m in self.catalog.models:
+            duplicates = {} if store.count_only else store.duplicates(m.id)
+            models.append(
+                {
+                    "project": m.project,
+                    "model": m.name,
+                    "model_id": m.id,
+                    "events": store.count(m.id),
+                    "distinct_ids": None if store.count_only else store.distinct_ids(m.id),
+                    "duplicates": sum(n - 1 for n in duplicates.values()),
+                }
+            )
+        return JSONResponse(
+            {
+                "models": models,
+                "events": store.count(),
+                "early_updates": store.early_updates_seen,
+                "db": store.path,
+            }
+        )
+
+    async def events(self, request: Request) -> Response:
+        model = self._admin_model(request)
+        if isinstance(model, Response):
+            return model
+        offset, limit = _page_args(request)
+        events = self.store.events(model.id, limit=limit, offset=offset)
+        return JSONResponse({"events": events, "total": self.store.count(model.id)})
+
+    async def duplicates(self, request: Request) -> Response:
+        model = self._admin_model(request)
+        if isinstance(model, Response):
+            return model
+        return JSONResponse({"duplicates": self.store.duplicates(model.id)})
+
+    async def faults(self, request: Request) -> Response:
+        if request.method == "PUT":
+            try:
+                self.state.faults.update(await request.json())
+            except (ValueError, TypeError) as exc:
+                return error(400, str(exc))
+        return JSONResponse(self.state.faults.snapshot())
+
+    async def reset(self, request: Request) -> Response:
+        self.store.clear()
+        self.state.requests.clear()
+        return JSONResponse({"events": 0})
+
+    async def requests(self, request: Request) -> Response:
+        return JSONResponse({"requests": list(self.state.requests)})
+
+
+def create_app(state: EmulatorState) -> ASGIApp:
+    api = _Api(state)
+    routes = [
+        Route("/v3/server-info", api.server_info),
+        Route("/v3/version-compatibility", api.version_compatibility),
+        Route("/v3/projects", api.projects),
+        Route("/v3/projects/{project_id}", api.project),
+        Route("/v3/models", api.models),
+        Route("/v3/models/{model_id}", api.model),
+        Route("/v3/events", api.publish, methods=["POST", "PATCH"]),
+        Route("/v3/files/upload", api.upload, methods=["POST"]),
+        Route("/v3/jobs/{job_id}", api.job),
+        Route("/_emulator/summary", api.summary),
+        Route("/_emulator/events", api.events),
+        Route("/_emulator/duplicates", api.duplicates),
+        Route("/_emulator/faults", api.faults, methods=["GET", "PUT"]),
+        Route("/_emulator/reset", api.reset, methods=["POST"]),
+        Route("/_emulator/requests", api.requests),
+    ]
+    return _Gate(Starlette(routes=routes), state)
+
+
+class _Gate:
+    """In front of the routes: auth, the request log, and the faults."""
+
+    def __init__(self, app: ASGIApp, state: EmulatorState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state, faults = self.state, self.state.faults
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        path, method = scope["path"], scope["method"]
+        entry = {
+            "method": method,
+            "path": path,
+            "headers": {k: v for k, v in headers.items() if k != "authorization"},
+            "time": time.time(),
+            "status": None,
+        }
+        state.requests.append(entry)
+        scope["fiddler_log"] = entry  # the publish handler adds what the request carried
+
+        async def respond(response: Response) -> None:
+            entry["status"] = response.status_code
+            await response(scope, receive, send)
+
+        auth = headers.get("authorization", "")
+        if not auth.startswith("Bearer ") or (state.token is not None and auth[7:] != state.token):
+            await respond(error(401, "missing or invalid bearer token"))
+            return
+        if path.startswith("/v3/"):
+            delay = faults.delay()
+            if delay:
+                await anyio.sleep(delay)
+            if faults.in_outage():
+                await respond(error(503, "emulated outage", retry_after=faults.retry_after))
+                return
+            length = int(headers.get("content-length") or 0)
+            if faults.max_body_bytes and length > faults.max_body_bytes:
+                await respond(error(413, f"body of {length} bytes exceeds {faults.max_body_bytes}"))
+                return
+            if path == "/v3/events" and method in ("POST", "PATCH"):
+                kind, status = faults.decide_publish()
+                if kind == "status":
+                    wait = faults.retry_after if status in (429, 503) else None
+                    await respond(error(status, "emulated fault", retry_after=wait))
+                    return
+                if kind == "hang":
+                    entry["status"] = "hang"
+                    await _hang(state)
+                    kind = "drop"
+                if kind == "drop":
+                    entry["status"] = "drop"
+                    start = {"type": "http.response.start", "status": 200}
+                    await send({**start, "headers": [(b"content-length", b"64")]})
+                    raise DroppedConnection("emulated dropped connection")
+
+        async def send_logged(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                entry["status"] = message["status"]
+            await send(message)
+
+        await self.app(scope, receive, send_logged)
+
+
+async def _hang(state: EmulatorState) -> None:
+    if state.stopping is None:
+        state.stopping = anyio.Event()
+    await state.stopping.wait()

@@ -1,0 +1,196 @@
+"""Running the emulator: under uvicorn in a thread of its own, or in the foreground.
+
+A thread with its own event loop serves the same under asyncio, trio or synchronous code, and
+keeps the emulator's work off the caller's loop (as a real server would be).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import threading
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import uvicorn
+
+from .app import DroppedConnection, EmulatorState, create_app
+from .catalog import Catalog, ModelDef, load_catalog
+from .faults import Faults
+from .store import Store
+
+__all__ = ["DEFAULT_TOKEN", "Emulator", "emulator", "running_emulator", "serve_forever"]
+
+DEFAULT_TOKEN = "emulator-token"
+
+
+class _HideDroppedConnections(logging.Filter):
+    """A dropped connection is an injected fault, not an error worth a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], DroppedConnection))
+
+
+logging.getLogger("uvicorn.error").addFilter(_HideDroppedConnections())
+
+
+class Emulator:
+    """A running emulator: its ``url`` and ``token``, and what it has received."""
+
+    def __init__(self, state: EmulatorState, url: str) -> None:
+        self.state = state
+        self.url = url
+
+    @property
+    def token(self) -> str:
+        return self.state.token or DEFAULT_TOKEN
+
+    @property
+    def catalog(self) -> Catalog:
+        return self.state.catalog
+
+    def model(self, project: str = "bank_churn", model: str = "bank_churn") -> ModelDef:
+        found = self.state.catalog.find(project, model)
+        if found is None:
+            raise KeyError(f"the emulator serves no model {project}/{model}")
+        return found
+
+    def events(
+        self, project: str = "bank_churn", model: str = "bank_churn"
+    ) -> list[dict[str, Any]]:
+        """Every event stored for the model, in arrival order."""
+        return self.state.store.events(self.model(project, model).id)
+
+    def count(self, project: str | None = None, model: str | None = None) -> int:
+        if project is None and model is None:
+            return self.state.store.count()
+        return self.state.store.count(self.model(project or "bank_churn", model or "bank_churn").id)
+
+    def duplicates(self, project: str = "bank_churn", model: str = "bank_churn") -> dict[str, int]:
+        return self.state.store.duplicates(self.model(project, model).id)
+
+    def early_updates(self) -> int:
+        """Updates that arrived before the event they update (merged once it came)."""
+        return self.state.store.early_updates_seen
+
+    def requests(self) -> list[dict[str, Any]]:
+        """The requests received (newest last), without their Authorization header."""
+        return list(self.state.requests)
+
+    def set_faults(self, **changes: Any) -> None:
+        """Change the faults while running, e.g. ``set_faults(error_503=0.2, script=["drop"])``."""
+        self.state.faults.update(changes)
+
+
+def _state(
+    token: str | None,
+    db: str | Path,
+    models: str | Path | None,
+    faults: Faults | None,
+    count_only: bool,
+) -> EmulatorState:
+    return EmulatorState(
+        catalog=load_catalog(models),
+        store=Store(str(db), count_only=count_only),
+        faults=faults or Faults(),
+        token=token,
+    )
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    return sock
+
+
+@contextlib.contextmanager
+def running_emulator(
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    token: str | None = DEFAULT_TOKEN,
+    db: str | Path = ":memory:",
+    models: str | Path | None = None,
+    faults: Faults | None = None,
+    count_only: bool = False,
+) -> Iterator[Emulator]:
+    """Start an emulator in a background thread (port 0: a free one); stop it on exit."""
+    state = _state(token, db, models, faults, count_only)
+    sock = _bind(host, port)
+    config = uvicorn.Config(
+        create_app(state),
+        log_level="warning",
+        lifespan="off",
+        timeout_graceful_shutdown=2,
+        access_log=False,
+    )
+    server = uvicorn.Server(config)
+    loop_ready = threading.Event()
+    loop_box: list[asyncio.AbstractEventLoop] = []
+
+    async def serve() -> None:
+        state.stopping = anyio.Event()
+        loop_box.append(asyncio.get_running_loop())
+        loop_ready.set()
+        await server.serve(sockets=[sock])
+
+    thread = threading.Thread(
+        target=asyncio.run, args=(serve(),), name="fiddler-emulator", daemon=True
+    )
+    thread.start()
+    try:
+        loop_ready.wait(10)
+        while not server.started and thread.is_alive():
+            threading.Event().wait(0.005)
+        if not server.started:
+            raise RuntimeError("the emulator did not start")
+        bound_host, bound_port = sock.getsockname()[:2]
+        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+        yield Emulator(state, f"http://{shown}:{bound_port}")
+    finally:
+        if loop_box and state.stopping is not None:
+            loop_box[0].call_soon_threadsafe(state.stopping.set)
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+        state.store.close()
+
+
+@contextlib.asynccontextmanager
+async def emulator(**options: Any) -> AsyncIterator[Emulator]:
+    """``running_emulator`` for async code (asyncio or trio): start and stop off the loop."""
+    manager = running_emulator(**options)
+    handle = await anyio.to_thread.run_sync(manager.__enter__)
+    try:
+        yield handle
+    finally:
+        await anyio.to_thread.run_sync(manager.__exit__, None, None, None)
+
+
+def serve_forever(
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    token: str | None = DEFAULT_TOKEN,
+    db: str | Path = ":memory:",
+    models: str | Path | None = None,
+    faults: Faults | None = None,
+    count_only: bool = False,
+) -> None:
+    """Serve in the foreground until interrupted (``fiddler-async serve``)."""
+    state = _state(token, db, models, faults, count_only)
+    uvicorn.run(create_app(state), host=host, port=port, log_level="warning", lifespan="off")
+
+
+def fetch_summary(url: str, token: str) -> dict[str, Any]:
+    """The admin summary of a running emulator (for ``fiddler-async inspect --url``)."""
+    response = httpx.get(f"{url}/_emulator/summary", headers={"Authorization": f"Bearer {token}"})
+    response.raise_for_status()
+    result: dict[str, Any] = response.json()
+    return result

@@ -1,0 +1,261 @@
+"""Where the emulator keeps what it receives: SQLite, in a file or in memory.
+
+A restart on the same file keeps every event. An update (``PATCH``) merges its columns into the
+stored events with the same id (by the model's event id column). An update whose id matches no
+stored event yet is kept as a row of its own, and the insert that comes later with that id is
+merged into it (the update's columns win), so nothing sent is lost and arrival order does not
+create duplicates. Only two inserts with the same id make a duplicate. Uploaded files and
+publish jobs are kept here too. One connection, guarded by a lock: the server thread writes and
+a test or the CLI may read at the same time.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = ["Store"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    model_id TEXT NOT NULL,
+    env_type TEXT NOT NULL,
+    env_name TEXT,
+    event_id TEXT,
+    data TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    updated_at REAL,
+    origin TEXT NOT NULL DEFAULT 'insert'
+);
+CREATE INDEX IF NOT EXISTS events_by_id ON events (model_id, event_id);
+CREATE TABLE IF NOT EXISTS files (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    content BLOB NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    status TEXT NOT NULL,
+    progress REAL NOT NULL,
+    info TEXT NOT NULL,
+    error_message TEXT,
+    error_reason TEXT,
+    created_at REAL NOT NULL
+);
+"""
+
+
+class Store:
+    def __init__(self, path: str = ":memory:", *, count_only: bool = False) -> None:
+        self.path = path
+        self.count_only = count_only
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute(
+            "PRAGMA journal_mode=WAL" if path != ":memory:" else "PRAGMA journal_mode=MEMORY"
+        )
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self._counts: dict[str, int] = {}
+        (self._early_updates,) = self._db.execute(
+            "SELECT COUNT(*) FROM events WHERE origin = 'update'"
+        ).fetchone()
+        self.early_updates_seen = 0
+        """Updates that arrived before any event with their id (since this store opened)."""
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # Events
+
+    def insert(
+        self,
+        model_id: str,
+        env_type: str,
+        env_name: str | None,
+        id_col: str | None,
+        events: Sequence[Mapping[str, Any]],
+        *,
+        origin: str = "insert",
+    ) -> None:
+        if self.count_only:
+            with self._lock:
+                self._counts[model_id] = self._counts.get(model_id, 0) + len(events)
+            return
+        now = time.time()
+        with self._lock, self._db:
+            if self._early_updates and origin == "insert":
+                events = self._merge_early_updates(model_id, id_col, events, now)
+            self._db.executemany(
+                "INSERT INTO events (model_id, env_type, env_name, event_id, data, received_at,"
+                " origin) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (model_id, env_type, env_name, _id_of(e, id_col), json.dumps(e), now, origin)
+                    for e in events
+                ],
+            )
+            if origin == "update":
+                self._early_updates += len(events)
+
+    def _merge_early_updates(
+        self, model_id: str, id_col: str | None, events: Sequence[Mapping[str, Any]], now: float
+    ) -> list[Mapping[str, Any]]:
+        """Merge inserts into updates that arrived before them; return the other inserts."""
+        rest: list[Mapping[str, Any]] = []
+        for event in events:
+            row = self._db.execute(
+                "SELECT seq, data FROM events WHERE model_id = ? AND event_id = ?"
+                " AND origin = 'update' LIMIT 1",
+                (model_id, _id_of(event, id_col)),
+            ).fetchone()
+            if row is None:
+                rest.append(event)
+                continue
+            merged = {**event, **json.loads(row[1])}
+            self._db.execute(
+                "UPDATE events SET data = ?, updated_at = ?, origin = 'insert' WHERE seq = ?",
+                (json.dumps(merged), now, row[0]),
+            )
+            self._early_updates -= 1
+        return rest
+
+    def update(
+        self,
+        model_id: str,
+        env_type: str,
+        env_name: str | None,
+        id_col: str,
+        events: Sequence[Mapping[str, Any]],
+    ) -> int:
+        """Merge each event into the stored ones with its id; returns how many matched none."""
+        if self.count_only:
+            return 0
+        now = time.time()
+        unmatched: list[Mapping[str, Any]] = []
+        with self._lock, self._db:
+            for event in events:
+                rows = self._db.execute(
+                    "SELECT seq, data FROM events WHERE model_id = ? AND event_id = ?",
+                    (model_id, _id_of(event, id_col)),
+                ).fetchall()
+                if not rows:
+                    unmatched.append(event)
+                for seq, data in rows:
+                    self._db.execute(
+                        "UPDATE events SET data = ?, updated_at = ? WHERE seq = ?",
+                        (json.dumps({**json.loads(data), **event}), now, seq),
+                    )
+        if unmatched:
+            self.early_updates_seen += len(unmatched)
+            self.insert(model_id, env_type, env_name, id_col, unmatched, origin="update")
+        return len(unmatched)
+
+    def count(self, model_id: str | None = None) -> int:
+        with self._lock:
+            if self.count_only:
+                return sum(n for m, n in self._counts.items() if model_id in (None, m))
+            if model_id is None:
+                return int(self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+            return int(
+                self._db.execute(
+                    "SELECT COUNT(*) FROM events WHERE model_id = ?", (model_id,)
+                ).fetchone()[0]
+            )
+
+    def events(
+        self, model_id: str, *, limit: int | None = None, offset: int = 0
+    ) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT data FROM events WHERE model_id = ? ORDER BY seq LIMIT ? OFFSET ?",
+                (model_id, -1 if limit is None else limit, offset),
+            ).fetchall()
+        return [json.loads(data) for (data,) in rows]
+
+    def duplicates(self, model_id: str) -> dict[str, int]:
+        """Event ids inserted more than once for the model, with how many times."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT event_id, COUNT(*) FROM events WHERE model_id = ? AND event_id IS NOT NULL"
+                " AND origin = 'insert' GROUP BY event_id HAVING COUNT(*) > 1",
+                (model_id,),
+            ).fetchall()
+        return {str(event_id): int(n) for event_id, n in rows}
+
+    def distinct_ids(self, model_id: str) -> int:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COUNT(DISTINCT event_id) FROM events WHERE model_id = ?", (model_id,)
+            ).fetchone()
+        return int(row[0])
+
+    def clear(self) -> None:
+        with self._lock, self._db:
+            self._db.execute("DELETE FROM events")
+            self._counts.clear()
+            self._early_updates = 0
+
+    # Files and jobs
+
+    def add_file(self, name: str, content: bytes) -> str:
+        file_id = str(uuid.uuid4())
+        with self._lock, self._db:
+            self._db.execute(
+                "INSERT INTO files (id, name, content, created_at) VALUES (?, ?, ?, ?)",
+                (file_id, name, content, time.time()),
+            )
+        return file_id
+
+    def file(self, file_id: str) -> tuple[str, bytes] | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT name, content FROM files WHERE id = ?", (file_id,)
+            ).fetchone()
+        return (str(row[0]), bytes(row[1])) if row else None
+
+    def save_job(self, job: Mapping[str, Any]) -> None:
+        with self._lock, self._db:
+            self._db.execute(
+                "INSERT OR REPLACE INTO jobs (id, name, status, progress, info, error_message,"
+                " error_reason, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    job["id"],
+                    job["name"],
+                    job["status"],
+                    job["progress"],
+                    json.dumps(job.get("info", {})),
+                    job.get("error_message"),
+                    job.get("error_reason"),
+                    time.time(),
+                ),
+            )
+
+    def job(self, job_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id, name, status, progress, info, error_message, error_reason"
+                " FROM jobs WHERE id = ?",
+                (job_id,),
+            ).fetchone()
+        if row is None:
+            return None
+        keys = ("id", "name", "status", "progress", "info", "error_message", "error_reason")
+        job = dict(zip(keys, row, strict=True))
+        job["info"] = json.loads(job["info"])
+        return job
+
+
+def _id_of(event: Mapping[str, Any], id_col: str | None) -> str | None:
+    if id_col is None:
+        return None
+    value = event.get(id_col)
+    return None if value is None else str(value)
