@@ -13,7 +13,6 @@ caller cancelled while waiting for room leaves the queue untouched.
 from __future__ import annotations
 
 import math
-import time
 from collections import deque
 from collections.abc import Callable
 
@@ -68,6 +67,8 @@ class EventBuffer:
         self._ledger = ledger
         self._warn = warn
         self._lanes: dict[tuple[int, str, str | None, bool], Lane] = {}
+        self._busy: dict[Lane, None] = {}
+        """The lanes holding events (an ordered set): eviction looks only at these."""
         self.events = 0
         self.bytes = 0
         self._wakeup: anyio.Event | None = None
@@ -108,17 +109,34 @@ class EventBuffer:
 
     async def put(self, lane: Lane, body: bytes, fixup: Fixup | None, timeout: float) -> None:
         """Queue an event, waiting up to ``timeout`` seconds for room (the ``block`` policy)."""
-        size = len(body)
+        await self.wait_for_room(1, len(body), timeout)
+        self._append(lane, (self._ledger.next_seq(), body, fixup), len(body))
+
+    async def wait_for_room(self, events: int, size: int, timeout: float) -> None:
+        """Return once ``events`` events of ``size`` bytes in all fit; QueueFullError (all of
+        them counted as rejected) if they do not within ``timeout`` or never could. A caller
+        cancelled while waiting has changed nothing."""
+        if events > self._max_events or size > self._max_bytes:
+            self._ledger.rejected += events
+            raise QueueFullError(
+                f"{events} events of {size} bytes can never fit the queue "
+                f"({self._max_events} events, {self._max_bytes} bytes)"
+            )
         with anyio.move_on_after(timeout):
-            while self.events >= self._max_events or self.bytes + size > self._max_bytes:
+            while not self.fits(events, size):
+                if self.closed:
+                    raise PublisherClosedError("the publisher closed while waiting for room")
                 if self._room is None:
                     self._room = anyio.Event()
                 await self._room.wait()
-                if self.closed:
-                    raise PublisherClosedError("the publisher closed while waiting for room")
-        if self.events >= self._max_events or self.bytes + size > self._max_bytes:
-            self._reject(size, waited=timeout)
-        self._append(lane, (self._ledger.next_seq(), body, fixup), size)
+        if self.closed:
+            raise PublisherClosedError("the publisher closed while waiting for room")
+        if not self.fits(events, size):
+            self._ledger.rejected += events
+            raise QueueFullError(
+                f"queue full ({self.events} events, {self.bytes} bytes) after waiting "
+                f"{timeout:g} s for room for {events} event(s)"
+            )
 
     def fits(self, events: int, size: int) -> bool:
         """Whether ``events`` more events of ``size`` bytes in all fit without overflow."""
@@ -134,7 +152,8 @@ class EventBuffer:
         # got its first event (a linger timer to arm) or a batch that just became full.
         count = len(items)
         if count == 1:
-            lane.since = time.monotonic()
+            lane.since = anyio.current_time()
+            self._busy[lane] = None
             self.wake()
         elif count == self._batch_events or (lane.bytes >= self._batch_bytes > lane.bytes - size):
             self.wake()
@@ -142,12 +161,11 @@ class EventBuffer:
     def _full_reason(self, size: int) -> str:
         return "queue_full" if self.events >= self._max_events else "queue_bytes"
 
-    def _reject(self, size: int, waited: float | None = None) -> None:
+    def _reject(self, size: int) -> None:
         self._ledger.rejected += 1
         bound = "events" if self._full_reason(size) == "queue_full" else "bytes"
-        after = f" after waiting {waited:g} s" if waited is not None else ""
         raise QueueFullError(
-            f"queue full ({self.events} events, {self.bytes} bytes; bound hit: {bound}){after}"
+            f"queue full ({self.events} events, {self.bytes} bytes; bound hit: {bound})"
         )
 
     def _evict_until_fits(self, size: int) -> None:
@@ -156,10 +174,7 @@ class EventBuffer:
             self.events >= self._max_events or self.bytes + size > self._max_bytes
         ):
             reason = self._full_reason(size)
-            oldest = min(
-                (lane for lane in self._lanes.values() if lane.items),
-                key=lambda lane: lane.items[0][0],
-            )
+            oldest = min(self._busy, key=lambda lane: lane.items[0][0])
             item = oldest.items.popleft()
             self._forget(oldest, [item])
             evicted.setdefault(reason, []).append(item)
@@ -182,6 +197,7 @@ class EventBuffer:
         self.bytes -= size
         if not lane.items:
             lane.since = None
+            self._busy.pop(lane, None)
         if self._room is not None:
             self._room.set()
             self._room = None
@@ -209,15 +225,21 @@ class EventBuffer:
             self._wakeup = None
 
     def next_lane(self, now: float, force: bool) -> Lane | None:
-        """A lane with a batch to send now: full, lingered long enough, or any when forced."""
+        """The lane to send a batch from now: of those with a full batch, a batch that has
+        lingered long enough, or (forced) any events, the one whose oldest event is oldest,
+        so that a busy destination never starves a quiet one."""
         linger = self._config.linger
         chosen: Lane | None = None
-        for lane in self._lanes.values():
-            if not lane.items or lane.blocked():
+        for lane in self._busy:
+            if lane.blocked():
                 continue
-            if len(lane.items) >= self._batch_events or lane.bytes >= self._batch_bytes:
-                return lane
-            if chosen is None and (force or now - (lane.since or now) >= linger):
+            ready = (
+                force
+                or len(lane.items) >= self._batch_events
+                or lane.bytes >= self._batch_bytes
+                or now - (lane.since or now) >= linger
+            )
+            if ready and (chosen is None or lane.items[0][0] < chosen.items[0][0]):
                 chosen = lane
         return chosen
 
@@ -225,9 +247,7 @@ class EventBuffer:
         """Time until the earliest linger expires among lanes free to send; infinity if none.
         (A blocked update lane is woken by :meth:`sent` when the inserts before it are.)"""
         starts = [
-            lane.since
-            for lane in self._lanes.values()
-            if lane.since is not None and not lane.blocked()
+            lane.since for lane in self._busy if lane.since is not None and not lane.blocked()
         ]
         if not starts:
             return math.inf

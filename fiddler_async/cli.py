@@ -319,7 +319,9 @@ def _parser() -> argparse.ArgumentParser:
     publish.add_argument("--project", required=True, help="the project's name")
     publish.add_argument("--model", required=True, help="the model's name (or UUID)")
     publish.add_argument("--update", action="store_true", help="the rows update earlier events")
-    publish.add_argument("--url", help="Fiddler's URL (default: FIDDLER_URL, else an embedded emulator)")
+    publish.add_argument(
+        "--url", help="Fiddler's URL (default: FIDDLER_URL, else an embedded emulator)"
+    )
     publish.add_argument("--token", help="the API token (default: FIDDLER_TOKEN)")
     publish.add_argument("--db", default=DEFAULT_DB, help="the embedded emulator's database file")
     publish.add_argument("--timeout", type=float, default=120.0, help="longest wait for delivery")

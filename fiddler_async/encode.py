@@ -115,13 +115,17 @@ def splice_members(body: bytes, members: list[bytes]) -> bytes:
     return b"{" + head + b"," + body[1:]
 
 
+# The times a datetime can hold (years 1 to 9999), in epoch milliseconds.
+_MIN_MILLIS, _MAX_MILLIS = -62_135_596_800_000, 253_402_300_799_999
+
+
 def epoch_millis(value: object, field: str = "event_timestamp") -> int:
     """Epoch milliseconds from an int/float (already ms) or a datetime (naive means UTC)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise EventError(f"{field} must be finite, got {value!r}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not (math.isfinite(value) and _MIN_MILLIS <= value <= _MAX_MILLIS):
+            raise EventError(
+                f"{field} must be epoch milliseconds between years 1 and 9999, got {value!r}"
+            )
         return round(value)
     if isinstance(value, dt.datetime):
         if value != value:  # noqa: PLR0124  (pandas.NaT)

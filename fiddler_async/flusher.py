@@ -12,7 +12,6 @@ once, and the loop goes on: a failing batch or a raising callback never stops th
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -25,7 +24,6 @@ from ._logging import logger
 from .buffer import EventBuffer, Item, Lane
 from .config import PublisherConfig
 from .destination import Destination
-from .exceptions import FiddlerError
 from .stats import Ledger
 
 __all__ = ["DeliveryFailure", "Exporter", "Flusher"]
@@ -34,7 +32,7 @@ __all__ = ["DeliveryFailure", "Exporter", "Flusher"]
 class Exporter(Protocol):
     async def export(
         self, dest: Destination, items: Sequence[Item]
-    ) -> list[tuple[Item, FiddlerError]]:
+    ) -> list[tuple[Item, Exception]]:
         """Deliver ``items``; return those not delivered, each with its error."""
         ...
 
@@ -99,6 +97,8 @@ class Flusher:
         self._on_failure = on_failure
         self._slots = anyio.Semaphore(config.max_in_flight)
         self._flushing = 0
+        self._reporting = 0
+        self._reported: anyio.Event | None = None
         self.in_flight_requests = 0
         self.in_flight_events = 0
 
@@ -124,12 +124,12 @@ class Flusher:
 
     async def _cycle(self, tg: anyio.abc.TaskGroup) -> None:
         buffer = self._buffer
-        if buffer.next_lane(time.monotonic(), self._flushing > 0) is None:
-            await buffer.wait(buffer.seconds_to_next_linger(time.monotonic()))
+        if buffer.next_lane(anyio.current_time(), self._flushing > 0) is None:
+            await buffer.wait(buffer.seconds_to_next_linger(anyio.current_time()))
             return
         await self._slots.acquire()
         # Look again: while we waited for a slot, the queue may have changed (evictions, more).
-        lane = buffer.next_lane(time.monotonic(), self._flushing > 0)
+        lane = buffer.next_lane(anyio.current_time(), self._flushing > 0)
         if lane is None:
             self._slots.release()
             return
@@ -154,7 +154,7 @@ class Flusher:
         else:
             failed_ids = {id(item) for item, _ in failed}
             ledger.settle([i for i in batch if id(i) not in failed_ids], "delivered")
-            by_error: dict[int, tuple[FiddlerError, list[Item]]] = {}
+            by_error: dict[int, tuple[Exception, list[Item]]] = {}
             for item, error in failed:
                 by_error.setdefault(id(error), (error, []))[1].append(item)
             for error, items in by_error.values():
@@ -164,6 +164,7 @@ class Flusher:
             # Settled and no longer in flight in the same step, so stats always add up.
             self.in_flight_requests -= 1
             self.in_flight_events -= len(batch)
+            self._reporting += len(failures)  # in the same step, so flush() waits for them
             self._buffer.sent(lane, batch)
             self._slots.release()
         for failure in failures:
@@ -172,5 +173,19 @@ class Flusher:
     async def _report(self, failure: DeliveryFailure) -> None:
         try:
             await self._on_failure(failure)
-        except Exception:
+        except anyio.get_cancelled_exc_class():
+            raise
+        except BaseException:  # a callback's error, even SystemExit, must not end delivery
             logger.exception("fiddler_async: reporting a delivery failure raised")
+        finally:
+            self._reporting -= 1
+            if not self._reporting and self._reported is not None:
+                self._reported.set()
+                self._reported = None
+
+    async def reports_done(self) -> None:
+        """Return once no failure is being reported (no on_error callback is running)."""
+        while self._reporting:
+            if self._reported is None:
+                self._reported = anyio.Event()
+            await self._reported.wait()

@@ -15,6 +15,7 @@ import inspect
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from contextvars import ContextVar
 from typing import Any
 
 import anyio
@@ -51,10 +52,15 @@ _EventTime = int | float | Any  # epoch milliseconds, or a datetime
 
 class _State(enum.Enum):
     UNOPENED = "unopened"
+    STARTING = "starting"
     OPEN = "open"
     CLOSING = "closing"
     CLOSED = "closed"
 
+
+# True in the background task and the tasks it starts (e.g. an on_error callback), so that an
+# aclose() called from there does not wait for the task it runs in.
+_in_background: ContextVar[bool] = ContextVar("fiddler_async_in_background", default=False)
 
 # Tasks spawned on asyncio are kept here so the loop cannot garbage-collect them mid-flight.
 _background_tasks: set[asyncio.Task[None]] = set()
@@ -122,9 +128,10 @@ class AsyncPublisher:
         self._client: httpx.AsyncClient | None = None
         self._exporter: FiddlerV3Exporter | None = None
         self._flusher: Flusher | None = None
-        self._runner_scope: anyio.CancelScope | None = None
-        self._runner_done: anyio.Event | None = None
-        self._closed: anyio.Event | None = None
+        self._runner_scope = anyio.CancelScope()
+        self._started = anyio.Event()
+        self._runner_done = anyio.Event()
+        self._closed = anyio.Event()
         self._close_result = FlushResult()
 
     def __repr__(self) -> str:
@@ -147,6 +154,7 @@ class AsyncPublisher:
         """Start the background flusher. Call once; then publish; then ``aclose()``."""
         if self._state is not _State.UNOPENED:
             raise PublisherClosedError(f"start() on a publisher that is {self._state.value}")
+        self._state = _State.STARTING
         config = self._config
         slots = config.max_in_flight + 2  # and room for name lookups beside the publishes
         self._client = httpx.AsyncClient(
@@ -165,81 +173,111 @@ class AsyncPublisher:
         self._flusher = Flusher(
             config, self._buffer, self._ledger, self._exporter, self._report_failure
         )
-        started, self._runner_done, self._closed = anyio.Event(), anyio.Event(), anyio.Event()
-        _spawn_detached(self._run, self._flusher, started, self._runner_done)
-        await started.wait()
-        self._state = _State.OPEN
-
-    async def _run(self, flusher: Flusher, started: anyio.Event, done: anyio.Event) -> None:
+        _spawn_detached(self._run, self._flusher)
         try:
-            with anyio.CancelScope() as self._runner_scope:
+            await self._started.wait()
+        except BaseException:
+            # Cancelled while starting: stop what was spawned, so that nothing runs unowned.
+            with anyio.CancelScope(shield=True):
+                await self._shutdown()
+            raise
+        if self._state is _State.STARTING:  # unless aclose() came meanwhile
+            self._state = _State.OPEN
+
+    async def _run(self, flusher: Flusher) -> None:
+        _in_background.set(True)
+        try:
+            with self._runner_scope:
                 async with anyio.create_task_group() as tg:
                     await tg.start(flusher.run)
-                    started.set()
-        except Exception:
+                    self._started.set()
+        except anyio.get_cancelled_exc_class():
+            raise
+        except BaseException:  # never raise into the caller's world (nor crash a trio run)
             logger.exception("fiddler_async background task failed; events are no longer sent")
         finally:
-            started.set()
-            done.set()
+            self._started.set()
+            self._runner_done.set()
 
     async def aclose(self, timeout: float | None = None) -> FlushResult:
         """Send what is queued, waiting at most ``timeout`` seconds (default
         ``config.close_timeout``), then stop. At the deadline, requests in flight are cancelled
         and they and the events still queued are dropped (reason ``shutdown``); the result says
-        what became of the events that were pending. Closing again returns the same result.
+        what became of the events that were pending. Safe to call again, or concurrently (the
+        later calls wait for the first, up to their own timeout), and from any task.
         """
+        timeout = self._config.close_timeout if timeout is None else timeout
         if self._state is _State.UNOPENED:
             self._state = _State.CLOSED
+            self._closed.set()
             return self._close_result
-        if self._state is not _State.OPEN:
-            assert self._closed is not None
-            with anyio.CancelScope(shield=True):
-                await self._closed.wait()
-            return self._close_result
-        self._state = _State.CLOSING
+        if self._state is _State.STARTING:
+            with anyio.move_on_after(timeout):
+                await self._started.wait()
+        if self._state not in (_State.STARTING, _State.OPEN):
+            return await self._await_close(timeout)
         assert self._flusher is not None
-        assert self._client is not None
-        assert self._runner_scope is not None
-        assert self._runner_done is not None
-        assert self._closed is not None
-        timeout = self._config.close_timeout if timeout is None else timeout
+        deadline = anyio.current_time() + timeout
+        self._state = _State.CLOSING
         self._buffer.close()
         watch = self._ledger.watch(self._pending())
         self._flusher.begin_flush()
-        # Closing is cleanup: it runs to its own deadline even if the caller is cancelled.
-        with anyio.move_on_after(timeout, shield=True):
-            await watch.done.wait()
-        self._runner_scope.cancel()
-        self._ledger.settle(self._buffer.take_all(), "dropped", "shutdown")
-        with anyio.move_on_after(1.0, shield=True):
-            await self._runner_done.wait()
-            await self._client.aclose()
-        self._ledger.unwatch(watch)
-        self._close_result = watch.result()
+        try:
+            # Closing is cleanup: it runs to its deadline even if the caller is cancelled.
+            with anyio.CancelScope(deadline=deadline, shield=True):
+                await watch.done.wait()
+                await self._flusher.reports_done()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._shutdown()
+            self._ledger.unwatch(watch)
+            self._close_result = watch.result()
         if self._close_result.dropped:
             logger.warning(
                 "fiddler_async closed at its %.3g s deadline: %d event(s) dropped",
                 timeout,
                 self._close_result.dropped,
             )
+        return self._close_result
+
+    async def _shutdown(self) -> None:
+        """Stop the background task and the HTTP client; what is still queued is dropped.
+        Events in flight are settled by their own tasks as they are cancelled."""
+        self._runner_scope.cancel()
+        self._ledger.settle(self._buffer.take_all(), "dropped", "shutdown")
+        if not _in_background.get():  # else we would wait for the very task we run in
+            with anyio.move_on_after(1.0):
+                await self._runner_done.wait()
+        if self._client is not None:
+            with anyio.move_on_after(1.0):
+                await self._client.aclose()
         self._state = _State.CLOSED
         self._closed.set()
-        return self._close_result
+
+    async def _await_close(self, timeout: float) -> FlushResult:
+        """Another call is closing: wait for it to finish, up to our own ``timeout``."""
+        with anyio.move_on_after(timeout):
+            await self._closed.wait()
+        if self._state is _State.CLOSED:
+            return self._close_result
+        return FlushResult(pending=self._pending())
 
     async def flush(self, timeout: float | None = None) -> FlushResult:
         """Send everything queued now, without waiting for batches to fill, and wait until the
-        events accepted before this call are settled or ``timeout`` seconds (default
-        ``config.flush_timeout``) have passed. Returns on time, with what became of them."""
-        if self._state is _State.UNOPENED:
+        events accepted before this call are settled (and their failures reported to
+        ``on_error``) or ``timeout`` seconds (default ``config.flush_timeout``) have passed.
+        Returns on time, with what became of them."""
+        if self._state in (_State.UNOPENED, _State.STARTING):
             raise PublisherClosedError("flush() before start()")
-        if self._flusher is None or self._state is _State.CLOSED:
-            return FlushResult()
+        if self._flusher is None or self._state is not _State.OPEN:
+            return FlushResult(pending=self._pending())
         timeout = self._config.flush_timeout if timeout is None else timeout
         watch = self._ledger.watch(self._pending())
         self._flusher.begin_flush()
         try:
             with anyio.move_on_after(timeout):
                 await watch.done.wait()
+                await self._flusher.reports_done()
         finally:
             self._flusher.end_flush()
             self._ledger.unwatch(watch)
@@ -335,6 +373,8 @@ class AsyncPublisher:
         dest, lane = self._route(project_id, model_id, env_type, env_name, update_event)
         if update_event and event_ids is None and dest.model.info is None:
             await self.resolve(project_id, model_id)
+            if self._state is not _State.OPEN:
+                raise self._not_open()
         prepared: list[tuple[bytes, Fixup | None, str]] = []
         errors: dict[int, EventError] = {}
         for index, row in enumerate(rows):
@@ -346,14 +386,16 @@ class AsyncPublisher:
             raise EventBatchError(errors)
         buffer = self._buffer
         policy = self._config.overflow
-        if policy == "raise" and not buffer.fits(len(prepared), sum(len(p[0]) for p in prepared)):
+        size = sum(len(body) for body, _, _ in prepared)
+        if policy == "block":
+            # Wait once for room for the whole batch, then queue it in one step: a timeout or
+            # a cancellation leaves none of it queued.
+            await buffer.wait_for_room(len(prepared), size, self._config.block_timeout)
+        elif policy == "raise" and not buffer.fits(len(prepared), size):
             self._ledger.rejected += len(prepared)
             raise QueueFullError(f"queue has no room for {len(prepared)} events; none queued")
         for body, fixup, _ in prepared:
-            if policy == "block":
-                await buffer.put(lane, body, fixup, self._config.block_timeout)
-            else:
-                buffer.offer(lane, body, fixup)
+            buffer.offer(lane, body, fixup)
         return [returned_id for _, _, returned_id in prepared]
 
     async def resolve(self, project_id: str, model_id: str) -> ModelInfo:
@@ -394,6 +436,8 @@ class AsyncPublisher:
     def _not_open(self) -> PublisherClosedError:
         if self._state is _State.UNOPENED:
             return PublisherClosedError("the publisher is not started: use `async with` or start()")
+        if self._state is _State.STARTING:
+            return PublisherClosedError("the publisher is starting: await start() first")
         return PublisherClosedError(f"the publisher is {self._state.value}")
 
     def _model_ref(self, project_id: str, model_id: str) -> ModelRef:

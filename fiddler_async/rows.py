@@ -24,7 +24,9 @@ class RowError(ValueError):
     """A row that cannot be published as it is; ``line`` is 1-based, ``column`` may be None."""
 
     def __init__(self, line: int, message: str, column: str | None = None) -> None:
-        where = f"line {line}" + (f", column {column!r}" if column and column not in message else "")
+        where = f"line {line}" + (
+            f", column {column!r}" if column and column not in message else ""
+        )
         super().__init__(f"{where}: {message}")
         self.line = line
         self.column = column

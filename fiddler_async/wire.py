@@ -29,8 +29,8 @@ from .exceptions import (
     ConnectError,
     ErrorReason,
     EventError,
-    FiddlerError,
     NotFoundError,
+    PublisherClosedError,
     RequestTimeoutError,
     SchemaMismatchError,
     api_error_class,
@@ -255,7 +255,10 @@ class FiddlerV3Exporter:
         retry: int,
         content: bytes | None = None,
         params: Mapping[str, str | int] | None = None,
-    ) -> httpx.Response:
+        read_body: bool = True,
+    ) -> bytes:
+        """One attempt; the body of a 2xx answer (empty when ``read_body`` is false, as for a
+        publish, whose answer we do not need: a garbled success body cannot fail it)."""
         headers = {}
         if content is not None:
             headers["Content-Type"] = "application/json"
@@ -263,21 +266,32 @@ class FiddlerV3Exporter:
             headers["X-Fiddler-Client-Retry"] = str(retry)
             self._ledger.retries += 1
         self._ledger.requests += 1
+        where = f"{method} {path}"
+        request = self._client.build_request(
+            method, path, content=content, params=params, headers=headers
+        )
         try:
-            response = await self._client.request(
-                method, path, content=content, params=params, headers=headers
-            )
+            response = await self._client.send(request, stream=True)
+            try:
+                if response.is_success and not read_body:
+                    body = b""
+                else:
+                    body = await response.aread()
+            finally:
+                await response.aclose()
         except httpx.TimeoutException as exc:
-            raise self._failed(
-                "Timeout", RequestTimeoutError(f"{method} {path}: timed out")
-            ) from exc
-        except httpx.TransportError as exc:
+            raise self._failed("Timeout", RequestTimeoutError(f"{where}: timed out")) from exc
+        except httpx.HTTPError as exc:  # connection errors, and answers that cannot be read
             detail = str(exc) or type(exc).__name__
-            raise self._failed("ConnectError", ConnectError(f"{method} {path}: {detail}")) from exc
+            raise self._failed("ConnectError", ConnectError(f"{where}: {detail}")) from exc
+        except RuntimeError as exc:
+            if self._client.is_closed:  # the publisher closed while this request waited
+                raise PublisherClosedError(f"{where}: the publisher closed") from exc
+            raise
         self._ledger.record_response(str(response.status_code))
         if not response.is_success:
             raise self._failed(None, error_from_response(response))
-        return response
+        return body
 
     def _failed(self, key: str | None, error: Exception) -> Exception:
         if key is not None:
@@ -286,13 +300,12 @@ class FiddlerV3Exporter:
         return error
 
     async def _get_data(self, path: str, retry: int, **params: str | int) -> Any:
-        response = await self._request("GET", path, retry=retry, params=params)
+        body = await self._request("GET", path, retry=retry, params=params)
         try:
-            return orjson.loads(response.content)["data"]
+            return orjson.loads(body)["data"]
         except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
             raise self._failed(
-                None,
-                APIError(f"GET {path}: unexpected answer, no 'data'", status=response.status_code),
+                None, APIError(f"GET {path}: unexpected answer, no 'data'", status=200)
             ) from exc
 
     # Name resolution
@@ -336,14 +349,14 @@ class FiddlerV3Exporter:
 
     async def export(
         self, dest: Destination, items: Sequence[Item]
-    ) -> list[tuple[Item, FiddlerError]]:
+    ) -> list[tuple[Item, Exception]]:
         """Deliver ``items`` to ``dest``; returns the events that were not delivered, each with
         its error (the final error of its request, or why the event itself was refused)."""
         try:
             info = await self.resolve(dest.model)
-        except FiddlerError as exc:
+        except Exception as exc:  # whatever it is, it is this batch's outcome
             return [(item, exc) for item in items]
-        failed: list[tuple[Item, FiddlerError]] = []
+        failed: list[tuple[Item, Exception]] = []
         ready: list[tuple[Item, bytes]] = []
         for item in items:
             body, fixup = item[1], item[2]
@@ -359,7 +372,7 @@ class FiddlerV3Exporter:
         for chunk in _split_by_bytes(ready, self._max_batch_bytes):
             try:
                 await self._send(info, dest, [body for _, body in chunk])
-            except FiddlerError as exc:
+            except Exception as exc:  # one chunk's failure leaves the others delivered
                 failed.extend((item, exc) for item, _ in chunk)
         return failed
 
@@ -378,7 +391,9 @@ class FiddlerV3Exporter:
             )
         )
         await self._retry.call(
-            lambda retry: self._request(dest.method, EVENTS_PATH, retry=retry, content=payload),
+            lambda retry: self._request(
+                dest.method, EVENTS_PATH, retry=retry, content=payload, read_body=False
+            ),
             what=dest.describe(),
         )
 
