@@ -128,10 +128,11 @@ class AsyncPublisher:
         self._client: httpx.AsyncClient | None = None
         self._exporter: FiddlerV3Exporter | None = None
         self._flusher: Flusher | None = None
-        self._runner_scope = anyio.CancelScope()
-        self._started = anyio.Event()
-        self._runner_done = anyio.Event()
-        self._closed = anyio.Event()
+        # Made by start(): they need a running event loop.
+        self._runner_scope: anyio.CancelScope | None = None
+        self._started: anyio.Event | None = None
+        self._runner_done: anyio.Event | None = None
+        self._closed: anyio.Event | None = None
         self._close_result = FlushResult()
 
     def __repr__(self) -> str:
@@ -155,6 +156,8 @@ class AsyncPublisher:
         if self._state is not _State.UNOPENED:
             raise PublisherClosedError(f"start() on a publisher that is {self._state.value}")
         self._state = _State.STARTING
+        self._runner_scope = anyio.CancelScope()
+        self._started, self._runner_done, self._closed = anyio.Event(), anyio.Event(), anyio.Event()
         config = self._config
         slots = config.max_in_flight + 2  # and room for name lookups beside the publishes
         self._client = httpx.AsyncClient(
@@ -173,7 +176,7 @@ class AsyncPublisher:
         self._flusher = Flusher(
             config, self._buffer, self._ledger, self._exporter, self._report_failure
         )
-        _spawn_detached(self._run, self._flusher)
+        _spawn_detached(self._run, self._flusher, self._runner_scope)
         try:
             await self._started.wait()
         except BaseException:
@@ -184,10 +187,12 @@ class AsyncPublisher:
         if self._state is _State.STARTING:  # unless aclose() came meanwhile
             self._state = _State.OPEN
 
-    async def _run(self, flusher: Flusher) -> None:
+    async def _run(self, flusher: Flusher, scope: anyio.CancelScope) -> None:
+        assert self._started is not None
+        assert self._runner_done is not None
         _in_background.set(True)
         try:
-            with self._runner_scope:
+            with scope:
                 async with anyio.create_task_group() as tg:
                     await tg.start(flusher.run)
                     self._started.set()
@@ -209,9 +214,9 @@ class AsyncPublisher:
         timeout = self._config.close_timeout if timeout is None else timeout
         if self._state is _State.UNOPENED:
             self._state = _State.CLOSED
-            self._closed.set()
             return self._close_result
         if self._state is _State.STARTING:
+            assert self._started is not None
             with anyio.move_on_after(timeout):
                 await self._started.wait()
         if self._state not in (_State.STARTING, _State.OPEN):
@@ -243,6 +248,9 @@ class AsyncPublisher:
     async def _shutdown(self) -> None:
         """Stop the background task and the HTTP client; what is still queued is dropped.
         Events in flight are settled by their own tasks as they are cancelled."""
+        assert self._runner_scope is not None
+        assert self._runner_done is not None
+        assert self._closed is not None
         self._runner_scope.cancel()
         self._ledger.settle(self._buffer.take_all(), "dropped", "shutdown")
         if not _in_background.get():  # else we would wait for the very task we run in
@@ -256,8 +264,9 @@ class AsyncPublisher:
 
     async def _await_close(self, timeout: float) -> FlushResult:
         """Another call is closing: wait for it to finish, up to our own ``timeout``."""
-        with anyio.move_on_after(timeout):
-            await self._closed.wait()
+        if self._closed is not None:
+            with anyio.move_on_after(timeout):
+                await self._closed.wait()
         if self._state is _State.CLOSED:
             return self._close_result
         return FlushResult(pending=self._pending())

@@ -255,10 +255,9 @@ class FiddlerV3Exporter:
         retry: int,
         content: bytes | None = None,
         params: Mapping[str, str | int] | None = None,
-        read_body: bool = True,
     ) -> bytes:
-        """One attempt; the body of a 2xx answer (empty when ``read_body`` is false, as for a
-        publish, whose answer we do not need: a garbled success body cannot fail it)."""
+        """One attempt; returns the body of a 2xx answer. An answer counts only once it has
+        arrived whole: a connection dropped after the status line is a ConnectError (retried)."""
         headers = {}
         if content is not None:
             headers["Content-Type"] = "application/json"
@@ -273,10 +272,11 @@ class FiddlerV3Exporter:
         try:
             response = await self._client.send(request, stream=True)
             try:
-                if response.is_success and not read_body:
-                    body = b""
-                else:
-                    body = await response.aread()
+                body = await response.aread()
+            except httpx.DecodingError:
+                if not response.is_success:
+                    raise
+                body = b""  # arrived whole but undecodable: the status alone tells success
             finally:
                 await response.aclose()
         except httpx.TimeoutException as exc:
@@ -391,9 +391,7 @@ class FiddlerV3Exporter:
             )
         )
         await self._retry.call(
-            lambda retry: self._request(
-                dest.method, EVENTS_PATH, retry=retry, content=payload, read_body=False
-            ),
+            lambda retry: self._request(dest.method, EVENTS_PATH, retry=retry, content=payload),
             what=dest.describe(),
         )
 

@@ -24,7 +24,7 @@ from fiddler_async import (
 from fiddler_async import exceptions as exceptions_module
 
 from .conftest import bank_event, mock_publisher
-from .fake_fiddler import FakeFiddler
+from .fake_fiddler import InProcessFiddler
 
 
 def test_public_names_are_sorted_and_exist() -> None:
@@ -88,8 +88,8 @@ anyio = pytest.mark.anyio
 
 
 @anyio
-async def test_bad_events_raise_at_the_caller_and_queue_nothing(fake: FakeFiddler) -> None:
-    async with mock_publisher(fake, max_batch_bytes=2048) as pub:
+async def test_bad_events_raise_at_the_caller_and_queue_nothing(inproc: InProcessFiddler) -> None:
+    async with mock_publisher(inproc, max_batch_bytes=2048) as pub:
         with pytest.raises(EventEncodeError, match=r"'features\.vector\[1\]'") as info:
             pub.publish_event_nowait(
                 "bank_churn", "bank_churn", {"features": {"vector": [1, object()]}}
@@ -117,11 +117,11 @@ async def test_bad_events_raise_at_the_caller_and_queue_nothing(fake: FakeFiddle
 
 
 @anyio
-async def test_a_batch_with_bad_events_names_each_and_queues_nothing(fake: FakeFiddler) -> None:
+async def test_a_batch_with_bad_events_names_each_and_queues_nothing(inproc: InProcessFiddler) -> None:
     events = [bank_event(i) for i in range(10)]
     events[3]["age"] = object()
     events[7]["balance"] = {1, object()}
-    async with mock_publisher(fake) as pub:
+    async with mock_publisher(inproc) as pub:
         with pytest.raises(EventBatchError) as info:
             await pub.publish_events_batch("bank_churn", "bank_churn", events)
         assert sorted(info.value.errors) == [3, 7]
@@ -135,18 +135,18 @@ async def test_a_batch_with_bad_events_names_each_and_queues_nothing(fake: FakeF
 
 
 @anyio
-async def test_a_dataframe_batch(fake: FakeFiddler) -> None:
+async def test_a_dataframe_batch(inproc: InProcessFiddler) -> None:
     frame = pd.DataFrame([bank_event(i) for i in range(5)])
     frame["age"] = frame["age"].astype(np.int64)
     frame["when"] = pd.Timestamp("2024-01-01 13:00")
     frame.loc[2, "balance"] = np.nan
-    async with mock_publisher(fake) as pub:
+    async with mock_publisher(inproc) as pub:
         ids = await pub.publish_events_batch(
             "bank_churn", "bank_churn", frame, event_ids=[f"row{i}" for i in range(5)]
         )
         assert ids == [f"row{i}" for i in range(5)]
         await pub.flush(5)
-    stored = fake.stored()
+    stored = inproc.stored()
     assert [e["event_id"] for e in stored] == ids
     assert stored[2]["balance"] is None
     assert stored[0]["age"] == 30
@@ -154,8 +154,8 @@ async def test_a_dataframe_batch(fake: FakeFiddler) -> None:
 
 
 @anyio
-async def test_batch_updates_take_ids_from_the_id_column(fake: FakeFiddler) -> None:
-    async with mock_publisher(fake) as pub:
+async def test_batch_updates_take_ids_from_the_id_column(inproc: InProcessFiddler) -> None:
+    async with mock_publisher(inproc) as pub:
         ids = await pub.publish_events_batch(
             "bank_churn", "bank_churn", [bank_event(i) for i in range(3)]
         )
@@ -165,4 +165,4 @@ async def test_batch_updates_take_ids_from_the_id_column(fake: FakeFiddler) -> N
             == ids
         )
         await pub.flush(5)
-    assert fake.stored("PATCH") == [{"__model": "bank_churn", **t} for t in targets]
+    assert [{"event_id": e["event_id"], "churn": e["churn"]} for e in inproc.stored()] == targets

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import anyio
 import anyio.lowlevel
+import httpx
 import pytest
 
 from fiddler_async import AsyncPublisher, PublisherClosedError
+from fiddler_async.emulator import Emulator
 
 from .conftest import bank_event, config, eventually, loopback_publisher, mock_publisher
-from .fake_fiddler import TOKEN, FakeFiddler, Fault
+from .fake_fiddler import TOKEN, InProcessFiddler
 
 pytestmark = pytest.mark.anyio
 
@@ -20,10 +22,10 @@ def assert_adds_up(pub: AsyncPublisher) -> None:
 
 
 async def test_flush_returns_at_its_deadline_while_the_server_hangs(
-    fake: FakeFiddler, loopback: str
+    fiddler: Emulator
 ) -> None:
-    fake.script(Fault(hang=True))
-    async with loopback_publisher(loopback, request_timeout=60) as pub:
+    fiddler.set_faults(script=["hang"])
+    async with loopback_publisher(fiddler, request_timeout=60) as pub:
         for i in range(5):
             pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(i))
         with anyio.fail_after(5):
@@ -42,10 +44,10 @@ async def test_flush_returns_at_its_deadline_while_the_server_hangs(
 
 
 async def test_close_deadline_also_reports_what_is_still_queued(
-    fake: FakeFiddler, loopback: str
+    fiddler: Emulator
 ) -> None:
-    fake.script(Fault(hang=True))
-    pub = loopback_publisher(loopback, max_in_flight=1, max_batch_events=10, linger=3600)
+    fiddler.set_faults(script=["hang"])
+    pub = loopback_publisher(fiddler, max_in_flight=1, max_batch_events=10, linger=3600)
     await pub.start()
     for i in range(25):  # one batch of 10 in flight (hanging), 15 queued behind it
         pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(i))
@@ -56,18 +58,20 @@ async def test_close_deadline_also_reports_what_is_still_queued(
     assert pub.stats().dropped == {"shutdown": 25}
 
 
-async def test_aclose_delivers_what_is_queued(fake: FakeFiddler, loopback: str) -> None:
-    pub = loopback_publisher(loopback, linger=3600)
+async def test_aclose_delivers_what_is_queued(fiddler: Emulator) -> None:
+    pub = loopback_publisher(fiddler, linger=3600)
     await pub.start()
     for i in range(2500):
         pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(i))
     result = await pub.aclose(10)
     assert (result.delivered, result.dropped, result.pending) == (2500, 0, 0)
-    assert len(fake.stored()) == 2500
+    assert fiddler.count() == 2500
 
 
-async def test_closing_twice_is_harmless_and_publishing_after_raises(fake: FakeFiddler) -> None:
-    pub = mock_publisher(fake)
+async def test_closing_twice_is_harmless_and_publishing_after_raises(
+    inproc: InProcessFiddler,
+) -> None:
+    pub = mock_publisher(inproc)
     with pytest.raises(PublisherClosedError, match="not started"):
         pub.publish_event_nowait("bank_churn", "bank_churn", bank_event())
     with pytest.raises(PublisherClosedError):
@@ -89,16 +93,16 @@ async def test_closing_twice_is_harmless_and_publishing_after_raises(fake: FakeF
     assert (await pub.flush(1)).complete
 
 
-async def test_a_never_started_publisher_closes_quietly(fake: FakeFiddler) -> None:
-    pub = mock_publisher(fake)
+async def test_a_never_started_publisher_closes_quietly(inproc: InProcessFiddler) -> None:
+    pub = mock_publisher(inproc)
     assert (await pub.aclose()).complete
     with pytest.raises(PublisherClosedError):
         await pub.start()
 
 
-async def test_start_and_close_from_different_tasks(fake: FakeFiddler, loopback: str) -> None:
+async def test_start_and_close_from_different_tasks(fiddler: Emulator) -> None:
     """As a framework does with its startup and shutdown hooks."""
-    pub = loopback_publisher(loopback)
+    pub = loopback_publisher(fiddler)
     async with anyio.create_task_group() as tg:
         tg.start_soon(pub.start)
     pub.publish_event_nowait("bank_churn", "bank_churn", bank_event())
@@ -110,11 +114,11 @@ async def test_start_and_close_from_different_tasks(fake: FakeFiddler, loopback:
     async with anyio.create_task_group() as tg:
         tg.start_soon(shutdown)
     assert results[0].delivered == 1
-    assert len(fake.stored()) == 1
+    assert fiddler.count() == 1
 
 
-async def test_concurrent_close_calls_share_one_result(fake: FakeFiddler, loopback: str) -> None:
-    pub = loopback_publisher(loopback)
+async def test_concurrent_close_calls_share_one_result(fiddler: Emulator) -> None:
+    pub = loopback_publisher(fiddler)
     await pub.start()
     pub.publish_event_nowait("bank_churn", "bank_churn", bank_event())
     results = []
@@ -129,10 +133,10 @@ async def test_concurrent_close_calls_share_one_result(fake: FakeFiddler, loopba
     assert results[0].delivered == 1
 
 
-async def test_stats_add_up_at_every_moment(fake: FakeFiddler, loopback: str) -> None:
-    fake.script(503, Fault(drop=True), 503, 400)
+async def test_stats_add_up_at_every_moment(fiddler: Emulator) -> None:
+    fiddler.set_faults(script=["503", "drop", "503", "400"])
     async with loopback_publisher(
-        loopback, max_batch_events=50, max_queue_events=400, overflow="drop_oldest"
+        fiddler, max_batch_events=50, max_queue_events=400, overflow="drop_oldest"
     ) as pub:
         for i in range(2000):
             pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(i))
@@ -146,22 +150,23 @@ async def test_stats_add_up_at_every_moment(fake: FakeFiddler, loopback: str) ->
     assert stats.accepted == 2000
     assert stats.delivered + stats.failed + stats.dropped_total == 2000
     assert stats.failed == 50  # the batch that met the 400
-    assert stats.delivered == len(fake.stored())
+    assert stats.delivered == fiddler.count()
 
 
-async def test_the_flusher_survives_an_exporter_bug(fake: FakeFiddler) -> None:
+async def test_the_flusher_survives_an_exporter_bug(inproc: InProcessFiddler) -> None:
+    transport = inproc.transport()
     calls = 0
-    original = fake.handle
 
-    def flaky(*args: object) -> object:
+    async def flaky(request: httpx.Request) -> httpx.Response:
         nonlocal calls
         calls += 1
         if calls == 4:  # the first publish after the three lookups
             raise RuntimeError("bug in the transport")
-        return original(*args)  # type: ignore[arg-type]
+        return await transport.handle_async_request(request)
 
-    fake.handle = flaky  # type: ignore[method-assign]
-    async with mock_publisher(fake) as pub:
+    async with AsyncPublisher(
+        "https://fiddler.test", TOKEN, config=config(), transport=httpx.MockTransport(flaky)
+    ) as pub:
         pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(1))
         assert (await pub.flush(5)).failed == 1
         pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(2))
@@ -169,9 +174,9 @@ async def test_the_flusher_survives_an_exporter_bug(fake: FakeFiddler) -> None:
 
 
 async def test_url_and_token_from_the_environment(
-    fake: FakeFiddler, loopback: str, monkeypatch: pytest.MonkeyPatch
+    fiddler: Emulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("FIDDLER_URL", loopback)
+    monkeypatch.setenv("FIDDLER_URL", fiddler.url)
     monkeypatch.setenv("FIDDLER_TOKEN", TOKEN)
     async with AsyncPublisher(config=config()) as pub:
         pub.publish_event_nowait("bank_churn", "bank_churn", bank_event())

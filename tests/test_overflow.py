@@ -8,7 +8,9 @@ import pytest
 from fiddler_async import AsyncPublisher, QueueFullError
 
 from .conftest import bank_event, eventually, loopback_publisher, mock_publisher
-from .fake_fiddler import FakeFiddler, Fault
+from fiddler_async.emulator import Emulator
+
+from .fake_fiddler import InProcessFiddler
 
 pytestmark = pytest.mark.anyio
 
@@ -16,8 +18,8 @@ pytestmark = pytest.mark.anyio
 HELD = {"linger": 3600, "max_queue_events": 10, "max_batch_events": 1000}
 
 
-def customers(fake: FakeFiddler) -> list[str]:
-    return [e["customer_id"] for e in fake.stored()]
+def customers(inproc: InProcessFiddler) -> list[str]:
+    return [e["customer_id"] for e in inproc.stored()]
 
 
 def assert_adds_up(pub: AsyncPublisher) -> None:
@@ -25,8 +27,8 @@ def assert_adds_up(pub: AsyncPublisher) -> None:
     assert s.accepted == s.delivered + s.failed + s.dropped_total + s.pending
 
 
-async def test_drop_oldest_keeps_the_newest(fake: FakeFiddler) -> None:
-    async with mock_publisher(fake, overflow="drop_oldest", **HELD) as pub:
+async def test_drop_oldest_keeps_the_newest(inproc: InProcessFiddler) -> None:
+    async with mock_publisher(inproc, overflow="drop_oldest", **HELD) as pub:
         for i in range(15):
             pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(i))
         stats = pub.stats()
@@ -34,21 +36,21 @@ async def test_drop_oldest_keeps_the_newest(fake: FakeFiddler) -> None:
         assert_adds_up(pub)
         result = await pub.flush(5)
     assert (result.delivered, result.dropped) == (10, 0)  # the flush began after the drops
-    assert customers(fake) == [f"c{i}" for i in range(5, 15)]
+    assert customers(inproc) == [f"c{i}" for i in range(5, 15)]
 
 
-async def test_drop_newest_keeps_the_oldest(fake: FakeFiddler) -> None:
-    async with mock_publisher(fake, overflow="drop_newest", **HELD) as pub:
+async def test_drop_newest_keeps_the_oldest(inproc: InProcessFiddler) -> None:
+    async with mock_publisher(inproc, overflow="drop_newest", **HELD) as pub:
         for i in range(15):
             pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(i))
         assert pub.stats().dropped == {"queue_full": 5}
         assert_adds_up(pub)
         await pub.flush(5)
-    assert customers(fake) == [f"c{i}" for i in range(10)]
+    assert customers(inproc) == [f"c{i}" for i in range(10)]
 
 
-async def test_raise_refuses_at_the_caller(fake: FakeFiddler) -> None:
-    async with mock_publisher(fake, overflow="raise", **HELD) as pub:
+async def test_raise_refuses_at_the_caller(inproc: InProcessFiddler) -> None:
+    async with mock_publisher(inproc, overflow="raise", **HELD) as pub:
         for i in range(10):
             pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(i))
         with pytest.raises(QueueFullError, match="bound hit: events"):
@@ -61,12 +63,12 @@ async def test_raise_refuses_at_the_caller(fake: FakeFiddler) -> None:
         assert (stats.accepted, stats.rejected, stats.dropped) == (10, 3, {})
         assert_adds_up(pub)
         await pub.flush(5)
-    assert customers(fake) == [f"c{i}" for i in range(10)]
+    assert customers(inproc) == [f"c{i}" for i in range(10)]
 
 
-async def test_the_byte_bound_applies_too(fake: FakeFiddler) -> None:
+async def test_the_byte_bound_applies_too(inproc: InProcessFiddler) -> None:
     async with mock_publisher(
-        fake, overflow="drop_oldest", linger=3600, max_queue_bytes=4096, max_batch_bytes=4096
+        inproc, overflow="drop_oldest", linger=3600, max_queue_bytes=4096, max_batch_bytes=4096
     ) as pub:
         for i in range(40):
             pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(i))
@@ -76,14 +78,14 @@ async def test_the_byte_bound_applies_too(fake: FakeFiddler) -> None:
         assert stats.dropped["queue_bytes"] + stats.queued_events == 40
         assert_adds_up(pub)
         await pub.flush(5)
-    kept = customers(fake)
+    kept = customers(inproc)
     assert kept == [f"c{i}" for i in range(40 - len(kept), 40)]
 
 
-async def test_block_waits_for_room_then_times_out(fake: FakeFiddler, loopback: str) -> None:
-    fake.script(Fault(hang=True))  # the first request hangs, so the queue cannot drain
+async def test_block_waits_for_room_then_times_out(fiddler: Emulator) -> None:
+    fiddler.set_faults(script=["hang"])  # the first request hangs, so the queue cannot drain
     async with loopback_publisher(
-        loopback,
+        fiddler,
         overflow="block",
         block_timeout=0.2,
         max_queue_events=5,
@@ -107,9 +109,9 @@ async def test_block_waits_for_room_then_times_out(fake: FakeFiddler, loopback: 
         await pub.aclose(0.5)
 
 
-async def test_block_proceeds_when_room_appears(fake: FakeFiddler) -> None:
+async def test_block_proceeds_when_room_appears(inproc: InProcessFiddler) -> None:
     async with mock_publisher(
-        fake, overflow="block", block_timeout=30, max_queue_events=5, linger=3600
+        inproc, overflow="block", block_timeout=30, max_queue_events=5, linger=3600
     ) as pub:
         for i in range(5):
             await pub.publish_event("bank_churn", "bank_churn", bank_event(i))
@@ -128,14 +130,14 @@ async def test_block_proceeds_when_room_appears(fake: FakeFiddler) -> None:
                 await done.wait()
         await pub.flush(5)
         assert pub.stats().dropped == {}
-    assert customers(fake) == [f"c{i}" for i in range(6)]
+    assert customers(inproc) == [f"c{i}" for i in range(6)]
 
 
 async def test_a_caller_cancelled_while_blocked_leaves_the_queue_intact(
-    fake: FakeFiddler,
+    inproc: InProcessFiddler,
 ) -> None:
     async with mock_publisher(
-        fake, overflow="block", block_timeout=30, max_queue_events=3, linger=3600
+        inproc, overflow="block", block_timeout=30, max_queue_events=3, linger=3600
     ) as pub:
         for i in range(3):
             await pub.publish_event("bank_churn", "bank_churn", bank_event(i))
@@ -146,15 +148,49 @@ async def test_a_caller_cancelled_while_blocked_leaves_the_queue_intact(
         assert (stats.accepted, stats.queued_events, stats.rejected) == (3, 3, 0)
         assert_adds_up(pub)
         await pub.flush(5)
-    assert customers(fake) == ["c0", "c1", "c2"]
+    assert customers(inproc) == ["c0", "c1", "c2"]
 
 
 async def test_drops_are_logged_once_per_interval(
-    fake: FakeFiddler, caplog: pytest.LogCaptureFixture
+    inproc: InProcessFiddler, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with mock_publisher(fake, overflow="drop_newest", log_interval=3600, **HELD) as pub:
+    async with mock_publisher(inproc, overflow="drop_newest", log_interval=3600, **HELD) as pub:
         for i in range(1000):
             pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(i))
         assert pub.stats().dropped == {"queue_full": 990}
     drop_lines = [r for r in caplog.records if "dropped" in r.getMessage()]
     assert len(drop_lines) == 1
+
+
+async def test_a_blocked_batch_is_queued_whole_or_not_at_all(inproc: InProcessFiddler) -> None:
+    async with mock_publisher(
+        inproc, overflow="block", block_timeout=0.05, max_queue_events=5, linger=3600
+    ) as pub:
+        await pub.publish_events_batch("bank_churn", "bank_churn", [bank_event(0)] * 3)
+        with pytest.raises(QueueFullError, match="after waiting"):
+            await pub.publish_events_batch("bank_churn", "bank_churn", [bank_event(1)] * 4)
+        with pytest.raises(QueueFullError, match="can never fit"):
+            await pub.publish_events_batch("bank_churn", "bank_churn", [bank_event(2)] * 6)
+        stats = pub.stats()
+        assert (stats.accepted, stats.rejected, stats.queued_events) == (3, 10, 3)
+        assert_adds_up(pub)
+        # Room appears while the batch waits: all of it goes in.
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pub.flush, 5.0)
+            await pub.publish_events_batch("bank_churn", "bank_churn", [bank_event(3)] * 4)
+        await pub.flush(5)
+    assert customers(inproc) == ["c0"] * 3 + ["c3"] * 4
+
+
+async def test_drop_oldest_evicts_across_destinations_by_age(inproc: InProcessFiddler) -> None:
+    async with mock_publisher(inproc, overflow="drop_oldest", **HELD) as pub:
+        for i in range(6):
+            pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(i))
+            pub.publish_event_nowait("bank_churn", "bank_churn_v2", {"customer_id": f"v{i}"})
+        # 12 accepted, 10 fit: the two oldest (c0, then v0) went.
+        assert pub.stats().dropped == {"queue_full": 2}
+        await pub.flush(5)
+    assert customers(inproc) == [f"c{i}" for i in range(1, 6)]
+    assert [e["customer_id"] for e in inproc.stored("bank_churn", "bank_churn_v2")] == [
+        f"v{i}" for i in range(1, 6)
+    ]

@@ -19,93 +19,90 @@ from fiddler_async import (
 from fiddler_async._logging import RateLimitedLog
 from fiddler_async.retry import RetryPolicy, is_retryable
 
-from .conftest import bank_event, loopback_publisher
-from .fake_fiddler import FakeFiddler, Fault
+from fiddler_async.emulator import Emulator
+
+from .conftest import bank_event, loopback_publisher, publishes, retry_headers
 
 pytestmark = pytest.mark.anyio
 
 
-def retry_headers(fake: FakeFiddler) -> list[str | None]:
-    return [r.headers.get("x-fiddler-client-retry") for r in fake.event_requests()]
-
-
-async def test_503_is_retried_with_the_retry_header(fake: FakeFiddler, loopback: str) -> None:
-    fake.script(503, 503)
-    async with loopback_publisher(loopback) as pub:
+async def test_503_is_retried_with_the_retry_header(fiddler: Emulator) -> None:
+    fiddler.set_faults(script=["503", "503"])
+    async with loopback_publisher(fiddler) as pub:
         ids = await pub.publish_events_batch("bank_churn", "bank_churn", [bank_event(1)] * 3)
         result = await pub.flush(10)
         stats = pub.stats()
     assert result.delivered == 3
-    assert retry_headers(fake) == [None, "1", "2"]
+    assert retry_headers(fiddler) == [None, "1", "2"]
     assert stats.retries == 2
     assert stats.responses["503"] == 2
     assert stats.responses["202"] == 1
-    assert sorted(e["event_id"] for e in fake.stored()) == sorted(ids)  # same ids on retry
+    assert sorted(e["event_id"] for e in fiddler.events()) == sorted(ids)  # same ids on retry
 
 
-async def test_dropped_connections_are_retried(fake: FakeFiddler, loopback: str) -> None:
-    fake.script(Fault(drop=True), Fault(drop=True))
-    async with loopback_publisher(loopback) as pub:
+async def test_dropped_connections_are_retried(fiddler: Emulator) -> None:
+    fiddler.set_faults(script=["drop", "drop"])
+    async with loopback_publisher(fiddler) as pub:
         pub.publish_event_nowait("bank_churn", "bank_churn", bank_event())
         result = await pub.flush(10)
         stats = pub.stats()
     assert result.delivered == 1
     assert stats.responses["ConnectError"] == 2
-    assert retry_headers(fake) == [None, "1", "2"]
+    assert retry_headers(fiddler) == [None, "1", "2"]
 
 
 async def test_429_waits_for_retry_after_instead_of_the_backoff(
-    fake: FakeFiddler, loopback: str
+    fiddler: Emulator
 ) -> None:
     # With a backoff of up to an hour, only honouring Retry-After (0 s) gets this delivered
     # within the test's deadline.
-    fake.script(Fault(status=429, retry_after="0"), Fault(status=503, retry_after="0"))
+    fiddler.set_faults(script=["429", "503"], retry_after=0)
     async with loopback_publisher(
-        loopback, retry_backoff_initial=3600, retry_backoff_max=3600
+        fiddler, retry_backoff_initial=3600, retry_backoff_max=3600
     ) as pub:
         pub.publish_event_nowait("bank_churn", "bank_churn", bank_event())
         with anyio.fail_after(10):
             result = await pub.flush(60)
     assert result.delivered == 1
-    assert retry_headers(fake) == [None, "1", "2"]
+    assert retry_headers(fiddler) == [None, "1", "2"]
 
 
-async def test_400_is_not_retried(fake: FakeFiddler, loopback: str) -> None:
-    fake.script(400)
+async def test_400_is_not_retried(fiddler: Emulator) -> None:
+    fiddler.set_faults(script=["400"])
     failures: list[DeliveryFailure] = []
-    async with loopback_publisher(loopback, on_error=failures.append) as pub:
+    async with loopback_publisher(fiddler, on_error=failures.append) as pub:
         ids = await pub.publish_events_batch("bank_churn", "bank_churn", [bank_event()] * 2)
         result = await pub.flush(10)
         stats = pub.stats()
     assert (result.delivered, result.failed) == (0, 2)
-    assert len(fake.event_requests()) == 1
+    assert len(publishes(fiddler)) == 1
     assert stats.retries == 0
     (failure,) = failures
     assert isinstance(failure.error, BadRequestError)
-    assert failure.error.reasons[0].reason == "Injected"
+    assert failure.error.reasons[0].reason == "BadRequest"
     assert list(failure.event_ids) == ids
     assert (failure.project, failure.model, failure.update) == ("bank_churn", "bank_churn", False)
 
 
-async def test_retries_stop_at_the_attempt_budget(fake: FakeFiddler, loopback: str) -> None:
-    fake.script(*[503] * 10)
+async def test_retries_stop_at_the_attempt_budget(fiddler: Emulator) -> None:
+    fiddler.set_faults(script=["503"] * 10)
     failures: list[DeliveryFailure] = []
-    async with loopback_publisher(loopback, retry_max_attempts=3, on_error=failures.append) as pub:
+    async with loopback_publisher(fiddler, retry_max_attempts=3, on_error=failures.append) as pub:
         pub.publish_event_nowait("bank_churn", "bank_churn", bank_event())
         result = await pub.flush(10)
         # The flusher goes on after a failed batch.
-        fake.faults.clear()
+        fiddler.set_faults(script=[])
         pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(2))
         assert (await pub.flush(10)).delivered == 1
     assert result.failed == 1
     assert isinstance(failures[0].error, ServerError)
-    assert retry_headers(fake)[:3] == [None, "1", "2"]
+    assert retry_headers(fiddler)[:3] == [None, "1", "2"]
 
 
-async def test_retries_stop_at_the_elapsed_budget(fake: FakeFiddler, loopback: str) -> None:
-    fake.script(*[503] * 50)
+async def test_retries_stop_at_the_elapsed_budget(fiddler: Emulator) -> None:
+    fiddler.set_faults(script=["503"] * 50)
     async with loopback_publisher(
-        loopback,
+        fiddler,
         retry_max_attempts=1000,
         retry_max_elapsed=0.3,
         retry_backoff_initial=0.1,
@@ -115,17 +112,17 @@ async def test_retries_stop_at_the_elapsed_budget(fake: FakeFiddler, loopback: s
         with anyio.fail_after(10):
             result = await pub.flush(30)
     assert result.failed == 1
-    assert len(fake.event_requests()) < 50
+    assert len(publishes(fiddler)) < 50
 
 
 async def test_a_raising_callback_does_not_stop_the_flusher(
-    fake: FakeFiddler, loopback: str, caplog: pytest.LogCaptureFixture
+    fiddler: Emulator, caplog: pytest.LogCaptureFixture
 ) -> None:
     def explode(failure: DeliveryFailure) -> None:
         raise RuntimeError("callback bug")
 
-    fake.script(400)
-    async with loopback_publisher(loopback, on_error=explode) as pub:
+    fiddler.set_faults(script=["400"])
+    async with loopback_publisher(fiddler, on_error=explode) as pub:
         pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(1))
         assert (await pub.flush(10)).failed == 1
         pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(2))
@@ -133,15 +130,15 @@ async def test_a_raising_callback_does_not_stop_the_flusher(
     assert any("reporting a delivery failure raised" in r.getMessage() for r in caplog.records)
 
 
-async def test_async_callbacks_are_awaited(fake: FakeFiddler, loopback: str) -> None:
+async def test_async_callbacks_are_awaited(fiddler: Emulator) -> None:
     seen: list[DeliveryFailure] = []
 
     async def record(failure: DeliveryFailure) -> None:
         await anyio.lowlevel.checkpoint()
         seen.append(failure)
 
-    fake.script(400)
-    async with loopback_publisher(loopback, on_error=record) as pub:
+    fiddler.set_faults(script=["400"])
+    async with loopback_publisher(fiddler, on_error=record) as pub:
         pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(1))
         await pub.flush(10)
     assert len(seen) == 1
@@ -171,9 +168,9 @@ def test_backoff_is_full_jitter_capped_and_retry_after_is_capped() -> None:
     assert all(20.0 <= policy.backoff(1, too_long) <= 21.0 for _ in range(100))
 
 
-async def test_a_timed_out_request_is_retried(fake: FakeFiddler, loopback: str) -> None:
-    fake.script(Fault(hang=True))
-    async with loopback_publisher(loopback, request_timeout=0.2) as pub:
+async def test_a_timed_out_request_is_retried(fiddler: Emulator) -> None:
+    fiddler.set_faults(script=["hang"])
+    async with loopback_publisher(fiddler, request_timeout=0.2) as pub:
         pub.publish_event_nowait("bank_churn", "bank_churn", bank_event())
         result = await pub.flush(10)
         stats = pub.stats()
@@ -181,4 +178,4 @@ async def test_a_timed_out_request_is_retried(fake: FakeFiddler, loopback: str) 
     assert stats.responses["Timeout"] == 1
     assert stats.last_error is not None
     assert "timed out" in stats.last_error
-    assert retry_headers(fake) == [None, "1"]
+    assert retry_headers(fiddler) == [None, "1"]
