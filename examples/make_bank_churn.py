@@ -1,6 +1,6 @@
 """Write examples/bank_churn.csv: 5,000 synthetic bank-churn predictions (deterministic).
 
-    python examples/make_bank_churn.py
+python examples/make_bank_churn.py
 """
 
 from __future__ import annotations

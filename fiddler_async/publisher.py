@@ -231,7 +231,8 @@ class AsyncPublisher:
             # Closing is cleanup: it runs to its deadline even if the caller is cancelled.
             with anyio.CancelScope(deadline=deadline, shield=True):
                 await watch.done.wait()
-                await self._flusher.reports_done()
+                if not _in_background.get():  # called by a report: do not wait for ourselves
+                    await self._flusher.reports_done()
         finally:
             with anyio.CancelScope(shield=True):
                 await self._shutdown()
@@ -286,7 +287,8 @@ class AsyncPublisher:
         try:
             with anyio.move_on_after(timeout):
                 await watch.done.wait()
-                await self._flusher.reports_done()
+                if not _in_background.get():  # called by a report: do not wait for ourselves
+                    await self._flusher.reports_done()
         finally:
             self._flusher.end_flush()
             self._ledger.unwatch(watch)

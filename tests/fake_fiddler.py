@@ -59,7 +59,9 @@ class InProcessFiddler:
     def lookups(self) -> list[httpx.Request]:
         return [r for r in self.requests if r.method == "GET"]
 
-    def stored(self, project: str = "bank_churn", model: str = "bank_churn") -> list[dict[str, Any]]:
+    def stored(
+        self, project: str = "bank_churn", model: str = "bank_churn"
+    ) -> list[dict[str, Any]]:
         found = self.state.catalog.find(project, model)
         assert found is not None
         return self.state.store.events(found.id)

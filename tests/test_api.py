@@ -117,7 +117,9 @@ async def test_bad_events_raise_at_the_caller_and_queue_nothing(inproc: InProces
 
 
 @anyio
-async def test_a_batch_with_bad_events_names_each_and_queues_nothing(inproc: InProcessFiddler) -> None:
+async def test_a_batch_with_bad_events_names_each_and_queues_nothing(
+    inproc: InProcessFiddler,
+) -> None:
     events = [bank_event(i) for i in range(10)]
     events[3]["age"] = object()
     events[7]["balance"] = {1, object()}

@@ -132,3 +132,28 @@ async def test_a_burst_of_100k_events_loses_nothing_with_defaults(fiddler: Emula
     assert fiddler.count() == 100_000
     summary_ids = {e["event_id"] for e in fiddler.events()}
     assert len(summary_ids) == 100_000
+
+
+async def test_a_busy_destination_does_not_starve_a_quiet_one(fiddler: Emulator) -> None:
+    fiddler.set_faults(latency=0.01)  # 50 events per 10 ms at most: the flood outpaces it
+    async with loopback_publisher(
+        fiddler, max_in_flight=1, max_batch_events=50, linger=0.02
+    ) as pub:
+        await pub.resolve("bank_churn", "bank_churn_v2")
+        for i in range(500):
+            pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(i))
+        pub.publish_event_nowait("bank_churn", "bank_churn_v2", {"customer_id": "quiet"})
+        busy = True
+
+        async def flood() -> None:
+            while busy:  # the busy destination always has a full batch waiting
+                for i in range(50):
+                    pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(i))
+                await anyio.sleep(0.005)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(flood)
+            # Sent once the 500 events older than it are: not after the flood ends.
+            await eventually(lambda: fiddler.count("bank_churn", "bank_churn_v2") == 1)
+            busy = False
+        await pub.aclose(0.1)

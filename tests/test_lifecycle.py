@@ -7,7 +7,7 @@ import anyio.lowlevel
 import httpx
 import pytest
 
-from fiddler_async import AsyncPublisher, PublisherClosedError
+from fiddler_async import AsyncPublisher, DeliveryFailure, PublisherClosedError
 from fiddler_async.emulator import Emulator
 
 from .conftest import bank_event, config, eventually, loopback_publisher, mock_publisher
@@ -21,9 +21,7 @@ def assert_adds_up(pub: AsyncPublisher) -> None:
     assert s.accepted == s.delivered + s.failed + s.dropped_total + s.pending
 
 
-async def test_flush_returns_at_its_deadline_while_the_server_hangs(
-    fiddler: Emulator
-) -> None:
+async def test_flush_returns_at_its_deadline_while_the_server_hangs(fiddler: Emulator) -> None:
     fiddler.set_faults(script=["hang"])
     async with loopback_publisher(fiddler, request_timeout=60) as pub:
         for i in range(5):
@@ -43,9 +41,7 @@ async def test_flush_returns_at_its_deadline_while_the_server_hangs(
     assert_adds_up(pub)
 
 
-async def test_close_deadline_also_reports_what_is_still_queued(
-    fiddler: Emulator
-) -> None:
+async def test_close_deadline_also_reports_what_is_still_queued(fiddler: Emulator) -> None:
     fiddler.set_faults(script=["hang"])
     pub = loopback_publisher(fiddler, max_in_flight=1, max_batch_events=10, linger=3600)
     await pub.start()
@@ -180,4 +176,148 @@ async def test_url_and_token_from_the_environment(
     monkeypatch.setenv("FIDDLER_TOKEN", TOKEN)
     async with AsyncPublisher(config=config()) as pub:
         pub.publish_event_nowait("bank_churn", "bank_churn", bank_event())
+        assert (await pub.flush(5)).delivered == 1
+
+
+async def test_a_batch_waiting_on_a_lookup_is_refused_if_the_publisher_closes(
+    fiddler: Emulator,
+) -> None:
+    fiddler.set_faults(latency=0.5)  # every answer, the model lookup included, takes 0.5 s
+    pub = loopback_publisher(fiddler)
+    await pub.start()
+    outcome: list[BaseException] = []
+
+    async def update_batch() -> None:
+        try:
+            await pub.publish_events_batch(
+                "bank_churn", "bank_churn", [{"event_id": "e1", "churn": "yes"}], update_event=True
+            )
+        except BaseException as exc:
+            outcome.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(update_batch)
+        await anyio.sleep(0.05)  # the batch is waiting for the model lookup
+        with anyio.fail_after(5):
+            await pub.aclose(0.1)
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], PublisherClosedError)
+    stats = pub.stats()
+    assert (stats.accepted, stats.pending) == (0, 0)
+
+
+async def test_a_second_close_waits_only_its_own_timeout(fiddler: Emulator) -> None:
+    fiddler.set_faults(script=["hang"])
+    pub = loopback_publisher(fiddler)
+    await pub.start()
+    pub.publish_event_nowait("bank_churn", "bank_churn", bank_event())
+    await eventually(lambda: pub.stats().in_flight_requests == 1)
+    results = []
+
+    async def close(timeout: float) -> None:
+        results.append((timeout, await pub.aclose(timeout)))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(close, 2.0)
+        await eventually(lambda: "state=closing" in repr(pub))
+        with anyio.fail_after(1.5):  # not the first call's 2 s
+            await close(0.1)
+        assert results == [(0.1, results[0][1])]
+        assert results[0][1].pending == 1  # still in flight when it gave up waiting
+    first = results[1][1]
+    assert (first.dropped, first.pending) == (1, 0)
+
+
+async def test_concurrent_or_late_start_is_refused(inproc: InProcessFiddler) -> None:
+    pub = mock_publisher(inproc)
+    errors: list[BaseException] = []
+
+    async def start() -> None:
+        try:
+            await pub.start()
+        except PublisherClosedError as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(start)
+        tg.start_soon(start)
+    assert len(errors) == 1
+    assert "starting" in str(errors[0]) or "open" in str(errors[0])
+    pub.publish_event_nowait("bank_churn", "bank_churn", bank_event())
+    assert (await pub.aclose(5)).delivered == 1
+
+
+async def test_close_during_start_wins(inproc: InProcessFiddler) -> None:
+    pub = mock_publisher(inproc)
+    refused: list[PublisherClosedError] = []
+
+    async def start() -> None:
+        try:
+            await pub.start()
+        except PublisherClosedError as exc:  # the close came before start() began
+            refused.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(start)
+        await anyio.lowlevel.checkpoint()
+        await pub.aclose(5)
+    assert len(refused) <= 1
+    with pytest.raises(PublisherClosedError):
+        pub.publish_event_nowait("bank_churn", "bank_churn", bank_event())
+
+
+async def test_a_start_cancelled_midway_leaves_nothing_running(inproc: InProcessFiddler) -> None:
+    pub = mock_publisher(inproc)
+    with anyio.move_on_after(0):
+        await pub.start()
+    with pytest.raises(PublisherClosedError):
+        pub.publish_event_nowait("bank_churn", "bank_churn", bank_event())
+    assert (await pub.aclose(1)).complete
+
+
+async def test_flush_and_close_wait_for_async_callbacks(fiddler: Emulator) -> None:
+    reported: list[DeliveryFailure] = []
+
+    async def on_error(failure: DeliveryFailure) -> None:
+        await anyio.sleep(0.05)
+        reported.append(failure)
+
+    fiddler.set_faults(script=["400", "400"])
+    async with loopback_publisher(fiddler, on_error=on_error) as pub:
+        pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(1))
+        assert (await pub.flush(5)).failed == 1
+        assert len(reported) == 1  # the callback finished before flush() returned
+        pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(2))
+    assert len(reported) == 2  # and before the close returned
+
+
+async def test_closing_from_inside_on_error(fiddler: Emulator) -> None:
+    results = []
+
+    async def on_error(failure: DeliveryFailure) -> None:
+        results.append(await pub.aclose(5))
+
+    fiddler.set_faults(script=["400"])
+    pub = loopback_publisher(fiddler, on_error=on_error)
+    await pub.start()
+    pub.publish_event_nowait("bank_churn", "bank_churn", bank_event())
+    with anyio.fail_after(5):
+        await pub.flush(5)
+        await eventually(lambda: bool(results))
+    # The failed event was settled before its report began: nothing was pending at the close.
+    assert results[0].complete
+    assert pub.stats().failed == 1
+    with pytest.raises(PublisherClosedError):
+        pub.publish_event_nowait("bank_churn", "bank_churn", bank_event())
+
+
+async def test_a_callback_raising_system_exit_does_not_stop_delivery(fiddler: Emulator) -> None:
+    def on_error(failure: DeliveryFailure) -> None:
+        raise SystemExit(3)
+
+    fiddler.set_faults(script=["400"])
+    async with loopback_publisher(fiddler, on_error=on_error) as pub:
+        pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(1))
+        assert (await pub.flush(5)).failed == 1
+        pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(2))
         assert (await pub.flush(5)).delivered == 1

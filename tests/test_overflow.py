@@ -6,10 +6,9 @@ import anyio
 import pytest
 
 from fiddler_async import AsyncPublisher, QueueFullError
-
-from .conftest import bank_event, eventually, loopback_publisher, mock_publisher
 from fiddler_async.emulator import Emulator
 
+from .conftest import bank_event, eventually, loopback_publisher, mock_publisher
 from .fake_fiddler import InProcessFiddler
 
 pytestmark = pytest.mark.anyio

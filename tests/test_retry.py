@@ -17,9 +17,8 @@ from fiddler_async import (
     ServerError,
 )
 from fiddler_async._logging import RateLimitedLog
-from fiddler_async.retry import RetryPolicy, is_retryable
-
 from fiddler_async.emulator import Emulator
+from fiddler_async.retry import RetryPolicy, is_retryable
 
 from .conftest import bank_event, loopback_publisher, publishes, retry_headers
 
@@ -51,9 +50,7 @@ async def test_dropped_connections_are_retried(fiddler: Emulator) -> None:
     assert retry_headers(fiddler) == [None, "1", "2"]
 
 
-async def test_429_waits_for_retry_after_instead_of_the_backoff(
-    fiddler: Emulator
-) -> None:
+async def test_429_waits_for_retry_after_instead_of_the_backoff(fiddler: Emulator) -> None:
     # With a backoff of up to an hour, only honouring Retry-After (0 s) gets this delivered
     # within the test's deadline.
     fiddler.set_faults(script=["429", "503"], retry_after=0)

@@ -274,3 +274,45 @@ async def test_wait_for_is_not_needed_for_each_publish(inproc: InProcessFiddler)
         assert pub.stats().queued_events == 1
         await pub.flush(5)
         await eventually(lambda: pub.stats().delivered == 1)
+
+
+# httpx leaves its decoding generators to the garbage collector after a DecodingError.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_an_undecodable_success_body_still_counts_as_delivered(
+    inproc: InProcessFiddler,
+) -> None:
+    transport = inproc.transport()
+
+    async def garble(request: httpx.Request) -> httpx.Response:
+        response = await transport.handle_async_request(request)
+        if request.url.path != "/v3/events":
+            return response
+        headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+        return httpx.Response(
+            response.status_code, headers=headers, stream=httpx.ByteStream(b"not gzip")
+        )
+
+    async with fiddler_async.AsyncPublisher(
+        "https://fiddler.test",
+        "test-token",
+        config=fiddler_async.PublisherConfig(),
+        transport=httpx.MockTransport(garble),
+    ) as pub:
+        pub.publish_event_nowait("bank_churn", "bank_churn", bank_event())
+        result = await pub.flush(5)
+    assert (result.delivered, result.failed) == (1, 0)
+    assert len(inproc.stored()) == 1
+
+
+async def test_an_impossible_timestamp_is_refused_at_the_caller(inproc: InProcessFiddler) -> None:
+    async with mock_publisher(inproc) as pub:
+        await pub.resolve("p", "m")  # strftime format: a year 10000 would not format
+        for events in ([{"x": 1}], [{"x": 2}, {"x": 3}]):
+            with pytest.raises(fiddler_async.EventError, match="between years 1 and 9999"):
+                pub.publish_event_nowait("p", "m", events[0], event_timestamp=10**18)
+            with pytest.raises(fiddler_async.EventBatchError) as info:
+                await pub.publish_events_batch(
+                    "p", "m", events, event_timestamps=[10**18] * len(events)
+                )
+            assert sorted(info.value.errors) == list(range(len(events)))
+        assert pub.stats().accepted == 0
