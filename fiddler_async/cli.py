@@ -19,6 +19,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,7 @@ from .exceptions import FiddlerError, NotFoundError
 from .flusher import DeliveryFailure
 from .publisher import AsyncPublisher
 from .rows import RowError, coerce_row, count_rows, file_format, read_rows
+from .stats import StatsSnapshot
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -68,7 +70,7 @@ def _emulator_module() -> Any:
 async def _publish(args: argparse.Namespace) -> int:
     out, err = _console()
     path = Path(args.file)
-    if not path.is_file():
+    if not await anyio.Path(path).is_file():
         raise _Fatal(f"no such file: {path}")
     try:
         fmt = file_format(path)
@@ -84,11 +86,37 @@ async def _publish(args: argparse.Namespace) -> int:
             err.print(f"No Fiddler URL given: publishing to an embedded emulator at {url}")
         if not token:
             raise _Fatal("no token: pass --token or set FIDDLER_TOKEN")
-        failures: list[DeliveryFailure] = []
+        job = _FileJob(args, path, fmt, err)
         config = PublisherConfig(overflow="block", block_timeout=args.timeout)
         pub = await stack.enter_async_context(
-            AsyncPublisher(url, token, config=config, on_error=failures.append)
+            AsyncPublisher(url, token, config=config, on_error=job.failures.append)
         )
+        await job.run(pub, url)
+        stats = pub.stats()
+    job.report(out, err, url, stats)
+    if embedded is not None:
+        out.print(
+            f"The events went to the embedded Fiddler emulator, stored in {args.db}.\n"
+            f"Look at them:  fiddler-async inspect --db {args.db} --events 5",
+            highlight=False,
+        )
+    complete = job.complete and not stats.failed and not stats.dropped_total
+    return 0 if complete and not job.bad else 1
+
+
+class _FileJob:
+    """One file through the publisher: rows read (off the event loop), typed, published."""
+
+    def __init__(self, args: argparse.Namespace, path: Path, fmt: str, err: Console) -> None:
+        self.args, self.path, self.fmt, self.err = args, path, fmt, err
+        self.bad: list[RowError] = []
+        self.failures: list[DeliveryFailure] = []
+        self.latencies: list[int] = []
+        self.seconds = 0.0
+        self.complete = False
+
+    async def run(self, pub: AsyncPublisher, url: str) -> None:
+        args = self.args
         try:
             with anyio.fail_after(args.timeout):
                 info = await pub.resolve(args.project, args.model)
@@ -102,89 +130,76 @@ async def _publish(args: argparse.Namespace) -> int:
         else:
             required = tuple(c for c in (*info.inputs, *info.outputs) if c in types)
         started = time.perf_counter()
-        bad, latencies = await _publish_rows(pub, args, path, fmt, types, required, err)
-        result = await pub.flush(args.timeout)
-        seconds = time.perf_counter() - started
-        stats = pub.stats()
-    for problem in bad[:SHOWN_PROBLEMS]:
-        err.print(f"[red]bad row[/red] {problem}", highlight=False)
-    if len(bad) > SHOWN_PROBLEMS:
-        err.print(f"... and {len(bad) - SHOWN_PROBLEMS} more bad rows")
-    for failure in failures[:SHOWN_PROBLEMS]:
-        err.print(f"[red]not delivered[/red] {len(failure.bodies)} event(s): {failure.error}")
-    latencies.sort()
-    p99 = latencies[int(len(latencies) * 0.99)] / 1000 if latencies else 0.0
-    out.print(f"Published {path} to {args.project}/{args.model} at {url}", highlight=False)
-    rows = [
-        ("delivered", f"{stats.delivered:,}"),
-        ("failed", f"{stats.failed:,}"),
-        ("dropped", f"{stats.dropped_total:,}"),
-        ("bad rows", f"{len(bad):,}"),
-        ("seconds", f"{seconds:.2f} ({stats.delivered / max(seconds, 1e-9):,.0f} events/s)"),
-        ("p99 enqueue", f"{p99:.1f} µs"),
-    ]
-    for name, value in rows:
-        out.print(f"  {name:<12} {value}", highlight=False)
-    if embedded is not None:
-        out.print(
-            f"The events went to the embedded Fiddler emulator, stored in {args.db}.\n"
-            f"Look at them:  fiddler-async inspect --db {args.db} --events 5",
-            highlight=False,
+        await self._publish_rows(pub, types, required)
+        self.complete = (await pub.flush(args.timeout)).complete
+        self.seconds = time.perf_counter() - started
+
+    async def _publish_rows(
+        self, pub: AsyncPublisher, types: dict[str, str], required: tuple[str, ...]
+    ) -> None:
+        from rich.progress import (  # noqa: PLC0415
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TaskProgressColumn,
+            TextColumn,
+            TimeRemainingColumn,
         )
-    complete = result.complete and not stats.failed and not stats.dropped_total
-    return 0 if complete and not bad else 1
 
+        args, clock = self.args, time.perf_counter_ns
+        total = await anyio.to_thread.run_sync(count_rows, self.path)
+        columns = (
+            TextColumn("[bold]publishing"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[rate]} rows/s"),
+            TimeRemainingColumn(),
+        )
+        stream = await anyio.to_thread.run_sync(self.path.open, "rb")
+        rows = read_rows(stream, self.fmt)
+        done, begun = 0, time.perf_counter()
+        with Progress(*columns, console=self.err) as progress, stream:
+            task = progress.add_task("publish", total=total, rate="-")
+            while chunk := await anyio.to_thread.run_sync(lambda: list(islice(rows, 1000))):
+                for line, row in chunk:
+                    try:
+                        if isinstance(row, RowError):
+                            raise row
+                        event = coerce_row(line, row, types, required)
+                    except RowError as exc:
+                        self.bad.append(exc)
+                        continue
+                    t0 = clock()
+                    await pub.publish_event(
+                        args.project, args.model, event, update_event=args.update
+                    )
+                    self.latencies.append(clock() - t0)
+                done += len(chunk)
+                rate = done / max(time.perf_counter() - begun, 1e-9)
+                progress.update(task, completed=done, rate=f"{rate:,.0f}")
 
-async def _publish_rows(
-    pub: AsyncPublisher,
-    args: argparse.Namespace,
-    path: Path,
-    fmt: str,
-    types: dict[str, str],
-    required: tuple[str, ...],
-    err: Console,
-) -> tuple[list[RowError], list[int]]:
-    from rich.progress import (  # noqa: PLC0415
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TaskProgressColumn,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    bad: list[RowError] = []
-    latencies: list[int] = []
-    total = count_rows(path)
-    columns = (
-        TextColumn("[bold]publishing"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TaskProgressColumn(),
-        TextColumn("{task.fields[rate]} rows/s"),
-        TimeRemainingColumn(),
-    )
-    clock = time.perf_counter_ns
-    with Progress(*columns, console=err) as progress, open(path, "rb") as stream:
-        task = progress.add_task("publish", total=total, rate="-")
-        begun = time.perf_counter()
-        for count, (line, row) in enumerate(read_rows(stream, fmt), start=1):
-            try:
-                if isinstance(row, RowError):
-                    raise row
-                event = coerce_row(line, row, types, required)
-            except RowError as exc:
-                bad.append(exc)
-            else:
-                t0 = clock()
-                await pub.publish_event(args.project, args.model, event, update_event=args.update)
-                latencies.append(clock() - t0)
-            if count % 500 == 0:
-                rate = count / max(time.perf_counter() - begun, 1e-9)
-                progress.update(task, completed=count, rate=f"{rate:,.0f}")
-                await anyio.lowlevel.checkpoint()
-        progress.update(task, completed=total)
-    return bad, latencies
+    def report(self, out: Console, err: Console, url: str, stats: StatsSnapshot) -> None:
+        for problem in self.bad[:SHOWN_PROBLEMS]:
+            err.print(f"[red]bad row[/red] {problem}", highlight=False)
+        if len(self.bad) > SHOWN_PROBLEMS:
+            err.print(f"... and {len(self.bad) - SHOWN_PROBLEMS} more bad rows")
+        for failure in self.failures[:SHOWN_PROBLEMS]:
+            err.print(f"[red]not delivered[/red] {len(failure.bodies)} event(s): {failure.error}")
+        latencies = sorted(self.latencies)
+        p99 = latencies[int(len(latencies) * 0.99)] / 1000 if latencies else 0.0
+        rate = stats.delivered / max(self.seconds, 1e-9)
+        args = self.args
+        out.print(f"Published {self.path} to {args.project}/{args.model} at {url}", highlight=False)
+        for name, value in (
+            ("delivered", f"{stats.delivered:,}"),
+            ("failed", f"{stats.failed:,}"),
+            ("dropped", f"{stats.dropped_total:,}"),
+            ("bad rows", f"{len(self.bad):,}"),
+            ("seconds", f"{self.seconds:.2f} ({rate:,.0f} events/s)"),
+            ("p99 enqueue", f"{p99:.1f} µs"),
+        ):
+            out.print(f"  {name:<12} {value}", highlight=False)
 
 
 # serve
