@@ -110,13 +110,16 @@ def _parquet_rows(stream: IO[bytes]) -> Iterator[tuple[int, dict[str, Any] | Row
 
 
 def _from_text(data_type: str, text: str) -> Any:
-    if data_type == "int":
-        number = float(text)
+    if data_type in ("int", "float"):
+        try:
+            number = float(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not a number") from None
+        if data_type == "float":
+            return number
         if not number.is_integer():
             raise ValueError(f"{text!r} is not an integer")
         return int(number)
-    if data_type == "float":
-        return float(text)
     if data_type == "bool":
         lowered = text.strip().lower()
         if lowered in ("true", "1", "yes"):
@@ -125,7 +128,10 @@ def _from_text(data_type: str, text: str) -> Any:
             return False
         raise ValueError(f"{text!r} is not a boolean")
     if data_type == "vector":
-        value = json.loads(text)
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = None
         if not isinstance(value, list):
             raise ValueError(f"{text!r} is not a list")
         return value

@@ -358,12 +358,12 @@ class _Api:
             self.store.insert(model.id, env_type, env_name, model.event_id_col, events)
 
     async def upload(self, request: Request) -> Response:
-        form = await request.form()
-        upload = form.get("file")
-        if upload is None or isinstance(upload, str):
-            return error(400, "multipart field 'file' is required")
-        name = upload.filename or "upload.csv"
-        file_id = self.store.add_file(name, await upload.read())
+        async with request.form() as form:
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                return error(400, "multipart field 'file' is required")
+            name = upload.filename or "upload.csv"
+            file_id = self.store.add_file(name, await upload.read())
         now = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
         return ok(
             {

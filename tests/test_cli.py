@@ -1,0 +1,175 @@
+"""The fiddler-async command, run as a user runs it: in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from fiddler_async.emulator import Emulator
+
+from .fake_fiddler import TOKEN
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "bank_churn.csv"
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fiddler_async.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=120,
+        check=False,
+    )
+
+
+def to(fiddler: Emulator) -> list[str]:
+    return ["--url", fiddler.url, "--token", TOKEN]
+
+
+def test_publish_to_the_embedded_emulator_then_inspect(tmp_path: Path) -> None:
+    done = cli(
+        "publish", str(EXAMPLE), "--project", "bank_churn", "--model", "bank_churn", cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert "delivered    5,000" in done.stdout
+    assert "embedded Fiddler emulator, stored in fiddler-emulator.db" in done.stdout
+    assert "p99 enqueue" in done.stdout
+    shown = cli("inspect", "--events", "2", "--duplicates", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0] == "bank_churn/bank_churn: 5,000 events, 5,000 distinct ids, 0 duplicates"
+    first = json.loads(lines[1])
+    assert (first["event_id"], first["creditscore"], first["balance"]) == (
+        "evt-000000",
+        398,
+        134834.3,
+    )
+
+
+def test_bad_rows_are_named_and_the_good_ones_delivered(tmp_path: Path, fiddler: Emulator) -> None:
+    rows = tmp_path / "events.jsonl"
+    good = {"creditscore": 600, "geography": "France", "gender": "Male", "age": 40, "tenure": 2,
+            "balance": 1.5, "numofproducts": 1, "hascrcard": "yes", "isactivemember": "no",
+            "estimatedsalary": 10.0, "predicted_churn": 0.2}  # fmt: skip
+    missing = {k: v for k, v in good.items() if k != "tenure"}
+    rows.write_text(
+        "\n".join(
+            [
+                json.dumps(good),
+                "{not json",
+                json.dumps({**good, "age": "old"}),
+                json.dumps(missing),
+                json.dumps([1, 2]),
+                json.dumps({**good, "age": "41"}),
+            ]
+        )  # fmt: skip
+    )
+    done = cli(
+        "publish", str(rows), "--project", "bank_churn", "--model", "bank_churn", *to(fiddler)
+    )
+    assert done.returncode == 1
+    assert "line 2: malformed JSON" in done.stderr
+    assert "line 3, column 'age': 'old' is not a number" in done.stderr
+    assert "line 4: missing column(s) 'tenure'" in done.stderr
+    assert "line 5: a line must hold a JSON object" in done.stderr
+    assert "bad rows     4" in done.stdout
+    assert [e["age"] for e in fiddler.events()] == [40, 41]
+
+
+def test_a_wrong_name_or_file_stops_with_a_clear_message(tmp_path: Path, fiddler: Emulator) -> None:
+    wrong = cli("publish", str(EXAMPLE), "--project", "bank_churn", "--model", "nope", *to(fiddler))
+    assert wrong.returncode == 2
+    assert f"model 'nope' not found in project 'bank_churn' at {fiddler.url}" in wrong.stderr
+    absent = cli("publish", "nowhere.csv", "--project", "p", "--model", "m", *to(fiddler))
+    assert (absent.returncode, "no such file: nowhere.csv" in absent.stderr) == (2, True)
+    text = tmp_path / "events.txt"
+    text.write_text("x")
+    odd = cli("publish", str(text), "--project", "p", "--model", "m", *to(fiddler))
+    assert (odd.returncode, "unknown format 'txt'" in odd.stderr) == (2, True)
+    assert fiddler.count() == 0
+
+
+def test_updates_from_a_file_join_their_events(tmp_path: Path, fiddler: Emulator) -> None:
+    labels = tmp_path / "labels.csv"
+    labels.write_text("event_id,churn\nevt-000000,yes\nevt-000001,no\n")
+    first = cli(
+        "publish", str(EXAMPLE), "--project", "bank_churn", "--model", "bank_churn", *to(fiddler)
+    )
+    assert first.returncode == 0, first.stderr
+    second = cli("publish", str(labels), "--project", "bank_churn", "--model", "bank_churn",
+                 "--update", *to(fiddler))  # fmt: skip
+    assert second.returncode == 0, second.stderr
+    joined = {e["event_id"]: e.get("churn") for e in fiddler.events()[:2]}
+    assert joined == {"evt-000000": "yes", "evt-000001": "no"}
+    assert fiddler.count() == 5000
+
+
+def test_parquet(tmp_path: Path, fiddler: Emulator) -> None:
+    path = tmp_path / "events.parquet"
+    pq.write_table(
+        pa.table({"event_id": ["p1", "p2"], "age": [30, None], "balance": [1.0, 2.5]}), path
+    )
+    done = cli(
+        "publish", str(path), "--project", "bank_churn", "--model", "bank_churn", *to(fiddler)
+    )
+    assert "bad rows     2" in done.stdout  # the model's other inputs are missing
+    assert "missing column(s) 'creditscore'" in done.stderr
+    update = cli("publish", str(path), "--project", "bank_churn", "--model", "bank_churn",
+                 "--update", *to(fiddler))  # fmt: skip
+    assert update.returncode == 0, update.stderr
+    assert fiddler.events() == [
+        {"event_id": "p1", "age": 30, "balance": 1.0},
+        {"event_id": "p2", "age": None, "balance": 2.5},
+    ]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fiddler_async.cli", "serve", "--port", str(port),
+         "--db", str(tmp_path / "served.db"), "--token", "t0k3n", "--error-503", "0.3",
+         "--seed", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"{url}/v3/server-info", headers={"Authorization": "Bearer t0k3n"})
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the emulator did not start"
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)
+
+
+def test_serve_with_faults_then_inspect_by_url(served: str) -> None:
+    done = cli("publish", str(EXAMPLE), "--project", "bank_churn", "--model", "bank_churn",
+               "--url", served, "--token", "t0k3n")  # fmt: skip
+    assert done.returncode == 0, done.stderr  # through the injected 503s, by retrying
+    assert "delivered    5,000" in done.stdout
+    shown = cli("inspect", "--url", served, "--token", "t0k3n", "--events", "1")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith("bank_churn/bank_churn: 5,000 events, 5,000 distinct ids")

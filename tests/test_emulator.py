@@ -1,0 +1,245 @@
+"""The emulator as a server: Fiddler's v3 envelopes, lookups, validation, storage, faults."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from fiddler_async import AsyncPublisher
+from fiddler_async.emulator import Emulator, emulator, load_catalog, running_emulator
+
+from .fake_fiddler import MODELS, TOKEN
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+def client(fiddler: Emulator) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=fiddler.url, headers=AUTH) as client:
+        yield client
+
+
+def name_filter(**equals: str) -> str:
+    rules = [{"field": f, "operator": "equal", "value": v} for f, v in equals.items()]
+    return json.dumps({"condition": "AND", "rules": rules})
+
+
+def publish(client: httpx.Client, model_id: str, events: list[Any], **extra: Any) -> httpx.Response:
+    method = extra.pop("method", "POST")
+    body = {"source": {"type": "EVENTS", "events": events}, "model_id": model_id, **extra}
+    return client.request(method, "/v3/events", json={"env_type": "PRODUCTION", **body})
+
+
+def test_connecting(client: httpx.Client) -> None:
+    info = client.get("/v3/server-info").json()
+    assert info["kind"] == "NORMAL"
+    assert info["api_version"] == "3.0"
+    assert set(info["data"]) == {"feature_flags", "server_version", "organization"}
+    compat = client.get("/v3/version-compatibility", params={"client_version": "3.14.1"})
+    assert compat.status_code == 200
+
+
+def test_lookups_with_the_filter_syntax(client: httpx.Client, fiddler: Emulator) -> None:
+    projects = client.get("/v3/projects", params={"filter": name_filter(name="bank_churn")}).json()
+    assert projects["kind"] == "PAGINATED"
+    page = projects["data"]
+    assert {"page_size", "total", "item_count", "page_count", "page_index", "offset"} <= set(page)
+    assert page["total"] == 1
+    project_id = page["items"][0]["id"]
+    nothing = client.get("/v3/projects", params={"filter": name_filter(name="nope")}).json()
+    assert nothing["data"]["total"] == 0
+
+    wanted = name_filter(name="bank_churn_v2", project_id=project_id)
+    models = client.get("/v3/models", params={"filter": wanted, "limit": 1}).json()["data"]
+    assert [m["name"] for m in models["items"]] == ["bank_churn_v2"]
+    either = {
+        "condition": "OR",
+        "rules": [
+            {"field": "name", "operator": "equal", "value": "m"},
+            {"field": "name", "operator": "equal", "value": "noid"},
+        ],
+    }
+    found = client.get("/v3/models", params={"filter": json.dumps(either)}).json()["data"]
+    assert sorted(m["name"] for m in found["items"]) == ["m", "noid"]
+
+    detail = client.get(f"/v3/models/{fiddler.model().id}").json()["data"]
+    assert (detail["event_id_col"], detail["event_ts_col"]) == ("event_id", "timestamp")
+    assert detail["project"] == {"id": project_id, "name": "bank_churn"}
+    assert {"name": "age", "data_type": "int"} in detail["schema"]["columns"]
+    assert "age" in detail["spec"]["inputs"]
+
+
+def test_errors_use_fiddlers_envelope(client: httpx.Client, fiddler: Emulator) -> None:
+    missing = client.get("/v3/models/00000000-0000-0000-0000-000000000000")
+    assert missing.status_code == 404
+    body = missing.json()
+    assert body["kind"] == "ERROR"
+    assert set(body["error"]) == {"code", "message", "errors"}
+    assert set(body["error"]["errors"][0]) == {"reason", "message", "help"}
+
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        denied = httpx.get(f"{fiddler.url}/v3/server-info", headers=headers)
+        assert denied.status_code == 401
+        assert denied.json()["error"]["code"] == 401
+
+
+def test_publishing_validates_and_stores(client: httpx.Client, fiddler: Emulator) -> None:
+    model_id = fiddler.model().id
+    ok = publish(client, model_id, [{"event_id": "a", "age": 40}, {"event_id": "b", "age": 41}])
+    assert ok.status_code == 202
+    assert ok.json()["data"] == {"source_type": "EVENTS", "event_ids": ["a", "b"]}
+
+    bad = publish(client, model_id, [{"age": 1}, {"age": "x"}, {"balance": True}])
+    assert bad.status_code == 400
+    reasons = [e["message"] for e in bad.json()["error"]["errors"]]
+    assert reasons == [
+        "events[1].age: expected int, got str 'x'",
+        "events[2].balance: expected float, got bool True",
+    ]
+    assert publish(client, model_id, [{"age": 1}] * 1001).status_code == 400
+    assert publish(client, model_id, []).status_code == 400
+    assert publish(client, "not-a-model", [{"age": 1}]).status_code == 404
+    assert publish(client, model_id, [{"age": 1}], env_type="STAGING").status_code == 400
+    assert publish(client, model_id, [{"age": 1}], env_type="PRE_PRODUCTION").status_code == 400
+    no_id = publish(client, model_id, [{"churn": "yes"}], method="PATCH")
+    assert no_id.status_code == 400
+    assert fiddler.count() == 2  # nothing of the refused requests was stored
+
+
+def test_updates_merge_and_duplicates_are_counted(client: httpx.Client, fiddler: Emulator) -> None:
+    model_id = fiddler.model().id
+    publish(client, model_id, [{"event_id": "late", "churn": "yes"}], method="PATCH")
+    publish(client, model_id, [{"event_id": "a", "age": 40}, {"event_id": "late", "age": 50}])
+    publish(client, model_id, [{"event_id": "a", "churn": "no"}], method="PATCH")
+    publish(client, model_id, [{"event_id": "a", "age": 40}])  # a duplicate insert
+    assert fiddler.events() == [
+        {"event_id": "late", "age": 50, "churn": "yes"},
+        {"event_id": "a", "age": 40, "churn": "no"},
+        {"event_id": "a", "age": 40},
+    ]
+    assert fiddler.early_updates() == 1
+    assert fiddler.duplicates() == {"a": 2}
+    summary = client.get("/_emulator/summary").json()
+    bank = next(m for m in summary["models"] if m["model"] == "bank_churn")
+    assert (bank["events"], bank["distinct_ids"], bank["duplicates"]) == (3, 2, 1)
+
+
+def test_events_survive_a_restart(tmp_path: Path) -> None:
+    db = tmp_path / "events.db"
+    with running_emulator(db=db) as first:
+        model_id = first.model().id
+        with httpx.Client(
+            base_url=first.url, headers={"Authorization": f"Bearer {first.token}"}
+        ) as c:
+            assert publish(c, model_id, [{"event_id": "kept", "age": 3}]).status_code == 202
+    with running_emulator(db=db) as second:
+        assert second.model().id == model_id  # ids derive from names: stable across restarts
+        assert second.events() == [{"event_id": "kept", "age": 3}]
+
+
+def test_file_upload_publish_job(client: httpx.Client, fiddler: Emulator) -> None:
+    model_id = fiddler.model().id
+    csv = b"event_id,age,balance,geography\nf1,40,10.5,France\nf2,41,,Spain\n"
+    upload = client.post("/v3/files/upload", files={"file": ("events.csv", csv)})
+    assert upload.status_code == 200
+    file_id = upload.json()["data"]["id"]
+    started = client.post(
+        "/v3/events",
+        json={"source": {"type": "FILE", "file_id": file_id}, "model_id": model_id,
+              "env_type": "PRODUCTION", "env_name": None},
+    )  # fmt: skip
+    assert started.status_code == 202
+    job = started.json()["data"]
+    assert job["source_type"] == "FILE"
+    status = client.get(f"/v3/jobs/{job['job']['id']}").json()["data"]
+    assert (status["status"], status["progress"]) == ("SUCCESS", 100.0)
+    assert fiddler.events() == [
+        {"event_id": "f1", "age": 40, "balance": 10.5, "geography": "France"},
+        {"event_id": "f2", "age": 41, "balance": None, "geography": "Spain"},
+    ]
+    bad = client.post("/v3/files/upload", files={"file": ("bad.csv", b"event_id,age\nx,old\n")})
+    failed = client.post(
+        "/v3/events",
+        json={"source": {"type": "FILE", "file_id": bad.json()["data"]["id"]},
+              "model_id": model_id, "env_type": "PRODUCTION"},
+    ).json()["data"]  # fmt: skip
+    status = client.get(f"/v3/jobs/{failed['job']['id']}").json()["data"]
+    assert status["status"] == "FAILURE"
+    assert "line 2, column 'age'" in status["error_message"]
+
+
+def test_faults_set_at_start_and_changed_while_running(
+    client: httpx.Client, fiddler: Emulator
+) -> None:
+    model_id = fiddler.model().id
+    event = [{"event_id": "x", "age": 1}]
+    client.put("/_emulator/faults", json={"error_503": 1.0, "retry_after": 2})
+    refused = publish(client, model_id, event)
+    assert (refused.status_code, refused.headers["retry-after"]) == (503, "2")
+    client.put("/_emulator/faults", json={"error_503": 0, "error_429": 1.0})
+    assert publish(client, model_id, event).status_code == 429
+    client.put("/_emulator/faults", json={"error_429": 0, "max_body_bytes": 50})
+    assert publish(client, model_id, event * 5).status_code == 413
+    client.put("/_emulator/faults", json={"max_body_bytes": 0, "outage_seconds": 60})
+    assert client.get("/v3/server-info").status_code == 503  # an outage stops everything
+    client.put("/_emulator/faults", json={"outage_seconds": 0, "script": ["drop", "502"]})
+    with pytest.raises(httpx.RemoteProtocolError):
+        publish(client, model_id, event)
+    assert publish(client, model_id, event).status_code == 502
+    assert publish(client, model_id, event).status_code == 202
+    assert client.put("/_emulator/faults", json={"nonsense": 1}).status_code == 400
+    assert fiddler.count() == 1
+    log = client.get("/_emulator/requests").json()["requests"]
+    assert all("authorization" not in r["headers"] for r in log)
+    assert [r["status"] for r in log if r["path"] == "/v3/events"] == [
+        503, 429, 413, "drop", 502, 202,
+    ]  # fmt: skip
+
+
+def test_fractions_are_drawn_from_the_seed() -> None:
+    def statuses() -> list[int]:
+        with running_emulator() as em:
+            em.set_faults(error_503=0.3, error_429=0.2, seed=42)
+            with httpx.Client(
+                base_url=em.url, headers={"Authorization": f"Bearer {em.token}"}
+            ) as c:
+                return [publish(c, em.model().id, [{"age": 1}]).status_code for _ in range(40)]
+
+    first = statuses()
+    assert first == statuses()
+    assert {202, 429, 503} == set(first)
+
+
+def test_a_models_file(tmp_path: Path) -> None:
+    catalog = load_catalog(MODELS)
+    assert [m.name for m in catalog.models] == ["bank_churn", "bank_churn_v2", "m", "noid"]
+    broken = tmp_path / "models.toml"
+    broken.write_text('[[models]]\nproject = "p"\nname = "m"\n[models.columns]\nx = "complex"\n')
+    with pytest.raises(ValueError, match="column 'x' has unknown type 'complex'"):
+        load_catalog(broken)
+    broken.write_text('[[models]]\nproject = "p"\nname = "m"\nevent_id_col = "id"\n'
+                      '[models.columns]\nx = "int"\n')  # fmt: skip
+    with pytest.raises(ValueError, match="event_id_col 'id' is not a column"):
+        load_catalog(broken)
+
+
+@pytest.mark.anyio
+async def test_the_async_context_manager(anyio_backend: str) -> None:
+    async with emulator() as fiddler:
+        async with AsyncPublisher(fiddler.url, fiddler.token) as pub:
+            pub.publish_event_nowait("bank_churn", "bank_churn", {"age": 5})
+        assert fiddler.count() == 1
+        await anyio.lowlevel.checkpoint()
+
+
+@pytest.mark.anyio
+async def test_the_pytest_fixture(fiddler_emulator: Emulator) -> None:
+    async with AsyncPublisher(fiddler_emulator.url, fiddler_emulator.token) as pub:
+        await pub.publish_events_batch("bank_churn", "bank_churn", [{"age": i} for i in range(3)])
+    assert [e["age"] for e in fiddler_emulator.events()] == [0, 1, 2]
