@@ -42,5 +42,5 @@ def typecheck(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Publish latency and end-to-end throughput against a loopback sink (prints a table)."""
-    session.install("-e", ".")
+    session.install("-e", ".[server]")
     session.run("python", "-m", "benchmarks.publish", *session.posargs)

@@ -73,7 +73,7 @@ def test_bad_rows_are_named_and_the_good_ones_delivered(tmp_path: Path, fiddler:
                 json.dumps([1, 2]),
                 json.dumps({**good, "age": "41"}),
             ]
-        )  # fmt: skip
+        )
     )
     done = cli(
         "publish", str(rows), "--project", "bank_churn", "--model", "bank_churn", *to(fiddler)

@@ -19,6 +19,8 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import orjson
+
 __all__ = ["Store"]
 
 _SCHEMA = """
@@ -99,7 +101,15 @@ class Store:
                 "INSERT INTO events (model_id, env_type, env_name, event_id, data, received_at,"
                 " origin) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (model_id, env_type, env_name, _id_of(e, id_col), json.dumps(e), now, origin)
+                    (
+                        model_id,
+                        env_type,
+                        env_name,
+                        _id_of(e, id_col),
+                        orjson.dumps(e).decode(),
+                        now,
+                        origin,
+                    )
                     for e in events
                 ],
             )
@@ -179,7 +189,7 @@ class Store:
                 "SELECT data FROM events WHERE model_id = ? ORDER BY seq LIMIT ? OFFSET ?",
                 (model_id, -1 if limit is None else limit, offset),
             ).fetchall()
-        return [json.loads(data) for (data,) in rows]
+        return [orjson.loads(data) for (data,) in rows]
 
     def duplicates(self, model_id: str) -> dict[str, int]:
         """Event ids inserted more than once for the model, with how many times."""
@@ -252,6 +262,10 @@ class Store:
         job = dict(zip(keys, row, strict=True))
         job["info"] = json.loads(job["info"])
         return job
+
+
+def _json(event: Mapping[str, Any]) -> str:
+    return orjson.dumps(event).decode()
 
 
 def _id_of(event: Mapping[str, Any], id_col: str | None) -> str | None:
