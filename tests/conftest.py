@@ -9,7 +9,7 @@ import pytest
 from fiddler_async import AsyncPublisher, PublisherConfig
 from fiddler_async.emulator import Emulator, running_emulator
 
-from .fake_fiddler import MODELS, TOKEN, InProcessFiddler
+from .in_process import MODELS, TOKEN, InProcessFiddler
 
 
 @pytest.fixture(params=["asyncio", "trio"])

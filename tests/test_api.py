@@ -24,7 +24,7 @@ from fiddler_async import (
 from fiddler_async import exceptions as exceptions_module
 
 from .conftest import bank_event, mock_publisher
-from .fake_fiddler import InProcessFiddler
+from .in_process import InProcessFiddler
 
 
 def test_public_names_are_sorted_and_exist() -> None:

@@ -17,7 +17,7 @@ import pytest
 
 from fiddler_async.emulator import Emulator
 
-from .fake_fiddler import TOKEN
+from .in_process import TOKEN
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "bank_churn.csv"
 

@@ -14,7 +14,7 @@ import pytest
 from fiddler_async import AsyncPublisher
 from fiddler_async.emulator import Emulator, emulator, load_catalog, running_emulator
 
-from .fake_fiddler import MODELS, TOKEN
+from .in_process import MODELS, TOKEN
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 

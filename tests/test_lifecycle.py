@@ -11,7 +11,7 @@ from fiddler_async import AsyncPublisher, DeliveryFailure, PublisherClosedError
 from fiddler_async.emulator import Emulator
 
 from .conftest import bank_event, config, eventually, loopback_publisher, mock_publisher
-from .fake_fiddler import TOKEN, InProcessFiddler
+from .in_process import TOKEN, InProcessFiddler
 
 pytestmark = pytest.mark.anyio
 
@@ -130,7 +130,7 @@ async def test_concurrent_close_calls_share_one_result(fiddler: Emulator) -> Non
 
 
 async def test_stats_add_up_at_every_moment(fiddler: Emulator) -> None:
-    fiddler.set_faults(script=["503", "drop", "503", "400"])
+    fiddler.set_faults(script=["503", "drop", "503", "400"], retry_after=0)
     async with loopback_publisher(
         fiddler, max_batch_events=50, max_queue_events=400, overflow="drop_oldest"
     ) as pub:

@@ -9,7 +9,7 @@ from fiddler_async import AsyncPublisher, QueueFullError
 from fiddler_async.emulator import Emulator
 
 from .conftest import bank_event, eventually, loopback_publisher, mock_publisher
-from .fake_fiddler import InProcessFiddler
+from .in_process import InProcessFiddler
 
 pytestmark = pytest.mark.anyio
 

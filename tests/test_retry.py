@@ -26,7 +26,7 @@ pytestmark = pytest.mark.anyio
 
 
 async def test_503_is_retried_with_the_retry_header(fiddler: Emulator) -> None:
-    fiddler.set_faults(script=["503", "503"])
+    fiddler.set_faults(script=["503", "503"], retry_after=0)
     async with loopback_publisher(fiddler) as pub:
         ids = await pub.publish_events_batch("bank_churn", "bank_churn", [bank_event(1)] * 3)
         result = await pub.flush(10)
@@ -82,7 +82,7 @@ async def test_400_is_not_retried(fiddler: Emulator) -> None:
 
 
 async def test_retries_stop_at_the_attempt_budget(fiddler: Emulator) -> None:
-    fiddler.set_faults(script=["503"] * 10)
+    fiddler.set_faults(script=["503"] * 10, retry_after=0)
     failures: list[DeliveryFailure] = []
     async with loopback_publisher(fiddler, retry_max_attempts=3, on_error=failures.append) as pub:
         pub.publish_event_nowait("bank_churn", "bank_churn", bank_event())
@@ -97,7 +97,7 @@ async def test_retries_stop_at_the_attempt_budget(fiddler: Emulator) -> None:
 
 
 async def test_retries_stop_at_the_elapsed_budget(fiddler: Emulator) -> None:
-    fiddler.set_faults(script=["503"] * 50)
+    fiddler.set_faults(script=["503"] * 50, retry_after=0)
     async with loopback_publisher(
         fiddler,
         retry_max_attempts=1000,

@@ -27,7 +27,7 @@ from fiddler_async import (
 from fiddler_async.wire import error_from_response, parse_retry_after
 
 from .conftest import bank_event, eventually, mock_publisher
-from .fake_fiddler import InProcessFiddler, body
+from .in_process import InProcessFiddler, body
 
 pytestmark = pytest.mark.anyio
 
