@@ -28,17 +28,14 @@ import os
 import platform
 import socket
 import statistics
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import anyio
 import anyio.lowlevel
-import httpx
 
 from fiddler_async import AsyncPublisher, PublisherConfig
+from fiddler_async.emulator import emulator_process
 
 TOKEN = "bench-token"
 
@@ -58,30 +55,9 @@ EVENT = {
 }
 
 
-@contextlib.contextmanager
-def sink(delay: float = 0.0) -> Iterator[str]:
+def sink(delay: float = 0.0) -> contextlib.AbstractContextManager[str]:
     """The emulator, counting events without storing them, answering after ``delay`` s."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fiddler_async.cli", "serve", "--count-only",
-         "--port", str(port), "--token", TOKEN, "--latency", str(delay)],
-        stdout=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(f"{url}/v3/server-info", headers={"Authorization": f"Bearer {TOKEN}"})
-                break
-            except httpx.TransportError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the emulator did not start") from None
-                time.sleep(0.05)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    return emulator_process("--count-only", "--latency", str(delay), token=TOKEN)
 
 
 def free_port() -> int:

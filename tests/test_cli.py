@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fiddler_async.emulator import Emulator
+from fiddler_async.emulator import Emulator, emulator_process
 
 from .in_process import TOKEN
 
@@ -134,35 +131,12 @@ def test_parquet(tmp_path: Path, fiddler: Emulator) -> None:
     ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fiddler_async.cli", "serve", "--port", str(port),
-         "--db", str(tmp_path / "served.db"), "--token", "t0k3n", "--error-503", "0.3",
-         "--seed", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(f"{url}/v3/server-info", headers={"Authorization": "Bearer t0k3n"})
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "the emulator did not start"
-                time.sleep(0.1)
+    with emulator_process(
+        "--db", str(tmp_path / "served.db"), "--error-503", "0.3", "--seed", "1", token="t0k3n"
+    ) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.communicate(timeout=10)
 
 
 def test_serve_with_faults_then_inspect_by_url(served: str) -> None:

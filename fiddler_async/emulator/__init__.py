@@ -15,7 +15,14 @@ In async code, ``async with emulator() as fiddler:``; in pytest, the ``fiddler_e
 from .app import EmulatorState, create_app
 from .catalog import Catalog, ModelDef, load_catalog
 from .faults import Faults
-from .server import DEFAULT_TOKEN, Emulator, emulator, running_emulator, serve_forever
+from .server import (
+    DEFAULT_TOKEN,
+    Emulator,
+    emulator,
+    emulator_process,
+    running_emulator,
+    serve_forever,
+)
 from .store import Store
 
 __all__ = [
@@ -28,6 +35,7 @@ __all__ = [
     "Store",
     "create_app",
     "emulator",
+    "emulator_process",
     "load_catalog",
     "running_emulator",
     "serve_forever",

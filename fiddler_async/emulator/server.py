@@ -10,7 +10,10 @@ import asyncio
 import contextlib
 import logging
 import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +27,14 @@ from .catalog import Catalog, ModelDef, load_catalog
 from .faults import Faults
 from .store import Store
 
-__all__ = ["DEFAULT_TOKEN", "Emulator", "emulator", "running_emulator", "serve_forever"]
+__all__ = [
+    "DEFAULT_TOKEN",
+    "Emulator",
+    "emulator",
+    "emulator_process",
+    "running_emulator",
+    "serve_forever",
+]
 
 DEFAULT_TOKEN = "emulator-token"
 
@@ -188,9 +198,32 @@ def serve_forever(
     uvicorn.run(create_app(state), host=host, port=port, log_level="warning", lifespan="off")
 
 
-def fetch_summary(url: str, token: str) -> dict[str, Any]:
-    """The admin summary of a running emulator (for ``fiddler-async inspect --url``)."""
-    response = httpx.get(f"{url}/_emulator/summary", headers={"Authorization": f"Bearer {token}"})
-    response.raise_for_status()
-    result: dict[str, Any] = response.json()
-    return result
+@contextlib.contextmanager
+def emulator_process(*serve_args: str, token: str = DEFAULT_TOKEN) -> Iterator[str]:
+    """Run ``fiddler-async serve`` in a separate process on a free loopback port; yields its
+    URL once it answers. For benchmarks (the client's CPU measured alone) and CLI tests.
+    ``serve_args`` are more flags of ``serve``, e.g. ``"--count-only", "--latency", "0.2"``."""
+    with contextlib.closing(_bind("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "fiddler_async.cli", "serve", "--port", str(port)]
+    process = subprocess.Popen([*command, "--token", token, *serve_args], stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"{url}/v3/server-info", headers={"Authorization": f"Bearer {token}"})
+                break
+            except httpx.TransportError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    _, err = (
+                        process.communicate(timeout=5) if process.poll() is not None else (b"", b"")
+                    )
+                    raise RuntimeError(
+                        f"the emulator did not start: {err.decode()[-500:]}"
+                    ) from None
+                time.sleep(0.05)
+        yield url
+    finally:
+        process.terminate()
+        process.communicate(timeout=10)
