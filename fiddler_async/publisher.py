@@ -13,6 +13,7 @@ import asyncio
 import enum
 import inspect
 import os
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextvars import ContextVar
@@ -20,7 +21,6 @@ from typing import Any
 
 import anyio
 import httpx
-import sniffio
 
 from ._logging import RateLimitedLog, logger
 from .buffer import EventBuffer, Fixup, Lane
@@ -66,11 +66,22 @@ _in_background: ContextVar[bool] = ContextVar("fiddler_async_in_background", def
 _background_tasks: set[asyncio.Task[None]] = set()
 
 
+def _running_trio() -> Any:
+    """The trio module if we run under trio, else None (trio is imported only if in use)."""
+    trio = sys.modules.get("trio")
+    if trio is None:
+        return None
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        return None
+    return trio
+
+
 def _spawn_detached(fn: Callable[..., Awaitable[None]], *args: Any) -> None:
     """Run ``fn(*args)`` in a task owned by no caller, so that any task may later stop it."""
-    if sniffio.current_async_library() == "trio":
-        import trio  # noqa: PLC0415  (only present, and only needed, under trio)
-
+    trio = _running_trio()
+    if trio is not None:
         trio.lowlevel.spawn_system_task(fn, *args, name="fiddler_async")
     else:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(
