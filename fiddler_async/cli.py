@@ -153,7 +153,7 @@ class _FileJob:
             BarColumn(),
             MofNCompleteColumn(),
             TaskProgressColumn(),
-            TextColumn("{task.fields[rate]} rows/s"),
+            TextColumn("{task.fields[rate]} events/s"),
             TimeRemainingColumn(),
         )
         stream = await anyio.to_thread.run_sync(self.path.open, "rb")
