@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -76,10 +78,12 @@ async def _publish(args: argparse.Namespace) -> int:
         fmt = file_format(path)
     except ValueError as exc:
         raise _Fatal(str(exc)) from None
+    if fmt == "parquet" and importlib.util.find_spec("pyarrow") is None:
+        raise _Fatal("Parquet files need pyarrow: pip install 'fiddler-async[parquet]'")
     url = args.url or os.environ.get("FIDDLER_URL")
     token = args.token or os.environ.get("FIDDLER_TOKEN")
     async with contextlib.AsyncExitStack() as stack:
-        embedded = None
+        embedded: Any = None
         if not url:
             embedded = await stack.enter_async_context(_emulator_module().emulator(db=args.db))
             url, token = embedded.url, embedded.token
@@ -87,21 +91,49 @@ async def _publish(args: argparse.Namespace) -> int:
         if not token:
             raise _Fatal("no token: pass --token or set FIDDLER_TOKEN")
         job = _FileJob(args, path, fmt, err)
-        config = PublisherConfig(overflow="block", block_timeout=args.timeout)
+        # A command line shows retries as they go: a warning every 5 s, not every 30 s.
+        config = PublisherConfig(overflow="block", block_timeout=args.timeout, log_interval=5)
         pub = await stack.enter_async_context(
             AsyncPublisher(url, token, config=config, on_error=job.failures.append)
         )
         await job.run(pub, url)
         stats = pub.stats()
+        holdings = _holdings(embedded, args) if embedded is not None else ""
     job.report(out, err, url, stats)
     if embedded is not None:
         out.print(
             f"The events went to the embedded Fiddler emulator, stored in {args.db}.\n"
-            f"Look at them:  fiddler-async inspect --db {args.db} --events 5",
+            f"{holdings}"
+            f"Look at them:  {_program()} inspect --db {args.db} --events 5",
             highlight=False,
         )
     complete = job.complete and not stats.failed and not stats.dropped_total
     return 0 if complete and not job.bad else 1
+
+
+def _holdings(embedded: Any, args: argparse.Namespace) -> str:
+    """What the embedded emulator's file holds now, if it held events from earlier runs."""
+    try:
+        total = embedded.count(args.project, args.model)
+        repeated = sum(n - 1 for n in embedded.duplicates(args.project, args.model).values())
+    except KeyError:
+        return ""
+    if not repeated:
+        return ""
+    return (
+        f"It now holds {total:,} events for {args.project}/{args.model}, {repeated:,} of them "
+        f"with an id it already had (published before?); delete {args.db} to start afresh.\n"
+    )
+
+
+def _program() -> str:
+    """How to run this command again, as the user ran it (for the hints it prints)."""
+    argv0 = sys.argv[0]
+    if argv0.endswith(".py"):
+        return f"{sys.executable} -m fiddler_async.cli"
+    if os.sep in argv0 and shutil.which(Path(argv0).name) != str(Path(argv0).resolve()):
+        return argv0  # as typed, e.g. .venv/bin/fiddler-async: not on PATH
+    return "fiddler-async"
 
 
 class _FileJob:
@@ -261,8 +293,10 @@ def _inspect(args: argparse.Namespace) -> int:
         )
     for event in events:
         out.print(json.dumps(event), highlight=False, soft_wrap=True)
-    for event_id, times in duplicates.items():
+    for event_id, times in list(duplicates.items())[:SHOWN_PROBLEMS]:
         out.print(f"duplicate {event_id}: stored {times} times", highlight=False)
+    if len(duplicates) > SHOWN_PROBLEMS:
+        out.print(f"... and {len(duplicates) - SHOWN_PROBLEMS:,} more duplicated ids")
     return 0
 
 
@@ -312,8 +346,12 @@ def _inspect_url(args: argparse.Namespace) -> tuple[dict[str, Any], list[Any], d
                 if args.duplicates
                 else {"duplicates": {}}
             )["duplicates"]
+        except httpx.HTTPStatusError as exc:
+            status = exc.response.status_code
+            why = "wrong token (--token)" if status == 401 else f"HTTP {status}"
+            raise _Fatal(f"the emulator at {args.url} refused: {why}") from None
         except httpx.HTTPError as exc:
-            raise _Fatal(f"cannot read the emulator at {args.url}: {exc}") from None
+            raise _Fatal(f"cannot reach an emulator at {args.url}: {exc}") from None
     return summary, events, duplicates
 
 

@@ -161,10 +161,10 @@ class APIError(FiddlerError):
 
     def __str__(self) -> str:
         text = f"HTTP {self.status}: {self.message}"
-        details = "; ".join(
-            f"{r.reason}: {r.message}" for r in self.reasons if r.message != self.message
-        )
-        return f"{text} ({details})" if details else text
+        reasons = [f"{r.reason}: {r.message}" for r in self.reasons if r.message != self.message]
+        if len(reasons) > 3:  # the rest stay in .reasons: a log line is no place for 1000
+            reasons[3:] = [f"and {len(reasons) - 3} more"]
+        return f"{text} ({'; '.join(reasons)})" if reasons else text
 
 
 class BadRequestError(APIError):

@@ -12,6 +12,7 @@ once, and the loop goes on: a failing batch or a raising callback never stops th
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -23,7 +24,7 @@ import orjson
 from ._logging import logger
 from .buffer import EventBuffer, Item, Lane
 from .config import PublisherConfig
-from .destination import Destination
+from .destination import Destination, ModelInfo, ModelRef
 from .stats import Ledger
 
 __all__ = ["DeliveryFailure", "Exporter", "Flusher"]
@@ -34,6 +35,10 @@ class Exporter(Protocol):
         self, dest: Destination, items: Sequence[Item]
     ) -> list[tuple[Item, Exception]]:
         """Deliver ``items``; return those not delivered, each with its error."""
+        ...
+
+    async def resolve(self, ref: ModelRef) -> ModelInfo:
+        """Look a model up (once; later calls answer from the cache)."""
         ...
 
 
@@ -96,11 +101,22 @@ class Flusher:
         self._exporter = exporter
         self._on_failure = on_failure
         self._slots = anyio.Semaphore(config.max_in_flight)
+        self._tasks: anyio.abc.TaskGroup | None = None
         self._flushing = 0
         self._reporting = 0
         self._reported: anyio.Event | None = None
         self.in_flight_requests = 0
         self.in_flight_events = 0
+
+    def look_up_soon(self, ref: ModelRef) -> None:
+        """Start looking a model up now, at its first event, rather than at its first batch:
+        until its schema is known, an id the event carries cannot be returned by publish."""
+        if self._tasks is not None:
+            self._tasks.start_soon(self._look_up, ref)
+
+    async def _look_up(self, ref: ModelRef) -> None:
+        with contextlib.suppress(Exception):  # a failure shows when the first batch is sent
+            await self._exporter.resolve(ref)
 
     def begin_flush(self) -> None:
         """Send partial batches at once until :meth:`end_flush`."""
@@ -114,6 +130,7 @@ class Flusher:
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         async with anyio.create_task_group() as tg:
+            self._tasks = tg
             task_status.started()
             while True:
                 try:
@@ -150,6 +167,7 @@ class Flusher:
             raise
         except Exception as exc:
             ledger.settle(batch, "failed")
+            ledger.last_error = f"{type(exc).__name__}: {exc}"
             failures.append(DeliveryFailure.of(dest, batch, exc))
         else:
             failed_ids = {id(item) for item, _ in failed}
@@ -159,6 +177,7 @@ class Flusher:
                 by_error.setdefault(id(error), (error, []))[1].append(item)
             for error, items in by_error.values():
                 ledger.settle(items, "failed")
+                ledger.last_error = f"{type(error).__name__}: {error}"
                 failures.append(DeliveryFailure.of(dest, items, error))
         finally:
             # Settled and no longer in flight in the same step, so stats always add up.

@@ -383,9 +383,9 @@ class AsyncPublisher:
         """Queue many events (an iterable of dicts, or a pandas DataFrame); return their ids.
 
         All events are checked before any is queued: if some are invalid, EventBatchError
-        lists each by position and nothing is queued. Updates without ``event_ids`` take each
-        event's id from the model's id column, so the model is resolved first (one lookup,
-        then cached).
+        lists each by position and nothing is queued. The first call for a model waits for the
+        model's lookup (then cached), so that the ids returned are the ones the events carry in
+        the model's id column, and updates without ``event_ids`` are keyed by that column.
         """
         if self._state is not _State.OPEN:
             raise self._not_open()
@@ -393,7 +393,9 @@ class AsyncPublisher:
         ids = _aligned(event_ids, len(rows), "event_ids")
         times = _aligned(event_timestamps, len(rows), "event_timestamps")
         dest, lane = self._route(project_id, model_id, env_type, env_name, update_event)
-        if update_event and event_ids is None and dest.model.info is None:
+        if dest.model.info is None:
+            # Know the model's columns first, so that ids the events carry are the ids returned
+            # (and updates can be keyed by them): one lookup per model, then cached.
             await self.resolve(project_id, model_id)
             if self._state is not _State.OPEN:
                 raise self._not_open()
@@ -470,6 +472,8 @@ class AsyncPublisher:
                 if not isinstance(value, str) or not value:
                     raise ConfigurationError(f"{name} must be a non-empty string, got {value!r}")
             ref = self._models[key] = ModelRef(project_id, model_id)
+            if self._flusher is not None:
+                self._flusher.look_up_soon(ref)
         return ref
 
     def _route(

@@ -66,19 +66,34 @@ def count_rows(path: str | Path) -> int:
 
 def _csv_rows(stream: IO[bytes]) -> Iterator[tuple[int, dict[str, Any] | RowError]]:
     text = io.TextIOWrapper(stream, encoding="utf-8", newline="")
-    reader = csv.DictReader(text)
+    reader = csv.DictReader(text, strict=True)  # strict: a stray quote is an error, not data
     try:
-        for row in reader:
-            line = reader.line_num
-            if None in row:  # more fields than the header names
-                names = len(reader.fieldnames or [])
-                yield line, RowError(line, f"more fields than the header's {names}")
+        names = len(reader.fieldnames or [])
+        ended = reader.line_num  # the line the previous row ended on
+        while True:
+            line = ended + 1
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:  # the reader goes on after the bad row
+                row, problem = None, f"malformed CSV: {exc}"
+            spans, ended = reader.line_num - line, max(ended, reader.line_num)
+            hint = (
+                f" (a quoted value runs on to line {ended}: a missing quote?)" if spans > 0 else ""
+            )
+            if row is None:
+                if problem.endswith("unexpected end of data"):
+                    hint = " (a quote opened in this row never closes)"
+                yield line, RowError(line, f"{problem}{hint}")
+            elif None in row:  # more fields than the header names
+                yield line, RowError(line, f"more fields than the header's {names}{hint}")
             elif any(value is None for value in row.values()):
                 missing = [k for k, v in row.items() if v is None]
-                yield line, RowError(line, f"too few fields: no value for {missing}")
+                yield line, RowError(line, f"too few fields: no value for {missing}{hint}")
             else:
                 yield line, dict(row)
-    except (csv.Error, UnicodeDecodeError) as exc:
+    except (csv.Error, UnicodeDecodeError) as exc:  # the header itself
         yield reader.line_num, RowError(reader.line_num, f"malformed CSV: {exc}")
     finally:
         text.detach()

@@ -42,6 +42,12 @@ def test_publish_to_the_embedded_emulator_then_inspect(tmp_path: Path) -> None:
     assert "delivered    5,000" in done.stdout
     assert "embedded Fiddler emulator, stored in fiddler-emulator.db" in done.stdout
     assert "p99 enqueue" in done.stdout
+    again = cli(
+        "publish", str(EXAMPLE), "--project", "bank_churn", "--model", "bank_churn", cwd=tmp_path
+    )
+    assert "It now holds 10,000 events for bank_churn/bank_churn, 5,000 of them" in again.stdout
+    (tmp_path / "fiddler-emulator.db").unlink()
+    cli("publish", str(EXAMPLE), "--project", "bank_churn", "--model", "bank_churn", cwd=tmp_path)
     shown = cli("inspect", "--events", "2", "--duplicates", cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
     lines = shown.stdout.splitlines()
@@ -82,6 +88,17 @@ def test_bad_rows_are_named_and_the_good_ones_delivered(tmp_path: Path, fiddler:
     assert "line 5: a line must hold a JSON object" in done.stderr
     assert "bad rows     4" in done.stdout
     assert [e["age"] for e in fiddler.events()] == [40, 41]
+
+
+def test_an_unterminated_quote_is_traced_to_its_line(tmp_path: Path, fiddler: Emulator) -> None:
+    rows = tmp_path / "events.csv"
+    rows.write_text('event_id,x\ne1,1\ne2,2"\ne3,3\ne4,"4\ne5,5\n')
+    done = cli("publish", str(rows), "--project", "p", "--model", "m", *to(fiddler))
+    assert done.returncode == 1
+    assert "line 3, column 'x': '2\"' is not a number" in done.stderr  # the next rows go on
+    assert "line 5: malformed CSV: unexpected end of data" in done.stderr
+    assert "(a quote opened in this row never closes)" in done.stderr
+    assert [e["row_id"] for e in fiddler.events("p", "m")] == ["e1", "e3"]
 
 
 def test_a_wrong_name_or_file_stops_with_a_clear_message(tmp_path: Path, fiddler: Emulator) -> None:

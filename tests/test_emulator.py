@@ -95,12 +95,15 @@ def test_publishing_validates_and_stores(client: httpx.Client, fiddler: Emulator
     assert ok.status_code == 202
     assert ok.json()["data"] == {"source_type": "EVENTS", "event_ids": ["a", "b"]}
 
-    bad = publish(client, model_id, [{"age": 1}, {"age": "x"}, {"balance": True}])
+    integral = publish(client, model_id, [{"event_id": "c", "age": 42.0}])  # a pandas int + NaN
+    assert integral.status_code == 202
+    bad = publish(client, model_id, [{"age": 1}, {"age": "x"}, {"balance": True}, {"age": 4.5}])
     assert bad.status_code == 400
     reasons = [e["message"] for e in bad.json()["error"]["errors"]]
     assert reasons == [
         "events[1].age: expected int, got str 'x'",
         "events[2].balance: expected float, got bool True",
+        "events[3].age: expected int, got float 4.5",
     ]
     assert publish(client, model_id, [{"age": 1}] * 1001).status_code == 400
     assert publish(client, model_id, []).status_code == 400
@@ -109,7 +112,7 @@ def test_publishing_validates_and_stores(client: httpx.Client, fiddler: Emulator
     assert publish(client, model_id, [{"age": 1}], env_type="PRE_PRODUCTION").status_code == 400
     no_id = publish(client, model_id, [{"churn": "yes"}], method="PATCH")
     assert no_id.status_code == 400
-    assert fiddler.count() == 2  # nothing of the refused requests was stored
+    assert fiddler.count() == 3  # nothing of the refused requests was stored
 
 
 def test_updates_merge_and_duplicates_are_counted(client: httpx.Client, fiddler: Emulator) -> None:

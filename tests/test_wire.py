@@ -12,6 +12,7 @@ import anyio
 import anyio.lowlevel
 import httpx
 import numpy as np
+import pandas as pd
 import pytest
 
 import fiddler_async
@@ -316,3 +317,42 @@ async def test_an_impossible_timestamp_is_refused_at_the_caller(inproc: InProces
                 )
             assert sorted(info.value.errors) == list(range(len(events)))
         assert pub.stats().accepted == 0
+
+
+async def test_a_model_is_looked_up_at_its_first_event(inproc: InProcessFiddler) -> None:
+    async with mock_publisher(inproc, linger=3600) as pub:
+        first = pub.publish_event_nowait("bank_churn", "bank_churn", {"event_id": "own-1"})
+        # No batch is sent (linger), but the lookup starts at once...
+        await eventually(lambda: len(inproc.lookups()) == 3)
+        assert inproc.event_requests() == []
+        # ...so from then on an id the event carries is the id returned.
+        second = pub.publish_event_nowait("bank_churn", "bank_churn", {"event_id": "own-2"})
+        assert second == "own-2"
+        await pub.flush(5)
+    # The first event kept its own id; the one returned for it was made up before the lookup.
+    assert [e["event_id"] for e in inproc.stored()] == ["own-1", "own-2"]
+    assert first != "own-1"
+
+
+async def test_a_first_batch_returns_the_ids_its_events_carry(inproc: InProcessFiddler) -> None:
+    frame = pd.DataFrame({"event_id": ["a", "b"], "age": [1, 2]})
+    async with mock_publisher(inproc) as pub:
+        assert await pub.publish_events_batch("bank_churn", "bank_churn", frame) == ["a", "b"]
+
+
+async def test_the_last_error_names_a_failure_that_never_reached_http(
+    inproc: InProcessFiddler,
+) -> None:
+    async with mock_publisher(inproc) as pub:
+        pub.publish_event_nowait("nope", "bank_churn", {"age": 1})
+        assert (await pub.flush(5)).failed == 1
+        assert pub.stats().last_error == "NotFoundError: HTTP 404: project 'nope' not found"
+
+
+def test_an_error_with_many_reasons_stays_one_short_line() -> None:
+    reasons = [fiddler_async.ErrorReason("ValidationError", f"events[{i}].age") for i in range(50)]
+    text = str(BadRequestError("50 invalid values", status=400, reasons=reasons))
+    assert text == (
+        "HTTP 400: 50 invalid values (ValidationError: events[0].age; "
+        "ValidationError: events[1].age; ValidationError: events[2].age; and 47 more)"
+    )

@@ -156,8 +156,9 @@ def _type_problem(data_type: str, value: Any) -> str | None:
     if value is None:
         return None
     ok_types: tuple[type, ...]
-    if data_type == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
+    if data_type == "int":  # JSON has one number type: 38.0 is an integer value too
+        integral = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        if isinstance(value, bool) or not integral:
             return f"expected int, got {type(value).__name__} {value!r}"
         return None
     ok_types = {

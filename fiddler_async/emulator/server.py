@@ -195,7 +195,15 @@ def serve_forever(
 ) -> None:
     """Serve in the foreground until interrupted (``fiddler-async serve``)."""
     state = _state(token, db, models, faults, count_only)
-    uvicorn.run(create_app(state), host=host, port=port, log_level="warning", lifespan="off")
+    # Requests held by a `hang` fault are cancelled 2 s into a shutdown (Ctrl-C).
+    uvicorn.run(
+        create_app(state),
+        host=host,
+        port=port,
+        log_level="warning",
+        lifespan="off",
+        timeout_graceful_shutdown=2,
+    )
 
 
 @contextlib.contextmanager
