@@ -92,7 +92,7 @@ def test_bad_rows_are_named_and_the_good_ones_delivered(tmp_path: Path, fiddler:
 
 def test_an_unterminated_quote_is_traced_to_its_line(tmp_path: Path, fiddler: Emulator) -> None:
     rows = tmp_path / "events.csv"
-    rows.write_text('event_id,x\ne1,1\ne2,2"\ne3,3\ne4,"4\ne5,5\n')
+    rows.write_text('row_id,x\ne1,1\ne2,2"\ne3,3\ne4,"4\ne5,5\n')
     done = cli("publish", str(rows), "--project", "p", "--model", "m", *to(fiddler))
     assert done.returncode == 1
     assert "line 3, column 'x': '2\"' is not a number" in done.stderr  # the next rows go on
