@@ -1,4 +1,4 @@
-"""Development sessions: ``nox -s tests lint typecheck`` is what CI runs (see .ci/run)."""
+"""Development sessions: ``nox -s lint typecheck minimal tests`` is what CI runs (.ci/run)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import nox
 
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = True
-nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.sessions = ["lint", "typecheck", "minimal", "tests"]
 
 PYPROJECT = nox.project.load_toml("pyproject.toml")
 
@@ -21,6 +21,13 @@ def tests(session: nox.Session) -> None:
     session.install("-e", ".[cli,parquet]")
     install_group(session, "test")
     session.run("pytest", *session.posargs)
+
+
+@nox.session
+def minimal(session: nox.Session) -> None:
+    """The core install alone, no extras and no trio: it must import and publish."""
+    session.install(".")
+    session.run("python", "tests/minimal_install.py")
 
 
 @nox.session

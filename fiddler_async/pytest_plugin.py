@@ -3,6 +3,7 @@ loopback port, fresh for each test.
 
 Installed with the package (a ``pytest11`` entry point), so it needs no import::
 
+    @pytest.mark.anyio  # with anyio's pytest plugin (installed with anyio)
     async def test_my_service_publishes(fiddler_emulator):
         async with AsyncPublisher(fiddler_emulator.url, fiddler_emulator.token) as pub:
             pub.publish_event_nowait("bank_churn", "bank_churn", {"age": 42})
