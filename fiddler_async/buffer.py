@@ -116,6 +116,8 @@ class EventBuffer:
         """Return once ``events`` events of ``size`` bytes in all fit; QueueFullError (all of
         them counted as rejected) if they do not within ``timeout`` or never could. A caller
         cancelled while waiting has changed nothing."""
+        if self.fits(events, size) and not self.closed:
+            return  # the usual case: no waiting, so no cancel scope to set up
         if events > self._max_events or size > self._max_bytes:
             self._ledger.rejected += events
             raise QueueFullError(
