@@ -26,6 +26,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..destination import ENV_TYPES
 from ..rows import RowError, coerce_row, file_format, read_rows
 from .catalog import ORGANIZATION, USER, Catalog, ModelDef
 from .faults import Faults
@@ -35,7 +36,6 @@ __all__ = ["EmulatorState", "create_app"]
 
 SERVER_VERSION = "25.2.0"
 MAX_EVENTS = 1000
-ENV_TYPES = ("PRODUCTION", "PRE_PRODUCTION")
 
 
 @dataclass
