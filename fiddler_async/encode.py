@@ -31,7 +31,7 @@ import orjson
 
 from .exceptions import EventEncodeError, EventError
 
-__all__ = ["encode_event", "epoch_millis", "new_event_id", "splice_members"]
+__all__ = ["compact", "encode_event", "epoch_millis", "new_event_id", "splice_members"]
 
 _OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_PASSTHROUGH_DATETIME
 _dumps = orjson.dumps
@@ -105,10 +105,18 @@ def _find_bad_value(value: Any, path: str) -> tuple[str | None, str]:
     return None, ""
 
 
+def compact(body: bytes) -> bytes:
+    """A copy of exactly its length, for keeping in the queue. orjson's result holds on to a
+    buffer of several kilobytes whatever its length: 100,000 queued events would hold ~400 MB
+    instead of ~30 MB. The copy costs ~0.1 µs."""
+    return memoryview(body).tobytes()
+
+
 def splice_members(body: bytes, members: list[bytes]) -> bytes:
-    """Put ``members`` (each ``"name":value``) first into the encoded object ``body``."""
+    """Put ``members`` (each ``"name":value``) first into the encoded object ``body``; the
+    result is always a new object of exactly its length (see :func:`compact`)."""
     if not members:
-        return body
+        return compact(body)
     head = b",".join(members)
     if body == b"{}":
         return b"{" + head + b"}"

@@ -26,7 +26,7 @@ from ._logging import RateLimitedLog, logger
 from .buffer import EventBuffer, Fixup, Lane
 from .config import PublisherConfig
 from .destination import ENV_TYPES, Destination, ModelInfo, ModelRef
-from .encode import encode_event, epoch_millis, new_event_id, splice_members
+from .encode import compact, encode_event, epoch_millis, new_event_id, splice_members
 from .exceptions import (
     ConfigurationError,
     EventBatchError,
@@ -529,7 +529,7 @@ class AsyncPublisher:
                 )
             flags = (ID_EXPLICIT if id_explicit else 0) | (TS_EXPLICIT if ts_explicit else 0)
             self._check_size(body)
-            return body, (given, millis, flags), given or ""
+            return compact(body), (given, millis, flags), given or ""
         members, remove, carried = place_columns(
             info,
             event,

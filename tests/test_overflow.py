@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import anyio
 import pytest
 
@@ -193,3 +195,27 @@ async def test_drop_oldest_evicts_across_destinations_by_age(inproc: InProcessFi
     assert [e["customer_id"] for e in inproc.stored("bank_churn", "bank_churn_v2")] == [
         f"v{i}" for i in range(1, 6)
     ]
+
+
+@pytest.mark.parametrize("own_columns", [False, True])
+async def test_a_queued_event_holds_about_its_own_size(
+    inproc: InProcessFiddler, own_columns: bool
+) -> None:
+    """The byte bound is only honest if a queued event costs about its encoded size."""
+    event = {**bank_event(1), "event_id": "e", "timestamp": 1} if own_columns else bank_event(1)
+    async with mock_publisher(inproc, linger=3600) as pub:
+        if own_columns:
+            await pub.resolve("bank_churn", "bank_churn")  # then nothing is spliced in
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for _ in range(5000):
+                pub.publish_event_nowait("bank_churn", "bank_churn", event)
+            per_event = (tracemalloc.get_traced_memory()[0] - before) / 5000
+        finally:
+            tracemalloc.stop()
+        encoded = pub.stats().queued_bytes / 5000
+        # The tuple, the sequence number and (before the lookup) the id and time kept aside
+        # cost a few hundred bytes; orjson's spare buffer would cost thousands.
+        assert per_event < encoded + 400, (per_event, encoded)
+        await pub.aclose(0.1)
