@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sqlite3
 import sys
 import time
 from collections.abc import Sequence
@@ -29,7 +30,7 @@ import anyio
 
 from ._version import __version__
 from .config import PublisherConfig
-from .exceptions import FiddlerError, NotFoundError
+from .exceptions import EventError, FiddlerError, NotFoundError
 from .flusher import DeliveryFailure
 from .publisher import AsyncPublisher
 from .rows import RowError, coerce_row, count_rows, file_format, read_rows
@@ -85,7 +86,10 @@ async def _publish(args: argparse.Namespace) -> int:
     async with contextlib.AsyncExitStack() as stack:
         embedded: Any = None
         if not url:
-            embedded = await stack.enter_async_context(_emulator_module().emulator(db=args.db))
+            try:
+                embedded = await stack.enter_async_context(_emulator_module().emulator(db=args.db))
+            except (sqlite3.Error, OSError) as exc:
+                raise _Fatal(f"cannot open the emulator's database {args.db}: {exc}") from None
             url, token = embedded.url, embedded.token
             err.print(f"No Fiddler URL given: publishing to an embedded emulator at {url}")
         if not token:
@@ -146,6 +150,7 @@ class _FileJob:
         self.latencies: list[int] = []
         self.seconds = 0.0
         self.complete = False
+        self.id_col: str | None = None
 
     async def run(self, pub: AsyncPublisher, url: str) -> None:
         args = self.args
@@ -158,9 +163,12 @@ class _FileJob:
             raise _Fatal(f"cannot use {url}: {exc or 'no answer'}") from None
         types = dict(info.columns)
         if args.update:
-            required: tuple[str, ...] = (info.event_id_col,) if info.event_id_col else ()
+            if not info.event_id_col:
+                raise _Fatal(f"model {args.model!r} has no event id column: it cannot be updated")
+            required: tuple[str, ...] = (info.event_id_col,)
         else:
             required = tuple(c for c in (*info.inputs, *info.outputs) if c in types)
+        self.id_col = info.event_id_col if args.update else None
         started = time.perf_counter()
         await self._publish_rows(pub, types, required)
         self.complete = (await pub.flush(args.timeout)).complete
@@ -179,7 +187,10 @@ class _FileJob:
         )
 
         args, clock = self.args, time.perf_counter_ns
-        total = await anyio.to_thread.run_sync(count_rows, self.path)
+        try:
+            total = await anyio.to_thread.run_sync(count_rows, self.path)
+        except Exception as exc:  # a corrupt file: pyarrow and the OS have many errors
+            raise _Fatal(f"cannot read {self.path}: {exc}") from None
         columns = (
             TextColumn("[bold]publishing"),
             BarColumn(),
@@ -196,20 +207,34 @@ class _FileJob:
             while chunk := await anyio.to_thread.run_sync(lambda: list(islice(rows, 1000))):
                 for line, row in chunk:
                     try:
-                        if isinstance(row, RowError):
-                            raise row
-                        event = coerce_row(line, row, types, required)
+                        event = self._event(line, row, types, required)
+                        t0 = clock()
+                        await pub.publish_event(
+                            args.project, args.model, event, update_event=args.update
+                        )
+                        self.latencies.append(clock() - t0)
                     except RowError as exc:
                         self.bad.append(exc)
-                        continue
-                    t0 = clock()
-                    await pub.publish_event(
-                        args.project, args.model, event, update_event=args.update
-                    )
-                    self.latencies.append(clock() - t0)
+                    except EventError as exc:  # e.g. a value JSON cannot carry
+                        self.bad.append(RowError(line, str(exc)))
                 done += len(chunk)
                 rate = done / max(time.perf_counter() - begun, 1e-9)
                 progress.update(task, completed=done, rate=f"{rate:,.0f}")
+
+    def _event(
+        self,
+        line: int,
+        row: dict[str, Any] | RowError,
+        types: dict[str, str],
+        required: tuple[str, ...],
+    ) -> dict[str, Any]:
+        """The row as an event of the model, or RowError saying what is wrong with it."""
+        if isinstance(row, RowError):
+            raise row
+        event = coerce_row(line, row, types, required)
+        if self.id_col and event[self.id_col] is None:
+            raise RowError(line, "an update needs an event id", self.id_col)
+        return event
 
     def report(self, out: Console, err: Console, url: str, stats: StatsSnapshot) -> None:
         for problem in self.bad[:SHOWN_PROBLEMS]:
@@ -254,9 +279,19 @@ def _faults(args: argparse.Namespace) -> Any:
     return faults
 
 
+def _catalog(emulator: Any, models: str | None) -> Any:
+    try:
+        return emulator.load_catalog(models)
+    except (OSError, ValueError) as exc:
+        raise _Fatal(f"cannot use the models file: {exc}") from None
+
+
 def _serve(args: argparse.Namespace) -> int:
     emulator = _emulator_module()
     out, _ = _console()
+    _catalog(emulator, args.models)  # a bad file stops here, with a message
+    if args.db != ":memory:" and not Path(args.db).resolve().parent.is_dir():
+        raise _Fatal(f"no directory for the database {args.db}")
     out.print(
         f"Fiddler emulator on http://{args.host}:{args.port}  (token {args.token!r}, "
         f"db {args.db}, models {args.models or 'bank_churn (built in)'})\n"
@@ -286,9 +321,11 @@ def _inspect(args: argparse.Namespace) -> int:
     else:
         summary, events, duplicates = _inspect_db(args)
     for model in summary["models"]:
+        distinct = model["distinct_ids"]  # None from a count-only emulator
         out.print(
             f"{model['project']}/{model['model']}: {model['events']:,} events, "
-            f"{model['distinct_ids']:,} distinct ids, {model['duplicates']:,} duplicates",
+            f"{'-' if distinct is None else format(distinct, ',')} distinct ids, "
+            f"{model['duplicates']:,} duplicates",
             highlight=False,
         )
     for event in events:
@@ -305,8 +342,12 @@ def _inspect_db(args: argparse.Namespace) -> tuple[dict[str, Any], list[Any], di
     db = Path(args.db)
     if not db.is_file():
         raise _Fatal(f"no emulator database at {db} (publish without --url first, or pass --db)")
-    catalog = emulator.load_catalog(args.models)
-    store = emulator.Store(str(db))
+    catalog = _catalog(emulator, args.models)
+    try:
+        store = emulator.Store(str(db))
+        store.count()
+    except sqlite3.Error as exc:
+        raise _Fatal(f"{db} is not an emulator database: {exc}") from None
     try:
         models = [
             {

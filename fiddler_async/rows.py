@@ -65,7 +65,9 @@ def count_rows(path: str | Path) -> int:
 
 
 def _csv_rows(stream: IO[bytes]) -> Iterator[tuple[int, dict[str, Any] | RowError]]:
-    text = io.TextIOWrapper(stream, encoding="utf-8", newline="")
+    # utf-8-sig: a byte-order mark (Excel's) is not part of the first column's name;
+    # surrogateescape: a row that is not UTF-8 is reported alone (by coerce_row), not the file.
+    text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
     reader = csv.DictReader(text, strict=True)  # strict: a stray quote is an error, not data
     try:
         names = len(reader.fieldnames or [])
@@ -105,7 +107,7 @@ def _jsonl_rows(stream: IO[bytes]) -> Iterator[tuple[int, dict[str, Any] | RowEr
             continue
         try:
             row = json.loads(raw)
-        except ValueError as exc:
+        except ValueError as exc:  # UnicodeDecodeError too
             yield line, RowError(line, f"malformed JSON: {exc}")
             continue
         if isinstance(row, dict):
@@ -153,20 +155,31 @@ def _from_text(data_type: str, text: str) -> Any:
     return text
 
 
-def _check(data_type: str, value: Any) -> Any:
-    if data_type == "int" and isinstance(value, float) and value.is_integer():
-        return int(value)
-    wrong = (
-        (data_type == "int" and (isinstance(value, bool) or not isinstance(value, int)))
-        or (
-            data_type == "float" and (isinstance(value, bool) or not isinstance(value, int | float))
-        )
-        or (data_type == "bool" and not isinstance(value, bool))
-        or (data_type == "vector" and not isinstance(value, list))
-    )
-    if wrong:
-        raise ValueError(f"{value!r} is not of type {data_type}")
-    return value
+_ACCEPTED: dict[str, tuple[type, ...]] = {
+    "float": (int, float),
+    "bool": (bool,),
+    "str": (str,),
+    "category": (str, int, bool, float),
+    "timestamp": (str, int, float),
+    "vector": (list,),
+}
+
+
+def type_problem(data_type: str, value: Any) -> str | None:
+    """Why ``value`` does not fit a column of ``data_type`` (None when it does). The one check
+    of column types, used by the emulator on what it receives and by the CLI before sending."""
+    if value is None:
+        return None
+    if data_type == "int":  # JSON has one number type: 38.0 is an integer value too
+        integral = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        if isinstance(value, bool) or not integral:
+            return f"expected int, got {type(value).__name__} {value!r}"
+        return None
+    if isinstance(value, bool) and data_type == "float":
+        return f"expected float, got bool {value!r}"
+    if not isinstance(value, _ACCEPTED.get(data_type, (object,))):
+        return f"expected {data_type}, got {type(value).__name__} {value!r}"
+    return None
 
 
 def coerce_row(
@@ -182,16 +195,30 @@ def coerce_row(
         names = ", ".join(repr(c) for c in missing)
         raise RowError(line, f"missing column(s) {names}", missing[0])
     out: dict[str, Any] = {}
-    for column, value in row.items():
+    for column, raw in row.items():
         data_type = types.get(column, "")
-        if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
+        if raw is None or raw == "" or (isinstance(raw, float) and math.isnan(raw)):
             out[column] = None
             continue
+        if isinstance(raw, str) and not raw.isascii() and not _is_utf8(raw):
+            raise RowError(line, "not valid UTF-8 text", column)
+        value = raw
         try:
-            if isinstance(value, str) and data_type in (*_NUMERIC, "bool", "vector"):
-                out[column] = _from_text(data_type, value)
-            else:
-                out[column] = _check(data_type, value)
+            if isinstance(raw, str) and data_type in (*_NUMERIC, "bool", "vector"):
+                value = _from_text(data_type, raw)
         except ValueError as exc:
             raise RowError(line, str(exc), column) from None
+        problem = type_problem(data_type, value)
+        if problem:
+            raise RowError(line, problem, column)
+        out[column] = int(value) if data_type == "int" and isinstance(value, float) else value
     return out
+
+
+def _is_utf8(text: str) -> bool:
+    """False for text read with ``surrogateescape`` from bytes that are not UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

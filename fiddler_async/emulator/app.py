@@ -21,13 +21,14 @@ from typing import Any
 import anyio
 import orjson
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..destination import ENV_TYPES
-from ..rows import RowError, coerce_row, file_format, read_rows
+from ..rows import RowError, coerce_row, file_format, read_rows, type_problem
 from .catalog import ORGANIZATION, USER, Catalog, ModelDef
 from .faults import Faults
 from .store import Store
@@ -48,6 +49,10 @@ class EmulatorState:
     requests: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=10_000))
     stopping: anyio.Event | None = None
     """Set when the server stops: ends the requests held by a `hang` fault."""
+
+
+class BadRequest(Exception):
+    """A request the emulator cannot make sense of: answered 400 in Fiddler's envelope."""
 
 
 class DroppedConnection(Exception):
@@ -136,44 +141,27 @@ def _matches(item: Mapping[str, Any], group: Mapping[str, Any]) -> bool:
 
 
 def _filtered(
-    request: Request, items: list[dict[str, Any]], flat: Callable[[dict[str, Any]], dict[str, Any]]
+    request: Request,
+    items: list[dict[str, Any]],
+    flat: Callable[[dict[str, Any]], dict[str, Any]],
 ) -> list[dict[str, Any]]:
     raw = request.query_params.get("filter")
     if not raw:
         return items
-    group = json.loads(raw)
-    return [item for item in items if _matches(flat(item), group)]
+    try:
+        group = json.loads(raw)
+        return [item for item in items if _matches(flat(item), group)]
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise BadRequest(f"invalid filter: {exc}") from None
 
 
 def _page_args(request: Request) -> tuple[int, int]:
-    return int(request.query_params.get("offset", 0)), int(request.query_params.get("limit", 50))
-
-
-# Event validation
-
-
-def _type_problem(data_type: str, value: Any) -> str | None:
-    if value is None:
-        return None
-    ok_types: tuple[type, ...]
-    if data_type == "int":  # JSON has one number type: 38.0 is an integer value too
-        integral = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
-        if isinstance(value, bool) or not integral:
-            return f"expected int, got {type(value).__name__} {value!r}"
-        return None
-    ok_types = {
-        "float": (int, float),
-        "bool": (bool,),
-        "str": (str,),
-        "category": (str, int, bool, float),
-        "timestamp": (str, int, float),
-        "vector": (list,),
-    }.get(data_type, (object,))
-    if isinstance(value, bool) and data_type == "float":
-        return f"expected float, got bool {value!r}"
-    if not isinstance(value, ok_types):
-        return f"expected {data_type}, got {type(value).__name__} {value!r}"
-    return None
+    try:
+        offset = int(request.query_params.get("offset", 0))
+        limit = int(request.query_params.get("limit", 50))
+    except ValueError:
+        raise BadRequest("offset and limit must be whole numbers") from None
+    return max(0, offset), max(1, limit)
 
 
 def validate_events(model: ModelDef, events: list[Any], update: bool) -> list[str]:
@@ -190,7 +178,7 @@ def validate_events(model: ModelDef, events: list[Any], update: bool) -> list[st
             )
         for column, value in event.items():
             data_type = types.get(column)
-            problem = _type_problem(data_type, value) if data_type else None
+            problem = type_problem(data_type, value) if data_type else None
             if problem:
                 problems.append(f"events[{index}].{column}: {problem}")
     return problems
@@ -259,9 +247,8 @@ class _Api:
             return {**record, "project_id": model.project_id, "project_name": model.project}
 
         items = _filtered(request, [m.compact_record() for m in self.catalog.models], flat)
-        ordering = request.query_params.get("ordering", "")
-        if ordering.lstrip("-") in ("created_at", "version"):
-            items.sort(key=lambda r: r["version"], reverse=ordering.startswith("-"))
+        if request.query_params.get("ordering", "").startswith("-"):
+            items.reverse()  # the models file lists versions in the order they were created
         return paginated(items, *_page_args(request))
 
     async def model(self, request: Request) -> Response:
@@ -468,7 +455,24 @@ def create_app(state: EmulatorState) -> ASGIApp:
         Route("/_emulator/reset", api.reset, methods=["POST"]),
         Route("/_emulator/requests", api.requests),
     ]
-    return _Gate(Starlette(routes=routes), state)
+    handlers = {BadRequest: _bad_request, HTTPException: _http_error, Exception: _failure}
+    return _Gate(Starlette(routes=routes, exception_handlers=handlers), state)
+
+
+# Every answer in Fiddler's error envelope, the framework's own (404, 405) and failures too.
+
+
+async def _bad_request(request: Request, exc: Exception) -> Response:
+    return error(400, str(exc))
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return error(exc.status_code, str(exc.detail))
+
+
+async def _failure(request: Request, exc: Exception) -> Response:
+    return error(500, f"emulator failure: {type(exc).__name__}: {exc}")
 
 
 class _Gate:
@@ -524,8 +528,10 @@ class _Gate:
                     entry["status"] = "hang"
                     await _hang(state)
                     kind = "drop"
-                if kind == "drop":
-                    entry["status"] = "drop"
+                if kind == "lose":  # handled (stored), but the answer never arrives
+                    await self.app(scope, receive, _discard)
+                if kind in ("drop", "lose"):
+                    entry["status"] = kind
                     start = {"type": "http.response.start", "status": 200}
                     await send({**start, "headers": [(b"content-length", b"64")]})
                     raise DroppedConnection("emulated dropped connection")
@@ -536,6 +542,10 @@ class _Gate:
             await send(message)
 
         await self.app(scope, receive, send_logged)
+
+
+async def _discard(message: Message) -> None:
+    pass
 
 
 async def _hang(state: EmulatorState) -> None:

@@ -3,8 +3,10 @@
 Fractions apply to each publish request (``POST``/``PATCH /v3/events``) independently; the
 outage window, the latency and the body size limit apply to every ``/v3`` request. ``script``
 forces the answers of the next publish requests, in order, for tests that need determinism:
-a status code (``"503"``), ``"drop"`` (close the connection without an answer) or ``"hang"``
-(hold the request until the emulator stops).
+an error status (``"503"``, 400 to 599), ``"ok"`` (answer normally), ``"drop"`` (close the
+connection without an answer, nothing stored), ``"lose"`` (store the events, then close the
+connection without an answer: the client cannot know, and a retry makes duplicates), or
+``"hang"`` (hold the request until the emulator stops).
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ from typing import Any, Literal
 
 __all__ = ["Decision", "Faults"]
 
-Decision = tuple[Literal["ok", "status", "drop", "hang"], int]
+Decision = tuple[Literal["ok", "status", "drop", "lose", "hang"], int]
+_STEPS = ("ok", "drop", "lose", "hang")
+_FRACTIONS = ("error_503", "error_429", "drop", "lose", "spike")
+_SECONDS = ("retry_after", "latency", "spike_latency", "outage_seconds")
 
 
 @dataclass
@@ -28,6 +33,8 @@ class Faults:
     retry_after: float = 1.0
     drop: float = 0.0
     """Fraction of publish requests whose connection is closed without an answer."""
+    lose: float = 0.0
+    """Fraction of publish requests stored, then answered by a closed connection."""
     latency: float = 0.0
     """Seconds added to every answer."""
     spike: float = 0.0
@@ -44,23 +51,20 @@ class Faults:
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
 
-    def update(self, changes: dict[str, Any]) -> None:
-        """Apply changes from the admin API; ``outage_seconds`` starts an outage from now."""
+    def update(self, changes: Any) -> None:
+        """Apply changes (from the admin API: a JSON object), all of them or, if one is
+        invalid, none; ``outage_seconds`` starts an outage from now."""
+        if not isinstance(changes, dict):
+            raise TypeError("faults are a JSON object of name: value")
         known = {f.name for f in fields(self) if not f.name.startswith("_")} | {"outage_seconds"}
-        for key, value in changes.items():
-            if key not in known:
-                raise ValueError(f"unknown fault {key!r}; known: {sorted(known)}")
+        parsed = {key: _parse(key, value, known) for key, value in changes.items()}
+        for key, value in parsed.items():
             if key == "outage_seconds":
-                self.outage_until = time.time() + float(value)
-            elif key == "script":
-                self.script = [str(step) for step in value]
-            elif key == "seed":
-                self.seed = value
-                self._rng = random.Random(value)
-            elif key == "max_body_bytes":
-                self.max_body_bytes = int(value)
+                self.outage_until = time.time() + value
             else:
-                setattr(self, key, float(value))
+                setattr(self, key, value)
+            if key == "seed":
+                self._rng = random.Random(value)
 
     def snapshot(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if not k.startswith("_")}
@@ -75,16 +79,38 @@ class Faults:
     def decide_publish(self) -> Decision:
         if self.script:
             forced = self.script.pop(0)
-            if forced in ("drop", "hang"):
+            if forced in _STEPS:
                 return (forced, 0)  # type: ignore[return-value]
             return ("status", int(forced))
         draw = self._rng.random()
-        for kind, fraction in (
-            ("drop", self.drop),
-            ("503", self.error_503),
-            ("429", self.error_429),
+        for decision, fraction in (
+            (("drop", 0), self.drop),
+            (("lose", 0), self.lose),
+            (("status", 503), self.error_503),
+            (("status", 429), self.error_429),
         ):
             if draw < fraction:
-                return ("drop", 0) if kind == "drop" else ("status", int(kind))
+                return decision  # type: ignore[return-value]
             draw -= fraction
         return ("ok", 0)
+
+
+def _parse(key: str, value: Any, known: set[str]) -> Any:
+    if key not in known:
+        raise ValueError(f"unknown fault {key!r}; known: {sorted(known)}")
+    if key == "script":
+        if not isinstance(value, list):
+            raise ValueError('script is a list of steps, e.g. ["503", "drop"]')
+        steps = [str(step) for step in value]
+        for step in steps:
+            if step not in _STEPS and not (step.isdigit() and 400 <= int(step) <= 599):
+                raise ValueError(f"script step {step!r}: an error status 400-599 or {_STEPS}")
+        return steps
+    if key == "seed":
+        return None if value is None else int(value)
+    number = float(value)
+    if key in _FRACTIONS and not 0 <= number <= 1:
+        raise ValueError(f"{key} is a fraction from 0 to 1, not {value!r}")
+    if number < 0:
+        raise ValueError(f"{key} must not be negative, got {value!r}")
+    return int(number) if key == "max_body_bytes" else number

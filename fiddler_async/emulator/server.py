@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import anyio
@@ -119,6 +120,45 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+class _EmulatorServer(uvicorn.Server):
+    """uvicorn's server which, asked to stop (``stop()`` from any thread, Ctrl-C, SIGTERM),
+    first ends the requests that a ``hang`` fault holds, so that it can stop at all."""
+
+    def __init__(self, state: EmulatorState, **config: Any) -> None:
+        super().__init__(
+            uvicorn.Config(
+                create_app(state),
+                log_level="warning",
+                lifespan="off",
+                timeout_graceful_shutdown=2,
+                access_log=False,
+                **config,
+            )
+        )
+        self.state = state
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.state.stopping = anyio.Event()
+        await super().serve(sockets)
+
+    def stop(self) -> None:
+        self.should_exit = True
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has ended already
+                loop.call_soon_threadsafe(self._release_hung_requests)
+
+    def _release_hung_requests(self) -> None:
+        if self.state.stopping is not None:
+            self.state.stopping.set()
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        self.stop()
+
+
 @contextlib.contextmanager
 def running_emulator(
     *,
@@ -132,44 +172,24 @@ def running_emulator(
 ) -> Iterator[Emulator]:
     """Start an emulator in a background thread (port 0: a free one); stop it on exit."""
     state = _state(token, db, models, faults, count_only)
-    sock = _bind(host, port)
-    config = uvicorn.Config(
-        create_app(state),
-        log_level="warning",
-        lifespan="off",
-        timeout_graceful_shutdown=2,
-        access_log=False,
-    )
-    server = uvicorn.Server(config)
-    loop_ready = threading.Event()
-    loop_box: list[asyncio.AbstractEventLoop] = []
-
-    async def serve() -> None:
-        state.stopping = anyio.Event()
-        loop_box.append(asyncio.get_running_loop())
-        loop_ready.set()
-        await server.serve(sockets=[sock])
-
-    thread = threading.Thread(
-        target=asyncio.run, args=(serve(),), name="fiddler-emulator", daemon=True
-    )
-    thread.start()
-    try:
-        loop_ready.wait(10)
-        while not server.started and thread.is_alive():
-            threading.Event().wait(0.005)
-        if not server.started:
-            raise RuntimeError("the emulator did not start")
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(state.store.close)
+        sock = cleanup.enter_context(contextlib.closing(_bind(host, port)))
+        server = _EmulatorServer(state)
+        thread = threading.Thread(
+            target=server.run, kwargs={"sockets": [sock]}, name="fiddler-emulator", daemon=True
+        )
+        thread.start()
+        cleanup.callback(thread.join, 10)
+        cleanup.callback(server.stop)
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the emulator did not start")
+            time.sleep(0.005)
         bound_host, bound_port = sock.getsockname()[:2]
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
         yield Emulator(state, f"http://{shown}:{bound_port}")
-    finally:
-        if loop_box and state.stopping is not None:
-            loop_box[0].call_soon_threadsafe(state.stopping.set)
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
-        state.store.close()
 
 
 @contextlib.asynccontextmanager
@@ -195,15 +215,10 @@ def serve_forever(
 ) -> None:
     """Serve in the foreground until interrupted (``fiddler-async serve``)."""
     state = _state(token, db, models, faults, count_only)
-    # Requests held by a `hang` fault are cancelled 2 s into a shutdown (Ctrl-C).
-    uvicorn.run(
-        create_app(state),
-        host=host,
-        port=port,
-        log_level="warning",
-        lifespan="off",
-        timeout_graceful_shutdown=2,
-    )
+    try:
+        _EmulatorServer(state, host=host, port=port).run()
+    finally:
+        state.store.close()
 
 
 @contextlib.contextmanager

@@ -11,17 +11,21 @@ a test or the CLI may read at the same time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import orjson
 
 __all__ = ["Store"]
+
+# The rows of one event: same model, environment and id.
+_SAME_EVENT = "model_id = ? AND env_type = ? AND env_name IS ? AND event_id = ?"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -79,6 +83,19 @@ class Store:
 
     # Events
 
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One writer at a time, all or nothing: a request's events are stored whole or not at
+        all (the connection is in autocommit mode, so the transaction is explicit)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
     def insert(
         self,
         model_id: str,
@@ -86,54 +103,54 @@ class Store:
         env_name: str | None,
         id_col: str | None,
         events: Sequence[Mapping[str, Any]],
-        *,
-        origin: str = "insert",
     ) -> None:
         if self.count_only:
             with self._lock:
                 self._counts[model_id] = self._counts.get(model_id, 0) + len(events)
             return
+        where = (model_id, env_type, env_name)
+        with self._transaction() as db:
+            if self._early_updates:
+                events = self._merge_early_updates(db, where, id_col, events)
+            self._insert_rows(db, where, id_col, events, "insert")
+
+    def _insert_rows(
+        self,
+        db: sqlite3.Connection,
+        where: tuple[str, str, str | None],
+        id_col: str | None,
+        events: Sequence[Mapping[str, Any]],
+        origin: str,
+    ) -> None:
         now = time.time()
-        with self._lock, self._db:
-            if self._early_updates and origin == "insert":
-                events = self._merge_early_updates(model_id, id_col, events, now)
-            self._db.executemany(
-                "INSERT INTO events (model_id, env_type, env_name, event_id, data, received_at,"
-                " origin) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        model_id,
-                        env_type,
-                        env_name,
-                        _id_of(e, id_col),
-                        orjson.dumps(e).decode(),
-                        now,
-                        origin,
-                    )
-                    for e in events
-                ],
-            )
-            if origin == "update":
-                self._early_updates += len(events)
+        db.executemany(
+            "INSERT INTO events (model_id, env_type, env_name, event_id, data, received_at,"
+            " origin) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(*where, _id_of(e, id_col), _json(e), now, origin) for e in events],
+        )
+        if origin == "update":
+            self._early_updates += len(events)
 
     def _merge_early_updates(
-        self, model_id: str, id_col: str | None, events: Sequence[Mapping[str, Any]], now: float
+        self,
+        db: sqlite3.Connection,
+        where: tuple[str, str, str | None],
+        id_col: str | None,
+        events: Sequence[Mapping[str, Any]],
     ) -> list[Mapping[str, Any]]:
-        """Merge inserts into updates that arrived before them; return the other inserts."""
+        """Merge inserts into the updates that arrived before them; return the other inserts."""
         rest: list[Mapping[str, Any]] = []
         for event in events:
-            row = self._db.execute(
-                "SELECT seq, data FROM events WHERE model_id = ? AND event_id = ?"
-                " AND origin = 'update' LIMIT 1",
-                (model_id, _id_of(event, id_col)),
+            row = db.execute(
+                f"SELECT seq, data FROM events WHERE {_SAME_EVENT} AND origin = 'update'",
+                (*where, _id_of(event, id_col)),
             ).fetchone()
             if row is None:
                 rest.append(event)
                 continue
-            merged = {**event, **json.loads(row[1])}
-            self._db.execute(
+            db.execute(
                 "UPDATE events SET data = ?, updated_at = ?, origin = 'insert' WHERE seq = ?",
-                (json.dumps(merged), now, row[0]),
+                (_json({**event, **orjson.loads(row[1])}), time.time(), row[0]),
             )
             self._early_updates -= 1
         return rest
@@ -146,27 +163,30 @@ class Store:
         id_col: str,
         events: Sequence[Mapping[str, Any]],
     ) -> int:
-        """Merge each event into the stored ones with its id; returns how many matched none."""
+        """Merge each event into the stored ones with its id in the same environment; returns
+        how many matched none (kept until their event comes)."""
         if self.count_only:
             return 0
-        now = time.time()
+        folded: dict[str | None, dict[str, Any]] = {}
+        for event in events:  # several updates of one id in one request: the last value wins
+            folded.setdefault(_id_of(event, id_col), {}).update(event)
+        where = (model_id, env_type, env_name)
         unmatched: list[Mapping[str, Any]] = []
-        with self._lock, self._db:
-            for event in events:
-                rows = self._db.execute(
-                    "SELECT seq, data FROM events WHERE model_id = ? AND event_id = ?",
-                    (model_id, _id_of(event, id_col)),
+        now = time.time()
+        with self._transaction() as db:
+            for event_id, event in folded.items():
+                rows = db.execute(
+                    f"SELECT seq, data FROM events WHERE {_SAME_EVENT}", (*where, event_id)
                 ).fetchall()
                 if not rows:
                     unmatched.append(event)
                 for seq, data in rows:
-                    self._db.execute(
+                    db.execute(
                         "UPDATE events SET data = ?, updated_at = ? WHERE seq = ?",
-                        (json.dumps({**json.loads(data), **event}), now, seq),
+                        (_json({**orjson.loads(data), **event}), now, seq),
                     )
-        if unmatched:
-            self.early_updates_seen += len(unmatched)
-            self.insert(model_id, env_type, env_name, id_col, unmatched, origin="update")
+            self._insert_rows(db, where, id_col, unmatched, "update")
+        self.early_updates_seen += len(unmatched)
         return len(unmatched)
 
     def count(self, model_id: str | None = None) -> int:
@@ -192,14 +212,18 @@ class Store:
         return [orjson.loads(data) for (data,) in rows]
 
     def duplicates(self, model_id: str) -> dict[str, int]:
-        """Event ids inserted more than once for the model, with how many times."""
+        """Event ids inserted more than once into one environment of the model, with how many
+        times (summed over environments)."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT event_id, COUNT(*) FROM events WHERE model_id = ? AND event_id IS NOT NULL"
-                " AND origin = 'insert' GROUP BY event_id HAVING COUNT(*) > 1",
+                " AND origin = 'insert' GROUP BY env_type, env_name, event_id HAVING COUNT(*) > 1",
                 (model_id,),
             ).fetchall()
-        return {str(event_id): int(n) for event_id, n in rows}
+        found: dict[str, int] = {}
+        for event_id, times in rows:
+            found[str(event_id)] = found.get(str(event_id), 0) + int(times)
+        return found
 
     def distinct_ids(self, model_id: str) -> int:
         with self._lock:
@@ -209,8 +233,8 @@ class Store:
         return int(row[0])
 
     def clear(self) -> None:
-        with self._lock, self._db:
-            self._db.execute("DELETE FROM events")
+        with self._transaction() as db:
+            db.execute("DELETE FROM events")
             self._counts.clear()
             self._early_updates = 0
 
@@ -218,8 +242,8 @@ class Store:
 
     def add_file(self, name: str, content: bytes) -> str:
         file_id = str(uuid.uuid4())
-        with self._lock, self._db:
-            self._db.execute(
+        with self._transaction() as db:
+            db.execute(
                 "INSERT INTO files (id, name, content, created_at) VALUES (?, ?, ?, ?)",
                 (file_id, name, content, time.time()),
             )
@@ -233,8 +257,8 @@ class Store:
         return (str(row[0]), bytes(row[1])) if row else None
 
     def save_job(self, job: Mapping[str, Any]) -> None:
-        with self._lock, self._db:
-            self._db.execute(
+        with self._transaction() as db:
+            db.execute(
                 "INSERT OR REPLACE INTO jobs (id, name, status, progress, info, error_message,"
                 " error_reason, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
