@@ -24,9 +24,8 @@ class RowError(ValueError):
     """A row that cannot be published as it is; ``line`` is 1-based, ``column`` may be None."""
 
     def __init__(self, line: int, message: str, column: str | None = None) -> None:
-        where = f"line {line}" + (
-            f", column {column!r}" if column and column not in message else ""
-        )
+        named = column is not None and repr(column) in message  # e.g. "missing column(s) 'x'"
+        where = f"line {line}" + (f", column {column!r}" if column and not named else "")
         super().__init__(f"{where}: {message}")
         self.line = line
         self.column = column

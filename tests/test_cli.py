@@ -8,6 +8,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -164,3 +165,79 @@ def test_serve_with_faults_then_inspect_by_url(served: str) -> None:
     shown = cli("inspect", "--url", served, "--token", "t0k3n", "--events", "1")
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.startswith("bank_churn/bank_churn: 5,000 events, 5,000 distinct ids")
+
+
+def test_rows_the_server_would_refuse_are_refused_one_by_one(
+    tmp_path: Path, fiddler: Emulator
+) -> None:
+    rows = tmp_path / "events.jsonl"
+    good = {"event_id": "g", "age": 1}
+    rows.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in (good, {"event_id": 12345, "age": 2}, {"event_id": "big", "age": 2**70})
+        )
+    )
+    done = cli(
+        "publish", str(rows), "--project", "bank_churn_v2_missing", "--model", "x", *to(fiddler)
+    )
+    assert done.returncode == 2  # (a wrong project first: nothing is read)
+    done = cli(
+        "publish", str(rows), "--project", "bank_churn", "--model", "bank_churn_v2", *to(fiddler)
+    )
+    assert "line 2, column 'event_id': expected str, got int 12345" in done.stderr
+    assert "line 3" in done.stderr  # an integer JSON cannot carry: a bad row, not a crash
+    assert "Traceback" not in done.stderr
+    assert [e["event_id"] for e in fiddler.events("bank_churn", "bank_churn_v2")] == ["g"]
+
+
+def test_csv_encodings(tmp_path: Path, fiddler: Emulator) -> None:
+    rows = tmp_path / "events.csv"
+    rows.write_bytes(b"\xef\xbb\xbfrow_id,x\nr1,1\nr2,\xff2\nr3,3\n")  # a BOM, then a bad byte
+    done = cli("publish", str(rows), "--project", "p", "--model", "m", *to(fiddler))
+    assert "line 3, column 'x'" in done.stderr
+    assert [e["row_id"] for e in fiddler.events("p", "m")] == ["r1", "r3"]
+
+
+def test_updates_need_ids(tmp_path: Path, fiddler: Emulator) -> None:
+    rows = tmp_path / "labels.csv"
+    rows.write_text("event_id,churn\n,yes\ne2,no\n")
+    done = cli("publish", str(rows), "--project", "bank_churn", "--model", "bank_churn",
+               "--update", *to(fiddler))  # fmt: skip
+    assert "line 2, column 'event_id': an update needs an event id" in done.stderr
+    assert fiddler.events() == [{"event_id": "e2", "churn": "no"}]
+    no_id = cli("publish", str(rows), "--project", "p", "--model", "noid", "--update", *to(fiddler))
+    assert no_id.returncode == 2
+    assert "model 'noid' has no event id column" in no_id.stderr
+
+
+def test_unreadable_inputs_stop_with_a_message(tmp_path: Path, fiddler: Emulator) -> None:
+    corrupt = tmp_path / "events.parquet"
+    corrupt.write_bytes(b"PAR1 not really")
+    done = cli("publish", str(corrupt), "--project", "p", "--model", "m", *to(fiddler))
+    assert (done.returncode, "cannot read" in done.stderr) == (2, True)
+    not_db = tmp_path / "not.db"
+    not_db.write_text("hello")
+    shown = cli("inspect", "--db", str(not_db))
+    assert (shown.returncode, "is not an emulator database" in shown.stderr) == (2, True)
+    nowhere = cli(
+        "publish", str(EXAMPLE), "--project", "p", "--model", "m", "--db", "/nonexistent/x.db"
+    )
+    assert (nowhere.returncode, "cannot open the emulator's database" in nowhere.stderr) == (
+        2,
+        True,
+    )
+    for finished in (done, shown, nowhere):
+        assert "Traceback" not in finished.stderr
+
+
+def test_serve_stops_while_a_request_hangs() -> None:
+    with emulator_process("--count-only") as url:
+        headers = {"Authorization": "Bearer emulator-token"}
+        httpx.put(f"{url}/_emulator/faults", json={"script": ["hang"]}, headers=headers)
+        inspect = cli("inspect", "--url", url, "--token", "emulator-token")
+        assert inspect.returncode == 0, inspect.stderr
+        assert "- distinct ids" in inspect.stdout  # count-only: not known
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v3/events", json={}, headers=headers, timeout=0.5)
+    # Leaving the block terminated the server and waited for it (10 s at most): it stopped.

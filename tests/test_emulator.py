@@ -246,3 +246,64 @@ async def test_the_pytest_fixture(fiddler_emulator: Emulator) -> None:
     async with AsyncPublisher(fiddler_emulator.url, fiddler_emulator.token) as pub:
         await pub.publish_events_batch("bank_churn", "bank_churn", [{"age": i} for i in range(3)])
     assert [e["age"] for e in fiddler_emulator.events()] == [0, 1, 2]
+
+
+def test_every_error_is_in_the_envelope(client: httpx.Client) -> None:
+    for response in (
+        client.get("/v3/projects", params={"filter": "{not json"}),
+        client.get(
+            "/v3/projects", params={"filter": json.dumps({"rules": [{"operator": "like"}]})}
+        ),
+        client.get("/v3/projects", params={"limit": "abc"}),
+        client.get("/v3/events"),
+        client.get("/v3/nosuch"),
+        client.put("/_emulator/faults", json=["x"]),
+    ):
+        assert response.status_code in (400, 404, 405), response.text
+        assert response.json()["kind"] == "ERROR"
+        assert response.json()["error"]["code"] == response.status_code
+
+
+def test_updates_and_duplicates_keep_to_their_environment(
+    client: httpx.Client, fiddler: Emulator
+) -> None:
+    model_id = fiddler.model().id
+    baseline = {"env_type": "PRE_PRODUCTION", "env_name": "baseline"}
+    publish(client, model_id, [{"event_id": "x", "age": 1}])
+    publish(client, model_id, [{"event_id": "x", "age": 2}], **baseline)
+    publish(client, model_id, [{"event_id": "x", "churn": "yes"}], method="PATCH")
+    assert fiddler.events() == [
+        {"event_id": "x", "age": 1, "churn": "yes"},
+        {"event_id": "x", "age": 2},
+    ]
+    assert fiddler.duplicates() == {}  # one event in each environment
+    # Two updates of one id in one request, before its event: the last value wins, once.
+    publish(
+        client,
+        model_id,
+        [{"event_id": "b", "churn": "yes"}, {"event_id": "b", "churn": "no"}],
+        method="PATCH",
+    )
+    publish(client, model_id, [{"event_id": "b", "age": 3}])
+    assert fiddler.events()[-1] == {"event_id": "b", "churn": "no", "age": 3}
+    assert fiddler.count() == 3
+
+
+def test_faults_are_checked_before_any_applies(client: httpx.Client, fiddler: Emulator) -> None:
+    for bad in ({"script": "503"}, {"script": ["200"]}, {"error_503": 1.5}, {"latency": -1}):
+        answer = client.put("/_emulator/faults", json={"error_429": 0.5, **bad})
+        assert answer.status_code == 400, bad
+    assert client.get("/_emulator/faults").json()["error_429"] == 0
+
+
+def test_a_lost_answer_is_stored_and_retried_into_a_duplicate(fiddler: Emulator) -> None:
+    fiddler.set_faults(script=["lose"])
+
+    async def main() -> None:
+        async with AsyncPublisher(fiddler.url, TOKEN) as pub:
+            pub.publish_event_nowait("bank_churn", "bank_churn", {"event_id": "l1", "age": 1})
+            assert (await pub.flush(10)).delivered == 1
+
+    anyio.run(main)
+    assert fiddler.duplicates() == {"l1": 2}  # stored, answer lost, retried, stored again
+    assert [r["status"] for r in fiddler.requests() if r["path"] == "/v3/events"] == ["lose", 202]
