@@ -47,10 +47,6 @@ class InProcessFiddler:
 
         return httpx.MockTransport(handler)
 
-    def script(self, *steps: str | int) -> None:
-        """Force the answers of the next publish requests (see emulator faults)."""
-        self.state.faults.update({"script": [str(s) for s in steps]})
-
     # What the tests read
 
     def event_requests(self) -> list[httpx.Request]:
