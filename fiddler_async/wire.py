@@ -42,6 +42,8 @@ __all__ = ["CLIENT_NAME", "FiddlerV3Exporter", "client_headers", "place_columns"
 
 CLIENT_NAME = "fiddler-async"
 EVENTS_PATH = "/v3/events"
+POISON_STATUSES = (400, 413, 422)
+"""Refusals that may be about some events of a request: the request is split to find them."""
 
 # Fix-up flags of an event queued before its model was resolved.
 ID_EXPLICIT = 1
@@ -370,11 +372,42 @@ class FiddlerV3Exporter:
         # Events queued before the model was known grew when their id and time were placed,
         # so a batch can outgrow the byte limit here: then it goes out as several requests.
         for chunk in _split_by_bytes(ready, self._max_batch_bytes):
-            try:
-                await self._send(info, dest, [body for _, body in chunk])
-            except Exception as exc:  # one chunk's failure leaves the others delivered
-                failed.extend((item, exc) for item, _ in chunk)
+            budget = [4 * math.ceil(math.log2(len(chunk))) + 4] if len(chunk) > 1 else [0]
+            failed.extend(await self._send_isolating(info, dest, chunk, budget))
         return failed
+
+    async def _send_isolating(
+        self,
+        info: ModelInfo,
+        dest: Destination,
+        chunk: list[tuple[Item, bytes]],
+        budget: list[int],
+    ) -> list[tuple[Item, Exception]]:
+        """Send ``chunk``; if the server refuses it as a whole for what it holds (400, 413,
+        422), send each half on its own, down to the events it refuses, so that one bad event
+        does not sink the others. Returns the events not delivered, with their errors.
+
+        ``budget`` bounds the extra requests per batch: about 4 per halving level, and 2 more
+        each time a half is delivered (the split is finding good events). A refusal that is
+        about the whole request, not some events, delivers no half and so stops after a few
+        dozen requests instead of sending every event alone."""
+        try:
+            await self._send(info, dest, [body for _, body in chunk])
+        except Exception as exc:  # one chunk's failure leaves the others delivered
+            isolating = (
+                isinstance(exc, APIError)
+                and exc.status in POISON_STATUSES
+                and len(chunk) > 1
+                and budget[0] >= 2
+            )
+            if not isolating:
+                return [(item, exc) for item, _ in chunk]
+            budget[0] -= 2
+            middle = len(chunk) // 2
+            first = await self._send_isolating(info, dest, chunk[:middle], budget)
+            return first + await self._send_isolating(info, dest, chunk[middle:], budget)
+        budget[0] += 2
+        return []
 
     async def _send(self, info: ModelInfo, dest: Destination, bodies: list[bytes]) -> None:
         payload = b"".join(

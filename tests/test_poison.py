@@ -1,0 +1,75 @@
+"""Poison isolation: a batch the server refuses for some of its events is split until only
+those are left; the rest is delivered, and each refused event is reported with the reason."""
+
+from __future__ import annotations
+
+import pytest
+
+from fiddler_async import BadRequestError, DeliveryFailure
+from fiddler_async.emulator import Emulator
+
+from .conftest import bank_event, loopback_publisher, mock_publisher, publishes
+from .in_process import InProcessFiddler
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_one_bad_event_among_1000(fiddler: Emulator) -> None:
+    events = [bank_event(i) for i in range(1000)]
+    events[637]["age"] = "forty"  # the server refuses this one
+    failures: list[DeliveryFailure] = []
+    async with loopback_publisher(fiddler, on_error=failures.append) as pub:
+        ids = await pub.publish_events_batch("bank_churn", "bank_churn", events)
+        result = await pub.flush(30)
+        stats = pub.stats()
+    assert (result.delivered, result.failed) == (999, 1)
+    assert stats.accepted == stats.delivered + stats.failed
+    (failure,) = failures
+    assert failure.event_ids == (ids[637],)
+    assert failure.events()[0]["age"] == "forty"
+    assert isinstance(failure.error, BadRequestError)
+    assert "events[0].age: expected int, got str 'forty'" in failure.error.reasons[0].message
+    assert fiddler.count() == 999
+    assert ids[637] not in {e["event_id"] for e in fiddler.events()}
+    # Halving 1000 events down to one: about two requests per level, not one per event.
+    assert len(publishes(fiddler)) <= 1 + 2 * 10
+
+
+async def test_several_bad_events_are_each_found(inproc: InProcessFiddler) -> None:
+    events = [bank_event(i) for i in range(100)]
+    for bad in (3, 50, 51, 99):
+        events[bad]["balance"] = "lots"
+    failures: list[DeliveryFailure] = []
+    async with mock_publisher(inproc, on_error=failures.append) as pub:
+        ids = await pub.publish_events_batch("bank_churn", "bank_churn", events)
+        result = await pub.flush(10)
+    assert (result.delivered, result.failed) == (96, 4)
+    refused = sorted(i for f in failures for i in f.event_ids if i is not None)
+    assert refused == sorted(ids[b] for b in (3, 50, 51, 99))
+    assert len(inproc.stored()) == 96
+
+
+async def test_a_refusal_of_the_whole_request_is_not_split_forever(
+    inproc: InProcessFiddler,
+) -> None:
+    # Every request is refused (as a server would refuse a wrong model or environment): the
+    # isolation gives up after its budget instead of sending each event alone.
+    inproc.state.faults.update({"script": ["400"] * 10_000})
+    async with mock_publisher(inproc) as pub:
+        await pub.publish_events_batch(
+            "bank_churn", "bank_churn", [bank_event(i) for i in range(1000)]
+        )
+        result = await pub.flush(10)
+    assert result.failed == 1000
+    assert len(inproc.event_requests()) <= 1 + 4 * 10 + 4
+
+
+async def test_other_errors_are_not_split(inproc: InProcessFiddler) -> None:
+    inproc.state.faults.update({"script": ["401"]})
+    async with mock_publisher(inproc) as pub:
+        await pub.publish_events_batch(
+            "bank_churn", "bank_churn", [bank_event(i) for i in range(10)]
+        )
+        result = await pub.flush(10)
+    assert result.failed == 10
+    assert len(inproc.event_requests()) == 1
