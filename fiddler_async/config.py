@@ -75,6 +75,13 @@ class PublisherConfig(BaseModel):
     close_timeout: float = Field(10.0, gt=0)
     """Deadline of ``aclose()`` when called without one."""
 
+    # Transport security
+    allow_insecure_http: bool = False
+    """Allow a plain ``http://`` URL to a host other than this machine (loopback is always
+    allowed). Off by default: the token would cross the network in clear text."""
+    tls_verify: bool = True
+    """Verify the server's TLS certificate (turn off only for a test server you trust)."""
+
     # Events
     stamp_publish_time: bool = True
     """Write the publish time into the model's timestamp column when the event has none."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import inspect
+import ipaddress
 import os
 import sys
 import time
@@ -125,9 +126,16 @@ class AsyncPublisher:
             raise ConfigurationError(f"url {url!r} is not a valid URL: {exc}") from None
         if parsed.scheme not in ("http", "https") or not parsed.host:
             raise ConfigurationError(f"url {url!r} must be an http:// or https:// URL with a host")
+        self._config = config if config is not None else PublisherConfig()
+        if parsed.scheme == "http" and not (
+            _is_loopback(parsed.host) or self._config.allow_insecure_http
+        ):
+            raise ConfigurationError(
+                f"url {url!r}: plain http would send the token in clear text; use https, or "
+                "set PublisherConfig(allow_insecure_http=True) for a network you trust"
+            )
         self._url = url.rstrip("/")
         self._token = token
-        self._config = config if config is not None else PublisherConfig()
         self._transport = transport
         self._on_error = on_error
         self._ledger = Ledger()
@@ -177,6 +185,7 @@ class AsyncPublisher:
             timeout=httpx.Timeout(config.request_timeout, connect=config.connect_timeout),
             limits=httpx.Limits(max_connections=slots, max_keepalive_connections=slots),
             transport=self._transport,
+            verify=config.tls_verify,
         )
         self._exporter = FiddlerV3Exporter(
             self._client,
@@ -564,6 +573,15 @@ class AsyncPublisher:
             outcome = self._on_error(failure)
             if inspect.isawaitable(outcome):
                 await outcome
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _event_id_text(value: object) -> str:
