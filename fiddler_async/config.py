@@ -69,6 +69,12 @@ class PublisherConfig(BaseModel):
     retry_after_max: float = Field(60.0, ge=0)
     """Largest wait honoured from a server's Retry-After header."""
 
+    # The backend's health (see fiddler_async.gate)
+    breaker_threshold: int = Field(5, ge=1)
+    """Attempts failing in a row for want of the backend that open the circuit breaker."""
+    breaker_probe_interval: float = Field(5.0, gt=0)
+    """While the breaker is open: one probe request at most this often."""
+
     # Lifecycle
     flush_timeout: float = Field(30.0, gt=0)
     """Deadline of ``flush()`` when called without one."""

@@ -39,6 +39,7 @@ from .exceptions import (
     SchemaMismatchError,
 )
 from .flusher import DeliveryFailure, Flusher
+from .gate import Gate
 from .retry import RetryPolicy
 from .stats import FlushResult, Ledger, StatsSnapshot
 from .wire import ID_EXPLICIT, TS_EXPLICIT, FiddlerV3Exporter, client_headers, place_columns
@@ -191,6 +192,7 @@ class AsyncPublisher:
             self._client,
             self._ledger,
             RetryPolicy(config, self._log),
+            Gate(config),
             max_batch_bytes=config.max_batch_bytes,
         )
         self._flusher = Flusher(

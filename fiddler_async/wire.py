@@ -29,12 +29,14 @@ from .exceptions import (
     ConnectError,
     ErrorReason,
     EventError,
+    FiddlerError,
     NotFoundError,
     PublisherClosedError,
     RequestTimeoutError,
     SchemaMismatchError,
     api_error_class,
 )
+from .gate import Gate
 from .retry import RetryPolicy
 from .stats import Ledger
 
@@ -238,10 +240,12 @@ class FiddlerV3Exporter:
         client: httpx.AsyncClient,
         ledger: Ledger,
         retry: RetryPolicy,
+        gate: Gate,
         *,
         max_batch_bytes: int,
     ) -> None:
         self._client = client
+        self._gate = gate
         self._max_batch_bytes = max_batch_bytes
         self._ledger = ledger
         self._retry = retry
@@ -258,8 +262,30 @@ class FiddlerV3Exporter:
         content: bytes | None = None,
         params: Mapping[str, str | int] | None = None,
     ) -> bytes:
-        """One attempt; returns the body of a 2xx answer. An answer counts only once it has
-        arrived whole: a connection dropped after the status line is a ConnectError (retried)."""
+        """One attempt, through the gate (shared pause, circuit breaker); returns the body of
+        a 2xx answer."""
+        probe = await self._gate.enter()
+        try:
+            body = await self._attempt(method, path, retry, content, params)
+        except FiddlerError as exc:
+            self._gate.failed(exc, probe)
+            raise
+        except BaseException:
+            self._gate.abandoned(probe)
+            raise
+        self._gate.passed(probe)
+        return body
+
+    async def _attempt(
+        self,
+        method: str,
+        path: str,
+        retry: int,
+        content: bytes | None,
+        params: Mapping[str, str | int] | None,
+    ) -> bytes:
+        """One request. An answer counts only once it has arrived whole: a connection dropped
+        after the status line is a ConnectError (retried)."""
         headers = {}
         if content is not None:
             headers["Content-Type"] = "application/json"
