@@ -3,6 +3,7 @@ arrives; the duplicates that lost answers cause are counted and reported."""
 
 from __future__ import annotations
 
+import anyio
 import pytest
 
 from fiddler_async.emulator import Emulator
@@ -45,3 +46,40 @@ async def test_50k_events_through_503s_429s_drops_and_spikes(fiddler: Emulator) 
     duplicates = fiddler.duplicates()
     assert len(stored) - len(ids) == sum(n - 1 for n in duplicates.values())
     assert duplicates  # lost answers were retried: counted here, and by the emulator's summary
+
+
+async def test_an_outage_longer_than_the_memory_budget(fiddler: Emulator) -> None:
+    """Without a spool, an outage longer than the queue holds loses events: exactly the
+    oldest ones, every one counted, while memory stays within the bound."""
+    fiddler.set_faults(outage_seconds=3600, retry_after=0.05)
+    async with loopback_publisher(
+        fiddler,
+        max_queue_events=1000,
+        max_batch_events=100,
+        max_in_flight=2,
+        overflow="drop_oldest",
+        retry_max_attempts=10_000,
+        retry_max_elapsed=3600,
+        breaker_probe_interval=0.05,
+    ) as pub:
+        ids = []
+        for i in range(5000):
+            ids.append(pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(i)))
+            assert pub.stats().queued_events <= 1000
+            if i % 500 == 499:
+                await anyio.sleep(0.02)  # the flusher tries, and meets the outage
+        assert pub.stats().responses["503"] > 0
+        during = pub.stats()
+        assert during.delivered == 0
+        assert during.accepted == during.dropped["queue_full"] + during.pending
+        fiddler.set_faults(outage_seconds=0)  # the backend comes back
+        result = await pub.flush(60)
+        stats = pub.stats()
+    assert result.complete
+    assert stats.delivered + stats.dropped["queue_full"] == 5000
+    stored = {e["event_id"] for e in fiddler.events()}
+    assert len(stored) == stats.delivered
+    # What was delivered: the batches already in flight when the queue overflowed, and the
+    # newest events; everything between them was dropped, and counted.
+    assert stored >= set(ids[-1000:])
+    assert len(stored - set(ids[-1000:])) <= 2 * 100
