@@ -16,6 +16,7 @@ import ipaddress
 import os
 import sys
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextvars import ContextVar
 from typing import Any
@@ -63,6 +64,17 @@ class _State(enum.Enum):
 # True in the background task and the tasks it starts (e.g. an on_error callback), so that an
 # aclose() called from there does not wait for the task it runs in.
 _in_background: ContextVar[bool] = ContextVar("fiddler_async_in_background", default=False)
+
+# Publishers that were started, so that a forked child can reset them (see _forget_parent).
+_started_publishers: weakref.WeakSet[AsyncPublisher] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for publisher in list(_started_publishers):
+        publisher._forget_parent()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 # Tasks spawned on asyncio are kept here so the loop cannot garbage-collect them mid-flight.
 _background_tasks: set[asyncio.Task[None]] = set()
@@ -176,6 +188,7 @@ class AsyncPublisher:
         if self._state is not _State.UNOPENED:
             raise PublisherClosedError(f"start() on a publisher that is {self._state.value}")
         self._state = _State.STARTING
+        _started_publishers.add(self)
         self._runner_scope = anyio.CancelScope()
         self._started, self._runner_done, self._closed = anyio.Event(), anyio.Event(), anyio.Event()
         config = self._config
@@ -208,6 +221,24 @@ class AsyncPublisher:
             raise
         if self._state is _State.STARTING:  # unless aclose() came meanwhile
             self._state = _State.OPEN
+
+    def _forget_parent(self) -> None:
+        """In a process forked from the one that started this publisher: the background task
+        and the connections stayed behind. Make it a fresh, unstarted publisher, so the child
+        can ``start()`` its own pipeline. What was queued or in flight is the parent's to send
+        (the parent still has it); the child counts it as dropped, reason ``forked``."""
+        if self._state in (_State.UNOPENED, _State.CLOSED):
+            return
+        inherited = self._pending()
+        self._ledger = Ledger()
+        self._ledger.accepted = inherited
+        if inherited:
+            self._ledger.dropped["forked"] = inherited
+        self._buffer = EventBuffer(self._config, self._ledger, self._log.warning)
+        self._routes.clear()  # their lanes belonged to the old queue
+        self._client = self._exporter = self._flusher = None
+        self._runner_scope = self._started = self._runner_done = self._closed = None
+        self._state = _State.UNOPENED
 
     async def _run(self, flusher: Flusher, scope: anyio.CancelScope) -> None:
         assert self._started is not None
