@@ -99,18 +99,25 @@ class EventBuffer:
             policy = self._config.overflow
             if policy == "drop_newest":
                 item = (self._ledger.next_seq(), body, fixup)
-                self._drop([item], self._full_reason(size))
+                self._drop([item], self._full_reason())
                 return
             if policy == "drop_oldest":
                 self._evict_until_fits(size)
             else:  # raise; and block, which cannot wait here
-                self._reject(size)
+                self._reject()
         self._append(lane, (self._ledger.next_seq(), body, fixup), size)
 
     async def put(self, lane: Lane, body: bytes, fixup: Fixup | None, timeout: float) -> None:
         """Queue an event, waiting up to ``timeout`` seconds for room (the ``block`` policy)."""
         await self.wait_for_room(1, len(body), timeout)
         self._append(lane, (self._ledger.next_seq(), body, fixup), len(body))
+
+    def require_room(self, events: int, size: int) -> None:
+        """QueueFullError (all of them counted as rejected) unless ``events`` events of
+        ``size`` bytes in all fit now: the ``raise`` policy for a batch, all or nothing."""
+        if not self.fits(events, size):
+            self._ledger.rejected += events
+            raise QueueFullError(f"queue has no room for {events} events; none queued")
 
     async def wait_for_room(self, events: int, size: int, timeout: float) -> None:
         """Return once ``events`` events of ``size`` bytes in all fit; QueueFullError (all of
@@ -160,12 +167,12 @@ class EventBuffer:
         elif count == self._batch_events or (lane.bytes >= self._batch_bytes > lane.bytes - size):
             self.wake()
 
-    def _full_reason(self, size: int) -> str:
+    def _full_reason(self) -> str:
         return "queue_full" if self.events >= self._max_events else "queue_bytes"
 
-    def _reject(self, size: int) -> None:
+    def _reject(self) -> None:
         self._ledger.rejected += 1
-        bound = "events" if self._full_reason(size) == "queue_full" else "bytes"
+        bound = "events" if self._full_reason() == "queue_full" else "bytes"
         raise QueueFullError(
             f"queue full ({self.events} events, {self.bytes} bytes; bound hit: {bound})"
         )
@@ -175,7 +182,7 @@ class EventBuffer:
         while self.events and (
             self.events >= self._max_events or self.bytes + size > self._max_bytes
         ):
-            reason = self._full_reason(size)
+            reason = self._full_reason()
             oldest = min(self._busy, key=lambda lane: lane.items[0][0])
             item = oldest.items.popleft()
             self._forget(oldest, [item])

@@ -10,13 +10,11 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Literal
 
 import orjson
 
-__all__ = ["Destination", "EnvType", "ModelInfo", "ModelRef"]
+__all__ = ["ENV_TYPES", "Destination", "ModelInfo", "ModelRef"]
 
-EnvType = Literal["PRODUCTION", "PRE_PRODUCTION"]
 ENV_TYPES: tuple[str, ...] = ("PRODUCTION", "PRE_PRODUCTION")
 
 

@@ -36,7 +36,6 @@ from .exceptions import (
     EventError,
     EventTooLargeError,
     PublisherClosedError,
-    QueueFullError,
     SchemaMismatchError,
 )
 from .flusher import DeliveryFailure, Flusher
@@ -457,9 +456,8 @@ class AsyncPublisher:
             # Wait once for room for the whole batch, then queue it in one step: a timeout or
             # a cancellation leaves none of it queued.
             await buffer.wait_for_room(len(prepared), size, self._config.block_timeout)
-        elif policy == "raise" and not buffer.fits(len(prepared), size):
-            self._ledger.rejected += len(prepared)
-            raise QueueFullError(f"queue has no room for {len(prepared)} events; none queued")
+        elif policy == "raise":
+            buffer.require_room(len(prepared), size)
         for body, fixup, _ in prepared:
             buffer.offer(lane, body, fixup)
         return [returned_id for _, _, returned_id in prepared]

@@ -20,8 +20,9 @@ import anyio
 
 __all__ = ["DropReason", "FlushResult", "StatsSnapshot"]
 
-DropReason = Literal["queue_full", "queue_bytes", "shutdown"]
-"""Why an event was dropped: the queue's event bound, its byte bound, or the close deadline."""
+DropReason = Literal["queue_full", "queue_bytes", "shutdown", "forked"]
+"""Why an event was dropped: the queue's event bound, its byte bound, the close deadline, or
+(in a forked child) being the parent's to send."""
 
 Outcome = Literal["delivered", "failed", "dropped"]
 

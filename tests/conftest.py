@@ -56,6 +56,12 @@ def loopback_publisher(emulator: Emulator, **changes: Any) -> AsyncPublisher:
     return AsyncPublisher(emulator.url, TOKEN, config=config(**changes), on_error=on_error)
 
 
+def assert_adds_up(pub: AsyncPublisher) -> None:
+    """Every accepted event is delivered, failed, dropped or still pending: nothing else."""
+    s = pub.stats()
+    assert s.accepted == s.delivered + s.failed + s.dropped_total + s.pending
+
+
 def publishes(emulator: Emulator) -> list[dict[str, Any]]:
     """The emulator's log of POST/PATCH /v3/events requests, oldest first."""
     return [r for r in emulator.requests() if r["path"] == "/v3/events"]

@@ -10,15 +10,17 @@ import pytest
 from fiddler_async import AsyncPublisher, DeliveryFailure, PublisherClosedError
 from fiddler_async.emulator import Emulator
 
-from .conftest import bank_event, config, eventually, loopback_publisher, mock_publisher
+from .conftest import (
+    assert_adds_up,
+    bank_event,
+    config,
+    eventually,
+    loopback_publisher,
+    mock_publisher,
+)
 from .in_process import TOKEN, InProcessFiddler
 
 pytestmark = pytest.mark.anyio
-
-
-def assert_adds_up(pub: AsyncPublisher) -> None:
-    s = pub.stats()
-    assert s.accepted == s.delivered + s.failed + s.dropped_total + s.pending
 
 
 async def test_flush_returns_at_its_deadline_while_the_server_hangs(fiddler: Emulator) -> None:

@@ -7,10 +7,10 @@ import tracemalloc
 import anyio
 import pytest
 
-from fiddler_async import AsyncPublisher, QueueFullError
+from fiddler_async import QueueFullError
 from fiddler_async.emulator import Emulator
 
-from .conftest import bank_event, eventually, loopback_publisher, mock_publisher
+from .conftest import assert_adds_up, bank_event, eventually, loopback_publisher, mock_publisher
 from .in_process import InProcessFiddler
 
 pytestmark = pytest.mark.anyio
@@ -21,11 +21,6 @@ HELD = {"linger": 3600, "max_queue_events": 10, "max_batch_events": 1000}
 
 def customers(inproc: InProcessFiddler) -> list[str]:
     return [e["customer_id"] for e in inproc.stored()]
-
-
-def assert_adds_up(pub: AsyncPublisher) -> None:
-    s = pub.stats()
-    assert s.accepted == s.delivered + s.failed + s.dropped_total + s.pending
 
 
 async def test_drop_oldest_keeps_the_newest(inproc: InProcessFiddler) -> None:
