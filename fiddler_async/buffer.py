@@ -4,7 +4,8 @@ The queue is bounded by events and by bytes of encoded events. When a new event 
 the overflow policy decides: ``drop_oldest`` evicts the oldest queued events (across lanes)
 until it fits, ``drop_newest`` discards the new event, ``raise`` refuses it with
 :class:`QueueFullError`, and ``block`` makes an awaiting caller wait for room. Every drop is
-settled in the ledger with its reason; nothing leaves the queue uncounted.
+settled in the ledger with its reason; nothing leaves the queue uncounted. With a spool, the
+events the two drop policies push out are spilled to it instead.
 
 All of this runs on the event loop's thread without awaiting, so no lock is needed and a
 caller cancelled while waiting for room leaves the queue untouched.
@@ -61,11 +62,16 @@ class Lane:
 
 class EventBuffer:
     def __init__(
-        self, config: PublisherConfig, ledger: Ledger, warn: Callable[[str, str], None]
+        self,
+        config: PublisherConfig,
+        ledger: Ledger,
+        warn: Callable[[str, str], None],
+        spill: Callable[[Destination, list[Item]], None] | None = None,
     ) -> None:
         self._config = config
         self._ledger = ledger
         self._warn = warn
+        self._spill = spill
         self._lanes: dict[tuple[int, str, str | None, bool], Lane] = {}
         self._busy: dict[Lane, None] = {}
         """The lanes holding events (an ordered set): eviction looks only at these."""
@@ -99,7 +105,7 @@ class EventBuffer:
             policy = self._config.overflow
             if policy == "drop_newest":
                 item = (self._ledger.next_seq(), body, fixup)
-                self._drop([item], self._full_reason())
+                self._drop(lane, [item], self._full_reason())
                 return
             if policy == "drop_oldest":
                 self._evict_until_fits(size)
@@ -178,7 +184,7 @@ class EventBuffer:
         )
 
     def _evict_until_fits(self, size: int) -> None:
-        evicted: dict[str, list[Item]] = {}
+        evicted: dict[tuple[Lane, str], list[Item]] = {}
         while self.events and (
             self.events >= self._max_events or self.bytes + size > self._max_bytes
         ):
@@ -186,11 +192,14 @@ class EventBuffer:
             oldest = min(self._busy, key=lambda lane: lane.items[0][0])
             item = oldest.items.popleft()
             self._forget(oldest, [item])
-            evicted.setdefault(reason, []).append(item)
-        for reason, items in evicted.items():
-            self._drop(items, reason)
+            evicted.setdefault((oldest, reason), []).append(item)
+        for (lane, reason), items in evicted.items():
+            self._drop(lane, items, reason)
 
-    def _drop(self, items: list[Item], reason: str) -> None:
+    def _drop(self, lane: Lane, items: list[Item], reason: str) -> None:
+        if self._spill is not None:
+            self._spill(lane.dest, items)
+            return
         self._ledger.settle(items, "dropped", reason)
         self._warn(
             f"drop:{reason}",
@@ -285,12 +294,13 @@ class EventBuffer:
             lane.in_flight.remove(batch[0][0])
             self.wake()  # an update lane may have been waiting for it
 
-    def take_all(self) -> list[Item]:
-        """Empty the queue (at the close deadline), returning what was in it."""
-        taken: list[Item] = []
+    def take_all(self) -> list[tuple[Lane, list[Item]]]:
+        """Empty the queue (at the close deadline), returning what each lane held."""
+        taken: list[tuple[Lane, list[Item]]] = []
         for lane in self._lanes.values():
             batch = list(lane.items)
             lane.items.clear()
             self._forget(lane, batch)
-            taken.extend(batch)
+            if batch:
+                taken.append((lane, batch))
         return taken

@@ -3,6 +3,7 @@
     fiddler-async publish FILE --project P --model M [--update] [--url U --token T]
     fiddler-async serve [--host H] [--port P] [--token T] [--db FILE] [--models FILE] [faults]
     fiddler-async inspect [--db FILE | --url U] [--project P --model M] [--events N] [--duplicates]
+    fiddler-async replay DIR [--url U --token T]
 
 Without a URL (``--url`` or ``FIDDLER_URL``), ``publish`` starts the emulator in-process and
 stores the events in ``./fiddler-emulator.db``, then says how to look at them.
@@ -259,6 +260,43 @@ class _FileJob:
             out.print(f"  {name:<12} {value}", highlight=False)
 
 
+# replay
+
+
+async def _replay(args: argparse.Namespace) -> int:
+    out, err = _console()
+    directory = Path(args.dir)
+    if not await anyio.Path(directory).is_dir():
+        raise _Fatal(f"no such directory: {directory}")
+    url = args.url or os.environ.get("FIDDLER_URL")
+    token = args.token or os.environ.get("FIDDLER_TOKEN")
+    if not url or not token:
+        raise _Fatal("replay needs a server: pass --url and --token (or FIDDLER_URL/_TOKEN)")
+    config = PublisherConfig(spool_dir=directory, log_interval=5)
+    refused: list[DeliveryFailure] = []
+    async with AsyncPublisher(url, token, config=config, on_error=refused.append) as pub:
+        result = await pub.replay_spool()
+        replayed = pub.stats().replayed  # the background may have sent some first
+    out.print(f"replayed {replayed:,} event(s) from {directory} to {url}", highlight=False)
+    for failure in refused:
+        err.print(
+            f"refused {len(failure.bodies)} event(s) for {failure.project}/{failure.model}: "
+            f"{failure.error}  (kept in {directory / 'dead-letters.jsonl'})",
+            highlight=False,
+        )
+    if result.locked:
+        err.print(f"another process is replaying {directory}; nothing done here")
+        return 1
+    if result.error is not None:
+        err.print(
+            f"stopped: {type(result.error).__name__}: {result.error}; "
+            f"{result.remaining} batch file(s) still wait in {directory}",
+            highlight=False,
+        )
+        return 1
+    return 1 if refused else 0
+
+
 # serve
 
 
@@ -451,6 +489,12 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--events", type=int, default=0, help="print the first N events")
     inspect.add_argument("--duplicates", action="store_true", help="list duplicated event ids")
     inspect.set_defaults(run=_inspect)
+
+    replay = commands.add_parser("replay", help="send what waits in a publisher's spool")
+    replay.add_argument("dir", help="the spool directory (PublisherConfig.spool_dir)")
+    replay.add_argument("--url", help="Fiddler's URL (default: FIDDLER_URL)")
+    replay.add_argument("--token", help="the API token (default: FIDDLER_TOKEN)")
+    replay.set_defaults(run=lambda a: anyio.run(_replay, a))
     return parser
 
 

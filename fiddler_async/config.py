@@ -8,6 +8,7 @@ encoded events, whichever is reached first.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -74,6 +75,18 @@ class PublisherConfig(BaseModel):
     """Attempts failing in a row for want of the backend that open the circuit breaker."""
     breaker_probe_interval: float = Field(5.0, gt=0)
     """While the breaker is open: one probe request at most this often."""
+
+    # The durable spool (see fiddler_async.spool)
+    spool_dir: Path | None = None
+    """A directory for events that cannot be delivered in time (the backend down past the
+    retry budget, the queue over its memory budget, the close deadline): they are written
+    there instead of being failed or dropped, and sent from there once the backend answers,
+    also by the next process that opens the directory. None: no spool."""
+    spool_max_bytes: int = Field(1024**3, ge=1024)
+    """Most bytes the spool directory may hold; what would pass it is dropped and counted."""
+    spool_fsync: bool = True
+    """Sync each spool file to the disk before counting its events spooled, so that they
+    survive a power cut, not just the process's death. Off: the OS writes them when it will."""
 
     # Lifecycle
     flush_timeout: float = Field(30.0, gt=0)

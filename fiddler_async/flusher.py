@@ -8,6 +8,8 @@ busy, events stay in the queue, where the overflow policy bounds them.
 The flusher knows an :class:`Exporter`, never HTTP. Whatever an export does (succeed, fail,
 raise a bug, be cancelled at the close deadline), every event of the batch is settled exactly
 once, and the loop goes on: a failing batch or a raising callback never stops the flusher.
+With a spool, events whose retries ran out for want of the backend, and a batch cancelled at
+the close deadline, are spilled to it instead of failed or dropped.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ._logging import logger
 from .buffer import EventBuffer, Item, Lane
 from .config import PublisherConfig
 from .destination import Destination, ModelInfo, ModelRef
+from .retry import is_retryable
 from .stats import Ledger
 
 __all__ = ["DeliveryFailure", "Exporter", "Flusher"]
@@ -86,6 +89,16 @@ class DeliveryFailure:
             event_ids=tuple(ids),
         )
 
+    @classmethod
+    def grouped(
+        cls, dest: Destination, failed: Sequence[tuple[Item, Exception]]
+    ) -> list[DeliveryFailure]:
+        """One failure per distinct error, with the events that met it."""
+        by_error: dict[int, tuple[Exception, list[Item]]] = {}
+        for item, error in failed:
+            by_error.setdefault(id(error), (error, []))[1].append(item)
+        return [cls.of(dest, items, error) for error, items in by_error.values()]
+
 
 class Flusher:
     def __init__(
@@ -95,8 +108,11 @@ class Flusher:
         ledger: Ledger,
         exporter: Exporter,
         on_failure: Callable[[DeliveryFailure], Awaitable[None]],
+        *,
+        spill: Callable[[Destination, list[Item]], None] | None = None,
     ) -> None:
         self._buffer = buffer
+        self._spill = spill
         self._ledger = ledger
         self._exporter = exporter
         self._on_failure = on_failure
@@ -162,8 +178,12 @@ class Flusher:
             failed = await self._exporter.export(dest, batch)
         except anyio.get_cancelled_exc_class():
             # Only aclose() cancels a delivery, at its deadline. The request may or may not
-            # have reached the server; we cannot know, so these count as dropped at shutdown.
-            ledger.settle(batch, "dropped", "shutdown")
+            # have reached the server; we cannot know, so these are spilled (sent again from
+            # the spool: a duplicate at worst) or else count as dropped at shutdown.
+            if self._spill is not None:
+                self._spill(dest, batch)
+            else:
+                ledger.settle(batch, "dropped", "shutdown")
             raise
         except Exception as exc:
             ledger.settle(batch, "failed")
@@ -172,13 +192,16 @@ class Flusher:
         else:
             failed_ids = {id(item) for item, _ in failed}
             ledger.settle([i for i in batch if id(i) not in failed_ids], "delivered")
-            by_error: dict[int, tuple[Exception, list[Item]]] = {}
-            for item, error in failed:
-                by_error.setdefault(id(error), (error, []))[1].append(item)
-            for error, items in by_error.values():
-                ledger.settle(items, "failed")
+            if self._spill is not None:  # what only the backend's absence failed waits on disk
+                later = [item for item, error in failed if is_retryable(error)]
+                if later:
+                    self._spill(dest, later)
+                    failed = [(item, error) for item, error in failed if not is_retryable(error)]
+            ledger.settle([item for item, _ in failed], "failed")
+            failures = DeliveryFailure.grouped(dest, failed)
+            if failures:
+                error = failures[-1].error
                 ledger.last_error = f"{type(error).__name__}: {error}"
-                failures.append(DeliveryFailure.of(dest, items, error))
         finally:
             # Settled and no longer in flight in the same step, so stats always add up.
             self.in_flight_requests -= 1

@@ -25,7 +25,7 @@ import anyio
 import httpx
 
 from ._logging import RateLimitedLog, logger
-from .buffer import EventBuffer, Fixup, Lane
+from .buffer import EventBuffer, Fixup, Item, Lane
 from .config import PublisherConfig
 from .destination import ENV_TYPES, Destination, ModelInfo, ModelRef
 from .encode import compact, encode_event, epoch_millis, new_event_id, splice_members
@@ -41,6 +41,8 @@ from .exceptions import (
 from .flusher import DeliveryFailure, Flusher
 from .gate import Gate
 from .retry import RetryPolicy
+from .spool import Spool, SpoolKey
+from .spooler import Replayer, ReplayResult, SpoolWriter, dead_letter_lines
 from .stats import FlushResult, Ledger, StatsSnapshot
 from .wire import ID_EXPLICIT, TS_EXPLICIT, FiddlerV3Exporter, client_headers, place_columns
 
@@ -152,7 +154,10 @@ class AsyncPublisher:
         self._on_error = on_error
         self._ledger = Ledger()
         self._log = RateLimitedLog(self._config.log_interval)
-        self._buffer = EventBuffer(self._config, self._ledger, self._log.warning)
+        self._spool = self._new_spool()
+        self._writer: SpoolWriter | None = None
+        self._replayer: Replayer | None = None
+        self._buffer = self._new_buffer()
         self._routes: dict[tuple[str, str, str, str | None, bool], tuple[Destination, Lane]] = {}
         self._models: dict[tuple[str, str], ModelRef] = {}
         self._state = _State.UNOPENED
@@ -208,8 +213,25 @@ class AsyncPublisher:
             max_batch_bytes=config.max_batch_bytes,
         )
         self._flusher = Flusher(
-            config, self._buffer, self._ledger, self._exporter, self._report_failure
+            config,
+            self._buffer,
+            self._ledger,
+            self._exporter,
+            self._report_failure,
+            spill=self._spill if self._spool is not None else None,
         )
+        if self._spool is not None:
+            try:
+                await anyio.to_thread.run_sync(self._spool.open)
+            except OSError as exc:
+                self._state = _State.UNOPENED
+                raise ConfigurationError(
+                    f"spool_dir {str(self._spool.directory)!r} cannot be used: {exc}"
+                ) from None
+            self._writer = SpoolWriter(self._spool, self._ledger, self._log, config)
+            self._replayer = Replayer(
+                self._spool, self._exporter, self._spool_route, self._report_failure, config
+            )
         _spawn_detached(self._run, self._flusher, self._runner_scope)
         try:
             await self._started.wait()
@@ -233,7 +255,9 @@ class AsyncPublisher:
         self._ledger.accepted = inherited
         if inherited:
             self._ledger.dropped["forked"] = inherited
-        self._buffer = EventBuffer(self._config, self._ledger, self._log.warning)
+        self._spool = self._new_spool()  # the parent keeps the replay lock, if it holds it
+        self._writer = self._replayer = None
+        self._buffer = self._new_buffer()
         self._routes.clear()  # their lanes belonged to the old queue
         self._client = self._exporter = self._flusher = None
         self._runner_scope = self._started = self._runner_done = self._closed = None
@@ -247,6 +271,9 @@ class AsyncPublisher:
             with scope:
                 async with anyio.create_task_group() as tg:
                     await tg.start(flusher.run)
+                    if self._writer is not None and self._replayer is not None:
+                        tg.start_soon(self._writer.run)
+                        tg.start_soon(self._replayer.run, self._writer)
                     self._started.set()
         except anyio.get_cancelled_exc_class():
             raise
@@ -299,16 +326,27 @@ class AsyncPublisher:
         return self._close_result
 
     async def _shutdown(self) -> None:
-        """Stop the background task and the HTTP client; what is still queued is dropped.
-        Events in flight are settled by their own tasks as they are cancelled."""
+        """Stop the background task and the HTTP client; what is still queued is dropped, or
+        written to the spool. Events in flight are settled by their own tasks as they are
+        cancelled."""
         assert self._runner_scope is not None
         assert self._runner_done is not None
         assert self._closed is not None
+        if self._writer is not None:
+            self._writer.closing = True
         self._runner_scope.cancel()
-        self._ledger.settle(self._buffer.take_all(), "dropped", "shutdown")
+        for lane, items in self._buffer.take_all():
+            if self._writer is not None:
+                self._writer.offer(lane.dest, items)
+            else:
+                self._ledger.settle(items, "dropped", "shutdown")
         if not _in_background.get():  # else we would wait for the very task we run in
             with anyio.move_on_after(1.0):
                 await self._runner_done.wait()
+        if self._writer is not None and self._spool is not None:
+            # Blocking, on purpose: this is the last chance to keep these events.
+            self._writer.drain()
+            self._spool.unlock()
         if self._client is not None:
             with anyio.move_on_after(1.0):
                 await self._client.aclose()
@@ -462,6 +500,16 @@ class AsyncPublisher:
             buffer.offer(lane, body, fixup)
         return [returned_id for _, _, returned_id in prepared]
 
+    async def replay_spool(self) -> ReplayResult:
+        """Send what waits in the spool now, oldest first, stopping at the backend's first
+        error (the background does the same on its own; this is for scripts and the
+        ``fiddler-async replay`` command). Needs ``spool_dir``."""
+        if self._state is not _State.OPEN:
+            raise self._not_open()
+        if self._replayer is None:
+            raise ConfigurationError("replay_spool() needs PublisherConfig(spool_dir=...)")
+        return await self._replayer.replay_pass()
+
     async def resolve(self, project_id: str, model_id: str) -> ModelInfo:
         """Look the model up now (normally done in the background on first use) and return its
         schema facts. Useful at startup to fail fast on a wrong name, and to make the ids
@@ -479,12 +527,16 @@ class AsyncPublisher:
             accepted=ledger.accepted,
             delivered=ledger.delivered,
             failed=ledger.failed,
+            spooled=ledger.spooled,
+            replayed=self._replayer.replayed if self._replayer else 0,
+            spool_bytes=self._spool.used_bytes if self._spool else 0,
             dropped=dict(ledger.dropped),
             rejected=ledger.rejected,
             queued_events=self._buffer.events,
             queued_bytes=self._buffer.bytes,
             in_flight_requests=flusher.in_flight_requests if flusher else 0,
             in_flight_events=flusher.in_flight_events if flusher else 0,
+            spilling_events=self._writer.transit_events if self._writer else 0,
             requests=ledger.requests,
             retries=ledger.retries,
             responses=dict(ledger.responses),
@@ -495,7 +547,25 @@ class AsyncPublisher:
 
     def _pending(self) -> int:
         in_flight = self._flusher.in_flight_events if self._flusher else 0
-        return self._buffer.events + in_flight
+        spilling = self._writer.transit_events if self._writer else 0
+        return self._buffer.events + in_flight + spilling
+
+    def _new_spool(self) -> Spool | None:
+        config = self._config
+        if config.spool_dir is None:
+            return None
+        return Spool(config.spool_dir, config.spool_max_bytes, config.spool_fsync)
+
+    def _new_buffer(self) -> EventBuffer:
+        spill = self._spill if self._spool is not None else None
+        return EventBuffer(self._config, self._ledger, self._log.warning, spill)
+
+    def _spill(self, dest: Destination, items: list[Item]) -> None:
+        assert self._writer is not None
+        self._writer.offer(dest, items)
+
+    def _spool_route(self, key: SpoolKey) -> Destination:
+        return self._route(key.project, key.model, key.env_type, key.env_name, key.update)[0]
 
     def _not_open(self) -> PublisherClosedError:
         if self._state is _State.UNOPENED:
@@ -600,6 +670,13 @@ class AsyncPublisher:
             f"{count} event(s) for {where} not delivered: "
             f"{type(failure.error).__name__}: {failure.error}",
         )
+        if self._spool is not None:
+            try:
+                await anyio.to_thread.run_sync(
+                    self._spool.write_dead_letters, dead_letter_lines(failure)
+                )
+            except Exception as exc:  # a full disk must not stop the report
+                self._log.error("dead-letters", f"could not write dead letters: {exc}")
         if self._on_error is not None:
             outcome = self._on_error(failure)
             if inspect.isawaitable(outcome):

@@ -1,10 +1,11 @@
 """What happened to every event: the ledger behind ``stats()`` and ``flush()``.
 
 Every accepted event gets a sequence number and ends in exactly one outcome: delivered, failed
-(the server refused it or retries ran out) or dropped (by a named reason). Until then it is
-pending (queued or in flight). So at any moment::
+(the server refused it or retries ran out), spooled (written to the durable spool, to be sent
+from there) or dropped (by a named reason). Until then it is pending (queued, in flight, or on
+its way to the spool). So at any moment::
 
-    accepted == delivered + failed + dropped_total + pending
+    accepted == delivered + failed + spooled + dropped_total + pending
 
 A flush watches the events accepted before it began: it knows how many were pending then and
 counts their outcomes as they settle, so its result speaks of exactly those events.
@@ -20,11 +21,14 @@ import anyio
 
 __all__ = ["DropReason", "FlushResult", "StatsSnapshot"]
 
-DropReason = Literal["queue_full", "queue_bytes", "shutdown", "forked"]
-"""Why an event was dropped: the queue's event bound, its byte bound, the close deadline, or
-(in a forked child) being the parent's to send."""
+DropReason = Literal[
+    "queue_full", "queue_bytes", "shutdown", "forked", "spool_full", "spool_behind", "spool_error"
+]
+"""Why an event was dropped: the queue's event bound, its byte bound, the close deadline,
+(in a forked child) being the parent's to send; with a spool: its disk bound, a disk slower
+than the events coming in, or a failed write."""
 
-Outcome = Literal["delivered", "failed", "dropped"]
+Outcome = Literal["delivered", "failed", "spooled", "dropped"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,8 @@ class FlushResult:
 
     delivered: int = 0
     failed: int = 0
+    spooled: int = 0
+    """Written to the spool, to be sent from there (only with ``spool_dir``)."""
     dropped: int = 0
     pending: int = 0
     """Still queued or in flight when the deadline came (0 when the flush completed)."""
@@ -53,6 +59,13 @@ class StatsSnapshot:
     """Events the server acknowledged."""
     failed: int
     """Events whose request finally failed (non-retryable answer, or retries exhausted)."""
+    spooled: int
+    """Events written to the spool instead of being failed or dropped (with ``spool_dir``)."""
+    replayed: int
+    """Events delivered from the spool by this publisher (spilled by it or by an earlier
+    process)."""
+    spool_bytes: int
+    """Bytes the spool directory holds (as this process counts them)."""
     dropped: Mapping[str, int]
     """Events dropped, by reason (see DropReason)."""
     rejected: int
@@ -61,6 +74,8 @@ class StatsSnapshot:
     queued_bytes: int
     in_flight_requests: int
     in_flight_events: int
+    spilling_events: int
+    """Events handed to the spool and not yet written."""
     requests: int
     """HTTP requests sent (each attempt counts)."""
     retries: int
@@ -75,8 +90,8 @@ class StatsSnapshot:
 
     @property
     def pending(self) -> int:
-        """Events accepted but not yet settled: queued or in flight."""
-        return self.queued_events + self.in_flight_events
+        """Events accepted but not yet settled: queued, in flight, or on their way to disk."""
+        return self.queued_events + self.in_flight_events + self.spilling_events
 
 
 @dataclass(eq=False)
@@ -86,10 +101,13 @@ class _FlushWatch:
     done: anyio.Event = field(default_factory=anyio.Event)
     delivered: int = 0
     failed: int = 0
+    spooled: int = 0
     dropped: int = 0
 
     def result(self) -> FlushResult:
-        return FlushResult(self.delivered, self.failed, self.dropped, self.remaining)
+        return FlushResult(
+            self.delivered, self.failed, self.spooled, self.dropped, pending=self.remaining
+        )
 
 
 class Ledger:
@@ -100,6 +118,7 @@ class Ledger:
         self.accepted = 0
         self.delivered = 0
         self.failed = 0
+        self.spooled = 0
         self.rejected = 0
         self.dropped: dict[str, int] = {}
         self.requests = 0
@@ -123,6 +142,8 @@ class Ledger:
             self.delivered += count
         elif outcome == "failed":
             self.failed += count
+        elif outcome == "spooled":
+            self.spooled += count
         else:
             key = reason or "unknown"
             self.dropped[key] = self.dropped.get(key, 0) + count

@@ -250,6 +250,7 @@ class FiddlerV3Exporter:
         self._ledger = ledger
         self._retry = retry
         self._resolving: dict[int, anyio.Lock] = {}
+        self._lookup_failures: dict[int, tuple[float, Exception]] = {}
 
     # Requests
 
@@ -343,11 +344,21 @@ class FiddlerV3Exporter:
         if ref.info is not None:
             return ref.info
         lock = self._resolving.setdefault(id(ref), anyio.Lock())
+        began = anyio.current_time()
         async with lock:
             if ref.info is None:
-                ref.info = await self._retry.call(
-                    lambda retry: self._lookup(ref, retry), what=f"resolve {ref.label}"
-                )
+                # A lookup that failed while we waited for the lock is our answer too: each
+                # waiting batch retrying it in turn would hold them all for its retry budget.
+                failed_at, error = self._lookup_failures.get(id(ref), (-math.inf, None))
+                if error is not None and failed_at >= began:
+                    raise error
+                try:
+                    ref.info = await self._retry.call(
+                        lambda retry: self._lookup(ref, retry), what=f"resolve {ref.label}"
+                    )
+                except Exception as exc:
+                    self._lookup_failures[id(ref)] = (anyio.current_time(), exc)
+                    raise
         return ref.info
 
     async def _lookup(self, ref: ModelRef, retry: int) -> ModelInfo:

@@ -62,9 +62,8 @@ def test_config_is_frozen_validated_and_documented() -> None:
     assert config.model_copy(update={"linger": 2.0}).linger == 2.0
     # The README's configuration table lists every knob with its default.
     readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
-    for name, field in PublisherConfig.model_fields.items():
-        assert f"`{name}`" in readme, name
-        assert field.default is not None
+    for name in PublisherConfig.model_fields:
+        assert re.search(rf"^\| `{name}` \| `[^`]+` \| \w", readme, re.MULTILINE), name
 
 
 def test_missing_or_bad_url_and_token(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,253 @@
+"""The spool's two background tasks: the writer, which puts spilled events on disk, and the
+replayer, which sends them once the backend answers again (see :mod:`fiddler_async.spool`).
+
+Spilling happens where events would otherwise be lost: in a publish call that overflows the
+queue, in a batch whose retries ran out, at the close deadline. None of those may wait on a
+disk, so they hand the events to the writer, which writes in a worker thread. Until written,
+those events are still in memory: the writer holds at most ``TRANSIT_BATCHES`` batches' worth;
+beyond that (a disk slower than the incoming events) an event is dropped, reason
+``spool_behind``, and counted. An event is settled ``spooled`` once its file is on disk.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import anyio
+import orjson
+
+from ._logging import RateLimitedLog, logger
+from .buffer import Item
+from .config import PublisherConfig
+from .destination import Destination
+from .exceptions import APIError
+from .flusher import DeliveryFailure, Exporter
+from .retry import is_retryable
+from .spool import Spool, SpoolCorruptError, SpoolFullError, SpoolKey
+from .stats import Ledger
+
+__all__ = ["ReplayResult", "Replayer", "SpoolWriter", "dead_letter_lines"]
+
+TRANSIT_BATCHES = 4
+"""Batches' worth of bytes (``max_batch_bytes`` each) that may wait for the disk."""
+
+
+class SpoolWriter:
+    def __init__(
+        self, spool: Spool, ledger: Ledger, log: RateLimitedLog, config: PublisherConfig
+    ) -> None:
+        self._spool = spool
+        self._ledger = ledger
+        self._log = log
+        self._limit = TRANSIT_BATCHES * config.max_batch_bytes
+        self._batch_events = config.max_batch_events
+        self._chunks: deque[tuple[Destination, list[Item]]] = deque()
+        self.transit_bytes = 0
+        self.transit_events = 0
+        self.closing = False
+        """Set at close: everything offered is kept for :meth:`drain`, whatever its size."""
+        self._wakeup: anyio.Event | None = None
+        self.written = anyio.Event()
+        """Set (and replaced) whenever a batch file is written: the replayer's cue."""
+
+    def offer(self, dest: Destination, items: list[Item]) -> None:
+        """Spill ``items`` (never waits). Without room in transit they are dropped, reason
+        ``spool_behind``, unless closing (then :meth:`drain` writes them all)."""
+        size = sum(len(item[1]) for item in items)
+        if not self.closing and self.transit_bytes + size > self._limit:
+            self._ledger.settle(items, "dropped", "spool_behind")
+            self._log.warning(
+                "drop:spool_behind",
+                f"dropped {len(items)} event(s): the spool's disk is slower than the events "
+                "coming in (spool_behind)",
+            )
+            return
+        self._chunks.append((dest, items))
+        self.transit_bytes += size
+        self.transit_events += len(items)
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    def _take(self) -> tuple[Destination, list[Item]]:
+        """The oldest chunk, joined with the next ones of the same destination (one file)."""
+        dest, items = self._chunks.popleft()
+        items = list(items)
+        while self._chunks and self._chunks[0][0] is dest:
+            if len(items) + len(self._chunks[0][1]) > self._batch_events:
+                break
+            items.extend(self._chunks.popleft()[1])
+        self.transit_bytes -= sum(len(item[1]) for item in items)
+        self.transit_events -= len(items)
+        return dest, items
+
+    async def run(self) -> None:
+        while True:
+            if not self._chunks:
+                self._wakeup = anyio.Event()
+                await self._wakeup.wait()
+                self._wakeup = None
+                continue
+            dest, items = self._take()
+            outcome: list[BaseException | None] = []
+            try:
+                await anyio.to_thread.run_sync(self._write, dest, items, outcome)
+            finally:
+                # Settled here even when cancelled: the thread has finished by then.
+                self._settle(dest, items, outcome)
+
+    def drain(self) -> None:
+        """Write every chunk still in transit now, blocking (at close, after the tasks end)."""
+        while self._chunks:
+            dest, items = self._take()
+            outcome: list[BaseException | None] = []
+            self._write(dest, items, outcome)
+            self._settle(dest, items, outcome)
+
+    def _write(
+        self, dest: Destination, items: list[Item], outcome: list[BaseException | None]
+    ) -> None:
+        try:
+            self._spool.write(SpoolKey.of(dest), items)
+        except (SpoolFullError, OSError) as exc:
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    def _settle(
+        self, dest: Destination, items: list[Item], outcome: list[BaseException | None]
+    ) -> None:
+        if outcome == [None]:
+            self._ledger.settle(items, "spooled")
+            self.written.set()
+            self.written = anyio.Event()
+            return
+        error = outcome[0] if outcome else None
+        reason = "spool_full" if isinstance(error, SpoolFullError) else "spool_error"
+        self._ledger.settle(items, "dropped", reason)
+        self._log.error(
+            f"drop:{reason}",
+            f"dropped {len(items)} event(s) for {dest.describe()}: could not spool them: {error}",
+        )
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    """What one pass over the spool did."""
+
+    replayed: int = 0
+    """Events delivered from the spool."""
+    refused: int = 0
+    """Events the server refused (reported to on_error and written as dead letters)."""
+    remaining: int = 0
+    """Batch files still waiting (the backend stopped answering, or another process holds
+    the replay lock)."""
+    error: BaseException | None = None
+    """Why the pass stopped early: the backend's error, or None."""
+    locked: bool = False
+    """Another process is replaying this spool; this pass did nothing."""
+
+
+class Replayer:
+    """Sends spooled batches, oldest first, one request at a time, beside the live traffic.
+
+    Only the process holding the spool's replay lock replays; the others leave their spilled
+    files to it (and take over when it ends). A batch file is removed once every event of it
+    is settled: delivered, or refused and reported. If the backend fails, the pass stops and
+    the file stays (rewritten without the events already delivered) for the next pass.
+    """
+
+    def __init__(
+        self,
+        spool: Spool,
+        exporter: Exporter,
+        route: Callable[[SpoolKey], Destination],
+        report: Callable[[DeliveryFailure], Awaitable[None]],
+        config: PublisherConfig,
+    ) -> None:
+        self._spool = spool
+        self._exporter = exporter
+        self._route = route
+        self._report = report
+        self._config = config
+        self._pass = anyio.Lock()
+        self.replayed = 0
+
+    async def run(self, writer: SpoolWriter | None) -> None:
+        """Replay whenever there is something to, backing off while the backend fails."""
+        idle = max(self._config.breaker_probe_interval, 1.0)
+        failures = 0
+        while True:
+            result = await self.replay_pass()
+            if result.error is not None or result.locked:
+                failures += 1
+                cap = self._config.retry_backoff_initial * 2 ** min(failures, 16)
+                await anyio.sleep(min(max(cap, idle), self._config.retry_backoff_max))
+                continue
+            failures = 0
+            # Nothing left: wait for a new spill here, or poll for other processes' files.
+            with anyio.move_on_after(idle):
+                if writer is not None:
+                    await writer.written.wait()
+                else:
+                    await anyio.sleep_forever()
+
+    async def replay_pass(self) -> ReplayResult:
+        """Send every batch file waiting now, oldest first; stop at the backend's first error."""
+        async with self._pass:
+            spool = self._spool
+            if not await anyio.to_thread.run_sync(spool.try_lock):
+                return ReplayResult(remaining=len(spool.batches()), locked=True)
+            replayed = refused = 0
+            paths = await anyio.to_thread.run_sync(spool.batches)
+            for index, path in enumerate(paths):
+                try:
+                    batch = await anyio.to_thread.run_sync(spool.read, path)
+                    dest = self._route(batch.key)
+                except FileNotFoundError:
+                    continue
+                except (SpoolCorruptError, ValueError) as exc:
+                    moved = spool.quarantine(path)
+                    logger.error("fiddler_async: spool file set aside as %s: %s", moved, exc)
+                    continue
+                failed = await self._exporter.export(dest, batch.items)
+                retry = [item for item, error in failed if is_retryable(error)]
+                given_up = [(item, error) for item, error in failed if not is_retryable(error)]
+                if retry and len(retry) < len(batch.items):
+                    await anyio.to_thread.run_sync(spool.rewrite, path, batch.key, retry)
+                elif not retry:
+                    await anyio.to_thread.run_sync(spool.remove, path)
+                delivered = len(batch.items) - len(failed)
+                replayed += delivered
+                self.replayed += delivered
+                refused += len(given_up)
+                for failure in DeliveryFailure.grouped(dest, given_up):
+                    await self._report(failure)
+                if retry:
+                    error = next(error for _, error in failed if is_retryable(error))
+                    return ReplayResult(replayed, refused, len(paths) - index, error)
+            return ReplayResult(replayed, refused)
+
+
+def dead_letter_lines(failure: DeliveryFailure) -> list[bytes]:
+    """One JSON line per refused event: where it was going, the server's reason, the event."""
+    error = failure.error
+    meta = {
+        "at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "project": failure.project,
+        "model": failure.model,
+        "env_type": failure.env_type,
+        "env_name": failure.env_name,
+        "update": failure.update,
+        "error": type(error).__name__,
+        "message": str(error),
+        "status": error.status if isinstance(error, APIError) else None,
+        "reasons": [r.__dict__ for r in error.reasons] if isinstance(error, APIError) else [],
+    }
+    lines = []
+    for event_id, body in zip(failure.event_ids, failure.bodies, strict=True):
+        head = orjson.dumps({**meta, "event_id": event_id})
+        lines.append(head[:-1] + b',"event":' + body + b"}")
+    return lines
