@@ -34,7 +34,9 @@ from .exceptions import (
 )
 from .flusher import DeliveryFailure
 from .publisher import AsyncPublisher, ErrorCallback
+from .spooler import ReplayResult
 from .stats import FlushResult, StatsSnapshot
+from .sync import Publisher
 
 __all__ = [
     "APIError",
@@ -58,10 +60,12 @@ __all__ = [
     "OverflowPolicy",
     "PayloadTooLargeError",
     "PermissionDeniedError",
+    "Publisher",
     "PublisherClosedError",
     "PublisherConfig",
     "QueueFullError",
     "RateLimitedError",
+    "ReplayResult",
     "RequestTimeoutError",
     "SchemaMismatchError",
     "ServerError",

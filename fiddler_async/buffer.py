@@ -84,6 +84,10 @@ class EventBuffer:
         self._max_bytes = config.max_queue_bytes
         self._batch_events = config.max_batch_events
         self._batch_bytes = config.max_batch_bytes
+        self.clock: Callable[[], float] = anyio.current_time
+        """The event loop's clock. The publisher sets the loop's own at start, so that events
+        can also be queued from a plain loop callback (the sync Publisher's hand-off), where
+        anyio cannot tell which loop runs."""
 
     def lane(self, dest: Destination) -> Lane:
         """The lane of ``dest`` (one per model, environment, and insert or update)."""
@@ -167,7 +171,7 @@ class EventBuffer:
         # got its first event (a linger timer to arm) or a batch that just became full.
         count = len(items)
         if count == 1:
-            lane.since = anyio.current_time()
+            lane.since = self.clock()
             self._busy[lane] = None
             self.wake()
         elif count == self._batch_events or (lane.bytes >= self._batch_bytes > lane.bytes - size):

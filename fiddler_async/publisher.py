@@ -93,6 +93,15 @@ def _running_trio() -> Any:
     return trio
 
 
+def _loop_clock() -> Callable[[], float]:
+    """The running loop's clock (what anyio.current_time reads), usable from its callbacks."""
+    trio = _running_trio()
+    if trio is not None:
+        clock: Callable[[], float] = trio.current_time
+        return clock
+    return asyncio.get_running_loop().time
+
+
 def _spawn_detached(fn: Callable[..., Awaitable[None]], *args: Any) -> None:
     """Run ``fn(*args)`` in a task owned by no caller, so that any task may later stop it."""
     trio = _running_trio()
@@ -195,6 +204,7 @@ class AsyncPublisher:
         _started_publishers.add(self)
         self._runner_scope = anyio.CancelScope()
         self._started, self._runner_done, self._closed = anyio.Event(), anyio.Event(), anyio.Event()
+        self._buffer.clock = _loop_clock()
         config = self._config
         slots = config.max_in_flight + 2  # and room for name lookups beside the publishes
         self._client = httpx.AsyncClient(
@@ -542,6 +552,39 @@ class AsyncPublisher:
             responses=dict(ledger.responses),
             last_error=ledger.last_error,
         )
+
+    # For the synchronous Publisher, whose callers are on other threads than the loop's
+
+    def _prepare_off_loop(
+        self,
+        project_id: str,
+        model_id: str,
+        event: Mapping[str, Any],
+        *,
+        event_id: str | None,
+        update_event: bool,
+        event_timestamp: _EventTime | None,
+        env_type: str,
+        env_name: str | None,
+    ) -> tuple[Lane, bytes, Fixup | None, str] | None:
+        """The part of ``publish_event_nowait`` that may run on any thread (it reads shared
+        state, never changes it): the event encoded for its lane, and its id. None for a
+        destination not seen yet: the caller must take the loop's path."""
+        route = self._routes.get((project_id, model_id, env_type, env_name, update_event))
+        if route is None:
+            return None
+        dest, lane = route
+        body, fixup, returned_id = self._prepare(dest, event, event_id, event_timestamp)
+        return lane, body, fixup, returned_id
+
+    def _offer_prepared(self, lane: Lane, body: bytes, fixup: Fixup | None) -> None:
+        """On the loop's thread: queue what :meth:`_prepare_off_loop` made. Its caller has
+        its id already, so it is accepted whatever happens; if the publisher stopped in the
+        meantime, it is counted dropped at shutdown."""
+        if self._state is _State.OPEN:
+            self._buffer.offer(lane, body, fixup)
+        else:
+            self._ledger.settle([(self._ledger.next_seq(),)], "dropped", "shutdown")
 
     # Internals
 

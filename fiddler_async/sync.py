@@ -1,0 +1,335 @@
+"""``Publisher``: the same publisher for synchronous code (Flask, Django, Celery, gunicorn sync
+workers, scripts), with the same methods without ``await``.
+
+The async pipeline runs on one background thread of its own, with its own event loop, reached
+through an anyio blocking portal. The queue is only ever touched by that thread, so any number
+of threads may publish at once, and no call waits on the network.
+
+``publish_event`` under the drop policies (the default) does not even wait for that thread: it
+encodes the event on the caller's thread (errors raise there), appends it to a hand-off deque,
+and wakes the loop only if the deque was empty; the loop moves the events into the queue. A
+thread hop per event would cost more than the rest of the publish call together. Every other
+call (and ``publish_event`` under ``block`` or ``raise``, whose answer depends on the queue)
+runs on the loop's thread through the portal, after the hand-off is drained, so it sees every
+event published before it.
+
+The thread is a daemon: a script that ends without ``close()`` does not hang. Instead, at
+interpreter exit every publisher still open is closed, waiting at most ``exit_timeout`` seconds
+(default ``config.close_timeout``) for its events; with a spool, what is left by then goes to
+disk. In a forked child (gunicorn ``--preload``, multiprocessing) the thread did not survive the
+fork: the first call there starts a fresh pipeline, and the parent's queue stays the parent's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import os
+import threading
+import weakref
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any, Literal, TypeVar
+
+import anyio
+import httpx
+from anyio.from_thread import BlockingPortal
+
+from ._logging import logger
+from .buffer import Fixup, Lane
+from .config import PublisherConfig
+from .destination import ModelInfo
+from .exceptions import PublisherClosedError
+from .publisher import AsyncPublisher, ErrorCallback, _EventTime
+from .spooler import ReplayResult
+from .stats import FlushResult, StatsSnapshot
+
+__all__ = ["Publisher"]
+
+T = TypeVar("T")
+
+_open_publishers: weakref.WeakSet[Publisher] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    for publisher in list(_open_publishers):
+        publisher._close_at_exit()
+
+
+class _LoopThread:
+    """An event loop on a daemon thread, and the portal into it."""
+
+    def __init__(self, backend: Literal["asyncio", "trio"]) -> None:
+        self.portal: BlockingPortal | None = None
+        self.call_soon: Callable[[Callable[[], object]], object] = _never
+        """Schedule a function on the loop, from any thread, without waiting for it."""
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        async def serve() -> None:
+            async with BlockingPortal() as portal:
+                self.portal = portal
+                if backend == "trio":
+                    import trio  # noqa: PLC0415  (only when asked for)
+
+                    self.call_soon = trio.lowlevel.current_trio_token().run_sync_soon
+                else:
+                    self.call_soon = asyncio.get_running_loop().call_soon_threadsafe
+                ready.set()
+                await portal.sleep_until_stopped()
+
+        def main() -> None:
+            try:
+                anyio.run(serve, backend=backend)
+            except BaseException as exc:  # e.g. trio asked for but not installed
+                failure.append(exc)
+                ready.set()
+
+        self.thread = threading.Thread(target=main, name="fiddler_async", daemon=True)
+        self.thread.start()
+        ready.wait()
+        if failure:
+            raise failure[0]
+
+    def stop(self) -> None:
+        if self.portal is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has already ended
+                self.portal.call(self.portal.stop)
+        self.thread.join(5.0)
+
+
+def _never(fn: Callable[[], object]) -> None:
+    raise PublisherClosedError("the publisher's loop is not running")
+
+
+class Publisher:
+    """Publishes Fiddler events from synchronous code without waiting on the network.
+
+    Takes the arguments of :class:`AsyncPublisher`, plus ``backend`` (the background loop's:
+    ``"asyncio"`` or ``"trio"``) and ``exit_timeout`` (the longest wait for events at
+    interpreter exit; default ``config.close_timeout``). It starts at once; use it as a context
+    manager, or call :meth:`close` on shutdown (else it is closed at interpreter exit).
+    ``on_error`` is called on the background thread.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        *,
+        config: PublisherConfig | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        on_error: ErrorCallback | None = None,
+        backend: Literal["asyncio", "trio"] = "asyncio",
+        exit_timeout: float | None = None,
+    ) -> None:
+        # Bad arguments raise here, before any thread starts.
+        self._publisher = AsyncPublisher(
+            url, token, config=config, transport=transport, on_error=on_error
+        )
+        self._backend = backend
+        self._exit_timeout = exit_timeout
+        self._lock = threading.Lock()
+        self._handoff: deque[tuple[Lane, bytes, Fixup | None]] = deque()
+        self._drain_scheduled = False
+        self._fast = self._publisher.config.overflow in ("drop_oldest", "drop_newest")
+        self._loop: _LoopThread | None = None
+        self._pid = os.getpid()
+        self._closed = False
+        self._start()
+
+    def _start(self) -> None:
+        self._loop = _LoopThread(self._backend)
+        assert self._loop.portal is not None
+        try:
+            self._loop.portal.call(self._publisher.start)
+        except BaseException:
+            self._loop.stop()
+            raise
+        _open_publishers.add(self)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<Publisher {self._publisher!r} {state}>"
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def config(self) -> PublisherConfig:
+        return self._publisher.config
+
+    def _portal(self) -> BlockingPortal:
+        if os.getpid() != self._pid:
+            self._restart_in_child()
+        loop = self._loop
+        if self._closed or loop is None or loop.portal is None:
+            raise PublisherClosedError("the publisher is closed")
+        return loop.portal
+
+    def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn`` on the loop's thread, after the hand-off; its result or its error."""
+
+        def run() -> T:
+            self._drain()
+            return fn(*args, **kwargs)
+
+        return self._portal().call(run)
+
+    def _await(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        """Await ``fn`` on the loop's thread, after the hand-off; its result or its error."""
+
+        async def run() -> T:
+            self._drain()
+            return await fn(*args, **kwargs)
+
+        return self._portal().call(run)
+
+    def _drain(self) -> None:
+        """On the loop's thread: move the handed-off events into the queue, in order."""
+        self._drain_scheduled = False  # before popping: a later append schedules anew
+        handoff, offer = self._handoff, self._publisher._offer_prepared
+        while handoff:
+            offer(*handoff.popleft())
+
+    def _restart_in_child(self) -> None:
+        """In a forked child: the loop thread stayed in the parent. Start ours."""
+        with self._lock:
+            if os.getpid() == self._pid:
+                return
+            self._pid = os.getpid()
+            self._handoff.clear()  # the parent's, and the parent sends them
+            self._drain_scheduled = False
+            if self._closed:
+                return
+            # The AsyncPublisher reset itself at the fork (its queue is the parent's).
+            self._start()
+
+    # The calls of AsyncPublisher, without await
+
+    def publish_event(
+        self,
+        project_id: str,
+        model_id: str,
+        event: Mapping[str, Any],
+        *,
+        event_id: str | None = None,
+        update_event: bool = False,
+        event_timestamp: _EventTime | None = None,
+        env_type: str = "PRODUCTION",
+        env_name: str | None = None,
+    ) -> str:
+        """Queue one event and return its id; see :meth:`AsyncPublisher.publish_event`.
+        Waits only when the queue is full and the overflow policy is ``block``."""
+        if self._fast:
+            prepared = self._publisher._prepare_off_loop(
+                project_id,
+                model_id,
+                event,
+                event_id=event_id,
+                update_event=update_event,
+                event_timestamp=event_timestamp,
+                env_type=env_type,
+                env_name=env_name,
+            )
+            if prepared is not None:  # else a new destination: the loop's path sets it up
+                with self._lock:
+                    if not self._closed and os.getpid() == self._pid and self._loop:
+                        self._handoff.append(prepared[:3])
+                        if not self._drain_scheduled:
+                            self._drain_scheduled = True
+                            self._loop.call_soon(self._drain)
+                        return prepared[3]
+        kwargs = {
+            "event_id": event_id,
+            "update_event": update_event,
+            "event_timestamp": event_timestamp,
+            "env_type": env_type,
+            "env_name": env_name,
+        }
+        if self.config.overflow == "block":
+            return self._await(self._publisher.publish_event, project_id, model_id, event, **kwargs)
+        return self._call(
+            self._publisher.publish_event_nowait, project_id, model_id, event, **kwargs
+        )
+
+    def publish_events_batch(
+        self,
+        project_id: str,
+        model_id: str,
+        events: Iterable[Mapping[str, Any]] | Any,
+        *,
+        update_event: bool = False,
+        event_ids: Iterable[str] | None = None,
+        event_timestamps: Iterable[_EventTime | None] | None = None,
+        env_type: str = "PRODUCTION",
+        env_name: str | None = None,
+    ) -> list[str]:
+        """Queue many events; see :meth:`AsyncPublisher.publish_events_batch`."""
+        return self._await(
+            self._publisher.publish_events_batch,
+            project_id,
+            model_id,
+            events,
+            update_event=update_event,
+            event_ids=event_ids,
+            event_timestamps=event_timestamps,
+            env_type=env_type,
+            env_name=env_name,
+        )
+
+    def flush(self, timeout: float | None = None) -> FlushResult:
+        """Send what is queued and wait for it, at most ``timeout`` seconds."""
+        return self._await(self._publisher.flush, timeout)
+
+    def resolve(self, project_id: str, model_id: str) -> ModelInfo:
+        return self._await(self._publisher.resolve, project_id, model_id)
+
+    def replay_spool(self) -> ReplayResult:
+        return self._await(self._publisher.replay_spool)
+
+    def stats(self) -> StatsSnapshot:
+        """A snapshot of the counters (taken on the loop's thread, so it adds up)."""
+        if self._closed:
+            return self._publisher.stats()
+        return self._call(self._publisher.stats)
+
+    def close(self, timeout: float | None = None) -> FlushResult:
+        """Send what is queued (at most ``timeout`` seconds; default ``config.close_timeout``),
+        then stop the background thread. Safe to call again."""
+        with self._lock:
+            if self._closed:
+                return FlushResult()
+            self._closed = True
+        _open_publishers.discard(self)
+        loop = self._loop
+        if loop is None or loop.portal is None or os.getpid() != self._pid:
+            return FlushResult()
+        try:
+            return loop.portal.call(self._publisher.aclose, timeout)
+        finally:
+            loop.stop()
+
+    def _close_at_exit(self) -> None:
+        timeout = self._exit_timeout
+        if timeout is None:
+            timeout = self.config.close_timeout
+        try:
+            result = self.close(timeout)
+        except Exception:
+            logger.exception("fiddler_async: closing at interpreter exit failed")
+            return
+        if not result.complete or result.dropped:
+            logger.warning(
+                "fiddler_async: closed at interpreter exit: %d delivered, %d spooled, "
+                "%d dropped, %d not sent",
+                result.delivered,
+                result.spooled,
+                result.dropped,
+                result.pending,
+            )

@@ -1,0 +1,153 @@
+"""``Publisher``, for synchronous code: the same calls without await, from many threads, on a
+loop thread of its own (asyncio or trio); a bounded flush at interpreter exit; safe to fork."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from typing import Any
+
+import pytest
+
+from fiddler_async import (
+    DeliveryFailure,
+    EventEncodeError,
+    Publisher,
+    PublisherClosedError,
+    QueueFullError,
+)
+from fiddler_async.emulator import Emulator
+
+from .conftest import bank_event, config
+from .in_process import TOKEN
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def sync_publisher(emulator: Emulator, backend: str, **changes: Any) -> Publisher:
+    on_error = changes.pop("on_error", None)
+    return Publisher(
+        emulator.url,
+        TOKEN,
+        config=config(**changes),
+        on_error=on_error,
+        backend=backend,  # type: ignore[arg-type]
+    )
+
+
+def test_many_threads_publish_and_every_event_arrives(fiddler: Emulator, backend: str) -> None:
+    ids: list[list[str]] = [[] for _ in range(8)]
+
+    def work(worker: int) -> None:
+        for i in range(1000):
+            ids[worker].append(
+                pub.publish_event("bank_churn", "bank_churn", bank_event(worker * 1000 + i))
+            )
+
+    with sync_publisher(fiddler, backend) as pub:
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        result = pub.flush(30)
+        stats = pub.stats()
+    assert result.complete
+    assert (stats.accepted, stats.delivered, stats.dropped) == (8000, 8000, {})
+    published = [event_id for worker in ids for event_id in worker]
+    assert len(set(published)) == 8000
+    assert sorted(e["event_id"] for e in fiddler.events()) == sorted(published)
+
+
+def test_errors_reach_the_calling_thread(fiddler: Emulator, backend: str) -> None:
+    failures: list[DeliveryFailure] = []
+    with sync_publisher(fiddler, backend, on_error=failures.append) as pub:
+        pub.publish_event("bank_churn", "bank_churn", bank_event(0))  # the destination is set up
+        with pytest.raises(EventEncodeError, match="balance") as caught:
+            pub.publish_event("bank_churn", "bank_churn", {**bank_event(1), "balance": object()})
+        assert caught.value.field == "balance"
+        bad = {**bank_event(2), "age": "forty"}  # the server refuses it
+        ids = pub.publish_events_batch("bank_churn", "bank_churn", [bank_event(3), bad])
+        pub.flush(30)
+        assert pub.stats().accepted == 3
+    assert pub.stats().delivered == 2
+    assert [f.event_ids for f in failures] == [(ids[1],)]
+    with pytest.raises(PublisherClosedError):
+        pub.publish_event("bank_churn", "bank_churn", bank_event(4))
+    assert pub.close().complete  # closing again is harmless
+
+
+def test_the_raise_policy_raises_in_the_caller(fiddler: Emulator, backend: str) -> None:
+    with sync_publisher(fiddler, backend, overflow="raise", max_queue_events=5, linger=3600) as pub:
+        for i in range(5):
+            pub.publish_event("bank_churn", "bank_churn", bank_event(i))
+        with pytest.raises(QueueFullError):
+            pub.publish_event("bank_churn", "bank_churn", bank_event(5))
+        assert pub.stats().rejected == 1
+
+
+CHILD = """
+import sys
+from fiddler_async import Publisher, PublisherConfig
+
+url, token, timeout = sys.argv[1], sys.argv[2], float(sys.argv[3])
+pub = Publisher(url, token, config=PublisherConfig(linger=3600), exit_timeout=timeout)
+for i in range(1000):
+    pub.publish_event("bank_churn", "bank_churn", {"customer_id": f"c{i}", "age": 40})
+print("published", flush=True)
+# no close(): the interpreter's exit flushes, within exit_timeout
+"""
+
+
+def run_child(fiddler: Emulator, timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(CHILD), fiddler.url, TOKEN, str(timeout)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_a_script_that_never_closes_is_flushed_at_exit(fiddler: Emulator) -> None:
+    child = run_child(fiddler, timeout=30)
+    assert child.returncode == 0, child.stderr
+    assert fiddler.count() == 1000  # linger was an hour: only the exit flush sent them
+    assert child.stderr == ""
+
+
+def test_the_exit_flush_is_bounded_when_the_backend_hangs(fiddler: Emulator) -> None:
+    fiddler.set_faults(script=["hang"])
+    child = run_child(fiddler, timeout=0.5)  # the test's own 60 s limit would catch a hang
+    assert child.returncode == 0, child.stderr
+    assert "closed at interpreter exit" in child.stderr
+    assert "1000 dropped" in child.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # forking with threads is the point
+def test_a_forked_child_publishes_on_a_fresh_loop(fiddler: Emulator, backend: str) -> None:
+    pub = sync_publisher(fiddler, backend, linger=3600)
+    for i in range(3):  # queued in the parent when it forks
+        pub.publish_event("bank_churn", "bank_churn", bank_event(i))
+    pid = os.fork()
+    if pid == 0:  # the child: never return into the test runner
+        code = 1
+        try:
+            for i in range(5):
+                pub.publish_event("bank_churn", "bank_churn", bank_event(100 + i))
+            result = pub.close(10)
+            code = 0 if result.delivered == 5 else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert pub.close(10).delivered == 3  # the parent still sends its own
+    customers = sorted(e["customer_id"] for e in fiddler.events())
+    assert customers == ["c0", "c1", "c100", "c101", "c102", "c103", "c104", "c2"]
