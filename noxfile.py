@@ -34,13 +34,15 @@ def minimal(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff: lint (with the ASYNC rules) and formatting."""
     install_group(session, "lint")
-    session.run("ruff", "check", "fiddler_async", "tests", "benchmarks", "noxfile.py")
-    session.run("ruff", "format", "--check", "fiddler_async", "tests", "benchmarks", "noxfile.py")
+    paths = ["fiddler_async", "tests", "benchmarks", "examples", "noxfile.py"]
+    session.run("ruff", "check", *paths)
+    session.run("ruff", "format", "--check", *paths)
 
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    """mypy --strict on the package and on tests/typing (a file that uses the public API)."""
+    """mypy --strict on the package, the examples, and tests/typing (a file that uses the
+    public API)."""
     session.install("-e", ".[cli]")
     install_group(session, "typecheck")
     session.run("mypy")

@@ -37,7 +37,7 @@ Item = tuple[int, bytes, Fixup | None]
 class Lane:
     """The queued events of one destination, oldest first."""
 
-    __slots__ = ("after", "bytes", "dest", "in_flight", "items", "since")
+    __slots__ = ("after", "bytes", "dest", "in_flight", "items", "since", "spooled")
 
     def __init__(self, dest: Destination, after: Lane | None = None) -> None:
         self.dest = dest
@@ -51,6 +51,9 @@ class Lane:
         """For an update lane, the insert lane of the same model and environment: an update
         is not sent while an insert accepted before it is still queued or in flight, so that
         it never reaches the server ahead of the event it joins."""
+        self.spooled = 0
+        """For an insert lane: its events this process put in the spool and has not replayed
+        yet. While there are some, this model's updates go to the spool too, behind them."""
 
     def holds_before(self, seq: int) -> bool:
         """Whether an event accepted before ``seq`` is still queued or in flight here."""

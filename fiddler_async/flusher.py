@@ -167,6 +167,13 @@ class Flusher:
             self._slots.release()
             return
         batch = buffer.take_batch(lane)
+        if self._spill is not None and lane.after is not None and lane.after.spooled:
+            # Updates whose inserts may be in the spool follow them there, so that the
+            # replay, oldest first, sends each insert before the updates that join it.
+            self._spill(lane.dest, batch)
+            buffer.sent(lane, batch)
+            self._slots.release()
+            return
         self.in_flight_requests += 1
         self.in_flight_events += len(batch)
         tg.start_soon(self._deliver, lane, batch)

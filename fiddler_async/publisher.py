@@ -200,6 +200,15 @@ class AsyncPublisher:
         """Start the background flusher. Call once; then publish; then ``aclose()``."""
         if self._state is not _State.UNOPENED:
             raise PublisherClosedError(f"start() on a publisher that is {self._state.value}")
+        if self._spool is not None:  # first: a directory we cannot use stops start() here
+            try:
+                # Blocking (a directory scan), once at start: no await before the state
+                # changes, so two concurrent start() calls cannot both get past the check.
+                self._spool.open()
+            except OSError as exc:
+                raise ConfigurationError(
+                    f"spool_dir {str(self._spool.directory)!r} cannot be used: {exc}"
+                ) from None
         self._state = _State.STARTING
         _started_publishers.add(self)
         self._runner_scope = anyio.CancelScope()
@@ -231,16 +240,14 @@ class AsyncPublisher:
             spill=self._spill if self._spool is not None else None,
         )
         if self._spool is not None:
-            try:
-                await anyio.to_thread.run_sync(self._spool.open)
-            except OSError as exc:
-                self._state = _State.UNOPENED
-                raise ConfigurationError(
-                    f"spool_dir {str(self._spool.directory)!r} cannot be used: {exc}"
-                ) from None
-            self._writer = SpoolWriter(self._spool, self._ledger, self._log, config)
+            self._writer = SpoolWriter(self._spool, self._ledger, self._buffer, self._log, config)
             self._replayer = Replayer(
-                self._spool, self._exporter, self._spool_route, self._report_failure, config
+                self._spool,
+                self._exporter,
+                self._buffer,
+                route=self._spool_route,
+                report=self._report_failure,
+                config=config,
             )
         _spawn_detached(self._run, self._flusher, self._runner_scope)
         try:
@@ -265,7 +272,9 @@ class AsyncPublisher:
         self._ledger.accepted = inherited
         if inherited:
             self._ledger.dropped["forked"] = inherited
-        self._spool = self._new_spool()  # the parent keeps the replay lock, if it holds it
+        if self._spool is not None:
+            self._spool.abandon_lock()  # the parent's to hold and release
+        self._spool = self._new_spool()
         self._writer = self._replayer = None
         self._buffer = self._new_buffer()
         self._routes.clear()  # their lanes belonged to the old queue
@@ -344,6 +353,8 @@ class AsyncPublisher:
         assert self._closed is not None
         if self._writer is not None:
             self._writer.closing = True
+        if self._replayer is not None:
+            self._replayer.stop()
         self._runner_scope.cancel()
         for lane, items in self._buffer.take_all():
             if self._writer is not None:
@@ -356,7 +367,6 @@ class AsyncPublisher:
         if self._writer is not None and self._spool is not None:
             # Blocking, on purpose: this is the last chance to keep these events.
             self._writer.drain()
-            self._spool.unlock()
         if self._client is not None:
             with anyio.move_on_after(1.0):
                 await self._client.aclose()

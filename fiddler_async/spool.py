@@ -45,7 +45,14 @@ import orjson
 from .buffer import Fixup, Item
 from .destination import Destination
 
-__all__ = ["Spool", "SpoolCorruptError", "SpoolFullError", "SpooledBatch"]
+__all__ = [
+    "Spool",
+    "SpoolCorruptError",
+    "SpoolFullError",
+    "SpoolKey",
+    "SpooledBatch",
+    "iter_dead_letters",
+]
 
 MAGIC = b"FIDDLER-SPOOL 1"
 SUFFIX = ".events"
@@ -106,15 +113,21 @@ class Spool:
         if self.directory.stat().st_uid == os.getuid():
             self.directory.chmod(0o700)
         now = time.time()
-        used = 0
         for entry in os.scandir(self.directory):
             if entry.name.endswith(".tmp"):
                 with contextlib.suppress(OSError):
                     if now - entry.stat().st_mtime > STALE_TEMP_SECONDS:
                         os.unlink(entry.path)
-                continue
-            if entry.is_file():
-                used += entry.stat().st_size
+        self._recount()
+
+    def _recount(self) -> None:
+        """Count the bytes of the batch files on disk: other processes sharing the directory
+        add and remove files this one does not see."""
+        used = 0
+        for entry in os.scandir(self.directory):
+            if entry.name.endswith(SUFFIX) and entry.is_file():
+                with contextlib.suppress(FileNotFoundError):
+                    used += entry.stat().st_size
         self.used_bytes = used
 
     # Batches
@@ -123,6 +136,8 @@ class Spool:
         """Write one batch file, all or nothing. SpoolFullError if over the disk bound."""
         data = _encode(key, items)
         with self._lock:
+            if self.used_bytes + len(data) > self.max_bytes:
+                self._recount()  # the count may be stale: look before refusing
             if self.used_bytes + len(data) > self.max_bytes:
                 raise SpoolFullError(
                     f"spool {self.directory} holds {self.used_bytes} bytes; "
@@ -193,6 +208,8 @@ class Spool:
             return
         with self._lock:
             self.used_bytes -= size
+            if self.used_bytes < 0:  # it was another process's file
+                self._recount()
 
     def quarantine(self, path: Path) -> Path:
         """Set a damaged file aside (``*.corrupt``), out of the replay's way."""
@@ -203,15 +220,18 @@ class Spool:
     # Dead letters
 
     def write_dead_letters(self, lines: list[bytes]) -> None:
-        """Append refused events, one JSON object a line, within the disk bound."""
+        """Append refused events, one JSON object a line. The file has a bound of its own (an
+        eighth of the spool's), so that refusals never crowd out the events still to send;
+        what would pass it raises SpoolFullError and is only logged."""
         data = b"".join(line + b"\n" for line in lines)
-        with self._lock:
-            if self.used_bytes + len(data) > self.max_bytes:
-                raise SpoolFullError(f"spool {self.directory} is full; dead letters not written")
-            self.used_bytes += len(data)
         path = self.directory / DEAD_LETTERS
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         with open(fd, "ab", closefd=True) as file:
+            if os.fstat(fd).st_size + len(data) > self.max_bytes // 8:
+                raise SpoolFullError(
+                    f"{path} has reached its bound ({self.max_bytes // 8} bytes); "
+                    f"{len(lines)} dead letter(s) not written"
+                )
             file.write(data)  # one write: with O_APPEND, lines of several processes never mix
             if self.fsync:
                 file.flush()
@@ -235,6 +255,15 @@ class Spool:
         return True
 
     def unlock(self) -> None:
+        if self._lock_file is not None:
+            # Explicitly: a forked child may still hold a copy of the descriptor.
+            fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_UN)
+            self._lock_file.close()
+            self._lock_file = None
+
+    def abandon_lock(self) -> None:
+        """In a forked child: close our copy of the lock's descriptor without unlocking, which
+        would release the parent's lock; once closed, the parent's release is the last word."""
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
@@ -297,5 +326,7 @@ def iter_dead_letters(directory: str | os.PathLike[str]) -> Iterator[dict[str, A
         return
     with path.open("rb") as file:
         for line in file:
-            if line.strip():
+            try:
                 yield orjson.loads(line)
+            except orjson.JSONDecodeError:  # a line cut short by a crash or a full disk
+                continue

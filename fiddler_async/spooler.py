@@ -20,14 +20,14 @@ import anyio
 import orjson
 
 from ._logging import RateLimitedLog, logger
-from .buffer import Item
+from .buffer import EventBuffer, Item
 from .config import PublisherConfig
 from .destination import Destination
-from .exceptions import APIError
+from .exceptions import APIError, EventError, PublisherClosedError
 from .flusher import DeliveryFailure, Exporter
-from .retry import is_retryable
 from .spool import Spool, SpoolCorruptError, SpoolFullError, SpoolKey
 from .stats import Ledger
+from .wire import POISON_STATUSES
 
 __all__ = ["ReplayResult", "Replayer", "SpoolWriter", "dead_letter_lines"]
 
@@ -37,18 +37,27 @@ TRANSIT_BATCHES = 4
 
 class SpoolWriter:
     def __init__(
-        self, spool: Spool, ledger: Ledger, log: RateLimitedLog, config: PublisherConfig
+        self,
+        spool: Spool,
+        ledger: Ledger,
+        buffer: EventBuffer,
+        log: RateLimitedLog,
+        config: PublisherConfig,
     ) -> None:
         self._spool = spool
         self._ledger = ledger
+        self._buffer = buffer
         self._log = log
         self._limit = TRANSIT_BATCHES * config.max_batch_bytes
         self._batch_events = config.max_batch_events
         self._chunks: deque[tuple[Destination, list[Item]]] = deque()
         self.transit_bytes = 0
         self.transit_events = 0
+        """Events offered and not yet settled (waiting for the disk, or being written)."""
         self.closing = False
         """Set at close: everything offered is kept for :meth:`drain`, whatever its size."""
+        self.drained = False
+        """Set once :meth:`drain` ran: a later offer is written at once, blocking."""
         self._wakeup: anyio.Event | None = None
         self.written = anyio.Event()
         """Set (and replaced) whenever a batch file is written: the replayer's cue."""
@@ -65,9 +74,14 @@ class SpoolWriter:
                 "coming in (spool_behind)",
             )
             return
-        self._chunks.append((dest, items))
         self.transit_bytes += size
         self.transit_events += len(items)
+        if not dest.update:  # from now on, its updates must follow it through the spool
+            self._buffer.lane(dest).spooled += len(items)
+        if self.drained:  # a delivery cancelled after the close drained the rest
+            self._write_and_settle(dest, items)
+            return
+        self._chunks.append((dest, items))
         if self._wakeup is not None:
             self._wakeup.set()
 
@@ -79,8 +93,6 @@ class SpoolWriter:
             if len(items) + len(self._chunks[0][1]) > self._batch_events:
                 break
             items.extend(self._chunks.popleft()[1])
-        self.transit_bytes -= sum(len(item[1]) for item in items)
-        self.transit_events -= len(items)
         return dest, items
 
     async def run(self) -> None:
@@ -95,16 +107,23 @@ class SpoolWriter:
             try:
                 await anyio.to_thread.run_sync(self._write, dest, items, outcome)
             finally:
-                # Settled here even when cancelled: the thread has finished by then.
-                self._settle(dest, items, outcome)
+                # Even when cancelled: a write that ran has finished by now, so settle it;
+                # one that never started (cancelled on the way) goes back for drain().
+                if outcome:
+                    self._settle(dest, items, outcome[0])
+                else:
+                    self._chunks.appendleft((dest, items))
 
     def drain(self) -> None:
-        """Write every chunk still in transit now, blocking (at close, after the tasks end)."""
+        """Write every chunk still waiting now, blocking (at close, after the tasks end)."""
         while self._chunks:
-            dest, items = self._take()
-            outcome: list[BaseException | None] = []
-            self._write(dest, items, outcome)
-            self._settle(dest, items, outcome)
+            self._write_and_settle(*self._take())
+        self.drained = True
+
+    def _write_and_settle(self, dest: Destination, items: list[Item]) -> None:
+        outcome: list[BaseException | None] = []
+        self._write(dest, items, outcome)
+        self._settle(dest, items, outcome[0])
 
     def _write(
         self, dest: Destination, items: list[Item], outcome: list[BaseException | None]
@@ -116,15 +135,17 @@ class SpoolWriter:
         else:
             outcome.append(None)
 
-    def _settle(
-        self, dest: Destination, items: list[Item], outcome: list[BaseException | None]
-    ) -> None:
-        if outcome == [None]:
+    def _settle(self, dest: Destination, items: list[Item], error: BaseException | None) -> None:
+        self.transit_bytes -= sum(len(item[1]) for item in items)
+        self.transit_events -= len(items)
+        if error is None:
             self._ledger.settle(items, "spooled")
             self.written.set()
             self.written = anyio.Event()
             return
-        error = outcome[0] if outcome else None
+        if not dest.update:
+            lane = self._buffer.lane(dest)
+            lane.spooled = max(0, lane.spooled - len(items))
         reason = "spool_full" if isinstance(error, SpoolFullError) else "spool_error"
         self._ledger.settle(items, "dropped", reason)
         self._log.error(
@@ -150,37 +171,54 @@ class ReplayResult:
     """Another process is replaying this spool; this pass did nothing."""
 
 
+def _refused(error: Exception) -> bool:
+    """Whether the server refused this event for what it holds (a dead letter), rather than
+    the request failing for a reason that may pass (the backend, the token, a closed client)."""
+    return isinstance(error, EventError) or (
+        isinstance(error, APIError) and error.status in POISON_STATUSES
+    )
+
+
 class Replayer:
     """Sends spooled batches, oldest first, one request at a time, beside the live traffic.
 
     Only the process holding the spool's replay lock replays; the others leave their spilled
     files to it (and take over when it ends). A batch file is removed once every event of it
-    is settled: delivered, or refused and reported. If the backend fails, the pass stops and
-    the file stays (rewritten without the events already delivered) for the next pass.
+    is settled: delivered, or refused for what it holds and reported as a dead letter. Any
+    other failure (the backend, the token, the model) stops the pass and keeps the file
+    (rewritten without the events already delivered) for the next pass.
     """
 
     def __init__(
         self,
         spool: Spool,
         exporter: Exporter,
+        buffer: EventBuffer,
+        *,
         route: Callable[[SpoolKey], Destination],
         report: Callable[[DeliveryFailure], Awaitable[None]],
         config: PublisherConfig,
     ) -> None:
         self._spool = spool
         self._exporter = exporter
+        self._buffer = buffer
         self._route = route
         self._report = report
         self._config = config
         self._pass = anyio.Lock()
+        self.stopped = False
         self.replayed = 0
 
-    async def run(self, writer: SpoolWriter | None) -> None:
+    async def run(self, writer: SpoolWriter) -> None:
         """Replay whenever there is something to, backing off while the backend fails."""
         idle = max(self._config.breaker_probe_interval, 1.0)
         failures = 0
         while True:
-            result = await self.replay_pass()
+            try:
+                result = await self.replay_pass()
+            except Exception:  # a bug here must not end delivery for the process
+                logger.exception("fiddler_async: replaying the spool failed; trying again")
+                result = ReplayResult(error=RuntimeError("replay failed"))
             if result.error is not None or result.locked:
                 failures += 1
                 cap = self._config.retry_backoff_initial * 2 ** min(failures, 16)
@@ -189,46 +227,68 @@ class Replayer:
             failures = 0
             # Nothing left: wait for a new spill here, or poll for other processes' files.
             with anyio.move_on_after(idle):
-                if writer is not None:
-                    await writer.written.wait()
-                else:
-                    await anyio.sleep_forever()
+                await writer.written.wait()
+
+    def stop(self) -> None:
+        """At close: no further pass, and the replay lock goes to whoever wants it."""
+        self.stopped = True
+        self._spool.unlock()
 
     async def replay_pass(self) -> ReplayResult:
-        """Send every batch file waiting now, oldest first; stop at the backend's first error."""
+        """Send every batch file waiting now, oldest first; stop at the first failure that is
+        not a refusal of some events."""
         async with self._pass:
-            spool = self._spool
-            if not await anyio.to_thread.run_sync(spool.try_lock):
-                return ReplayResult(remaining=len(spool.batches()), locked=True)
-            replayed = refused = 0
+            try:
+                return await self._replay_files()
+            except OSError as exc:  # the directory went away, a disk error: try later
+                logger.error("fiddler_async: cannot read the spool: %s", exc)
+                return ReplayResult(error=exc)
+            finally:
+                if self.stopped:
+                    self._spool.unlock()
+
+    async def _replay_files(self) -> ReplayResult:
+        spool = self._spool
+        if self.stopped:
+            return ReplayResult(error=PublisherClosedError("the publisher is closed"))
+        if not await anyio.to_thread.run_sync(spool.try_lock):
             paths = await anyio.to_thread.run_sync(spool.batches)
-            for index, path in enumerate(paths):
-                try:
-                    batch = await anyio.to_thread.run_sync(spool.read, path)
-                    dest = self._route(batch.key)
-                except FileNotFoundError:
-                    continue
-                except (SpoolCorruptError, ValueError) as exc:
-                    moved = spool.quarantine(path)
-                    logger.error("fiddler_async: spool file set aside as %s: %s", moved, exc)
-                    continue
-                failed = await self._exporter.export(dest, batch.items)
-                retry = [item for item, error in failed if is_retryable(error)]
-                given_up = [(item, error) for item, error in failed if not is_retryable(error)]
-                if retry and len(retry) < len(batch.items):
-                    await anyio.to_thread.run_sync(spool.rewrite, path, batch.key, retry)
-                elif not retry:
-                    await anyio.to_thread.run_sync(spool.remove, path)
-                delivered = len(batch.items) - len(failed)
-                replayed += delivered
-                self.replayed += delivered
-                refused += len(given_up)
-                for failure in DeliveryFailure.grouped(dest, given_up):
-                    await self._report(failure)
-                if retry:
-                    error = next(error for _, error in failed if is_retryable(error))
-                    return ReplayResult(replayed, refused, len(paths) - index, error)
-            return ReplayResult(replayed, refused)
+            return ReplayResult(remaining=len(paths), locked=True)
+        replayed = refused = 0
+        paths = await anyio.to_thread.run_sync(spool.batches)
+        for index, path in enumerate(paths):
+            if self.stopped:
+                return ReplayResult(replayed, refused, len(paths) - index)
+            try:
+                batch = await anyio.to_thread.run_sync(spool.read, path)
+                dest = self._route(batch.key)
+            except FileNotFoundError:
+                continue
+            except (SpoolCorruptError, ValueError, IsADirectoryError) as exc:
+                moved = await anyio.to_thread.run_sync(spool.quarantine, path)
+                logger.error("fiddler_async: spool file set aside as %s: %s", moved, exc)
+                continue
+            failed = await self._exporter.export(dest, batch.items)
+            given_up = [(item, error) for item, error in failed if _refused(error)]
+            kept = [item for item, error in failed if not _refused(error)]
+            # Report first: a crash before the file goes repeats a dead letter, never loses one.
+            for failure in DeliveryFailure.grouped(dest, given_up):
+                await self._report(failure)
+            if not kept:
+                await anyio.to_thread.run_sync(spool.remove, path)
+            elif len(kept) < len(batch.items):
+                await anyio.to_thread.run_sync(spool.rewrite, path, batch.key, kept)
+            settled = len(batch.items) - len(kept)
+            if not dest.update:
+                lane = self._buffer.lane(dest)
+                lane.spooled = max(0, lane.spooled - settled)
+            replayed += settled - len(given_up)
+            self.replayed += settled - len(given_up)
+            refused += len(given_up)
+            if kept:
+                error = next(error for _, error in failed if not _refused(error))
+                return ReplayResult(replayed, refused, len(paths) - index, error)
+        return ReplayResult(replayed, refused)
 
 
 def dead_letter_lines(failure: DeliveryFailure) -> list[bytes]:

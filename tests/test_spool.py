@@ -9,16 +9,31 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 
-from fiddler_async import DeliveryFailure
+from fiddler_async import AsyncPublisher, AuthenticationError, DeliveryFailure
 from fiddler_async.emulator import Emulator
-from fiddler_async.spool import Spool, SpoolCorruptError, SpoolKey, iter_dead_letters
+from fiddler_async.spool import (
+    Spool,
+    SpoolCorruptError,
+    SpoolFullError,
+    SpoolKey,
+    iter_dead_letters,
+)
 
-from .conftest import assert_adds_up, bank_event, eventually, loopback_publisher
+from .conftest import (
+    assert_adds_up,
+    bank_event,
+    config,
+    eventually,
+    loopback_publisher,
+    publishes,
+)
 from .in_process import TOKEN
 
 pytestmark = pytest.mark.anyio
@@ -218,3 +233,88 @@ def test_a_process_killed_mid_stream_loses_nothing_it_synced(
     assert {f"e{i}" for i in range(synced)} <= stored
     assert not list(spool_dir.glob("*.corrupt"))
     assert batch_files(spool_dir) == []
+
+
+async def test_a_slow_disk_at_the_close_deadline_loses_nothing(
+    fiddler: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write = Spool.write
+
+    def slow_write(self: Spool, key: SpoolKey, items: Any) -> Path:
+        time.sleep(0.1)
+        return write(self, key, items)
+
+    monkeypatch.setattr(Spool, "write", slow_write)
+    fiddler.set_faults(outage_seconds=3600, retry_after=0.05)
+    pub = loopback_publisher(
+        fiddler, spool_dir=tmp_path, max_queue_events=10, overflow="drop_newest", **SPILL_SOON
+    )
+    await pub.start()
+    for i in range(600):
+        pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(i))
+        assert_adds_up(pub)  # also while events wait for the disk
+    result = await pub.aclose(0.1)  # writes are still going on at the deadline
+    assert (result.spooled, result.dropped, result.pending) == (600, 0, 0)
+    assert pub.stats().dropped == {}
+    assert_adds_up(pub)
+
+
+async def test_an_update_follows_its_spilled_insert(fiddler: Emulator, tmp_path: Path) -> None:
+    async with loopback_publisher(fiddler, spool_dir=tmp_path, **SPILL_SOON) as pub:
+        await pub.resolve("bank_churn", "bank_churn")
+        fiddler.set_faults(script=["drop", "drop"])  # the insert's two attempts
+        pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(1), event_id="u1")
+        pub.publish_event_nowait(
+            "bank_churn", "bank_churn", {"predicted_churn": 0.9}, event_id="u1", update_event=True
+        )
+        await pub.flush(10)
+        assert pub.stats().spooled == 2  # the update went to the spool behind its insert
+        await pub.replay_spool()
+    delivered = [r["method"] for r in publishes(fiddler) if r["status"] == 202]
+    assert delivered == ["POST", "PATCH"]
+    assert fiddler.early_updates() == 0
+
+
+async def test_a_request_level_refusal_keeps_the_spool(fiddler: Emulator, tmp_path: Path) -> None:
+    """A wrong token (401) at replay is no reason to give the events up: only events the
+    server refuses for what they hold become dead letters."""
+    fiddler.set_faults(outage_seconds=3600, retry_after=0.05)
+    async with loopback_publisher(fiddler, spool_dir=tmp_path, **SPILL_SOON) as pub:
+        for i in range(10):
+            pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(i))
+        await pub.flush(30)
+    fiddler.set_faults(outage_seconds=0)
+    wrong = AsyncPublisher(fiddler.url, "not-the-token", config=config(spool_dir=tmp_path))
+    async with wrong:
+        result = await wrong.replay_spool()
+    assert isinstance(result.error, AuthenticationError)
+    assert result.remaining == 1
+    assert len(batch_files(tmp_path)) == 1
+    assert list(iter_dead_letters(tmp_path)) == []
+
+
+async def test_a_stray_entry_in_the_spool_does_not_stop_delivery(
+    fiddler: Emulator, tmp_path: Path
+) -> None:
+    (tmp_path / "00000000000000000000001-1-000001.events").mkdir()  # not a batch file
+    async with loopback_publisher(fiddler, spool_dir=tmp_path) as pub:
+        await pub.replay_spool()
+        for i in range(10):
+            pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(i))
+        assert (await pub.flush(10)).delivered == 10
+    assert list(tmp_path.glob("*.corrupt"))  # noqa: ASYNC240
+
+
+def test_processes_sharing_a_spool_count_its_bytes_from_disk(tmp_path: Path) -> None:
+    key = SpoolKey("p", "m", "PRODUCTION", None, False)
+    items = [(1, b'{"a":"' + b"x" * 400 + b'"}', None)]
+    writer, replayer = Spool(tmp_path, 2000, fsync=False), Spool(tmp_path, 2000, fsync=False)
+    writer.open()
+    replayer.open()
+    paths = [writer.write(key, items) for _ in range(3)]
+    with pytest.raises(SpoolFullError):
+        writer.write(key, items)
+    for path in paths:  # another process replays them
+        replayer.remove(path)
+    assert replayer.used_bytes == 0
+    writer.write(key, items)  # the writer looks at the disk before refusing

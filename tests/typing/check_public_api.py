@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 from fiddler_async import (
     APIError,
@@ -15,7 +16,9 @@ from fiddler_async import (
     FiddlerError,
     FlushResult,
     ModelInfo,
+    Publisher,
     PublisherConfig,
+    ReplayResult,
     StatsSnapshot,
 )
 
@@ -55,6 +58,27 @@ async def use() -> None:
     await other.start()
     closed: FlushResult = await other.aclose(timeout=1.0)
     del closed, third
+
+
+async def use_a_spool() -> None:
+    config = PublisherConfig(spool_dir=Path("/var/lib/app/spool"), spool_max_bytes=10**9)
+    async with AsyncPublisher(config=config) as pub:
+        replay: ReplayResult = await pub.replay_spool()
+        left: int = replay.remaining
+        failed: BaseException | None = replay.error
+        spooled: int = pub.stats().spooled + (await pub.flush()).spooled
+        del left, failed, spooled
+
+
+def use_from_sync_code() -> None:
+    with Publisher("https://acme.fiddler.ai", "token", backend="trio", exit_timeout=2) as pub:
+        event_id: str = pub.publish_event("p", "m", {"x": 1})
+        ids: list[str] = pub.publish_events_batch("p", "m", [{"x": 1}], event_ids=["a"])
+        result: FlushResult = pub.flush(5)
+        stats: StatsSnapshot = pub.stats()
+        del event_id, ids, result, stats
+    closed: FlushResult = Publisher(on_error=on_error_sync).close(timeout=1)
+    del closed
 
 
 def describe(error: FiddlerError) -> str:
