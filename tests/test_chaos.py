@@ -6,6 +6,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
+from fiddler_async import FlushResult
 from fiddler_async.emulator import Emulator
 
 from .conftest import bank_event, loopback_publisher
@@ -63,20 +64,33 @@ async def test_an_outage_longer_than_the_memory_budget(fiddler: Emulator) -> Non
         breaker_probe_interval=0.05,
     ) as pub:
         ids = []
-        for i in range(5000):
-            ids.append(pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(i)))
-            assert pub.stats().queued_events <= 1000
-            if i % 500 == 499:
-                await anyio.sleep(0.02)  # the flusher tries, and meets the outage
-        assert pub.stats().responses["503"] > 0
-        during = pub.stats()
-        assert during.delivered == 0
-        assert during.accepted == during.dropped["queue_full"] + during.pending
-        fiddler.set_faults(outage_seconds=0)  # the backend comes back
+        first: list[FlushResult] = []
+
+        async def flush_the_first_thousand() -> None:
+            first.append(await pub.flush(60))
+
+        async with anyio.create_task_group() as tg:
+            for i in range(5000):
+                ids.append(pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(i)))
+                assert pub.stats().queued_events <= 1000
+                if i == 999:  # a flush that waits for the first 1000 events
+                    tg.start_soon(flush_the_first_thousand)
+                if i % 500 == 499:
+                    await anyio.sleep(0.02)  # the flusher tries, and meets the outage
+            assert pub.stats().responses["503"] > 0
+            during = pub.stats()
+            assert during.delivered == 0
+            assert during.accepted == during.dropped["queue_full"] + during.pending
+            fiddler.set_faults(outage_seconds=0)  # the backend comes back
         result = await pub.flush(60)
         stats = pub.stats()
     assert result.complete
     assert stats.delivered + stats.dropped["queue_full"] == 5000
+    # The flush that waited through the outage says what became of its events.
+    (early,) = first
+    assert early.complete
+    assert early.dropped > 0
+    assert early.delivered + early.dropped == 1000
     stored = {e["event_id"] for e in fiddler.events()}
     assert len(stored) == stats.delivered
     # What was delivered: the batches already in flight when the queue overflowed, and the
