@@ -18,7 +18,7 @@ def install_group(session: nox.Session, group: str) -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     """The test suite, on asyncio and trio."""
-    session.install("-e", ".[cli,parquet]")
+    session.install("-e", ".[cli,parquet,dataframes]")
     install_group(session, "test")
     session.run("pytest", *session.posargs)
 

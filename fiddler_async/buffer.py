@@ -120,6 +120,28 @@ class EventBuffer:
                 self._reject()
         self._append(lane, (self._ledger.next_seq(), body, fixup), size)
 
+    def offer_all(self, lane: Lane, items: list[tuple[bytes, Fixup | None]]) -> None:
+        """Queue many events in order: at once when all fit, else one by one under the
+        overflow policy."""
+        size = sum(len(body) for body, _ in items)
+        if not self.fits(len(items), size):
+            for body, fixup in items:
+                self.offer(lane, body, fixup)
+            return
+        if not items:
+            return
+        ledger, queue = self._ledger, lane.items
+        first = ledger.accepted + 1
+        queue.extend((seq, body, fixup) for seq, (body, fixup) in enumerate(items, first))
+        ledger.accepted += len(items)
+        lane.bytes += size
+        self.events += len(items)
+        self.bytes += size
+        if lane.since is None:
+            lane.since = self.clock()
+            self._busy[lane] = None
+        self.wake()
+
     async def put(self, lane: Lane, body: bytes, fixup: Fixup | None, timeout: float) -> None:
         """Queue an event, waiting up to ``timeout`` seconds for room (the ``block`` policy)."""
         await self.wait_for_room(1, len(body), timeout)

@@ -164,13 +164,17 @@ class _EventIds:
         os.register_at_fork(after_in_child=self.renew)
 
     def renew(self) -> None:
-        r = uuid.uuid4().hex
-        variant = "89ab"[int(r[16], 16) & 3]
-        self._prefix = f"{r[:8]}-{r[8:12]}-4{r[13:16]}-{variant}{r[17:20]}-"
-        self._counter = itertools.count(int(r[20:], 16))
+        self._prefix = self.random_prefix()
+        self._counter = itertools.count(int(uuid.uuid4().hex[20:], 16))
 
     def __call__(self) -> str:
         return f"{self._prefix}{next(self._counter) & self._MASK:012x}"
+
+    @staticmethod
+    def random_prefix() -> str:
+        """A fresh random prefix, for a batch of ids numbered by the caller (12 hex digits)."""
+        r = uuid.uuid4().hex
+        return f"{r[:8]}-{r[8:12]}-4{r[13:16]}-{'89ab'[int(r[16], 16) & 3]}{r[17:20]}-"
 
 
 new_event_id = _EventIds()

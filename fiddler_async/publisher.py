@@ -39,6 +39,7 @@ from .exceptions import (
     SchemaMismatchError,
 )
 from .flusher import DeliveryFailure, Flusher
+from .frames import encode_frame, is_frame
 from .gate import Gate
 from .retry import RetryPolicy
 from .spool import Spool, SpoolKey
@@ -479,7 +480,9 @@ class AsyncPublisher:
         env_type: str = "PRODUCTION",
         env_name: str | None = None,
     ) -> list[str]:
-        """Queue many events (an iterable of dicts, or a pandas DataFrame); return their ids.
+        """Queue many events and return their ids: an iterable of dicts, or a pandas or polars
+        DataFrame or a pyarrow Table (encoded without a Python loop over rows when polars is
+        installed: see :mod:`fiddler_async.frames`).
 
         All events are checked before any is queued: if some are invalid, EventBatchError
         lists each by position and nothing is queued. The first call for a model waits for the
@@ -488,9 +491,6 @@ class AsyncPublisher:
         """
         if self._state is not _State.OPEN:
             raise self._not_open()
-        rows = _rows(events)
-        ids = _aligned(event_ids, len(rows), "event_ids")
-        times = _aligned(event_timestamps, len(rows), "event_timestamps")
         dest, lane = self._route(project_id, model_id, env_type, env_name, update_event)
         if dest.model.info is None:
             # Know the model's columns first, so that ids the events carry are the ids returned
@@ -498,6 +498,15 @@ class AsyncPublisher:
             await self.resolve(project_id, model_id)
             if self._state is not _State.OPEN:
                 raise self._not_open()
+        if event_ids is not None:
+            event_ids = list(event_ids)
+        if is_frame(events) and event_timestamps is None:
+            frame_ids = await self._queue_frame(dest, lane, events, event_ids)
+            if frame_ids is not None:
+                return frame_ids
+        rows = _rows(events)
+        ids = _aligned(event_ids, len(rows), "event_ids")
+        times = _aligned(event_timestamps, len(rows), "event_timestamps")
         prepared: list[tuple[bytes, Fixup | None, str]] = []
         errors: dict[int, EventError] = {}
         for index, row in enumerate(rows):
@@ -507,18 +516,47 @@ class AsyncPublisher:
                 errors[index] = exc
         if errors:
             raise EventBatchError(errors)
+        await self._queue_all(lane, [(body, fixup) for body, fixup, _ in prepared])
+        return [returned_id for _, _, returned_id in prepared]
+
+    async def _queue_frame(
+        self, dest: Destination, lane: Lane, frame: Any, event_ids: list[str] | None
+    ) -> list[str] | None:
+        """Queue a DataFrame's rows, encoded all at once; None if they must go row by row."""
+        info = dest.model.info
+        assert info is not None
+        stamp = None
+        if self._config.stamp_publish_time and not dest.update:
+            stamp = int(time.time() * 1000)  # one publish time for the batch
+        encoded = encode_frame(
+            frame, info, update=dest.update, event_ids=event_ids, stamp_millis=stamp
+        )
+        if encoded is None:
+            return None
+        _aligned(event_ids, len(encoded.bodies), "event_ids")
+        errors: dict[int, EventError] = {}
+        for index, body in enumerate(encoded.bodies):
+            try:
+                self._check_size(body)
+            except EventError as exc:
+                errors[index] = exc
+        if errors:
+            raise EventBatchError(errors)
+        await self._queue_all(lane, [(body, None) for body in encoded.bodies])
+        return encoded.ids
+
+    async def _queue_all(self, lane: Lane, items: list[tuple[bytes, Fixup | None]]) -> None:
+        """Queue a batch call's events under the overflow policy: ``block`` waits for room for
+        all of them and ``raise`` refuses all unless all fit (so a timeout, a cancellation or
+        a refusal leaves none queued); the drop policies apply event by event."""
         buffer = self._buffer
         policy = self._config.overflow
-        size = sum(len(body) for body, _, _ in prepared)
+        size = sum(len(body) for body, _ in items)
         if policy == "block":
-            # Wait once for room for the whole batch, then queue it in one step: a timeout or
-            # a cancellation leaves none of it queued.
-            await buffer.wait_for_room(len(prepared), size, self._config.block_timeout)
+            await buffer.wait_for_room(len(items), size, self._config.block_timeout)
         elif policy == "raise":
-            buffer.require_room(len(prepared), size)
-        for body, fixup, _ in prepared:
-            buffer.offer(lane, body, fixup)
-        return [returned_id for _, _, returned_id in prepared]
+            buffer.require_room(len(items), size)
+        buffer.offer_all(lane, items)
 
     async def replay_spool(self) -> ReplayResult:
         """Send what waits in the spool now, oldest first, stopping at the backend's first
@@ -757,8 +795,15 @@ def _event_id_text(value: object) -> str:
 
 
 def _rows(events: Any) -> list[Mapping[str, Any]]:
-    if hasattr(events, "to_dict") and type(events).__module__.startswith("pandas"):
-        records: list[Mapping[str, Any]] = events.to_dict(orient="records")
+    """Events as dicts, one by one: the way without polars, and for what it cannot encode."""
+    if is_frame(events):
+        module = type(events).__module__.partition(".")[0]
+        if module == "pandas":
+            records: list[Mapping[str, Any]] = events.to_dict(orient="records")
+        elif module == "polars":
+            records = events.to_dicts()
+        else:
+            records = events.to_pylist()
         return records
     if isinstance(events, Mapping | str | bytes):
         raise EventError("events must be an iterable of events (dicts), or a DataFrame")

@@ -99,7 +99,7 @@ def place_columns(
         assert event_id is not None
         members.append(info.id_key + orjson.dumps(event_id))
         carried_id = event_id
-    elif id_col is not None and id_col in event:
+    elif id_col is not None and not _missing(event.get(id_col)):
         value = event[id_col]
         carried_id = value if isinstance(value, str) else str(value)
     elif update:
@@ -107,6 +107,8 @@ def place_columns(
             f"an update needs event_id= or the model's id column {id_col!r} in the event"
         )
     elif id_col is not None and event_id is not None:
+        if id_col in event:  # a null id: the generated one takes its place
+            remove = (id_col,)
         members.append(info.id_key + orjson.dumps(event_id))
         carried_id = event_id
     if ts_explicit:
@@ -122,6 +124,17 @@ def place_columns(
     elif ts_millis is not None and ts_col is not None and not update and ts_col not in event:
         members.append(info.ts_key + info.timestamp_json(ts_millis))
     return members, remove, carried_id
+
+
+def _missing(value: object) -> bool:
+    """None, or a null of numpy/pandas: NaN and NaT are unequal to themselves, and pandas.NA
+    has no truth value."""
+    if value is None:
+        return True
+    try:
+        return bool(value != value)  # noqa: PLR0124
+    except TypeError:
+        return True
 
 
 def finalize_event(info: ModelInfo, update: bool, body: bytes, fixup: tuple[Any, ...]) -> bytes:

@@ -1,0 +1,125 @@
+"""DataFrames to events without a Python loop over rows.
+
+A pandas or polars DataFrame, or a pyarrow Table, is encoded to one JSON object per row by
+polars, in Rust, in one call, with the model's event id and timestamp columns added as columns
+first (ids generated for the whole batch at once): the rows are then queued as they are. What
+the conversion gives, per column type:
+
+- integers (numpy, nullable ``Int64``), floats, booleans, strings: themselves; floats exactly
+  (shortest round-trip form);
+- nulls (``None``, ``NaN``, ``NA``, ``NaT``), and infinities: ``null``, as for dict events;
+- categoricals and enums: their values;
+- datetimes: text, ``2024-01-01 01:02:03.456789`` (naive) or ``2024-01-01T01:02:03+00:00``
+  (with a time zone); dates ``2024-01-01``; times ``01:02:03``;
+- decimals: numbers; lists and structs: JSON arrays and objects.
+
+Without polars (the ``dataframes`` extra), for a frame polars cannot write (Python objects in
+a column, durations, binary), with ``event_timestamps=`` given, or when the rows need the
+per-event rules' errors (null ids, an update without ids), :func:`encode_frame` returns None
+and the caller goes row by row, which names any value that cannot be sent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from .destination import ModelInfo
+from .encode import new_event_id
+
+__all__ = ["EncodedFrame", "encode_frame", "is_frame"]
+
+_FRAME_TYPES = {("pandas", "DataFrame"), ("polars", "DataFrame"), ("pyarrow", "Table")}
+
+
+def is_frame(value: object) -> bool:
+    """A pandas or polars DataFrame, or a pyarrow Table (checked without importing them)."""
+    cls = type(value)
+    return (cls.__module__.partition(".")[0], cls.__name__) in _FRAME_TYPES
+
+
+@dataclass(frozen=True)
+class EncodedFrame:
+    bodies: list[bytes]
+    """Each row as a JSON object, its id and time in the model's columns already."""
+    ids: list[str]
+    """The id each row carries (for a model without an id column: empty strings)."""
+
+
+def encode_frame(
+    frame: Any,
+    info: ModelInfo,
+    *,
+    update: bool,
+    event_ids: list[str] | None,
+    stamp_millis: int | None,
+) -> EncodedFrame | None:
+    """Encode ``frame``'s rows for a model whose schema is ``info``, placing ids and times as
+    :func:`fiddler_async.wire.place_columns` does for one event, but for all rows at once.
+    None when the rows must go one by one instead (see the module's docstring), and for the
+    cases where that way gives the precise error (an id the model cannot take, null ids)."""
+    try:
+        import polars as pl  # noqa: PLC0415  (an optional extra)
+    except ImportError:
+        return None
+    id_col, ts_col = info.event_id_col, info.event_ts_col
+    try:
+        df = _to_polars(frame, pl)
+        if any(isinstance(t, pl.Object | pl.Binary | pl.Duration) for t in df.dtypes):
+            return None
+        df = df.with_columns(pl.col(pl.Decimal).cast(pl.Float64))
+        first: list[Any] = []  # columns placed first, as place_columns does
+        if id_col is None:
+            if update or event_ids is not None:
+                return None  # the row way raises SchemaMismatchError for each
+            ids = [""] * df.height
+        elif event_ids is not None:
+            ids = [str(event_id) for event_id in event_ids]
+            df = df.drop(id_col, strict=False)
+            first.append(pl.Series(id_col, ids, dtype=pl.String))
+        elif id_col in df.columns:
+            if df[id_col].null_count():
+                return None  # a null id is replaced by a generated one, row by row
+            ids = df[id_col].cast(pl.String).to_list()
+        elif update:
+            return None  # an update needs an id: the row way says so for each
+        else:
+            generated = _new_ids(df.height, pl)
+            ids = generated.to_list()
+            first.append(generated.alias(id_col))
+        if (
+            stamp_millis is not None
+            and ts_col is not None
+            and not update
+            and ts_col not in df.columns
+        ):
+            stamp = orjson.loads(info.timestamp_json(stamp_millis))
+            first.append(pl.lit(stamp).alias(ts_col))
+        if first:
+            df = df.select(*first, *(pl.col(name) for name in df.columns))
+        text = df.write_ndjson()
+    except (pl.exceptions.PolarsError, ImportError, TypeError, ValueError):
+        return None  # e.g. pandas columns of mixed Python objects
+    bodies = text.encode().split(b"\n")
+    if bodies and not bodies[-1]:
+        bodies.pop()
+    return EncodedFrame(bodies, ids)
+
+
+def _new_ids(count: int, pl: Any) -> Any:
+    """``count`` UUID-shaped ids at once: a fresh random prefix for the batch, then the row
+    number (decimal digits are hex digits). Unique as :func:`new_event_id`'s are."""
+    prefix = new_event_id.random_prefix()
+    rows = pl.int_range(0, count, dtype=pl.Int64, eager=True).cast(pl.String).str.zfill(12)
+    return (prefix + rows).rename("id")
+
+
+def _to_polars(frame: Any, pl: Any) -> Any:
+    module = type(frame).__module__.partition(".")[0]
+    if module == "polars":
+        return frame
+    if module == "pyarrow":
+        return pl.from_arrow(frame)
+    return pl.from_pandas(frame)  # the index is left out, as to_dict(orient="records") does

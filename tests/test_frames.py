@@ -1,0 +1,143 @@
+"""DataFrames: pandas and polars DataFrames and pyarrow Tables publish like lists of dicts,
+with numpy integers, categoricals, timestamps and nulls converted, encoded without a Python
+loop over rows (polars writes the JSON); anything it cannot write goes row by row."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fiddler_async import EventBatchError, EventEncodeError
+from fiddler_async.emulator import Emulator
+
+from .conftest import bank_event, loopback_publisher
+
+pl = pytest.importorskip("polars")
+pa = pytest.importorskip("pyarrow")
+
+pytestmark = pytest.mark.anyio
+
+
+def pandas_frame() -> pd.DataFrame:
+    frame = pd.DataFrame([bank_event(i) for i in range(6)])
+    frame["creditscore"] = frame["creditscore"].astype(np.int32)  # numpy integers
+    frame["age"] = pd.array([41, None, 43, 44, 45, 46], dtype="Int64")  # nullable, with NA
+    frame["geography"] = pd.Categorical(["France", "Spain", "France", None, "Spain", "Spain"])
+    frame["balance"] = [1.5, np.nan, np.inf, 0.1 + 0.2, -0.0, 1e300]
+    frame["seen"] = [
+        pd.Timestamp("2024-01-01 13:00:01.5"),
+        pd.NaT,
+        *[pd.Timestamp("2024-01-02")] * 4,
+    ]
+    frame["seen_utc"] = pd.Timestamp("2024-01-01 13:00", tz="UTC")
+    return frame
+
+
+EXPECTED_ROW_0 = {
+    "creditscore": 600,
+    "age": 41,
+    "geography": "France",
+    "balance": 1.5,
+    "seen": "2024-01-01 13:00:01.500",
+    "seen_utc": "2024-01-01T13:00:00+00:00",
+}
+
+
+def as_sent(emulator: Emulator) -> list[dict[str, Any]]:
+    return sorted(emulator.events(), key=lambda e: e["customer_id"])
+
+
+@pytest.mark.parametrize("kind", ["pandas", "polars", "pyarrow"])
+async def test_a_frame_publishes_like_its_rows(fiddler: Emulator, kind: str) -> None:
+    frame: Any = pandas_frame()
+    if kind == "polars":
+        frame = pl.from_pandas(frame)
+    elif kind == "pyarrow":
+        frame = pa.Table.from_pandas(frame, preserve_index=False)
+    async with loopback_publisher(fiddler) as pub:
+        ids = await pub.publish_events_batch("bank_churn", "bank_churn", frame)
+        assert (await pub.flush(10)).delivered == 6
+    sent = as_sent(fiddler)
+    assert [e["event_id"] for e in sent] == ids
+    assert len({str(uuid.UUID(event_id)) for event_id in ids}) == 6  # generated, UUID-shaped
+    assert {k: sent[0][k] for k in EXPECTED_ROW_0} == EXPECTED_ROW_0
+    assert sent[1]["age"] is None  # NA
+    assert sent[3]["geography"] is None  # a null category
+    assert [e["balance"] for e in sent] == [1.5, None, None, 0.1 + 0.2, -0.0, 1e300]  # exact
+    assert sent[1]["seen"] is None  # NaT
+    assert all(isinstance(e["timestamp"], int) for e in sent)  # the publish time, as for dicts
+
+
+async def test_the_frame_path_sends_what_the_row_path_sends(fiddler: Emulator) -> None:
+    rows = [bank_event(i) for i in range(50)]
+    async with loopback_publisher(fiddler) as pub:
+        await pub.publish_events_batch(
+            "bank_churn", "bank_churn", rows, event_ids=[f"r{i}" for i in range(50)]
+        )
+        await pub.publish_events_batch(
+            "bank_churn", "bank_churn", pd.DataFrame(rows), event_ids=[f"f{i}" for i in range(50)]
+        )
+        await pub.flush(10)
+    sent = {e["event_id"]: e for e in fiddler.events()}
+    for i in range(50):
+        by_row, by_frame = dict(sent[f"r{i}"]), dict(sent[f"f{i}"])
+        for event in (by_row, by_frame):
+            del event["event_id"], event["timestamp"]
+        assert by_frame == by_row
+
+
+async def test_ids_and_times_from_columns_or_arguments(fiddler: Emulator) -> None:
+    frame = pl.DataFrame(
+        {
+            "event_id": ["a", "b", "c"],
+            "timestamp": [dt.datetime(2024, 5, 1, 12)] * 3,
+            "age": [1, 2, 3],
+        }
+    )
+    async with loopback_publisher(fiddler) as pub:
+        carried = await pub.publish_events_batch("bank_churn", "bank_churn", frame)
+        replaced = await pub.publish_events_batch(
+            "bank_churn",
+            "bank_churn",
+            frame,
+            event_ids=["x", "y", "z"],
+            event_timestamps=[dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)] * 3,
+        )
+        labels = pl.DataFrame({"event_id": ["a", "b"], "churn": ["yes", "no"]})
+        updated = await pub.publish_events_batch(
+            "bank_churn", "bank_churn", labels, update_event=True
+        )
+        await pub.flush(10)
+    assert carried == ["a", "b", "c"]
+    assert replaced == ["x", "y", "z"]
+    assert updated == ["a", "b"]
+    stored = {e["event_id"]: e for e in fiddler.events()}
+    assert set(stored) == {"a", "b", "c", "x", "y", "z"}
+    assert stored["a"]["timestamp"] == "2024-05-01 12:00:00"  # its own column
+    assert stored["x"]["timestamp"] == 1_735_689_600_000  # the argument's, in epoch ms
+    assert (stored["a"]["churn"], stored["b"]["churn"]) == ("yes", "no")
+
+
+async def test_what_polars_cannot_write_goes_row_by_row(fiddler: Emulator) -> None:
+    frame = pd.DataFrame([bank_event(i) for i in range(3)])
+    frame["blob"] = [1, object(), "x"]  # a Python object polars cannot write
+    async with loopback_publisher(fiddler) as pub:
+        with pytest.raises(EventBatchError) as caught:
+            await pub.publish_events_batch("bank_churn", "bank_churn", frame)
+        (error,) = caught.value.errors.values()
+        assert list(caught.value.errors) == [1]
+        assert isinstance(error, EventEncodeError)
+        assert error.field == "blob"
+        assert pub.stats().accepted == 0
+        # Rows with a null id get a generated one (row by row), not a null.
+        frame = pd.DataFrame({"event_id": ["k", None], "age": [1, 2]})
+        ids = await pub.publish_events_batch("bank_churn", "bank_churn", frame)
+        await pub.flush(10)
+    assert ids[0] == "k"
+    assert ids[1] not in (None, "None")
+    assert sorted(e["event_id"] for e in fiddler.events()) == sorted(ids)
