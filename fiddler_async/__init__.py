@@ -5,6 +5,7 @@
 """
 
 from ._version import __version__
+from .backfill import FileJob
 from .config import OverflowPolicy, PublisherConfig
 from .destination import ModelInfo
 from .exceptions import (
@@ -20,6 +21,7 @@ from .exceptions import (
     EventError,
     EventTooLargeError,
     FiddlerError,
+    FileJobError,
     NotFoundError,
     PayloadTooLargeError,
     PermissionDeniedError,
@@ -54,6 +56,8 @@ __all__ = [
     "EventError",
     "EventTooLargeError",
     "FiddlerError",
+    "FileJob",
+    "FileJobError",
     "FlushResult",
     "ModelInfo",
     "NotFoundError",

@@ -11,6 +11,7 @@ The tree::
     │   ├── EventTooLargeError    the encoded event is larger than one request may carry
     │   ├── SchemaMismatchError   the event does not fit the model (e.g. no event id column)
     │   └── EventBatchError       some events of a publish_events_batch call are invalid
+    ├── FileJobError              the server's job publishing an uploaded file failed
     ├── TransportError            never got an answer from the server
     │   ├── ConnectError          could not connect, or the connection dropped
     │   └── RequestTimeoutError   no answer within the configured timeout
@@ -48,6 +49,7 @@ __all__ = [
     "EventError",
     "EventTooLargeError",
     "FiddlerError",
+    "FileJobError",
     "NotFoundError",
     "PayloadTooLargeError",
     "PermissionDeniedError",
@@ -76,6 +78,15 @@ class PublisherClosedError(FiddlerError, RuntimeError):
 
 class QueueFullError(FiddlerError):
     """The queue is full and the overflow policy says to tell the caller."""
+
+
+class FileJobError(FiddlerError):
+    """The server's job that publishes an uploaded file ended in failure (``publish_file``)."""
+
+    def __init__(self, message: str, *, job_id: str, reason: str) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+        self.reason = reason
 
 
 class EventError(FiddlerError, ValueError):

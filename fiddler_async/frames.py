@@ -21,6 +21,7 @@ and the caller goes row by row, which names any value that cannot be sent.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,8 +29,9 @@ import orjson
 
 from .destination import ModelInfo
 from .encode import new_event_id
+from .exceptions import EventError
 
-__all__ = ["EncodedFrame", "encode_frame", "is_frame"]
+__all__ = ["EncodedFrame", "encode_frame", "frame_to_parquet", "is_frame"]
 
 _FRAME_TYPES = {("pandas", "DataFrame"), ("polars", "DataFrame"), ("pyarrow", "Table")}
 
@@ -60,6 +62,52 @@ def encode_frame(
     :func:`fiddler_async.wire.place_columns` does for one event, but for all rows at once.
     None when the rows must go one by one instead (see the module's docstring), and for the
     cases where that way gives the precise error (an id the model cannot take, null ids)."""
+    placed = _placed(frame, info, update, event_ids, stamp_millis)
+    if placed is None:
+        return None
+    df, ids, pl = placed
+    try:
+        text = df.write_ndjson()
+    except (pl.exceptions.PolarsError, TypeError, ValueError):
+        return None
+    bodies = text.encode().split(b"\n")
+    if bodies and not bodies[-1]:
+        bodies.pop()
+    return EncodedFrame(bodies, ids)
+
+
+def frame_to_parquet(
+    frame: Any,
+    info: ModelInfo,
+    *,
+    update: bool,
+    event_ids: list[str] | None,
+    stamp_millis: int | None,
+) -> tuple[bytes, list[str]]:
+    """``frame`` as a Parquet file for the v3 file upload, with ids and times placed as by
+    :func:`encode_frame`; and the ids. Needs polars (the ``dataframes`` extra)."""
+    placed = _placed(frame, info, update, event_ids, stamp_millis)
+    if placed is None:
+        raise EventError(
+            "this DataFrame cannot be uploaded as a file (polars is missing, a column holds "
+            "Python objects, or ids are null or missing for an update); publish it with "
+            "publish_events_batch, which names what is wrong"
+        )
+    df, ids, _ = placed
+    out = io.BytesIO()
+    df.write_parquet(out)
+    return out.getvalue(), ids
+
+
+def _placed(
+    frame: Any,
+    info: ModelInfo,
+    update: bool,
+    event_ids: list[str] | None,
+    stamp_millis: int | None,
+) -> tuple[Any, list[str], Any] | None:
+    """The frame in polars with the model's id and time columns placed first, its ids, and
+    the polars module; None to go row by row."""
     try:
         import polars as pl  # noqa: PLC0415  (an optional extra)
     except ImportError:
@@ -99,13 +147,9 @@ def encode_frame(
             first.append(pl.lit(stamp).alias(ts_col))
         if first:
             df = df.select(*first, *(pl.col(name) for name in df.columns))
-        text = df.write_ndjson()
     except (pl.exceptions.PolarsError, ImportError, TypeError, ValueError):
         return None  # e.g. pandas columns of mixed Python objects
-    bodies = text.encode().split(b"\n")
-    if bodies and not bodies[-1]:
-        bodies.pop()
-    return EncodedFrame(bodies, ids)
+    return df, ids, pl
 
 
 def _new_ids(count: int, pl: Any) -> Any:

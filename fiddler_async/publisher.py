@@ -25,6 +25,7 @@ import anyio
 import httpx
 
 from ._logging import RateLimitedLog, logger
+from .backfill import FileJob, ProgressCallback, publish_file
 from .buffer import EventBuffer, Fixup, Item, Lane
 from .config import PublisherConfig
 from .destination import ENV_TYPES, Destination, ModelInfo, ModelRef
@@ -557,6 +558,42 @@ class AsyncPublisher:
         elif policy == "raise":
             buffer.require_room(len(items), size)
         buffer.offer_all(lane, items)
+
+    async def publish_file(
+        self,
+        project_id: str,
+        model_id: str,
+        source: Any,
+        *,
+        update_event: bool = False,
+        event_ids: Iterable[str] | None = None,
+        env_type: str = "PRODUCTION",
+        env_name: str | None = None,
+        progress: ProgressCallback | None = None,
+        poll_interval: float = 1.0,
+        timeout: float = 3600.0,
+    ) -> FileJob:
+        """Publish many events through Fiddler's file path (upload, then a server-side job)
+        rather than the queue: for large backfills. ``source`` is a DataFrame or Arrow table
+        (sent as Parquet, ids placed as by :meth:`publish_events_batch`; needs the
+        ``dataframes`` extra) or a ``.csv``/``.parquet``/``.jsonl`` path. ``progress`` is
+        called with a stage (``"upload"``, ``"job"``) and a fraction. Returns once the job
+        succeeded; FileJobError if it failed, TimeoutError after ``timeout`` seconds. See
+        :mod:`fiddler_async.backfill`."""
+        if self._state is not _State.OPEN:
+            raise self._not_open()
+        assert self._exporter is not None
+        dest, _ = self._route(project_id, model_id, env_type, env_name, update_event)
+        return await publish_file(
+            self._exporter,
+            dest,
+            source,
+            event_ids=None if event_ids is None else list(event_ids),
+            stamp_publish_time=self._config.stamp_publish_time,
+            progress=progress,
+            poll_interval=poll_interval,
+            timeout=timeout,
+        )
 
     async def replay_spool(self) -> ReplayResult:
         """Send what waits in the spool now, oldest first, stopping at the backend's first

@@ -37,6 +37,7 @@ import httpx
 from anyio.from_thread import BlockingPortal
 
 from ._logging import logger
+from .backfill import FileJob
 from .buffer import Fixup, Lane
 from .config import PublisherConfig
 from .destination import ModelInfo
@@ -282,6 +283,10 @@ class Publisher:
             env_type=env_type,
             env_name=env_name,
         )
+
+    def publish_file(self, project_id: str, model_id: str, source: Any, **options: Any) -> FileJob:
+        """Publish through Fiddler's file path; see :meth:`AsyncPublisher.publish_file`."""
+        return self._await(self._publisher.publish_file, project_id, model_id, source, **options)
 
     def flush(self, timeout: float | None = None) -> FlushResult:
         """Send what is queued and wait for it, at most ``timeout`` seconds."""

@@ -275,12 +275,15 @@ class FiddlerV3Exporter:
         retry: int,
         content: bytes | None = None,
         params: Mapping[str, str | int] | None = None,
+        files: Mapping[str, tuple[str, bytes]] | None = None,
     ) -> bytes:
         """One attempt, through the gate (shared pause, circuit breaker); returns the body of
         a 2xx answer."""
         probe = await self._gate.enter()
         try:
-            body = await self._attempt(method, path, retry, content, params)
+            body = await self._attempt(
+                method, path, retry, content=content, params=params, files=files
+            )
         except FiddlerError as exc:
             self._gate.failed(exc, probe)
             raise
@@ -295,8 +298,10 @@ class FiddlerV3Exporter:
         method: str,
         path: str,
         retry: int,
+        *,
         content: bytes | None,
         params: Mapping[str, str | int] | None,
+        files: Mapping[str, tuple[str, bytes]] | None,
     ) -> bytes:
         """One request. An answer counts only once it has arrived whole: a connection dropped
         after the status line is a ConnectError (retried)."""
@@ -309,7 +314,7 @@ class FiddlerV3Exporter:
         self._ledger.requests += 1
         where = f"{method} {path}"
         request = self._client.build_request(
-            method, path, content=content, params=params, headers=headers
+            method, path, content=content, params=params, headers=headers, files=files
         )
         try:
             response = await self._client.send(request, stream=True)
@@ -342,13 +347,50 @@ class FiddlerV3Exporter:
         return error
 
     async def _get_data(self, path: str, retry: int, **params: str | int) -> Any:
-        body = await self._request("GET", path, retry=retry, params=params)
+        return self._data("GET", path, await self._request("GET", path, retry=retry, params=params))
+
+    def _data(self, method: str, path: str, body: bytes) -> Any:
         try:
             return orjson.loads(body)["data"]
         except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
             raise self._failed(
-                None, APIError(f"GET {path}: unexpected answer, no 'data'", status=200)
+                None, APIError(f"{method} {path}: unexpected answer, no 'data'", status=200)
             ) from exc
+
+    # The file path (backfills): upload, publish the file, follow the job
+
+    async def upload_file(self, name: str, data: bytes) -> str:
+        """``POST /v3/files/upload``; the file's id."""
+        path = "/v3/files/upload"
+        body = await self._retry.call(
+            lambda retry: self._request("POST", path, retry=retry, files={"file": (name, data)}),
+            what=f"upload {name}",
+        )
+        return str(self._data("POST", path, body)["id"])
+
+    async def publish_file(self, info: ModelInfo, dest: Destination, file_id: str) -> str:
+        """``POST``/``PATCH /v3/events`` with the uploaded file as the source; the job's id."""
+        payload = orjson.dumps(
+            {
+                "source": {"type": "FILE", "file_id": file_id},
+                "model_id": info.id,
+                "env_type": dest.env_type,
+                "env_name": dest.env_name,
+            }
+        )
+        body = await self._retry.call(
+            lambda retry: self._request(dest.method, EVENTS_PATH, retry=retry, content=payload),
+            what=f"{dest.describe()} from file {file_id}",
+        )
+        return str(self._data(dest.method, EVENTS_PATH, body)["job"]["id"])
+
+    async def job(self, job_id: str) -> dict[str, Any]:
+        """``GET /v3/jobs/{id}``: status, progress, error_message, error_reason, info."""
+        path = f"/v3/jobs/{job_id}"
+        data: dict[str, Any] = await self._retry.call(
+            lambda retry: self._get_data(path, retry), what=f"job {job_id}"
+        )
+        return data
 
     # Name resolution
 
