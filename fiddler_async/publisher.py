@@ -270,7 +270,9 @@ class AsyncPublisher:
         if self._state in (_State.UNOPENED, _State.CLOSED):
             return
         inherited = self._pending()
+        on_response = self._ledger.on_response
         self._ledger = Ledger()
+        self._ledger.on_response = on_response
         self._ledger.accepted = inherited
         if inherited:
             self._ledger.dropped["forked"] = inherited

@@ -13,7 +13,7 @@ counts their outcomes as they settle, so its result speaks of exactly those even
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -125,6 +125,8 @@ class Ledger:
         self.retries = 0
         self.responses: dict[str, int] = {}
         self.last_error: str | None = None
+        self.on_response: Callable[[str, float], None] | None = None
+        """Told of every answer, with its duration (the OpenTelemetry instrumentation)."""
         self._watches: list[_FlushWatch] = []
 
     def next_seq(self) -> int:
@@ -156,8 +158,11 @@ class Ledger:
             if watch.remaining <= 0:
                 watch.done.set()
 
-    def record_response(self, key: str) -> None:
+    def record_response(self, key: str, seconds: float) -> None:
+        """An answer (its HTTP status) or its absence (an error kind), and how long it took."""
         self.responses[key] = self.responses.get(key, 0) + 1
+        if self.on_response is not None:
+            self.on_response(key, seconds)
 
     def watch(self, pending: int) -> _FlushWatch:
         """Start watching the ``pending`` events accepted so far."""

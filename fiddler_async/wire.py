@@ -316,6 +316,7 @@ class FiddlerV3Exporter:
         request = self._client.build_request(
             method, path, content=content, params=params, headers=headers, files=files
         )
+        started = time.perf_counter()
         try:
             response = await self._client.send(request, stream=True)
             try:
@@ -327,22 +328,23 @@ class FiddlerV3Exporter:
             finally:
                 await response.aclose()
         except httpx.TimeoutException as exc:
-            raise self._failed("Timeout", RequestTimeoutError(f"{where}: timed out")) from exc
+            error: Exception = RequestTimeoutError(f"{where}: timed out")
+            raise self._failed("Timeout", error, started) from exc
         except httpx.HTTPError as exc:  # connection errors, and answers that cannot be read
-            detail = str(exc) or type(exc).__name__
-            raise self._failed("ConnectError", ConnectError(f"{where}: {detail}")) from exc
+            error = ConnectError(f"{where}: {str(exc) or type(exc).__name__}")
+            raise self._failed("ConnectError", error, started) from exc
         except RuntimeError as exc:
             if self._client.is_closed:  # the publisher closed while this request waited
                 raise PublisherClosedError(f"{where}: the publisher closed") from exc
             raise
-        self._ledger.record_response(str(response.status_code))
+        self._ledger.record_response(str(response.status_code), time.perf_counter() - started)
         if not response.is_success:
             raise self._failed(None, error_from_response(response))
         return body
 
-    def _failed(self, key: str | None, error: Exception) -> Exception:
+    def _failed(self, key: str | None, error: Exception, started: float = 0.0) -> Exception:
         if key is not None:
-            self._ledger.record_response(key)
+            self._ledger.record_response(key, time.perf_counter() - started)
         self._ledger.last_error = f"{type(error).__name__}: {error}"
         return error
 
