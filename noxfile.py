@@ -1,4 +1,4 @@
-"""Development sessions: ``nox -s lint typecheck minimal tests`` is what CI runs (.ci/run)."""
+"""Development sessions: ``nox -s lint typecheck minimal docs tests`` is what CI runs (.ci/run)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import nox
 
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = True
-nox.options.sessions = ["lint", "typecheck", "minimal", "tests"]
+nox.options.sessions = ["lint", "typecheck", "minimal", "docs", "tests"]
 
 PYPROJECT = nox.project.load_toml("pyproject.toml")
 
@@ -46,6 +46,16 @@ def typecheck(session: nox.Session) -> None:
     session.install("-e", ".[cli]")
     install_group(session, "typecheck")
     session.run("mypy")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The documentation site (MkDocs), built strictly: a warning fails the build."""
+    session.install("-e", ".[server,dataframes,otel]")
+    install_group(session, "docs")
+    session.run(
+        "mkdocs", "build", "--strict", "--site-dir", "build/site", env={"NO_MKDOCS_2_WARNING": "1"}
+    )
 
 
 @nox.session

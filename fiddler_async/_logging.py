@@ -3,6 +3,11 @@
 A full queue or a down backend can produce the same warning thousands of times a second; a log
 flood is its own outage. Each kind of message (a key) is logged at most once per interval, and
 the next line says how many were held back.
+
+Every record is structured: ``record.fiddler_event`` names what happened (``drop``,
+``retry``, ``failed``, ``breaker-open``, ...; each is documented in docs/troubleshooting.md),
+and rate-limited records also carry ``fiddler_key`` (the kind of message) and
+``fiddler_held`` (how many like it were held back). A JSON log formatter can pick them up.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import time
 
 logger = logging.getLogger("fiddler_async")
 
-__all__ = ["RateLimitedLog", "logger"]
+__all__ = ["RateLimitedLog", "event", "logger"]
 
 
 class RateLimitedLog:
@@ -38,4 +43,10 @@ class RateLimitedLog:
         held = self._held.pop(key, 0)
         if held:
             message = f"{message} (and {held} more like this since the last report)"
-        self._log.log(level, message)
+        extra = {"fiddler_event": key.partition(":")[0], "fiddler_key": key, "fiddler_held": held}
+        self._log.log(level, message, extra=extra)
+
+
+def event(name: str) -> dict[str, dict[str, str]]:
+    """``extra=`` for a record that is not rate-limited: ``logger.warning(..., extra=event(n))``."""
+    return {"extra": {"fiddler_event": name}}

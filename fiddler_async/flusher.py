@@ -23,7 +23,7 @@ import anyio
 import anyio.abc
 import orjson
 
-from ._logging import logger
+from ._logging import event, logger
 from .buffer import EventBuffer, Item, Lane
 from .config import PublisherConfig
 from .destination import Destination, ModelInfo, ModelRef
@@ -152,7 +152,10 @@ class Flusher:
                 try:
                     await self._cycle(tg)
                 except Exception:  # a bug here must not end delivery for the process
-                    logger.exception("fiddler_async flusher error; continuing in 1 s")
+                    logger.exception(
+                        "fiddler_async flusher error; continuing in 1 s",
+                        extra=event("flusher-error"),
+                    )
                     await anyio.sleep(1.0)
 
     async def _cycle(self, tg: anyio.abc.TaskGroup) -> None:
@@ -225,7 +228,9 @@ class Flusher:
         except anyio.get_cancelled_exc_class():
             raise
         except BaseException:  # a callback's error, even SystemExit, must not end delivery
-            logger.exception("fiddler_async: reporting a delivery failure raised")
+            logger.exception(
+                "fiddler_async: reporting a delivery failure raised", extra=event("on-error-raised")
+            )
         finally:
             self._reporting -= 1
             if not self._reporting and self._reported is not None:

@@ -20,7 +20,7 @@ import math
 
 import anyio
 
-from ._logging import logger
+from ._logging import event, logger
 from .config import PublisherConfig
 from .exceptions import APIError
 from .retry import is_retryable
@@ -57,7 +57,10 @@ class Gate:
     def passed(self, probe: bool) -> None:
         """The request got an answer showing the backend is up (a success, or a refusal)."""
         if self.open:
-            logger.warning("fiddler_async: the backend answers again; sending resumes")
+            logger.warning(
+                "fiddler_async: the backend answers again; sending resumes",
+                extra=event("breaker-closed"),
+            )
         self._failures = 0
         self._release(probe)
 
@@ -80,6 +83,7 @@ class Gate:
                     self._failures,
                     error,
                     self._config.breaker_probe_interval,
+                    extra=event("breaker-open"),
                 )
             self._not_before = max(self._not_before, now + self._config.breaker_probe_interval)
         self._release(probe)

@@ -24,7 +24,7 @@ from typing import Any
 import anyio
 import httpx
 
-from ._logging import RateLimitedLog, logger
+from ._logging import RateLimitedLog, event, logger
 from .backfill import FileJob, ProgressCallback, publish_file
 from .buffer import EventBuffer, Fixup, Item, Lane
 from .config import PublisherConfig
@@ -301,7 +301,10 @@ class AsyncPublisher:
         except anyio.get_cancelled_exc_class():
             raise
         except BaseException:  # never raise into the caller's world (nor crash a trio run)
-            logger.exception("fiddler_async background task failed; events are no longer sent")
+            logger.exception(
+                "fiddler_async background task failed; events are no longer sent",
+                extra=event("background-failed"),
+            )
         finally:
             self._started.set()
             self._runner_done.set()
@@ -345,6 +348,7 @@ class AsyncPublisher:
                 "fiddler_async closed at its %.3g s deadline: %d event(s) dropped",
                 timeout,
                 self._close_result.dropped,
+                extra=event("close-deadline"),
             )
         return self._close_result
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import anyio
 import orjson
 
-from ._logging import RateLimitedLog, logger
+from ._logging import RateLimitedLog, event, logger
 from .buffer import EventBuffer, Item
 from .config import PublisherConfig
 from .destination import Destination
@@ -217,7 +217,10 @@ class Replayer:
             try:
                 result = await self.replay_pass()
             except Exception:  # a bug here must not end delivery for the process
-                logger.exception("fiddler_async: replaying the spool failed; trying again")
+                logger.exception(
+                    "fiddler_async: replaying the spool failed; trying again",
+                    extra=event("replay-error"),
+                )
                 result = ReplayResult(error=RuntimeError("replay failed"))
             if result.error is not None or result.locked:
                 failures += 1
@@ -241,7 +244,9 @@ class Replayer:
             try:
                 return await self._replay_files()
             except OSError as exc:  # the directory went away, a disk error: try later
-                logger.error("fiddler_async: cannot read the spool: %s", exc)
+                logger.error(
+                    "fiddler_async: cannot read the spool: %s", exc, extra=event("spool-unreadable")
+                )
                 return ReplayResult(error=exc)
             finally:
                 if self.stopped:
@@ -266,7 +271,12 @@ class Replayer:
                 continue
             except (SpoolCorruptError, ValueError, IsADirectoryError) as exc:
                 moved = await anyio.to_thread.run_sync(spool.quarantine, path)
-                logger.error("fiddler_async: spool file set aside as %s: %s", moved, exc)
+                logger.error(
+                    "fiddler_async: spool file set aside as %s: %s",
+                    moved,
+                    exc,
+                    extra=event("spool-corrupt"),
+                )
                 continue
             failed = await self._exporter.export(dest, batch.items)
             given_up = [(item, error) for item, error in failed if _refused(error)]

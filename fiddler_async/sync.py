@@ -36,7 +36,7 @@ import anyio
 import httpx
 from anyio.from_thread import BlockingPortal
 
-from ._logging import logger
+from ._logging import event, logger
 from .backfill import FileJob
 from .buffer import Fixup, Lane
 from .config import PublisherConfig
@@ -327,7 +327,10 @@ class Publisher:
         try:
             result = self.close(timeout)
         except Exception:
-            logger.exception("fiddler_async: closing at interpreter exit failed")
+            logger.exception(
+                "fiddler_async: closing at interpreter exit failed",
+                extra=event("exit-close-failed"),
+            )
             return
         if not result.complete or result.dropped:
             logger.warning(
@@ -337,4 +340,5 @@ class Publisher:
                 result.spooled,
                 result.dropped,
                 result.pending,
+                extra=event("exit-close"),
             )
