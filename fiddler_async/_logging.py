@@ -47,6 +47,6 @@ class RateLimitedLog:
         self._log.log(level, message, extra=extra)
 
 
-def event(name: str) -> dict[str, dict[str, str]]:
+def event(name: str) -> dict[str, str]:
     """``extra=`` for a record that is not rate-limited: ``logger.warning(..., extra=event(n))``."""
-    return {"extra": {"fiddler_event": name}}
+    return {"fiddler_event": name}

@@ -272,7 +272,7 @@ async def _replay(args: argparse.Namespace) -> int:
     token = args.token or os.environ.get("FIDDLER_TOKEN")
     if not url or not token:
         raise _Fatal("replay needs a server: pass --url and --token (or FIDDLER_URL/_TOKEN)")
-    config = PublisherConfig(spool_dir=directory, log_interval=5)
+    config = PublisherConfig(spool_dir=directory, log_interval=5, retry_max_elapsed=args.timeout)
     refused: list[DeliveryFailure] = []
     async with AsyncPublisher(url, token, config=config, on_error=refused.append) as pub:
         result = await pub.replay_spool()
@@ -494,6 +494,9 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("dir", help="the spool directory (PublisherConfig.spool_dir)")
     replay.add_argument("--url", help="Fiddler's URL (default: FIDDLER_URL)")
     replay.add_argument("--token", help="the API token (default: FIDDLER_TOKEN)")
+    replay.add_argument(
+        "--timeout", type=float, default=60.0, help="keep trying an unanswering server this long"
+    )
     replay.set_defaults(run=lambda a: anyio.run(_replay, a))
     return parser
 

@@ -299,6 +299,10 @@ class AsyncPublisher:
                         tg.start_soon(self._replayer.run, self._writer)
                     self._started.set()
         except anyio.get_cancelled_exc_class():
+            # Not our own close (that cancel stays inside `scope`): the event loop is ending
+            # under an open publisher (asyncio.run returning, a trio run finishing).
+            if self._state in (_State.STARTING, _State.OPEN):
+                self._abandoned()
             raise
         except BaseException:  # never raise into the caller's world (nor crash a trio run)
             logger.exception(
@@ -380,6 +384,34 @@ class AsyncPublisher:
                 await self._client.aclose()
         self._state = _State.CLOSED
         self._closed.set()
+
+    def _abandoned(self) -> None:
+        """The loop ends without ``aclose()``: nothing can be sent any more. Spool what is
+        queued (blocking: it is the last chance) or count it dropped, and say so."""
+        self._state = _State.CLOSED
+        self._buffer.close()
+        if self._writer is not None:
+            self._writer.closing = True
+        for lane, items in self._buffer.take_all():
+            if self._writer is not None:
+                self._writer.offer(lane.dest, items)
+            else:
+                self._ledger.settle(items, "dropped", "shutdown")
+        if self._writer is not None:
+            self._writer.drain()
+        if self._replayer is not None:
+            self._replayer.stop()
+        stats = self.stats()
+        logger.warning(
+            "fiddler_async: the event loop ended without aclose(): %d event(s) spooled, "
+            "%d dropped in all; close the publisher before the loop ends (async with, or "
+            "aclose() in your shutdown hook)",
+            stats.spooled,
+            stats.dropped_total,
+            extra=event("loop-ended"),
+        )
+        if self._closed is not None:
+            self._closed.set()
 
     async def _await_close(self, timeout: float) -> FlushResult:
         """Another call is closing: wait for it to finish, up to our own ``timeout``."""

@@ -332,10 +332,10 @@ class Publisher:
                 extra=event("exit-close-failed"),
             )
             return
-        if not result.complete or result.dropped:
+        if not result.complete or result.dropped or result.spooled:
             logger.warning(
-                "fiddler_async: closed at interpreter exit: %d delivered, %d spooled, "
-                "%d dropped, %d not sent",
+                "fiddler_async: closed at interpreter exit: of the events still to send, "
+                "%d delivered, %d spooled, %d dropped at the deadline, %d unaccounted for",
                 result.delivered,
                 result.spooled,
                 result.dropped,

@@ -111,7 +111,7 @@ async def test_the_spool_is_replayed_in_order_by_the_next_process(
 
 
 async def test_events_over_the_disk_bound_are_counted_dropped(
-    fiddler: Emulator, tmp_path: Path
+    fiddler: Emulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     fiddler.set_faults(outage_seconds=3600, retry_after=0.05)
     async with loopback_publisher(
@@ -126,6 +126,9 @@ async def test_events_over_the_disk_bound_are_counted_dropped(
     assert result.dropped == stats.dropped["spool_full"] > 0
     assert result.spooled + result.dropped == 1000
     assert stats.spool_bytes <= 60_000
+    # Logged once, structured: what happened, the kind of message, how many were held back.
+    (record,) = [r for r in caplog.records if getattr(r, "fiddler_key", "") == "drop:spool_full"]
+    assert (record.fiddler_event, record.fiddler_held) == ("drop", 0)  # type: ignore[attr-defined]
     assert sum(p.stat().st_size for p in tmp_path.iterdir()) <= 60_000  # noqa: ASYNC240
 
 
@@ -318,3 +321,30 @@ def test_processes_sharing_a_spool_count_its_bytes_from_disk(tmp_path: Path) -> 
         replayer.remove(path)
     assert replayer.used_bytes == 0
     writer.write(key, items)  # the writer looks at the disk before refusing
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@pytest.mark.parametrize("spooled", [True, False])
+def test_a_loop_ending_without_aclose_is_not_silent(
+    fiddler: Emulator,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    backend: str,
+    spooled: bool,
+) -> None:
+    """The event loop ends under an open publisher: what is queued is spooled (or counted
+    dropped), and a warning says so."""
+    pub = loopback_publisher(fiddler, linger=3600, spool_dir=tmp_path if spooled else None)
+
+    async def main() -> None:
+        await pub.start()
+        for i in range(10):
+            pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(i))
+
+    anyio.run(main, backend=backend)
+    stats = pub.stats()
+    assert (stats.spooled, stats.dropped_total) == ((10, 0) if spooled else (0, 10))
+    assert_adds_up(pub)
+    (record,) = [r for r in caplog.records if getattr(r, "fiddler_event", "") == "loop-ended"]
+    assert "without aclose()" in record.getMessage()
+    assert len(batch_files(tmp_path)) == (1 if spooled else 0)
