@@ -14,6 +14,7 @@ from fiddler_async import (
     DeliveryFailure,
     ErrorReason,
     FiddlerError,
+    FileJob,
     FlushResult,
     ModelInfo,
     Publisher,
@@ -21,6 +22,7 @@ from fiddler_async import (
     ReplayResult,
     StatsSnapshot,
 )
+from fiddler_async.otel import instrument
 
 
 async def on_error(failure: DeliveryFailure) -> None:
@@ -58,6 +60,17 @@ async def use() -> None:
     await other.start()
     closed: FlushResult = await other.aclose(timeout=1.0)
     del closed, third
+
+
+async def use_files_and_metrics() -> None:
+    def show(stage: str, done: float) -> None:
+        del stage, done
+
+    async with AsyncPublisher() as pub:
+        instrument(pub)
+        job: FileJob = await pub.publish_file("p", "m", Path("history.parquet"), progress=show)
+        ids: tuple[str, ...] = job.event_ids
+        del ids
 
 
 async def use_a_spool() -> None:
