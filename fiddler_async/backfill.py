@@ -59,6 +59,28 @@ async def publish_file(
     poll_interval: float,
     timeout: float,
 ) -> FileJob:
+    with anyio.fail_after(timeout):
+        return await _publish_file(
+            exporter,
+            dest,
+            source,
+            event_ids=event_ids,
+            stamp_publish_time=stamp_publish_time,
+            progress=progress,
+            poll_interval=poll_interval,
+        )
+
+
+async def _publish_file(
+    exporter: FiddlerV3Exporter,
+    dest: Destination,
+    source: Any,
+    *,
+    event_ids: list[str] | None,
+    stamp_publish_time: bool,
+    progress: ProgressCallback | None,
+    poll_interval: float,
+) -> FileJob:
     report = progress or (lambda stage, done: None)
     info = await exporter.resolve(dest.model)
     ids: list[str] = []
@@ -82,18 +104,17 @@ async def publish_file(
     file_id = await exporter.upload_file(name, data)
     report("upload", 1.0)
     job_id = await exporter.publish_file(info, dest, file_id)
-    with anyio.fail_after(timeout):
-        while True:
-            job = await exporter.job(job_id)
-            status = str(job.get("status", "")).upper()
-            report("job", min(1.0, float(job.get("progress") or 0) / 100))
-            if status in ("SUCCESS", "SUCCESSFUL"):
-                return FileJob(job_id, file_id, status, tuple(ids), dict(job.get("info") or {}))
-            if status in ("FAILURE", "FAILED", "REVOKED"):
-                raise FileJobError(
-                    f"job {job_id} of {dest.describe()} failed: "
-                    f"{job.get('error_reason') or status}: {job.get('error_message') or ''}",
-                    job_id=job_id,
-                    reason=str(job.get("error_reason") or ""),
-                )
-            await anyio.sleep(poll_interval)
+    while True:
+        job = await exporter.job(job_id)
+        status = str(job.get("status", "")).upper()
+        report("job", min(1.0, float(job.get("progress") or 0) / 100))
+        if status in ("SUCCESS", "SUCCESSFUL"):
+            return FileJob(job_id, file_id, status, tuple(ids), dict(job.get("info") or {}))
+        if status in ("FAILURE", "FAILED", "REVOKED"):
+            raise FileJobError(
+                f"job {job_id} of {dest.describe()} failed: "
+                f"{job.get('error_reason') or status}: {job.get('error_message') or ''}",
+                job_id=job_id,
+                reason=str(job.get("error_reason") or ""),
+            )
+        await anyio.sleep(poll_interval)

@@ -127,7 +127,12 @@ class EventBatchError(EventError):
 
 
 class TransportError(FiddlerError):
-    """The request got no answer from the server."""
+    """The request got no answer from the server. ``sent`` is False when it never left (the
+    connection could not be made), so the server cannot have acted on it."""
+
+    def __init__(self, message: str, *, sent: bool = True) -> None:
+        super().__init__(message)
+        self.sent = sent
 
 
 class ConnectError(TransportError):

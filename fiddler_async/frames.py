@@ -9,14 +9,16 @@ the conversion gives, per column type:
   (shortest round-trip form);
 - nulls (``None``, ``NaN``, ``NA``, ``NaT``), and infinities: ``null``, as for dict events;
 - categoricals and enums: their values;
-- datetimes: text, ``2024-01-01 01:02:03.456789`` (naive) or ``2024-01-01T01:02:03+00:00``
-  (with a time zone); dates ``2024-01-01``; times ``01:02:03``;
-- decimals: numbers; lists and structs: JSON arrays and objects.
+- datetimes: text, as ``str()`` writes them for dict events: ``2024-01-01 01:02:03.456789``
+  (no fraction when it is zero), with the offset when the column has a time zone
+  (``2024-01-01 01:02:03+00:00``); dates ``2024-01-01``;
+- lists and structs: JSON arrays and objects.
 
-Without polars (the ``dataframes`` extra), for a frame polars cannot write (Python objects in
-a column, durations, binary), with ``event_timestamps=`` given, or when the rows need the
-per-event rules' errors (null ids, an update without ids), :func:`encode_frame` returns None
-and the caller goes row by row, which names any value that cannot be sent.
+Without polars (the ``dataframes`` extra), for a frame polars cannot write as the dict path
+would (Python objects, durations, binary, decimals, pandas periods, intervals, complex
+numbers), with ``event_timestamps=`` given, or when the rows need the per-event rules' errors
+(null ids, an update without ids), :func:`encode_frame` returns None and the caller goes row
+by row, which writes decimals exactly and names any value that cannot be sent.
 """
 
 from __future__ import annotations
@@ -67,8 +69,13 @@ def encode_frame(
         return None
     df, ids, pl = placed
     try:
-        text = df.write_ndjson()
-    except (pl.exceptions.PolarsError, TypeError, ValueError):
+        as_text = [
+            _datetime_text(pl, name, aware=dtype.time_zone is not None)
+            for name, dtype in df.schema.items()
+            if isinstance(dtype, pl.Datetime)
+        ]
+        text = (df.with_columns(as_text) if as_text else df).write_ndjson()
+    except Exception:  # anything polars cannot write: the row way names it
         return None
     bodies = text.encode().split(b"\n")
     if bodies and not bodies[-1]:
@@ -113,11 +120,12 @@ def _placed(
     except ImportError:
         return None
     id_col, ts_col = info.event_id_col, info.event_ts_col
+    if _pandas_only_types(frame):
+        return None
     try:
         df = _to_polars(frame, pl)
-        if any(isinstance(t, pl.Object | pl.Binary | pl.Duration) for t in df.dtypes):
-            return None
-        df = df.with_columns(pl.col(pl.Decimal).cast(pl.Float64))
+        if any(isinstance(t, pl.Object | pl.Binary | pl.Duration | pl.Decimal) for t in df.dtypes):
+            return None  # the row way refuses the first three, and writes decimals exactly
         first: list[Any] = []  # columns placed first, as place_columns does
         if id_col is None:
             if update or event_ids is not None:
@@ -147,9 +155,29 @@ def _placed(
             first.append(pl.lit(stamp).alias(ts_col))
         if first:
             df = df.select(*first, *(pl.col(name) for name in df.columns))
-    except (pl.exceptions.PolarsError, ImportError, TypeError, ValueError):
-        return None  # e.g. pandas columns of mixed Python objects
+    except Exception:  # e.g. pandas columns of mixed Python objects (polars, pyarrow errors)
+        return None
     return df, ids, pl
+
+
+def _datetime_text(pl: Any, name: str, *, aware: bool) -> Any:
+    """A datetime column as ``str(datetime)`` writes it (and so the dict path, as the official
+    client does): microseconds only when there are some, the offset when there is a zone."""
+    column = pl.col(name)
+    zone = "%:z" if aware else ""
+    return (
+        pl.when(column.dt.microsecond() == 0)
+        .then(column.dt.to_string(f"%Y-%m-%d %H:%M:%S{zone}"))
+        .otherwise(column.dt.to_string(f"%Y-%m-%d %H:%M:%S%.6f{zone}"))
+        .alias(name)
+    )
+
+
+def _pandas_only_types(frame: Any) -> bool:
+    """pandas columns polars would turn into something else (a Period into its ordinal)."""
+    if type(frame).__module__.partition(".")[0] != "pandas":
+        return False
+    return any(str(t).startswith(("period", "interval", "complex")) for t in frame.dtypes)
 
 
 def _new_ids(count: int, pl: Any) -> Any:

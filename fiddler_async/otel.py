@@ -12,9 +12,11 @@ observed from ``stats()`` when the reader collects, so publishing costs nothing 
 - ``fiddler_async.processor.queue.size`` (gauge, ``{event}``): events in the queue;
 - ``fiddler_async.processor.queue.capacity`` (gauge, ``{event}``): ``max_queue_events``;
 - ``fiddler_async.processor.processed`` (counter, ``{event}``): events that left the queue,
-  handed to the exporter (no ``error.type``) or dropped (``error.type``: the drop reason);
+  handed on (no ``error.type``) or dropped by it (``error.type``: ``queue_full``,
+  ``queue_bytes``, ``forked``);
 - ``fiddler_async.exporter.exported`` (counter, ``{event}``): events whose delivery ended,
-  delivered (no ``error.type``), ``failed`` or ``spooled`` (as ``error.type``);
+  delivered (no ``error.type``), or not (``error.type``: ``failed``, ``spooled``, or the
+  reason of a later drop: ``shutdown``, ``spool_full``, ...);
 - ``fiddler_async.exporter.inflight`` (gauge, ``{event}``): events in unanswered requests;
 - ``fiddler_async.exporter.operation.duration`` (histogram, ``s``): each HTTP request, with
   ``http.response.status_code``, and ``error.type`` (the status, or the kind of failure:
@@ -27,7 +29,8 @@ Every instrument also carries ``otel.component.type`` (``fiddler_async.publisher
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+import weakref
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from opentelemetry import metrics
@@ -37,78 +40,115 @@ from ._version import __version__
 
 __all__ = ["instrument"]
 
+QUEUE_DROPS = ("queue_full", "queue_bytes", "forked")
+"""Reasons an event is dropped *by the queue*; the others happen after it (at the close
+deadline, on the way to the spool) and show in ``exporter.exported``."""
+
+DURATION_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+
 _numbers = itertools.count()
+
+
+class _Instruments:
+    """One meter's instruments, reporting every publisher instrumented with that meter: an
+    SDK gives back the same instrument for the same name, so callbacks cannot be per
+    publisher."""
+
+    def __init__(self, meter: metrics.Meter) -> None:
+        self.publishers: list[tuple[weakref.ref[Any], dict[str, Any]]] = []
+        meter.create_observable_gauge(
+            "fiddler_async.processor.queue.size",
+            [self._observe(lambda p, c: [Observation(p.stats().queued_events, c)])],
+            unit="{event}",
+            description="The number of events in the publisher's queue.",
+        )
+        meter.create_observable_gauge(
+            "fiddler_async.processor.queue.capacity",
+            [self._observe(lambda p, c: [Observation(p.config.max_queue_events, c)])],
+            unit="{event}",
+            description="The most events the publisher's queue can hold.",
+        )
+        meter.create_observable_counter(
+            "fiddler_async.processor.processed",
+            [self._observe(lambda p, c: _processed(p.stats(), c))],
+            unit="{event}",
+            description="Events that left the queue: handed on, or dropped by the queue.",
+        )
+        meter.create_observable_counter(
+            "fiddler_async.exporter.exported",
+            [self._observe(lambda p, c: _exported(p.stats(), c))],
+            unit="{event}",
+            description="Events whose delivery has finished, delivered or not.",
+        )
+        meter.create_observable_gauge(
+            "fiddler_async.exporter.inflight",
+            [self._observe(lambda p, c: [Observation(p.stats().in_flight_events, c)])],
+            unit="{event}",
+            description="Events in requests that have not been answered yet.",
+        )
+        self.duration = meter.create_histogram(
+            "fiddler_async.exporter.operation.duration",
+            unit="s",
+            description="The duration of each HTTP request to Fiddler.",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+        )
+
+    def _observe(
+        self, observations: Callable[[Any, dict[str, Any]], list[Observation]]
+    ) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        """A callback observing every live publisher of this meter."""
+
+        def callback(options: CallbackOptions) -> Iterable[Observation]:
+            for ref, component in list(self.publishers):
+                publisher = ref()
+                if publisher is not None:
+                    yield from observations(publisher, component)
+
+        return callback
+
+
+def _processed(s: Any, component: dict[str, Any]) -> list[Observation]:
+    dropped_here = sum(s.dropped.get(reason, 0) for reason in QUEUE_DROPS)
+    handed_on = s.accepted - s.queued_events - dropped_here
+    found = [Observation(handed_on, component)]
+    for reason in QUEUE_DROPS:
+        if reason in s.dropped:
+            found.append(Observation(s.dropped[reason], {**component, "error.type": reason}))
+    return found
+
+
+def _exported(s: Any, component: dict[str, Any]) -> list[Observation]:
+    found = [
+        Observation(s.delivered, component),
+        Observation(s.failed, {**component, "error.type": "failed"}),
+        Observation(s.spooled, {**component, "error.type": "spooled"}),
+    ]
+    for reason, count in s.dropped.items():
+        if reason not in QUEUE_DROPS:
+            found.append(Observation(count, {**component, "error.type": reason}))
+    return found
+
+
+_by_meter: dict[int, tuple[metrics.Meter, _Instruments]] = {}
 
 
 def instrument(publisher: Any, meter_provider: metrics.MeterProvider | None = None) -> None:
     """Report ``publisher``'s metrics (an ``AsyncPublisher`` or a ``Publisher``) through
-    ``meter_provider`` (default: the global one)."""
+    ``meter_provider`` (default: the global one). Several publishers may share a provider;
+    each is told apart by ``otel.component.name``."""
     inner = getattr(publisher, "_publisher", publisher)  # the sync Publisher's own
     meter = metrics.get_meter("fiddler_async", __version__, meter_provider=meter_provider)
+    known = _by_meter.get(id(meter))
+    if known is None or known[0] is not meter:
+        known = _by_meter[id(meter)] = (meter, _Instruments(meter))
+    instruments = known[1]
     component = {
         "otel.component.type": "fiddler_async.publisher",
         "otel.component.name": f"fiddler_async.publisher/{next(_numbers)}",
     }
-    capacity = publisher.config.max_queue_events
-
-    def queue_size(options: CallbackOptions) -> Iterable[Observation]:
-        yield Observation(publisher.stats().queued_events, component)
-
-    def queue_capacity(options: CallbackOptions) -> Iterable[Observation]:
-        yield Observation(capacity, component)
-
-    def processed(options: CallbackOptions) -> Iterable[Observation]:
-        s = publisher.stats()
-        handed_on = s.accepted - s.queued_events - s.dropped_total
-        yield Observation(handed_on, component)
-        for reason, count in s.dropped.items():
-            yield Observation(count, {**component, "error.type": reason})
-
-    def exported(options: CallbackOptions) -> Iterable[Observation]:
-        s = publisher.stats()
-        yield Observation(s.delivered, component)
-        yield Observation(s.failed, {**component, "error.type": "failed"})
-        yield Observation(s.spooled, {**component, "error.type": "spooled"})
-
-    def inflight(options: CallbackOptions) -> Iterable[Observation]:
-        yield Observation(publisher.stats().in_flight_events, component)
-
-    meter.create_observable_gauge(
-        "fiddler_async.processor.queue.size",
-        [queue_size],
-        unit="{event}",
-        description="The number of events in the publisher's queue.",
-    )
-    meter.create_observable_gauge(
-        "fiddler_async.processor.queue.capacity",
-        [queue_capacity],
-        unit="{event}",
-        description="The most events the publisher's queue can hold.",
-    )
-    meter.create_observable_counter(
-        "fiddler_async.processor.processed",
-        [processed],
-        unit="{event}",
-        description="Events that left the queue: handed to the exporter, or dropped.",
-    )
-    meter.create_observable_counter(
-        "fiddler_async.exporter.exported",
-        [exported],
-        unit="{event}",
-        description="Events whose delivery has finished, delivered or not.",
-    )
-    meter.create_observable_gauge(
-        "fiddler_async.exporter.inflight",
-        [inflight],
-        unit="{event}",
-        description="Events in requests that have not been answered yet.",
-    )
-    duration = meter.create_histogram(
-        "fiddler_async.exporter.operation.duration",
-        unit="s",
-        description="The duration of each HTTP request to Fiddler.",
-    )
+    instruments.publishers.append((weakref.ref(publisher), component))
     by_answer: dict[str, dict[str, Any]] = {}  # attributes per status or error kind
+    histogram = instruments.duration
 
     def on_response(key: str, seconds: float) -> None:
         attributes = by_answer.get(key)
@@ -120,6 +160,12 @@ def instrument(publisher: Any, meter_provider: metrics.MeterProvider | None = No
             else:
                 attributes = {**component, "error.type": key}
             by_answer[key] = attributes
-        duration.record(seconds, attributes)
+        histogram.record(seconds, attributes)
 
-    inner._ledger.on_response = on_response
+    previous = inner._ledger.on_response
+
+    def both(key: str, seconds: float) -> None:  # instrumented more than once
+        previous(key, seconds)
+        on_response(key, seconds)
+
+    inner._ledger.on_response = on_response if previous is None else both

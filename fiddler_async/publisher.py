@@ -564,6 +564,17 @@ class AsyncPublisher:
         """Queue a DataFrame's rows, encoded all at once; None if they must go row by row."""
         info = dest.model.info
         assert info is not None
+        if event_ids is not None:
+            if any(event_id is None for event_id in event_ids):
+                return None  # a None id is a generated one: row by row
+            errors: dict[int, EventError] = {}
+            for index, event_id in enumerate(event_ids):
+                try:
+                    event_ids[index] = _event_id_text(event_id)
+                except EventError as exc:
+                    errors[index] = exc
+            if errors:
+                raise EventBatchError(errors)
         stamp = None
         if self._config.stamp_publish_time and not dest.update:
             stamp = int(time.time() * 1000)  # one publish time for the batch
@@ -573,7 +584,7 @@ class AsyncPublisher:
         if encoded is None:
             return None
         _aligned(event_ids, len(encoded.bodies), "event_ids")
-        errors: dict[int, EventError] = {}
+        errors = {}
         for index, body in enumerate(encoded.bodies):
             try:
                 self._check_size(body)
@@ -699,6 +710,17 @@ class AsyncPublisher:
         dest, lane = route
         body, fixup, returned_id = self._prepare(dest, event, event_id, event_timestamp)
         return lane, body, fixup, returned_id
+
+    def _count_dropped(self, count: int, reason: str) -> None:
+        """On the loop's thread: ``count`` events were accepted (ids returned) and dropped
+        before they reached the queue (the sync Publisher's hand-off was full)."""
+        ledger = self._ledger
+        first = ledger.accepted + 1
+        ledger.accepted += count
+        ledger.settle([(seq,) for seq in range(first, first + count)], "dropped", reason)
+        self._log.warning(
+            f"drop:{reason}", f"dropped {count} event(s): {reason} (waiting for the loop)"
+        )
 
     def _offer_prepared(self, lane: Lane, body: bytes, fixup: Fixup | None) -> None:
         """On the loop's thread: queue what :meth:`_prepare_off_loop` made. Its caller has

@@ -58,7 +58,13 @@ class RetryPolicy:
         error = state.outcome.exception() if state.outcome else None
         return self.backoff(state.attempt_number, error)
 
-    async def call(self, attempt: Callable[[int], Awaitable[T]], *, what: str) -> T:
+    async def call(
+        self,
+        attempt: Callable[[int], Awaitable[T]],
+        *,
+        what: str,
+        retryable: Callable[[BaseException], bool] = is_retryable,
+    ) -> T:
         """Run ``attempt(n)`` (n = 0 for the first try, then the retry number) until it succeeds,
         fails for good, or the budget runs out; then the last error is raised as it was."""
         config = self._config
@@ -75,7 +81,7 @@ class RetryPolicy:
             stop=stop_after_attempt(config.retry_max_attempts)
             | stop_before_delay(config.retry_max_elapsed),
             wait=self._wait,
-            retry=retry_if_exception(is_retryable),
+            retry=retry_if_exception(retryable),
             sleep=anyio.sleep,
             before_sleep=before_sleep,
             reraise=True,

@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures.thread  # noqa: F401  (registers its exit hook before ours)
 import contextlib
 import os
 import threading
-import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Literal, TypeVar
@@ -50,13 +50,36 @@ __all__ = ["Publisher"]
 
 T = TypeVar("T")
 
-_open_publishers: weakref.WeakSet[Publisher] = weakref.WeakSet()
+# Held strongly: a publisher nobody refers to any more must still be closed at exit.
+_open_publishers: set[Publisher] = set()
 
 
-@atexit.register
 def _close_at_exit() -> None:
     for publisher in list(_open_publishers):
         publisher._close_at_exit()
+
+
+def _register_exit_close() -> None:
+    """Close open publishers at interpreter exit, *before* concurrent.futures refuses new work
+    (asyncio resolves host names in its executor): threading's own exit hooks run before
+    the atexit ones, the ones registered last first, and ``concurrent.futures.thread`` (imported
+    above) registered its own already. Plain atexit where that private hook is missing."""
+    register = getattr(threading, "_register_atexit", None)
+    if register is None:  # pragma: no cover
+        atexit.register(_close_at_exit)
+    else:
+        register(_close_at_exit)
+
+
+_register_exit_close()
+
+
+def _after_fork_in_child() -> None:
+    for publisher in list(_open_publishers):
+        publisher._lock = threading.Lock()  # another thread may have held it at the fork
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _LoopThread:
@@ -134,7 +157,12 @@ class Publisher:
         self._exit_timeout = exit_timeout
         self._lock = threading.Lock()
         self._handoff: deque[tuple[Lane, bytes, Fixup | None]] = deque()
+        self._handoff_bytes = 0
+        self._handoff_dropped = 0
+        """Events the hand-off itself dropped (it was full): settled by the next drain."""
         self._drain_scheduled = False
+        self._closing: threading.Event | None = None
+        self._close_result = FlushResult()
         self._fast = self._publisher.config.overflow in ("drop_oldest", "drop_newest")
         self._loop: _LoopThread | None = None
         self._pid = os.getpid()
@@ -173,6 +201,11 @@ class Publisher:
             raise PublisherClosedError("the publisher is closed")
         return loop.portal
 
+    def _on_loop_thread(self) -> bool:
+        """Whether we run on the loop's own thread (an ``on_error`` callback does)."""
+        loop = self._loop
+        return loop is not None and threading.current_thread() is loop.thread
+
     def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn`` on the loop's thread, after the hand-off; its result or its error."""
 
@@ -180,6 +213,8 @@ class Publisher:
             self._drain()
             return fn(*args, **kwargs)
 
+        if self._on_loop_thread():
+            return run()
         return self._portal().call(run)
 
     def _await(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
@@ -189,14 +224,25 @@ class Publisher:
             self._drain()
             return await fn(*args, **kwargs)
 
+        if self._on_loop_thread():
+            raise RuntimeError(
+                f"{getattr(fn, '__name__', fn)}() waits on the publisher's own thread, where "
+                "this code runs (an on_error callback?): it would wait for itself"
+            )
         return self._portal().call(run)
 
     def _drain(self) -> None:
         """On the loop's thread: move the handed-off events into the queue, in order."""
-        self._drain_scheduled = False  # before popping: a later append schedules anew
-        handoff, offer = self._handoff, self._publisher._offer_prepared
-        while handoff:
-            offer(*handoff.popleft())
+        with self._lock:
+            self._drain_scheduled = False
+            handed, self._handoff = self._handoff, deque()
+            self._handoff_bytes = 0
+            dropped, self._handoff_dropped = self._handoff_dropped, 0
+        offer = self._publisher._offer_prepared
+        for prepared in handed:
+            offer(*prepared)
+        if dropped:
+            self._publisher._count_dropped(dropped, "queue_full")
 
     def _restart_in_child(self) -> None:
         """In a forked child: the loop thread stayed in the parent. Start ours."""
@@ -241,7 +287,7 @@ class Publisher:
             if prepared is not None:  # else a new destination: the loop's path sets it up
                 with self._lock:
                     if not self._closed and os.getpid() == self._pid and self._loop:
-                        self._handoff.append(prepared[:3])
+                        self._hand_off(prepared[:3])
                         if not self._drain_scheduled:
                             self._drain_scheduled = True
                             self._loop.call_soon(self._drain)
@@ -304,21 +350,58 @@ class Publisher:
             return self._publisher.stats()
         return self._call(self._publisher.stats)
 
+    def _hand_off(self, prepared: tuple[Lane, bytes, Fixup | None]) -> None:
+        """Under the lock: append for the loop. The hand-off has the queue's bounds: while the
+        loop is busy (a slow on_error, a big batch), memory stays bounded all the same, and
+        what the drop policy pushes out is counted."""
+        config = self._publisher.config
+        handoff = self._handoff
+        size = len(prepared[1])
+        if (
+            len(handoff) >= config.max_queue_events
+            or self._handoff_bytes + size > config.max_queue_bytes
+        ):
+            self._handoff_dropped += 1
+            if config.overflow == "drop_newest" or not handoff:
+                return
+            self._handoff_bytes -= len(handoff.popleft()[1])
+        handoff.append(prepared)
+        self._handoff_bytes += size
+
     def close(self, timeout: float | None = None) -> FlushResult:
         """Send what is queued (at most ``timeout`` seconds; default ``config.close_timeout``),
-        then stop the background thread. Safe to call again."""
+        then stop the background thread. Safe to call again, and from several threads (the
+        later calls wait for the first, up to their own timeout)."""
+        timeout = self.config.close_timeout if timeout is None else timeout
+        if self._on_loop_thread():
+            raise RuntimeError(
+                "close() waits on the publisher's own thread, where this code runs (an "
+                "on_error callback?): it would wait for itself"
+            )
         with self._lock:
-            if self._closed:
-                return FlushResult()
-            self._closed = True
+            closing = self._closing
+            first = closing is None
+            if closing is None:
+                self._closing = closing = threading.Event()
+                self._closed = True
+        if not first:
+            closing.wait(timeout)
+            return self._close_result
         _open_publishers.discard(self)
         loop = self._loop
-        if loop is None or loop.portal is None or os.getpid() != self._pid:
-            return FlushResult()
         try:
-            return loop.portal.call(self._publisher.aclose, timeout)
+            if loop is not None and loop.portal is not None and os.getpid() == self._pid:
+                try:
+                    self._close_result = loop.portal.call(self._close_on_loop, timeout)
+                finally:
+                    loop.stop()
         finally:
-            loop.stop()
+            closing.set()
+        return self._close_result
+
+    async def _close_on_loop(self, timeout: float) -> FlushResult:
+        self._drain()  # what was handed off before the close is the close's to send
+        return await self._publisher.aclose(timeout)
 
     def _close_at_exit(self) -> None:
         timeout = self._exit_timeout

@@ -32,8 +32,11 @@ from .exceptions import (
     FiddlerError,
     NotFoundError,
     PublisherClosedError,
+    RateLimitedError,
     RequestTimeoutError,
     SchemaMismatchError,
+    ServerError,
+    TransportError,
     api_error_class,
 )
 from .gate import Gate
@@ -328,10 +331,12 @@ class FiddlerV3Exporter:
             finally:
                 await response.aclose()
         except httpx.TimeoutException as exc:
-            error: Exception = RequestTimeoutError(f"{where}: timed out")
+            sent = not isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout)
+            error: Exception = RequestTimeoutError(f"{where}: timed out", sent=sent)
             raise self._failed("Timeout", error, started) from exc
         except httpx.HTTPError as exc:  # connection errors, and answers that cannot be read
-            error = ConnectError(f"{where}: {str(exc) or type(exc).__name__}")
+            sent = not isinstance(exc, httpx.ConnectError)
+            error = ConnectError(f"{where}: {str(exc) or type(exc).__name__}", sent=sent)
             raise self._failed("ConnectError", error, started) from exc
         except RuntimeError as exc:
             if self._client.is_closed:  # the publisher closed while this request waited
@@ -380,9 +385,12 @@ class FiddlerV3Exporter:
                 "env_name": dest.env_name,
             }
         )
+        # Retried only when the server cannot have started a job: a second job would publish
+        # the file twice, and its rows may carry no ids to tell the copies apart.
         body = await self._retry.call(
             lambda retry: self._request(dest.method, EVENTS_PATH, retry=retry, content=payload),
             what=f"{dest.describe()} from file {file_id}",
+            retryable=_not_acted_on,
         )
         return str(self._data(dest.method, EVENTS_PATH, body)["job"]["id"])
 
@@ -521,6 +529,14 @@ class FiddlerV3Exporter:
             lambda retry: self._request(dest.method, EVENTS_PATH, retry=retry, content=payload),
             what=dest.describe(),
         )
+
+
+def _not_acted_on(error: BaseException) -> bool:
+    """A failure after which the server surely did nothing: the request never left, or the
+    server turned it away (429, 503)."""
+    if isinstance(error, TransportError):
+        return not error.sent
+    return isinstance(error, RateLimitedError | ServerError) and error.status in (429, 503)
 
 
 def _split_by_bytes(ready: list[tuple[Item, bytes]], limit: int) -> list[list[tuple[Item, bytes]]]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fiddler_async import FileJobError
+from fiddler_async import ConnectError, FileJobError
 from fiddler_async.emulator import Emulator
 
 from .conftest import bank_event, loopback_publisher, publishes
@@ -60,3 +60,17 @@ async def test_a_failed_job_raises_with_the_servers_reason(fiddler: Emulator) ->
             await pub.publish_file("bank_churn", "bank_churn", frame)
     assert caught.value.reason == "ValidationError"
     assert fiddler.count() == 0
+
+
+async def test_a_lost_answer_does_not_start_a_second_job(fiddler: Emulator) -> None:
+    """The publish request of a file is stored, then its answer lost: retrying it would
+    publish the file twice. It is not retried; the error says what happened."""
+    frame = pd.DataFrame([bank_event(i) for i in range(100)])
+    fiddler.set_faults(script=["lose"])
+    async with loopback_publisher(fiddler) as pub:
+        with pytest.raises(ConnectError):
+            await pub.publish_file("bank_churn", "bank_churn", frame)
+        fiddler.set_faults(script=["503"])  # turned away: nothing done, so retried
+        await pub.publish_file("bank_churn", "bank_churn", frame)
+    assert fiddler.count() == 200  # once for each call, never twice for one
+    assert fiddler.duplicates() == {}

@@ -5,6 +5,7 @@ loop over rows (polars writes the JSON); anything it cannot write goes row by ro
 from __future__ import annotations
 
 import datetime as dt
+import decimal
 import uuid
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 
 from fiddler_async import EventBatchError, EventEncodeError
 from fiddler_async.emulator import Emulator
+from fiddler_async.frames import encode_frame
 
 from .conftest import bank_event, loopback_publisher
 
@@ -43,8 +45,8 @@ EXPECTED_ROW_0 = {
     "age": 41,
     "geography": "France",
     "balance": 1.5,
-    "seen": "2024-01-01 13:00:01.500",
-    "seen_utc": "2024-01-01T13:00:00+00:00",
+    "seen": "2024-01-01 13:00:01.500000",
+    "seen_utc": "2024-01-01 13:00:00+00:00",
 }
 
 
@@ -74,7 +76,14 @@ async def test_a_frame_publishes_like_its_rows(fiddler: Emulator, kind: str) -> 
 
 
 async def test_the_frame_path_sends_what_the_row_path_sends(fiddler: Emulator) -> None:
-    rows = [bank_event(i) for i in range(50)]
+    rows = [
+        {
+            **bank_event(i),
+            "seen": dt.datetime(2024, 1, 1, 12, 0, 0, 1000 * (i % 2)),  # with and without µs
+            "seen_utc": dt.datetime(2024, 1, 1, 12, tzinfo=dt.timezone.utc),
+        }
+        for i in range(50)
+    ]
     async with loopback_publisher(fiddler) as pub:
         await pub.publish_events_batch(
             "bank_churn", "bank_churn", rows, event_ids=[f"r{i}" for i in range(50)]
@@ -121,6 +130,41 @@ async def test_ids_and_times_from_columns_or_arguments(fiddler: Emulator) -> Non
     assert stored["a"]["timestamp"] == "2024-05-01 12:00:00"  # its own column
     assert stored["x"]["timestamp"] == 1_735_689_600_000  # the argument's, in epoch ms
     assert (stored["a"]["churn"], stored["b"]["churn"]) == ("yes", "no")
+
+
+async def test_ids_given_for_a_frame_are_checked_like_any_others(fiddler: Emulator) -> None:
+    frame = pl.DataFrame({"age": [1, 2]})
+    async with loopback_publisher(fiddler) as pub:
+        with pytest.raises(EventBatchError) as caught:
+            await pub.publish_events_batch("bank_churn", "bank_churn", frame, event_ids=["a", ""])
+        assert list(caught.value.errors) == [1]
+        ids = await pub.publish_events_batch(
+            "bank_churn",
+            "bank_churn",
+            frame,
+            event_ids=["a", None],  # type: ignore[list-item]
+        )
+        await pub.flush(10)
+    assert ids[0] == "a"
+    assert ids[1] not in (None, "None")  # generated, as for a dict
+    assert sorted(e["event_id"] for e in fiddler.events()) == sorted(ids)
+
+
+async def test_values_polars_would_change_go_row_by_row(fiddler: Emulator) -> None:
+    exact = decimal.Decimal("0.12345678901234567890")
+    frame = pd.DataFrame({"age": [1], "price": [exact]})
+    periods = pd.DataFrame({"age": [1], "month": pd.period_range("2024-01", periods=1, freq="M")})
+    async with loopback_publisher(fiddler) as pub:
+        info = await pub.resolve("bank_churn", "bank_churn")
+        for kept_exact in (frame, periods):  # polars would make a float, an ordinal
+            assert (
+                encode_frame(kept_exact, info, update=False, event_ids=None, stamp_millis=0) is None
+            )
+        await pub.publish_events_batch("bank_churn", "bank_churn", frame)  # row by row, exact
+        with pytest.raises(EventBatchError) as caught:  # a Period is no JSON value
+            await pub.publish_events_batch("bank_churn", "bank_churn", periods)
+        assert caught.value.errors[0].field == "month"  # type: ignore[attr-defined]
+        assert (await pub.flush(10)).delivered == 1
 
 
 async def test_what_polars_cannot_write_goes_row_by_row(fiddler: Emulator) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from fiddler_async.emulator import Emulator
 
-from .conftest import bank_event, loopback_publisher
+from .conftest import bank_event, eventually, loopback_publisher
 
 pytest.importorskip("opentelemetry.sdk")
 from opentelemetry.sdk.metrics import MeterProvider
@@ -73,3 +73,37 @@ async def test_the_publishers_metrics(fiddler: Emulator) -> None:
     assert ok.sum > 0
     names = {point.attributes["otel.component.type"] for pts in found.values() for point in pts}
     assert names == {"fiddler_async.publisher"}
+
+
+async def test_publishers_sharing_a_provider_and_a_close_with_requests_in_flight(
+    fiddler: Emulator,
+) -> None:
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    fiddler.set_faults(script=["hang"])
+    first = loopback_publisher(fiddler, linger=0)
+    second = loopback_publisher(fiddler, linger=3600)
+    async with first, second:
+        instrument(first, provider)
+        instrument(second, provider)
+        await first.resolve("bank_churn", "bank_churn")
+        for i in range(10):
+            first.publish_event_nowait("bank_churn", "bank_churn", bank_event(i))
+        second.publish_event_nowait("bank_churn", "bank_churn", bank_event(99))
+        await eventually(lambda: first.stats().in_flight_events == 10)
+        before = {
+            p.attributes["otel.component.name"]: p.value
+            for p in points(reader)["fiddler_async.processor.processed"]
+        }
+        await first.aclose(0.2)  # the hung request's events are dropped at the deadline
+        found = points(reader)
+    after = {
+        p.attributes["otel.component.name"]: p.value
+        for p in found["fiddler_async.processor.processed"]
+        if "error.type" not in p.attributes
+    }
+    assert len(after) == 2  # both publishers reported
+    assert sorted(after.values()) == [0, 10]
+    assert all(after[name] >= count for name, count in before.items())  # never goes down
+    shutdown = value(found, "fiddler_async.exporter.exported", **{"error.type": "shutdown"})
+    assert shutdown.value == 10

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -151,3 +152,69 @@ def test_a_forked_child_publishes_on_a_fresh_loop(fiddler: Emulator, backend: st
     assert pub.close(10).delivered == 3  # the parent still sends its own
     customers = sorted(e["customer_id"] for e in fiddler.events())
     assert customers == ["c0", "c1", "c100", "c101", "c102", "c103", "c104", "c2"]
+
+
+EXIT_CASES = {
+    # New connections at exit (four batches at once) resolve "localhost": asyncio does that
+    # in concurrent.futures, which refuses work once the interpreter's exit has begun.
+    "a host name": """
+pub = Publisher(url.replace("127.0.0.1", "localhost"), token,
+                config=PublisherConfig(linger=3600, max_batch_events=250))
+for i in range(1000):
+    pub.publish_event("bank_churn", "bank_churn", {"customer_id": f"c{i}", "age": 40})
+""",
+    # Nobody refers to the publisher any more: it must still be closed at exit.
+    "a forgotten publisher": """
+def forget():
+    pub = Publisher(url, token, config=PublisherConfig(linger=3600))
+    for i in range(1000):
+        pub.publish_event("bank_churn", "bank_churn", {"customer_id": f"c{i}", "age": 40})
+forget()
+import gc; gc.collect()
+""",
+}
+
+
+@pytest.mark.parametrize("case", sorted(EXIT_CASES))
+def test_the_exit_flush_reaches_every_publisher(fiddler: Emulator, case: str) -> None:
+    script = (
+        "import sys\nfrom fiddler_async import Publisher, PublisherConfig\n"
+        "url, token = sys.argv[1], sys.argv[2]\n" + EXIT_CASES[case]
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", script, fiddler.url, TOKEN],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert child.returncode == 0, child.stderr
+    assert fiddler.count() == 1000, child.stderr
+
+
+def test_a_busy_loop_keeps_the_hand_off_bounded(fiddler: Emulator, backend: str) -> None:
+    """The loop's thread is held (a slow on_error): publishers keep going, memory does not
+    grow past the queue's bound, and what the drop policy pushes out is counted."""
+    calls: list[str] = []
+    holding = threading.Event()
+
+    def slow_on_error(failure: DeliveryFailure) -> None:
+        holding.set()
+        calls.append(type(pub.stats()).__name__)  # stats() works from the callback
+        with pytest.raises(RuntimeError, match="own thread"):
+            pub.flush(1)  # waiting for itself would never end: a clear error instead
+        time.sleep(1.0)
+
+    pub = sync_publisher(fiddler, backend, max_queue_events=100, on_error=slow_on_error)
+    with pub:
+        pub.publish_event("bank_churn", "bank_churn", {**bank_event(0), "age": "forty"})
+        assert holding.wait(10)  # refused: on_error runs, and holds the loop for a second
+        for i in range(5000):
+            pub.publish_event("bank_churn", "bank_churn", bank_event(i))
+            assert len(pub._handoff) <= 100
+        pub.flush(30)
+        stats = pub.stats()
+    assert calls == ["StatsSnapshot"]
+    assert stats.accepted == 5001
+    assert stats.dropped["queue_full"] > 0
+    assert stats.accepted == stats.delivered + stats.failed + stats.dropped_total
