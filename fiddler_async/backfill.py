@@ -59,23 +59,16 @@ async def publish_file(
     poll_interval: float,
     timeout: float,
 ) -> FileJob:
-    with anyio.fail_after(timeout):
-        return await _publish_file(
-            exporter,
-            dest,
-            source,
-            event_ids=event_ids,
-            stamp_publish_time=stamp_publish_time,
-            progress=progress,
-            poll_interval=poll_interval,
+    with anyio.fail_after(timeout):  # the upload, the publish and the job's run
+        return await _publish(
+            exporter, dest, source, event_ids, stamp_publish_time, progress, poll_interval
         )
 
 
-async def _publish_file(
+async def _publish(  # noqa: PLR0917  (publish_file's own arguments, passed on)
     exporter: FiddlerV3Exporter,
     dest: Destination,
     source: Any,
-    *,
     event_ids: list[str] | None,
     stamp_publish_time: bool,
     progress: ProgressCallback | None,
