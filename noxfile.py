@@ -59,6 +59,16 @@ def docs(session: nox.Session) -> None:
 
 
 @nox.session
+def peers(session: nox.Session) -> None:
+    """fiddler_async side by side with its peers (writes benchmarks/RESULTS.md)."""
+    session.install("-e", ".[server]")
+    install_group(session, "peers")
+    session.run(
+        "python", "-m", "benchmarks.peers", "--out", "benchmarks/RESULTS.md", *session.posargs
+    )
+
+
+@nox.session
 def bench(session: nox.Session) -> None:
     """Publish latency and end-to-end throughput against a loopback sink (prints a table)."""
     session.install("-e", ".[server]")

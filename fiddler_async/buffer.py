@@ -118,7 +118,9 @@ class EventBuffer:
                 self._evict_until_fits(size)
             else:  # raise; and block, which cannot wait here
                 self._reject()
-        self._append(lane, (self._ledger.next_seq(), body, fixup), size)
+        ledger = self._ledger
+        ledger.accepted += 1  # the next sequence number (Ledger.next_seq, inlined: hot path)
+        self._append(lane, (ledger.accepted, body, fixup), size)
 
     def offer_all(self, lane: Lane, items: list[tuple[bytes, Fixup | None]]) -> None:
         """Queue many events in order: at once when all fit, else one by one under the

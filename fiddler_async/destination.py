@@ -46,6 +46,16 @@ class ModelInfo:
         return orjson.dumps(self.event_ts_col) + b":"
 
     @cached_property
+    def new_event_head(self) -> bytes:
+        """``{"<id column>":"``: how a new event starts, its id next (see _prepare_new)."""
+        return b"{" + self.id_key + b'"'
+
+    @cached_property
+    def after_new_id(self) -> bytes:
+        """``","<timestamp column>":``: what follows the id of a new event, its time next."""
+        return b'",' + self.ts_key
+
+    @cached_property
     def _ts_style(self) -> str:
         fmt = (self.event_ts_format or "").strip()
         if "%" in fmt:

@@ -24,7 +24,7 @@ import itertools
 import math
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import orjson
@@ -157,7 +157,7 @@ class _EventIds:
     at a fraction of that.
     """
 
-    _MASK = (1 << 48) - 1
+    MASK = (1 << 48) - 1
 
     def __init__(self) -> None:
         self.renew()
@@ -165,10 +165,27 @@ class _EventIds:
 
     def renew(self) -> None:
         self._prefix = self.random_prefix()
+        self._prefix_bytes = self._prefix.encode()
         self._counter = itertools.count(int(uuid.uuid4().hex[20:], 16))
 
     def __call__(self) -> str:
-        return f"{self._prefix}{next(self._counter) & self._MASK:012x}"
+        return f"{self._prefix}{next(self._counter) & self.MASK:012x}"
+
+    # For the hot path, which builds an id in place (publisher._prepare_new): the prefix, as
+    # text and as bytes, and the counter; the id is the prefix and the counter's low 48 bits
+    # in 12 hex digits.
+
+    @property
+    def prefix(self) -> str:
+        return self._prefix
+
+    @property
+    def prefix_bytes(self) -> bytes:
+        return self._prefix_bytes
+
+    @property
+    def counter(self) -> Iterator[int]:
+        return self._counter
 
     @staticmethod
     def random_prefix() -> str:

@@ -165,6 +165,7 @@ class AsyncPublisher:
         self._on_error = on_error
         self._ledger = Ledger()
         self._log = RateLimitedLog(self._config.log_interval)
+        self._last_stamp: tuple[int, ModelInfo | None, bytes] = (-1, None, b"")
         self._spool = self._new_spool()
         self._writer: SpoolWriter | None = None
         self._replayer: Replayer | None = None
@@ -464,7 +465,15 @@ class AsyncPublisher:
         """
         if self._state is not _State.OPEN:
             raise self._not_open()
-        dest, lane = self._route(project_id, model_id, env_type, env_name, update_event)
+        route = self._routes.get((project_id, model_id, env_type, env_name, update_event))
+        if route is None:
+            route = self._route(project_id, model_id, env_type, env_name, update_event)
+        dest, lane = route
+        if event_id is None and event_timestamp is None and not update_event:
+            new = self._prepare_new(dest, event)
+            if new is not None:
+                self._buffer.offer(lane, new[0], None)
+                return new[1]
         body, fixup, returned_id = self._prepare(dest, event, event_id, event_timestamp)
         self._buffer.offer(lane, body, fixup)
         return returned_id
@@ -792,6 +801,52 @@ class AsyncPublisher:
             )
             route = self._routes[key] = (dest, self._buffer.lane(dest))
         return route
+
+    def _prepare_new(self, dest: Destination, event: Mapping[str, Any]) -> tuple[bytes, str] | None:
+        """The common case of :meth:`_prepare`, made short because it is the hot path: a new
+        event for a resolved model, without an id or a time of its own (in the arguments or
+        in the model's columns). None when it is not that case."""
+        info = dest.model.info
+        if info is None or type(event) is not dict:  # the rest, and bad input: the long way
+            return None
+        id_col, ts_col = info.event_id_col, info.event_ts_col
+        if (id_col is not None and id_col in event) or (ts_col is not None and ts_col in event):
+            return None
+        encoded = encode_event(event)
+        ids = new_event_id
+        digits = b"%012x" % (next(ids.counter) & ids.MASK)
+        prefix_bytes = ids.prefix_bytes
+        if id_col is not None and ts_col is not None and self._config.stamp_publish_time:
+            # Joined once into an exact-size object. The id is ASCII letters, digits and
+            # dashes (nothing to escape); the event's own members follow.
+            body = b"".join(
+                (
+                    info.new_event_head,
+                    prefix_bytes,
+                    digits,
+                    info.after_new_id,
+                    self._stamp(info),
+                    b"" if encoded == b"{}" else b",",
+                    encoded[1:],
+                )
+            )
+        else:
+            head = [] if id_col is None else [b'%s"%s%s"' % (info.id_key, prefix_bytes, digits)]
+            if ts_col is not None and self._config.stamp_publish_time:
+                head.append(info.ts_key + self._stamp(info))
+            body = splice_members(encoded, head)
+        self._check_size(body)
+        return body, ids.prefix + digits.decode()
+
+    def _stamp(self, info: ModelInfo) -> bytes:
+        """The publish time in the model's format; made once per millisecond and model."""
+        millis = int(time.time() * 1000)
+        cached = self._last_stamp
+        if cached[0] == millis and cached[1] is info:
+            return cached[2]
+        stamp = info.timestamp_json(millis)
+        self._last_stamp = (millis, info, stamp)
+        return stamp
 
     def _prepare(
         self,

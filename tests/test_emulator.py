@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -307,3 +308,31 @@ def test_a_lost_answer_is_stored_and_retried_into_a_duplicate(fiddler: Emulator)
     anyio.run(main)
     assert fiddler.duplicates() == {"l1": 2}  # stored, answer lost, retried, stored again
     assert [r["status"] for r in fiddler.requests() if r["path"] == "/v3/events"] == ["lose", 202]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "expected"),
+    [
+        ("/v1/batch", {"batch": [{"event": "a"}, {"event": "b"}]}, "segment"),
+        ("/batch/", {"api_key": "k", "batch": [{"event": "a"}]}, "posthog"),
+        ("/1/batch/bench", [{"data": {"a": 1}}, {"data": {"a": 2}}, {"data": {}}], "libhoney"),
+    ],
+)
+def test_the_benchmark_peers_doors_count_events(
+    fiddler: Emulator, path: str, body: Any, expected: str
+) -> None:
+    """The benchmark's sink takes each peer library's batches (gzipped or not) and counts
+    their events; no credentials are checked there."""
+    data = json.dumps(body).encode()
+    count = len(body) if isinstance(body, list) else len(body["batch"])
+    plain = httpx.post(fiddler.url + path, content=data)
+    zipped = httpx.post(
+        fiddler.url + path, content=gzip.compress(data), headers={"Content-Encoding": "gzip"}
+    )
+    assert plain.status_code == zipped.status_code == 200
+    if expected == "libhoney":
+        assert plain.json() == [{"status": 202}] * count
+    summary = httpx.get(
+        fiddler.url + "/_emulator/summary", headers={"Authorization": f"Bearer {TOKEN}"}
+    ).json()
+    assert summary["peers"] == {expected: 2 * count}

@@ -31,6 +31,7 @@ from ..destination import ENV_TYPES
 from ..rows import RowError, coerce_row, file_format, read_rows, type_problem
 from .catalog import ORGANIZATION, USER, Catalog, ModelDef
 from .faults import Faults
+from .peers import peer_of, peer_response
 from .store import Store
 
 __all__ = ["EmulatorState", "create_app"]
@@ -49,6 +50,8 @@ class EmulatorState:
     requests: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=10_000))
     stopping: anyio.Event | None = None
     """Set when the server stops: ends the requests held by a `hang` fault."""
+    peer_events: dict[str, int] = field(default_factory=dict)
+    """Events received through the benchmark's peer doors (see peers.py), by library."""
 
 
 class BadRequest(Exception):
@@ -402,6 +405,7 @@ class _Api:
                 "events": store.count(),
                 "early_updates": store.early_updates_seen,
                 "db": store.path,
+                "peers": dict(self.state.peer_events),
             }
         )
 
@@ -430,6 +434,7 @@ class _Api:
     async def reset(self, request: Request) -> Response:
         self.store.clear()
         self.state.requests.clear()
+        self.state.peer_events.clear()
         return JSONResponse({"events": 0})
 
     async def requests(self, request: Request) -> Response:
@@ -503,6 +508,13 @@ class _Gate:
             entry["status"] = response.status_code
             await response(scope, receive, send)
 
+        peer = peer_of(path) if method == "POST" else None
+        if peer is not None:  # a benchmark peer's door: its own credentials, none checked
+            delay = faults.delay()
+            if delay:
+                await anyio.sleep(delay)
+            await respond(await peer_response(Request(scope, receive), peer, state.peer_events))
+            return
         auth = headers.get("authorization", "")
         if not auth.startswith("Bearer ") or (state.token is not None and auth[7:] != state.token):
             await respond(error(401, "missing or invalid bearer token"))

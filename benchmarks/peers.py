@@ -1,0 +1,510 @@
+"""fiddler_async side by side with what users would otherwise pick, in one run on this machine.
+
+    python -m benchmarks.peers [--events 100000] [--repeats 3] [--out benchmarks/RESULTS.md]
+    nox -s peers
+
+Rows: ``fiddler_async`` (``publish_event_nowait`` and ``await publish_event``); the official
+``fiddler-client`` 3.x (``publish_stream`` per event, and 1000 events per call);
+``segment-analytics-python``, ``posthog``, ``libhoney``, OpenTelemetry's
+``BatchLogRecordProcessor`` with the OTLP/HTTP log exporter, each with its defaults but a batch
+size of 1000 (ours); and a naive ``await httpx.AsyncClient.post`` per event. The peers are
+benchmark-only dependencies (the ``peers`` dependency group).
+
+The sink is the emulator in count-only mode in another process (``fiddler-async serve
+--count-only``): it answers Fiddler's v3 lookups and each peer's ingestion endpoint, and
+counts events (see ``fiddler_async/emulator/peers.py``). Three sinks: healthy, slow (each
+answer held 200 ms), down (a closed port). Every row and sink runs in a fresh process, so that
+its threads, CPU time and memory are its own. Each row publishes the same 12-field bank-churn
+event ``--events`` times from a loop that yields to the event loop every 100 events, timing
+every call; then, with the sink healthy, flushes and waits until the sink has counted them.
+
+Columns: per-call latency (p50, p99, p99.9, max, µs) as the caller sees it, per sink;
+delivered events/s end to end (healthy); client CPU µs per delivered event (healthy);
+resident memory per buffered event (down: RSS growth over the events the client holds);
+events dropped (healthy: published but never counted by the sink, after a 30 s wait).
+
+Rows whose every call waits on the network (``fiddler-client`` per event, the naive post)
+publish fewer events: ``--sync-events`` (2000) healthy, 50 when slow or down; a call that
+blocks past ``--call-timeout`` (20 s) ends the row, reported as blocked; a close that does
+not end in 10 s is reported too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from .publish import EVENT, TOKEN, closed_port_url, percentiles, sink
+
+ROWS = {
+    "fiddler_async nowait": "`fiddler_async` `publish_event_nowait`",
+    "fiddler_async await": "`fiddler_async` `await publish_event`",
+    "fiddler-client stream": "`fiddler-client` `publish_stream`, 1 event per call",
+    "fiddler-client chunks": "`fiddler-client` `publish_stream`, 1000 events per call",
+    "segment": "`segment-analytics-python` (`upload_size=1000`)",
+    "posthog": "`posthog` (`flush_at=1000`)",
+    "libhoney": "`libhoney` (`max_batch_size=1000`)",
+    "otel": "OpenTelemetry `BatchLogRecordProcessor` + OTLP/HTTP (`max_export_batch_size=1000`)",
+    "naive httpx": "naive `await httpx.AsyncClient.post` per event",
+}
+PER_CALL_NETWORK = {"fiddler-client stream", "naive httpx"}
+OURS = ("fiddler_async nowait", "fiddler_async await")
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm", encoding="ascii") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+_admin = httpx.Client(headers={"Authorization": f"Bearer {TOKEN}"})
+
+
+def sink_count(url: str, row: str) -> int:
+    """Events the sink has counted for this row's protocol."""
+    summary = _admin.get(f"{url}/_emulator/summary").json()
+    peer = {"segment": "segment", "posthog": "posthog", "libhoney": "libhoney", "otel": "otlp"}
+    if row in peer:
+        return int(summary["peers"].get(peer[row], 0))
+    return int(summary["events"])
+
+
+# The rows: each a client set up against the sink, a call to time, a flush, what it holds.
+
+
+class Row:
+    batch = 1
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    async def start(self) -> None:
+        return None
+
+    async def publish(self, event: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    async def flush(self) -> None:
+        await asyncio.to_thread(self.flush_blocking)
+
+    def flush_blocking(self) -> None:
+        return None
+
+    def buffered(self) -> int | None:
+        return None
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.close_blocking)
+
+    def close_blocking(self) -> None:
+        return None
+
+
+class FiddlerAsync(Row):
+    def __init__(self, url: str, awaited: bool) -> None:
+        super().__init__(url)
+        from fiddler_async import AsyncPublisher, PublisherConfig
+
+        self.pub = AsyncPublisher(url, TOKEN, config=PublisherConfig(close_timeout=1.0))
+        self.awaited = awaited
+
+    async def start(self) -> None:
+        await self.pub.start()
+        with contextlib.suppress(Exception), anyio_fail_after(5):
+            await self.pub.resolve("bank_churn", "bank_churn")
+
+    async def publish(self, event: dict[str, Any]) -> None:
+        if self.awaited:
+            await self.pub.publish_event("bank_churn", "bank_churn", event)
+        else:
+            self.pub.publish_event_nowait("bank_churn", "bank_churn", event)
+
+    async def flush(self) -> None:
+        await self.pub.flush(120)
+
+    def buffered(self) -> int:
+        return self.pub.stats().pending
+
+    async def close(self) -> None:
+        await self.pub.aclose()
+
+
+def anyio_fail_after(seconds: float) -> Any:
+    import anyio
+
+    return anyio.fail_after(seconds)
+
+
+class FiddlerClient(Row):
+    def __init__(self, url: str, chunk: int) -> None:
+        super().__init__(url)
+        self.batch = chunk
+        self.pending: list[dict[str, Any]] = []
+
+    async def start(self) -> None:
+        import fiddler as fdl
+
+        fdl.init(url=self.url, token=TOKEN)
+        project = fdl.Project.from_name(name="bank_churn")
+        self.model = fdl.Model.from_name(name="bank_churn", project_id=project.id)
+
+    async def publish(self, event: dict[str, Any]) -> None:
+        self.pending.append(event)
+        if len(self.pending) >= self.batch:
+            chunk, self.pending = self.pending, []
+            self.model.publish_stream(chunk)
+
+
+class Segment(Row):
+    async def start(self) -> None:
+        from segment.analytics import Client
+
+        self.client = Client("write-key", host=self.url, upload_size=1000)
+
+    async def publish(self, event: dict[str, Any]) -> None:
+        self.client.track("user-1", "prediction", event)
+
+    def flush_blocking(self) -> None:
+        self.client.flush()
+
+    def buffered(self) -> int:
+        return int(self.client.queue.qsize())
+
+    def close_blocking(self) -> None:
+        self.client.shutdown()
+
+
+class PostHog(Row):
+    async def start(self) -> None:
+        from posthog import Posthog
+
+        self.client = Posthog("api-key", host=self.url, flush_at=1000)
+
+    async def publish(self, event: dict[str, Any]) -> None:
+        self.client.capture("prediction", distinct_id="user-1", properties=event)
+
+    def flush_blocking(self) -> None:
+        self.client.flush()
+
+    def buffered(self) -> int:
+        return int(self.client.queue.qsize())
+
+    def close_blocking(self) -> None:
+        self.client.shutdown()
+
+
+class Libhoney(Row):
+    async def start(self) -> None:
+        import libhoney
+
+        self.client = libhoney.Client(
+            writekey="key", dataset="bench", api_host=self.url, max_batch_size=1000
+        )
+
+    async def publish(self, event: dict[str, Any]) -> None:
+        self.client.send_now(event)
+
+    def flush_blocking(self) -> None:
+        self.client.flush()
+
+    def buffered(self) -> int:
+        return int(self.client.xmit.pending.qsize())
+
+    def close_blocking(self) -> None:
+        self.client.close()
+
+
+class Otel(Row):
+    async def start(self) -> None:
+        from opentelemetry.exporter.otlp.proto.http._log_exporter import (
+            OTLPLogExporter,
+        )
+        from opentelemetry.sdk._logs import LoggerProvider
+        from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
+
+        self.provider = LoggerProvider()
+        self.processor = BatchLogRecordProcessor(
+            OTLPLogExporter(endpoint=f"{self.url}/v1/logs"), max_export_batch_size=1000
+        )
+        self.provider.add_log_record_processor(self.processor)
+        self.logger = self.provider.get_logger("bench")
+
+    async def publish(self, event: dict[str, Any]) -> None:
+        self.logger.emit(body="prediction", attributes=event)
+
+    def flush_blocking(self) -> None:
+        self.provider.force_flush()
+
+    def buffered(self) -> int | None:
+        queue = getattr(getattr(self.processor, "_batch_processor", None), "_queue", None)
+        return None if queue is None else len(queue)
+
+    def close_blocking(self) -> None:
+        self.provider.shutdown()
+
+
+class Naive(Row):
+    async def start(self) -> None:
+        import orjson
+
+        self.dumps = orjson.dumps
+        self.client = httpx.AsyncClient(
+            base_url=self.url, headers={"Authorization": f"Bearer {TOKEN}"}
+        )
+        body = (await self.client.get("/v3/models", params={"limit": 1})).json()
+        self.model_id = body["data"]["items"][0]["id"]
+
+    async def publish(self, event: dict[str, Any]) -> None:
+        payload = {
+            "source": {"type": "EVENTS", "events": [event]},
+            "model_id": self.model_id,
+            "env_type": "PRODUCTION",
+            "env_name": None,
+        }
+        await self.client.post("/v3/events", content=self.dumps(payload))
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+def make_row(name: str, url: str) -> Row:
+    if name in OURS:
+        return FiddlerAsync(url, awaited=name.endswith("await"))
+    if name.startswith("fiddler-client"):
+        return FiddlerClient(url, chunk=1 if name.endswith("stream") else 1000)
+    rows: dict[str, type[Row]] = {
+        "segment": Segment,
+        "posthog": PostHog,
+        "libhoney": Libhoney,
+        "otel": Otel,
+        "naive httpx": Naive,
+    }
+    return rows[name](url)
+
+
+# One run, in a child process
+
+
+async def run_row(name: str, scenario: str, url: str, events: int) -> dict[str, Any]:
+    row = make_row(name, url)
+    with contextlib.suppress(Exception):  # a client that cannot start against a down sink
+        await row.start()
+    before = sink_count(url, name) if scenario == "healthy" else 0
+    samples = []
+    clock = time.perf_counter_ns
+    rss0, cpu0, wall0 = rss_bytes(), time.process_time(), time.perf_counter()
+    for i in range(events):
+        event = {**EVENT, "customer_id": f"c{i}"}
+        t0 = clock()
+        with contextlib.suppress(Exception):  # what a peer raises at a down sink
+            await row.publish(event)
+        samples.append(clock() - t0)
+        if i % 100 == 99:
+            await asyncio.sleep(0)
+    result: dict[str, Any] = percentiles(samples)
+    if row.batch > 1:  # a call carries a batch: time the calls that sent one
+        result = percentiles([s for i, s in enumerate(samples) if i % row.batch == row.batch - 1])
+    result["events"] = events
+    if scenario == "down":
+        held = row.buffered()
+        if held and held >= min(1000, events // 10):  # too few to measure against the noise
+            result["bytes_per_buffered"] = round((rss_bytes() - rss0) / held)
+            result["buffered"] = held
+    print(json.dumps(result), flush=True)  # if the flush or the close blocks, this stands
+    if scenario == "healthy":
+        # Delivery time: until the sink has counted the events, the flush running meanwhile
+        # (some clients' flush returns long after the events went, or never).
+        # Polled every 50 ms (the polls cost this process some CPU too); done when all are
+        # counted, or when no more came for 3 s (the rest were dropped), or after 60 s.
+        flushing = asyncio.ensure_future(row.flush())
+        deadline = time.monotonic() + 60
+        delivered = sink_count(url, name) - before
+        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+        while delivered < events and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            counted = sink_count(url, name) - before
+            if counted != delivered:
+                delivered = counted
+                wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+            elif time.perf_counter() - wall0 - wall > 3:
+                break
+        result["events_per_s"] = round(delivered / wall)
+        result["cpu_us_per_event"] = round(cpu / max(1, delivered) * 1e6, 2)
+        result["dropped"] = events - delivered
+        print(json.dumps(result), flush=True)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(flushing, 10)
+    try:
+        await asyncio.wait_for(row.close(), 10)
+    except asyncio.TimeoutError:
+        result["stuck_closing"] = 1  # its close (a thread here) did not end in 10 s
+    except Exception:  # a peer failing to close is not this benchmark's business
+        pass
+    return result
+
+
+# The parent: sinks, rows, repeats, the table
+
+
+@contextlib.contextmanager
+def sinks() -> Iterator[dict[str, str]]:
+    with sink(0.0) as healthy, sink(0.2) as slow:
+        yield {"healthy": healthy, "slow": slow, "down": closed_port_url()}
+
+
+def run_child(name: str, scenario: str, url: str, events: int, timeout: float) -> dict[str, Any]:
+    command = [sys.executable, "-m", "benchmarks.peers", "--child", name, scenario, url]
+    try:
+        done = subprocess.run(
+            [*command, str(events)], capture_output=True, text=True, timeout=timeout, check=False
+        )
+        stdout, stderr, failed = done.stdout, done.stderr, done.returncode != 0
+        done_in_time = True
+    except subprocess.TimeoutExpired as exc:
+        done_in_time = False
+        stdout = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        stderr, failed = "", False
+        if not stdout.strip():
+            return {"blocked": True}  # a publish call itself never returned
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    if failed and not lines:
+        return {"error": stderr.strip().splitlines()[-1:] or ["no output"]}
+    result: dict[str, Any] = json.loads(lines[-1])
+    if not failed and done_in_time is False:
+        result["stuck_closing"] = 1  # the calls returned; its flush or close did not
+    return result
+
+
+def median(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    good = [r for r in runs if "p50_us" in r]
+    if not good:
+        return runs[0]
+    keys = set.intersection(*(set(r) for r in good))
+    return {k: statistics.median(r[k] for r in good) for k in keys}
+
+
+def fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and digits == 0:
+        return f"{value:,.0f}"
+    return f"{value:,.{digits}f}" if isinstance(value, float) else f"{value:,}"
+
+
+def table(results: dict[str, dict[str, dict[str, Any]]], args: argparse.Namespace) -> str:
+    lines = [
+        f"`python -m benchmarks.peers --events {args.events} --repeats {args.repeats}`, "
+        f"{time.strftime('%Y-%m-%d')}, CPython {platform.python_version()}, "
+        f"{os.cpu_count()} cores, {platform.machine()} ({platform.system()}). Medians of "
+        f"{args.repeats} runs; latency per call in µs.",
+        "",
+        "| row | healthy p50 / p99 / p99.9 / max | slow p50 / p99 | down p50 / p99 "
+        "| events/s | CPU µs/event | bytes/buffered event | dropped |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def lat(r: dict[str, Any], full: bool) -> str:
+        if r.get("blocked"):
+            return f"a call blocked (> {args.call_timeout:.0f} s)"
+        stuck = " (then its close hung)" if r.get("stuck_closing") else ""
+        if "p50_us" not in r:
+            return "error: " + " ".join(r.get("error", ["?"]))[:60]
+        parts = [r["p50_us"], r["p99_us"]] + ([r["p999_us"], r["max_us"]] if full else [])
+        return " / ".join(f"{p:,.1f}" if p < 100 else f"{p:,.0f}" for p in parts) + stuck
+
+    for name, label in ROWS.items():
+        row = results.get(name)
+        if row is None:
+            continue
+        healthy, slow, down = row["healthy"], row["slow"], row["down"]
+        lines.append(
+            f"| {label} | {lat(healthy, True)} | {lat(slow, False)} | {lat(down, False)} "
+            f"| {fmt(healthy.get('events_per_s'), 0)} | {fmt(healthy.get('cpu_us_per_event'))} "
+            f"| {fmt(down.get('bytes_per_buffered'), 0)} | {fmt(healthy.get('dropped'), 0)} |"
+        )
+    return "\n".join(lines)
+
+
+def bars(results: dict[str, dict[str, dict[str, Any]]]) -> str:
+    ours = results.get("fiddler_async nowait")
+    if not ours:
+        return ""
+    healthy, slow, down = ours["healthy"], ours["slow"], ours["down"]
+    peers = [
+        r["healthy"].get("events_per_s", 0)
+        for name, r in results.items()
+        if name not in OURS and "events_per_s" in r["healthy"]
+    ]
+    best = max(peers, default=0)
+    lines = [
+        "| bar | goal | measured | met |",
+        "|---|---|---|---|",
+    ]
+
+    def bar(what: str, goal: str, measured: float, ok: bool, unit: str = "") -> None:
+        lines.append(f"| {what} | {goal} | {measured:,.2f}{unit} | {'yes' if ok else 'no'} |")
+
+    bar("nowait p50, healthy", "≤ 2 µs", healthy["p50_us"], healthy["p50_us"] <= 2, " µs")
+    bar("nowait p99, healthy", "≤ 10 µs", healthy["p99_us"], healthy["p99_us"] <= 10, " µs")
+    for label, r in (("slow", slow), ("down", down)):
+        if "p50_us" in r:
+            bar(f"nowait p50, {label}", "≤ 3 µs", r["p50_us"], r["p50_us"] <= 3, " µs")
+            bar(f"nowait p99, {label}", "≤ 15 µs", r["p99_us"], r["p99_us"] <= 15, " µs")
+    if best:
+        ratio = healthy["events_per_s"] / best
+        bar("delivered events/s vs best peer", "≥ 5x", ratio, ratio >= 5, "x")
+    cpu = healthy["cpu_us_per_event"]
+    bar("client CPU per delivered event", "≤ 8 µs", cpu, cpu <= 8, " µs")
+    if "bytes_per_buffered" in down:
+        held = down["bytes_per_buffered"]
+        bar("resident memory per buffered event", "≤ 400 B", held, held <= 400, " B")
+    bar("dropped (healthy)", "0", healthy.get("dropped", 0), healthy.get("dropped", 0) == 0)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--sync-events", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--call-timeout", type=float, default=20.0)
+    parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--out", type=Path, default=None, help="write the tables here too")
+    parser.add_argument("--child", nargs=4, metavar=("ROW", "SINK", "URL", "EVENTS"))
+    args = parser.parse_args()
+    if args.child:
+        name, scenario, url, events = args.child
+        print(json.dumps(asyncio.run(run_row(name, scenario, url, int(events)))), flush=True)
+        os._exit(0)  # a peer's non-daemon threads, stuck on a down sink, must not hold us
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    with sinks() as urls:
+        for name in args.rows:
+            results[name] = {}
+            for scenario, url in urls.items():
+                events = args.events
+                if name in PER_CALL_NETWORK:
+                    events = args.sync_events if scenario == "healthy" else 50
+                limit = args.call_timeout + 30 + events * 0.0005
+                runs = [run_child(name, scenario, url, events, limit) for _ in range(args.repeats)]
+                results[name][scenario] = median(runs)
+                print(json.dumps({"row": name, "sink": scenario, **results[name][scenario]}))
+    text = f"{table(results, args)}\n\n{bars(results)}\n"
+    print("\n" + text)
+    if args.out is not None:
+        args.out.write_text(text, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
