@@ -63,6 +63,7 @@ ROWS = {
     "naive httpx": "naive `await httpx.AsyncClient.post` per event",
 }
 PER_CALL_NETWORK = {"fiddler-client stream", "naive httpx"}
+BULK = {"fiddler-client chunks"}
 OURS = ("fiddler_async nowait", "fiddler_async await")
 
 
@@ -265,6 +266,7 @@ class Naive(Row):
         self.client = httpx.AsyncClient(
             base_url=self.url, headers={"Authorization": f"Bearer {TOKEN}"}
         )
+        self.model_id = "unknown"  # a down sink: every post fails to connect all the same
         body = (await self.client.get("/v3/models", params={"limit": 1})).json()
         self.model_id = body["data"]["items"][0]["id"]
 
@@ -440,7 +442,7 @@ def table(results: dict[str, dict[str, dict[str, Any]]], args: argparse.Namespac
             return f"a call blocked (> {args.call_timeout:.0f} s)"
         stuck = " (then its close hung)" if r.get("stuck_closing") else ""
         if "p50_us" not in r:
-            return "error: " + " ".join(r.get("error", ["?"]))[:60]
+            return "error: " + " ".join(r["error"])[:60] if "error" in r else "-"
         parts = [r["p50_us"], r["p99_us"]] + ([r["p999_us"], r["max_us"]] if full else [])
         return " / ".join(f"{p:,.1f}" if p < 100 else f"{p:,.0f}" for p in parts) + stuck
 
@@ -448,7 +450,7 @@ def table(results: dict[str, dict[str, dict[str, Any]]], args: argparse.Namespac
         row = results.get(name)
         if row is None:
             continue
-        healthy, slow, down = row["healthy"], row["slow"], row["down"]
+        healthy, slow, down = (row.get(sink, {}) for sink in ("healthy", "slow", "down"))
         lines.append(
             f"| {label} | {lat(healthy, True)} | {lat(slow, False)} | {lat(down, False)} "
             f"| {fmt(healthy.get('events_per_s'), 0)} | {fmt(healthy.get('cpu_us_per_event'))} "
@@ -462,12 +464,14 @@ def bars(results: dict[str, dict[str, dict[str, Any]]]) -> str:
     if not ours:
         return ""
     healthy, slow, down = ours["healthy"], ours["slow"], ours["down"]
-    peers = [
-        r["healthy"].get("events_per_s", 0)
+    rates = {
+        name: r["healthy"]["events_per_s"]
         for name, r in results.items()
         if name not in OURS and "events_per_s" in r["healthy"]
-    ]
-    best = max(peers, default=0)
+    }
+    # fiddler-client's 1000-per-call row is a bulk upload the caller batches and waits for
+    # (milliseconds per call), not a per-event publisher: compared with apart.
+    per_event = {name: rate for name, rate in rates.items() if name not in BULK}
     lines = [
         "| bar | goal | measured | met |",
         "|---|---|---|---|",
@@ -482,9 +486,11 @@ def bars(results: dict[str, dict[str, dict[str, Any]]]) -> str:
         if "p50_us" in r:
             bar(f"nowait p50, {label}", "≤ 3 µs", r["p50_us"], r["p50_us"] <= 3, " µs")
             bar(f"nowait p99, {label}", "≤ 15 µs", r["p99_us"], r["p99_us"] <= 15, " µs")
-    if best:
-        ratio = healthy["events_per_s"] / best
-        bar("delivered events/s vs best peer", "≥ 5x", ratio, ratio >= 5, "x")
+    for what, among in (("per-event peer", per_event), ("row of any kind", rates)):
+        if among:
+            best = max(among, key=lambda name: among[name])
+            ratio = healthy["events_per_s"] / among[best]
+            bar(f"events/s vs the best {what} ({best})", "≥ 5x", ratio, ratio >= 5, "x")
     cpu = healthy["cpu_us_per_event"]
     bar("client CPU per delivered event", "≤ 8 µs", cpu, cpu <= 8, " µs")
     if "bytes_per_buffered" in down:
@@ -503,12 +509,26 @@ def main() -> None:
     parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--out", type=Path, default=None, help="write the tables here too")
     parser.add_argument("--child", nargs=4, metavar=("ROW", "SINK", "URL", "EVENTS"))
+    parser.add_argument(
+        "--tables-from", type=Path, help="only make the tables, from a run's printed lines"
+    )
     args = parser.parse_args()
+    if args.tables_from is not None:
+        results: dict[str, dict[str, dict[str, Any]]] = {}
+        for line in args.tables_from.read_text(encoding="utf-8").splitlines():
+            if line.startswith('{"row"'):
+                row = json.loads(line)
+                results.setdefault(row.pop("row"), {})[row.pop("sink")] = row
+        write_tables(results, args)
+        return
     if args.child:
         name, scenario, url, events = args.child
-        print(json.dumps(asyncio.run(run_row(name, scenario, url, int(events)))), flush=True)
-        os._exit(0)  # a peer's non-daemon threads, stuck on a down sink, must not hold us
-    results: dict[str, dict[str, dict[str, Any]]] = {}
+        # Not asyncio.run: it would wait for a peer's close still stuck in a worker thread.
+        loop = asyncio.new_event_loop()
+        result = loop.run_until_complete(run_row(name, scenario, url, int(events)))
+        print(json.dumps(result), flush=True)
+        os._exit(0)  # nor may a peer's own threads, stuck on a down sink, hold the exit
+    results = {}
     with sinks() as urls:
         for name in args.rows:
             results[name] = {}
@@ -520,6 +540,10 @@ def main() -> None:
                 runs = [run_child(name, scenario, url, events, limit) for _ in range(args.repeats)]
                 results[name][scenario] = median(runs)
                 print(json.dumps({"row": name, "sink": scenario, **results[name][scenario]}))
+    write_tables(results, args)
+
+
+def write_tables(results: dict[str, dict[str, dict[str, Any]]], args: argparse.Namespace) -> None:
     text = f"{table(results, args)}\n\n{bars(results)}\n"
     print("\n" + text)
     if args.out is not None:

@@ -164,28 +164,15 @@ class _EventIds:
         os.register_at_fork(after_in_child=self.renew)
 
     def renew(self) -> None:
-        self._prefix = self.random_prefix()
-        self._prefix_bytes = self._prefix.encode()
-        self._counter = itertools.count(int(uuid.uuid4().hex[20:], 16))
+        # Plain attributes, read by the hot path that builds an id in place
+        # (publisher._prepare_new): the id is the prefix and the counter's low 48 bits in 12
+        # hex digits.
+        self.prefix = self.random_prefix()
+        self.prefix_bytes = self.prefix.encode()
+        self.counter: Iterator[int] = itertools.count(int(uuid.uuid4().hex[20:], 16))
 
     def __call__(self) -> str:
-        return f"{self._prefix}{next(self._counter) & self.MASK:012x}"
-
-    # For the hot path, which builds an id in place (publisher._prepare_new): the prefix, as
-    # text and as bytes, and the counter; the id is the prefix and the counter's low 48 bits
-    # in 12 hex digits.
-
-    @property
-    def prefix(self) -> str:
-        return self._prefix
-
-    @property
-    def prefix_bytes(self) -> bytes:
-        return self._prefix_bytes
-
-    @property
-    def counter(self) -> Iterator[int]:
-        return self._counter
+        return f"{self.prefix}{next(self.counter) & self.MASK:012x}"
 
     @staticmethod
     def random_prefix() -> str:

@@ -166,6 +166,9 @@ class AsyncPublisher:
         self._ledger = Ledger()
         self._log = RateLimitedLog(self._config.log_interval)
         self._last_stamp: tuple[int, ModelInfo | None, bytes] = (-1, None, b"")
+        # Read on the hot path: plain attributes are quicker than the config's.
+        self._stamping = self._config.stamp_publish_time
+        self._max_event_bytes = self._config.max_batch_bytes  # an event and its comma must fit
         self._spool = self._new_spool()
         self._writer: SpoolWriter | None = None
         self._replayer: Replayer | None = None
@@ -816,7 +819,7 @@ class AsyncPublisher:
         ids = new_event_id
         digits = b"%012x" % (next(ids.counter) & ids.MASK)
         prefix_bytes = ids.prefix_bytes
-        if id_col is not None and ts_col is not None and self._config.stamp_publish_time:
+        if id_col is not None and ts_col is not None and self._stamping:
             # Joined once into an exact-size object. The id is ASCII letters, digits and
             # dashes (nothing to escape); the event's own members follow.
             body = b"".join(
@@ -832,10 +835,11 @@ class AsyncPublisher:
             )
         else:
             head = [] if id_col is None else [b'%s"%s%s"' % (info.id_key, prefix_bytes, digits)]
-            if ts_col is not None and self._config.stamp_publish_time:
+            if ts_col is not None and self._stamping:
                 head.append(info.ts_key + self._stamp(info))
             body = splice_members(encoded, head)
-        self._check_size(body)
+        if len(body) >= self._max_event_bytes:
+            self._check_size(body)  # raises, with the message
         return body, ids.prefix + digits.decode()
 
     def _stamp(self, info: ModelInfo) -> bytes:

@@ -14,7 +14,7 @@ import json
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +22,7 @@ import anyio
 import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -487,6 +487,19 @@ class _Gate:
         self.app = app
         self.state = state
 
+    async def _peer_door(
+        self, request: Request, peer: str, respond: Callable[[Response], Awaitable[None]]
+    ) -> None:
+        """A benchmark peer's door (see peers.py): its own credentials, none checked."""
+        delay = self.state.faults.delay()
+        if delay:
+            await anyio.sleep(delay)
+        try:
+            answer = await peer_response(request, peer, self.state.peer_events)
+        except ClientDisconnect:  # a benchmark stopped a client mid-request
+            return
+        await respond(answer)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -509,11 +522,8 @@ class _Gate:
             await response(scope, receive, send)
 
         peer = peer_of(path) if method == "POST" else None
-        if peer is not None:  # a benchmark peer's door: its own credentials, none checked
-            delay = faults.delay()
-            if delay:
-                await anyio.sleep(delay)
-            await respond(await peer_response(Request(scope, receive), peer, state.peer_events))
+        if peer is not None:
+            await self._peer_door(Request(scope, receive), peer, respond)
             return
         auth = headers.get("authorization", "")
         if not auth.startswith("Bearer ") or (state.token is not None and auth[7:] != state.token):
