@@ -170,7 +170,22 @@ class FiddlerClient(Row):
             self.model.publish_stream(chunk)
 
 
-class Segment(Row):
+class QueueThreadRow(Row):
+    """A client with a queue and a sending thread (Segment, PostHog): the same three calls."""
+
+    client: Any
+
+    def flush_blocking(self) -> None:
+        self.client.flush()
+
+    def buffered(self) -> int:
+        return int(self.client.queue.qsize())
+
+    def close_blocking(self) -> None:
+        self.client.shutdown()
+
+
+class Segment(QueueThreadRow):
     async def start(self) -> None:
         from segment.analytics import Client
 
@@ -179,17 +194,8 @@ class Segment(Row):
     def publish(self, event: dict[str, Any]) -> None:
         self.client.track("user-1", "prediction", event)
 
-    def flush_blocking(self) -> None:
-        self.client.flush()
 
-    def buffered(self) -> int:
-        return int(self.client.queue.qsize())
-
-    def close_blocking(self) -> None:
-        self.client.shutdown()
-
-
-class PostHog(Row):
+class PostHog(QueueThreadRow):
     async def start(self) -> None:
         from posthog import Posthog
 
@@ -197,15 +203,6 @@ class PostHog(Row):
 
     def publish(self, event: dict[str, Any]) -> None:
         self.client.capture("prediction", distinct_id="user-1", properties=event)
-
-    def flush_blocking(self) -> None:
-        self.client.flush()
-
-    def buffered(self) -> int:
-        return int(self.client.queue.qsize())
-
-    def close_blocking(self) -> None:
-        self.client.shutdown()
 
 
 class Libhoney(Row):

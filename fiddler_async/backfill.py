@@ -22,7 +22,7 @@ from typing import Any
 
 import anyio
 
-from .destination import Destination
+from .destination import Destination, ModelInfo
 from .exceptions import FileJobError
 from .frames import frame_to_parquet, is_frame
 from .wire import FiddlerV3Exporter
@@ -59,55 +59,46 @@ async def publish_file(
     poll_interval: float,
     timeout: float,
 ) -> FileJob:
-    with anyio.fail_after(timeout):  # the upload, the publish and the job's run
-        return await _publish(
-            exporter, dest, source, event_ids, stamp_publish_time, progress, poll_interval
-        )
-
-
-async def _publish(  # noqa: PLR0917  (publish_file's own arguments, passed on)
-    exporter: FiddlerV3Exporter,
-    dest: Destination,
-    source: Any,
-    event_ids: list[str] | None,
-    stamp_publish_time: bool,
-    progress: ProgressCallback | None,
-    poll_interval: float,
-) -> FileJob:
     report = progress or (lambda stage, done: None)
-    info = await exporter.resolve(dest.model)
-    ids: list[str] = []
-    if is_frame(source):
+    with anyio.fail_after(timeout):  # the upload, the publish and the job's run
+        info = await exporter.resolve(dest.model)
         stamp = int(time.time() * 1000) if stamp_publish_time and not dest.update else None
+        name, data, ids = await _file_of(source, info, dest.update, event_ids, stamp)
+        report("upload", 0.0)
+        file_id = await exporter.upload_file(name, data)
+        report("upload", 1.0)
+        job_id = await exporter.publish_file(info, dest, file_id)
+        while True:
+            job = await exporter.job(job_id)
+            status = str(job.get("status", "")).upper()
+            report("job", min(1.0, float(job.get("progress") or 0) / 100))
+            if status in ("SUCCESS", "SUCCESSFUL"):
+                return FileJob(job_id, file_id, status, tuple(ids), dict(job.get("info") or {}))
+            if status in ("FAILURE", "FAILED", "REVOKED"):
+                raise FileJobError(
+                    f"job {job_id} of {dest.describe()} failed: "
+                    f"{job.get('error_reason') or status}: {job.get('error_message') or ''}",
+                    job_id=job_id,
+                    reason=str(job.get("error_reason") or ""),
+                )
+            await anyio.sleep(poll_interval)
+
+
+async def _file_of(
+    source: Any, info: ModelInfo, update: bool, event_ids: list[str] | None, stamp: int | None
+) -> tuple[str, bytes, list[str]]:
+    """The file to upload: (name, content, the ids placed in it when known)."""
+    if is_frame(source):
         data, ids = frame_to_parquet(
-            source, info, update=dest.update, event_ids=event_ids, stamp_millis=stamp
+            source, info, update=update, event_ids=event_ids, stamp_millis=stamp
         )
-        name = "events.parquet"
-    elif isinstance(source, str | os.PathLike):
+        return "events.parquet", data, ids
+    if isinstance(source, str | os.PathLike):
         path = Path(source)
         if path.suffix.lower() not in FILE_SUFFIXES:
             raise ValueError(f"{path}: a file to publish is one of {', '.join(FILE_SUFFIXES)}")
-        data, name = await anyio.Path(path).read_bytes(), path.name
-    else:
-        raise TypeError(
-            f"source must be a DataFrame, an Arrow table or a file path, "
-            f"got {type(source).__qualname__!r}"
-        )
-    report("upload", 0.0)
-    file_id = await exporter.upload_file(name, data)
-    report("upload", 1.0)
-    job_id = await exporter.publish_file(info, dest, file_id)
-    while True:
-        job = await exporter.job(job_id)
-        status = str(job.get("status", "")).upper()
-        report("job", min(1.0, float(job.get("progress") or 0) / 100))
-        if status in ("SUCCESS", "SUCCESSFUL"):
-            return FileJob(job_id, file_id, status, tuple(ids), dict(job.get("info") or {}))
-        if status in ("FAILURE", "FAILED", "REVOKED"):
-            raise FileJobError(
-                f"job {job_id} of {dest.describe()} failed: "
-                f"{job.get('error_reason') or status}: {job.get('error_message') or ''}",
-                job_id=job_id,
-                reason=str(job.get("error_reason") or ""),
-            )
-        await anyio.sleep(poll_interval)
+        return path.name, await anyio.Path(path).read_bytes(), []
+    raise TypeError(
+        f"source must be a DataFrame, an Arrow table or a file path, "
+        f"got {type(source).__qualname__!r}"
+    )
