@@ -132,10 +132,8 @@ class EventBuffer:
             return
         if not items:
             return
-        ledger, queue = self._ledger, lane.items
-        first = ledger.accepted + 1
-        queue.extend((seq, body, fixup) for seq, (body, fixup) in enumerate(items, first))
-        ledger.accepted += len(items)
+        first = self._ledger.reserve(len(items))
+        lane.items.extend((seq, body, fixup) for seq, (body, fixup) in enumerate(items, first))
         lane.bytes += size
         self.events += len(items)
         self.bytes += size

@@ -367,16 +367,10 @@ class AsyncPublisher:
         assert self._runner_scope is not None
         assert self._runner_done is not None
         assert self._closed is not None
-        if self._writer is not None:
-            self._writer.closing = True
         if self._replayer is not None:
             self._replayer.stop()
         self._runner_scope.cancel()
-        for lane, items in self._buffer.take_all():
-            if self._writer is not None:
-                self._writer.offer(lane.dest, items)
-            else:
-                self._ledger.settle(items, "dropped", "shutdown")
+        self._empty_queue()
         if not _in_background.get():  # else we would wait for the very task we run in
             with anyio.move_on_after(1.0):
                 await self._runner_done.wait()
@@ -389,11 +383,9 @@ class AsyncPublisher:
         self._state = _State.CLOSED
         self._closed.set()
 
-    def _abandoned(self) -> None:
-        """The loop ends without ``aclose()``: nothing can be sent any more. Spool what is
-        queued (blocking: it is the last chance) or count it dropped, and say so."""
-        self._state = _State.CLOSED
-        self._buffer.close()
+    def _empty_queue(self) -> None:
+        """At the end: hand what is still queued to the spool (which from now on keeps all it
+        is given, for its final drain), or count it dropped."""
         if self._writer is not None:
             self._writer.closing = True
         for lane, items in self._buffer.take_all():
@@ -401,6 +393,13 @@ class AsyncPublisher:
                 self._writer.offer(lane.dest, items)
             else:
                 self._ledger.settle(items, "dropped", "shutdown")
+
+    def _abandoned(self) -> None:
+        """The loop ends without ``aclose()``: nothing can be sent any more. Spool what is
+        queued (blocking: it is the last chance) or count it dropped, and say so."""
+        self._state = _State.CLOSED
+        self._buffer.close()
+        self._empty_queue()
         if self._writer is not None:
             self._writer.drain()
         if self._replayer is not None:
@@ -726,10 +725,9 @@ class AsyncPublisher:
     def _count_dropped(self, count: int, reason: str) -> None:
         """On the loop's thread: ``count`` events were accepted (ids returned) and dropped
         before they reached the queue (the sync Publisher's hand-off was full)."""
-        ledger = self._ledger
-        first = ledger.accepted + 1
-        ledger.accepted += count
-        ledger.settle([(seq,) for seq in range(first, first + count)], "dropped", reason)
+        first = self._ledger.reserve(count)
+        seqs = [(seq,) for seq in range(first, first + count)]
+        self._ledger.settle(seqs, "dropped", reason)
         self._log.warning(
             f"drop:{reason}", f"dropped {count} event(s): {reason} (waiting for the loop)"
         )

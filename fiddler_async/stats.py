@@ -133,6 +133,12 @@ class Ledger:
         self.accepted += 1
         return self.accepted
 
+    def reserve(self, count: int) -> int:
+        """Accept ``count`` events at once; the first of their sequence numbers."""
+        first = self.accepted + 1
+        self.accepted += count
+        return first
+
     def settle(
         self, items: Sequence[tuple[Any, ...]], outcome: Outcome, reason: str | None = None
     ) -> None:
