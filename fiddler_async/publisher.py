@@ -945,6 +945,13 @@ def _event_id_text(value: object) -> str:
     text = str(value)
     if not text:
         raise EventError("event_id must not be empty")
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError as exc:  # a lone surrogate: JSON cannot carry it
+            raise EventEncodeError(
+                f"event_id is not valid Unicode: {exc}", field="event_id"
+            ) from exc
     return text
 
 

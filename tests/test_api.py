@@ -102,6 +102,8 @@ async def test_bad_events_raise_at_the_caller_and_queue_nothing(inproc: InProces
             pub.publish_event_nowait("bank_churn", "bank_churn", {}, event_timestamp="noon")
         with pytest.raises(EventEncodeError, match="event_id"):
             pub.publish_event_nowait("bank_churn", "bank_churn", {}, event_id=["x"])  # type: ignore[arg-type]
+        with pytest.raises(EventEncodeError, match="event_id is not valid Unicode"):
+            pub.publish_event_nowait("bank_churn", "bank_churn", {}, event_id="a\ud800")
         with pytest.raises(ConfigurationError, match="env_type"):
             pub.publish_event_nowait("bank_churn", "bank_churn", {}, env_type="STAGING")
         with pytest.raises(ConfigurationError, match="env_name"):
@@ -133,6 +135,26 @@ async def test_a_batch_with_bad_events_names_each_and_queues_nothing(
             await pub.publish_events_batch(
                 "bank_churn", "bank_churn", [bank_event()] * 2, event_ids=["a"]
             )
+
+
+@anyio
+async def test_ids_and_times_given_before_the_lookup_arrive_intact(
+    inproc: InProcessFiddler,
+) -> None:
+    """Until its model is resolved, a queued event keeps its id and time inside its bytes,
+    between NUL markers: ids holding NULs, quotes, brackets or any Unicode must survive."""
+    ids = ["a\x00b", 'q"]\\', "\t[1,2]\x00", "é—😀", "x" * 300]
+    async with mock_publisher(inproc) as pub:
+        # No await between these calls, so the model's lookup cannot have completed: every
+        # one takes the pending path.
+        for i, event_id in enumerate(ids):
+            pub.publish_event_nowait(
+                "bank_churn", "bank_churn", bank_event(i), event_id=event_id, event_timestamp=i
+            )
+        assert (await pub.flush(5)).delivered == len(ids)
+    stored = inproc.stored()
+    assert [e["event_id"] for e in stored] == ids
+    assert [e["customer_id"] for e in stored] == [f"c{i}" for i in range(len(ids))]
 
 
 @anyio
