@@ -54,6 +54,7 @@ from .publish import EVENT, TOKEN, closed_port_url, percentiles, sink
 ROWS = {
     "fiddler_async nowait": "`fiddler_async` `publish_event_nowait`",
     "fiddler_async await": "`fiddler_async` `await publish_event`",
+    "fiddler_async batch": "`fiddler_async` `await publish_events_batch`, 1000 events per call",
     "fiddler-client stream": "`fiddler-client` `publish_stream`, 1 event per call",
     "fiddler-client chunks": "`fiddler-client` `publish_stream`, 1000 events per call",
     "segment": "`segment-analytics-python` (`upload_size=1000`)",
@@ -63,8 +64,8 @@ ROWS = {
     "naive httpx": "naive `await httpx.AsyncClient.post` per event",
 }
 PER_CALL_NETWORK = {"fiddler-client stream", "naive httpx"}
-BULK = {"fiddler-client chunks"}
-OURS = ("fiddler_async nowait", "fiddler_async await")
+BULK = {"fiddler-client chunks", "fiddler_async batch"}
+OURS = ("fiddler_async nowait", "fiddler_async await", "fiddler_async batch")
 
 
 def rss_bytes() -> int:
@@ -117,14 +118,25 @@ class Row:
 
 
 class FiddlerAsync(Row):
-    def __init__(self, url: str, awaited: bool) -> None:
+    def __init__(self, url: str, call: str) -> None:
         super().__init__(url)
         from fiddler_async import AsyncPublisher, PublisherConfig
 
         self.pub = AsyncPublisher(url, TOKEN, config=PublisherConfig(close_timeout=1.0))
+        if call == "batch":  # like fiddler-client's chunks: the caller gathers 1000 a call
+            self.batch = 1000
+            self.pending: list[dict[str, Any]] = []
+            self.publish = self.publish_batched  # type: ignore[method-assign]
+            return
         # The call itself, timed bare (a wrapper would cost as much as the call).
-        call = self.pub.publish_event if awaited else self.pub.publish_event_nowait
-        self.publish = functools.partial(call, "bank_churn", "bank_churn")  # type: ignore[method-assign]
+        method = self.pub.publish_event if call == "await" else self.pub.publish_event_nowait
+        self.publish = functools.partial(method, "bank_churn", "bank_churn")  # type: ignore[method-assign]
+
+    async def publish_batched(self, event: dict[str, Any]) -> None:
+        self.pending.append(event)
+        if len(self.pending) >= self.batch:
+            chunk, self.pending = self.pending, []
+            await self.pub.publish_events_batch("bank_churn", "bank_churn", chunk)
 
     async def start(self) -> None:
         await self.pub.start()
@@ -282,7 +294,7 @@ class Naive(Row):
 
 def make_row(name: str, url: str) -> Row:
     if name in OURS:
-        return FiddlerAsync(url, awaited=name.endswith("await"))
+        return FiddlerAsync(url, call=name.rpartition(" ")[2])
     if name.startswith("fiddler-client"):
         return FiddlerClient(url, chunk=1 if name.endswith("stream") else 1000)
     rows: dict[str, type[Row]] = {
@@ -466,9 +478,16 @@ def bars(results: dict[str, dict[str, dict[str, Any]]]) -> str:
         for name, r in results.items()
         if name not in OURS and "events_per_s" in r["healthy"]
     }
-    # fiddler-client's 1000-per-call row is a bulk upload the caller batches and waits for
-    # (milliseconds per call), not a per-event publisher: compared with apart.
+    # A row where the caller gathers 1000 events a call (and waits milliseconds for it) is
+    # compared with its kind: our batch call with fiddler-client's chunks, our per-event call
+    # with the per-event peers; and our best with the best of any kind, the strictest reading.
     per_event = {name: rate for name, rate in rates.items() if name not in BULK}
+    bulk = {name: rate for name, rate in rates.items() if name in BULK}
+    ours_rates = {
+        name: r["healthy"]["events_per_s"]
+        for name, r in results.items()
+        if name in OURS and "events_per_s" in r["healthy"]
+    }
     lines = [
         "| bar | goal | measured | met |",
         "|---|---|---|---|",
@@ -483,11 +502,18 @@ def bars(results: dict[str, dict[str, dict[str, Any]]]) -> str:
         if "p50_us" in r:
             bar(f"nowait p50, {label}", "≤ 3 µs", r["p50_us"], r["p50_us"] <= 3, " µs")
             bar(f"nowait p99, {label}", "≤ 15 µs", r["p99_us"], r["p99_us"] <= 15, " µs")
-    for what, among in (("per-event peer", per_event), ("row of any kind", rates)):
-        if among:
+    comparisons = [("nowait", "fiddler_async nowait", "per-event peer", per_event)]
+    if "fiddler_async batch" in ours_rates:
+        comparisons.append(("batch", "fiddler_async batch", "bulk peer", bulk))
+    if ours_rates:
+        best_ours = max(ours_rates, key=lambda name: ours_rates[name])
+        comparisons.append((best_ours.split()[-1], best_ours, "peer of any kind", rates))
+    for short, mine, what, among in comparisons:
+        if among and mine in ours_rates:
             best = max(among, key=lambda name: among[name])
-            ratio = healthy["events_per_s"] / among[best]
-            bar(f"events/s vs the best {what} ({best})", "≥ 5x", ratio, ratio >= 5, "x")
+            ratio = ours_rates[mine] / among[best]
+            label = f"events/s, {short} vs the best {what} ({best})"
+            bar(label, "≥ 5x", ratio, ratio >= 5, "x")
     cpu = healthy["cpu_us_per_event"]
     bar("client CPU per delivered event", "≤ 8 µs", cpu, cpu <= 8, " µs")
     if "bytes_per_buffered" in down:

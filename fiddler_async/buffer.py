@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import math
 from array import array
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Iterable
+from itertools import accumulate, islice, repeat
 
 import anyio
 import orjson
@@ -71,6 +73,7 @@ class Lane:
         "dest",
         "head",
         "in_flight",
+        "pending",
         "seqs",
         "since",
         "spooled",
@@ -81,6 +84,9 @@ class Lane:
         self.bodies: deque[bytes] = deque()
         self.seqs = array("q")
         self.head = 0
+        self.pending = 0
+        """How many queued events are pending (packed with a fix-up): while none are, events
+        are taken without looking at each."""
         self.bytes = 0
         self.since: float | None = None
         """When the oldest event still waiting here was queued (monotonic), None when empty."""
@@ -98,32 +104,26 @@ class Lane:
         """The sequence number of the oldest queued event (the lane must hold one)."""
         return self.seqs[self.head]
 
-    def push(self, seq: int, stored: bytes) -> None:
-        self.bodies.append(stored)
-        self.seqs.append(seq)
-
     def extend(self, first: int, stored: Iterable[bytes]) -> None:
         """Queue events numbered from ``first`` in order."""
         before = len(self.bodies)
         self.bodies.extend(stored)
         self.seqs.extend(range(first, first + len(self.bodies) - before))
 
-    def pop(self) -> Item:
-        """Remove and return the oldest queued event."""
-        seq = self.seqs[self.head]
-        self.head += 1
-        if self.head >= 4096 and self.head * 2 >= len(self.seqs):
-            del self.seqs[: self.head]  # amortised: drops at least as many as it moves
+    def take(self, count: int) -> list[Item]:
+        """Remove and return the ``count`` oldest queued events."""
+        head = self.head
+        seqs = self.seqs[head : head + count]
+        self.head = head = head + count
+        if head >= 4096 and head * 2 >= len(self.seqs):
+            del self.seqs[:head]  # amortised: drops at least as many as it moves
             self.head = 0
-        return unpack(seq, self.bodies.popleft())
-
-    def clear(self) -> list[Item]:
-        """Remove and return every queued event."""
-        seqs = self.seqs[self.head :]
-        items = [unpack(seq, stored) for seq, stored in zip(seqs, self.bodies, strict=True)]
-        self.bodies.clear()
-        del self.seqs[:]
-        self.head = 0
+        popleft = self.bodies.popleft
+        taken = [popleft() for _ in range(count)]
+        if not self.pending:
+            return list(zip(seqs, taken, repeat(None)))
+        items = [unpack(seq, stored) for seq, stored in zip(seqs, taken, strict=True)]
+        self.pending -= sum(1 for item in items if item[2] is not None)
         return items
 
     def holds_before(self, seq: int) -> bool:
@@ -190,6 +190,8 @@ class EventBuffer:
                 self._evict_until_fits(size)
             else:  # raise; and block, which cannot wait here
                 self._reject()
+        if fixup is not None:
+            lane.pending += 1
         ledger = self._ledger
         ledger.accepted += 1  # the next sequence number (Ledger.next_seq, inlined: hot path)
         self._append(lane, ledger.accepted, stored, size)
@@ -206,6 +208,7 @@ class EventBuffer:
         if not items:
             return
         lane.extend(self._ledger.reserve(len(items)), stored)
+        lane.pending += sum(1 for _, fixup in items if fixup is not None)
         lane.bytes += size
         self.events += len(items)
         self.bytes += size
@@ -218,6 +221,8 @@ class EventBuffer:
         """Queue an event, waiting up to ``timeout`` seconds for room (the ``block`` policy)."""
         stored = pack(body, fixup)
         await self.wait_for_room(1, len(stored), timeout)
+        if fixup is not None:
+            lane.pending += 1
         self._append(lane, self._ledger.next_seq(), stored, len(stored))
 
     def require_room(self, events: int, size: int) -> None:
@@ -262,7 +267,7 @@ class EventBuffer:
     def _append(self, lane: Lane, seq: int, stored: bytes, size: int) -> None:
         bodies = lane.bodies
         bodies.append(stored)
-        lane.seqs.append(seq)  # Lane.push, inlined: hot path
+        lane.seqs.append(seq)
         lane.bytes += size
         self.events += 1
         self.bytes += size
@@ -294,9 +299,8 @@ class EventBuffer:
             reason = self._full_reason()
             oldest = min(self._busy, key=Lane.first)
             size_out = len(oldest.bodies[0])
-            item = oldest.pop()
+            evicted.setdefault((oldest, reason), []).extend(oldest.take(1))
             self._forget(oldest, 1, size_out)
-            evicted.setdefault((oldest, reason), []).append(item)
         for (lane, reason), items in evicted.items():
             self._drop(lane, items, reason)
 
@@ -377,18 +381,22 @@ class EventBuffer:
     def take_batch(self, lane: Lane) -> list[Item]:
         """Remove up to one request's worth of events from the front of ``lane``."""
         bodies = lane.bodies
-        batch: list[Item] = []
-        size = 0
-        limit_events, limit_bytes = self._batch_events, self._batch_bytes
-        while bodies and len(batch) < limit_events:
-            next_size = len(bodies[0]) + 1  # and a comma
-            if batch and size + next_size > limit_bytes:
-                break
-            batch.append(lane.pop())
-            size += next_size
-        self._forget(lane, len(batch), size - len(batch))
-        if batch:
-            lane.in_flight.append(batch[0][0])
+        count = min(len(bodies), self._batch_events)
+        if not count:
+            return []
+        # A request holds the events and a comma each. Sizes are summed in C (accumulate),
+        # and only when the whole lane is not known to fit.
+        limit = self._batch_bytes
+        size = lane.bytes if count == len(bodies) else limit + 1
+        if size + count > limit:
+            sizes = list(accumulate(map(len, islice(bodies, count))))
+            if sizes[-1] + count > limit:  # the first k fit while sizes[k - 1] + k <= limit
+                fitting = bisect_right(range(count), limit, key=lambda k: sizes[k] + k + 1)
+                count = max(1, fitting)
+            size = sizes[count - 1]
+        batch = lane.take(count)
+        self._forget(lane, count, size)
+        lane.in_flight.append(batch[0][0])
         return batch
 
     def sent(self, lane: Lane, batch: list[Item]) -> None:
@@ -402,7 +410,7 @@ class EventBuffer:
         taken: list[tuple[Lane, list[Item]]] = []
         for lane in self._lanes.values():
             size = lane.bytes
-            batch = lane.clear()
+            batch = lane.take(len(lane.bodies))
             self._forget(lane, len(batch), size)
             if batch:
                 taken.append((lane, batch))

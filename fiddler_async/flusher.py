@@ -200,8 +200,11 @@ class Flusher:
             ledger.last_error = f"{type(exc).__name__}: {exc}"
             failures.append(DeliveryFailure.of(dest, batch, exc))
         else:
-            failed_ids = {id(item) for item, _ in failed}
-            ledger.settle([i for i in batch if id(i) not in failed_ids], "delivered")
+            if failed:
+                failed_ids = {id(item) for item, _ in failed}
+                ledger.settle([i for i in batch if id(i) not in failed_ids], "delivered")
+            else:
+                ledger.settle(batch, "delivered")
             if self._spill is not None:  # what only the backend's absence failed waits on disk
                 later = [item for item, error in failed if is_retryable(error)]
                 if later:

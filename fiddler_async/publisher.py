@@ -557,17 +557,27 @@ class AsyncPublisher:
         rows = _rows(events)
         ids = _aligned(event_ids, len(rows), "event_ids")
         times = _aligned(event_timestamps, len(rows), "event_timestamps")
-        prepared: list[tuple[bytes, Fixup | None, str]] = []
+        bodies: list[tuple[bytes, Fixup | None]] = []
+        returned: list[str] = []
         errors: dict[int, EventError] = {}
+        short = event_ids is None and event_timestamps is None and not update_event
         for index, row in enumerate(rows):
             try:
-                prepared.append(self._prepare(dest, row, ids[index], times[index]))
+                new = self._prepare_new(dest, row) if short else None
+                if new is not None:
+                    bodies.append((new[0], None))
+                    returned.append(new[1])
+                    continue
+                body, fixup, returned_id = self._prepare(dest, row, ids[index], times[index])
             except EventError as exc:
                 errors[index] = exc
+            else:
+                bodies.append((body, fixup))
+                returned.append(returned_id)
         if errors:
             raise EventBatchError(errors)
-        await self._queue_all(lane, [(body, fixup) for body, fixup, _ in prepared])
-        return [returned_id for _, _, returned_id in prepared]
+        await self._queue_all(lane, bodies)
+        return returned
 
     async def _queue_frame(
         self, dest: Destination, lane: Lane, frame: Any, event_ids: list[str] | None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, Literal
 
 import anyio
@@ -155,8 +156,12 @@ class Ledger:
         else:
             key = reason or "unknown"
             self.dropped[key] = self.dropped.get(key, 0) + count
+        newest = max(map(itemgetter(0), items)) if self._watches else 0
         for watch in self._watches:
-            mine = sum(1 for item in items if item[0] <= watch.last_seq)
+            if newest <= watch.last_seq:  # the usual case: all of them, without a loop of ours
+                mine = count
+            else:
+                mine = sum(1 for item in items if item[0] <= watch.last_seq)
             if not mine:
                 continue
             setattr(watch, outcome, getattr(watch, outcome) + mine)

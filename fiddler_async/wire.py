@@ -14,6 +14,7 @@ import platform
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from operator import itemgetter
 from typing import Any
 
 import anyio
@@ -461,53 +462,62 @@ class FiddlerV3Exporter:
         except Exception as exc:  # whatever it is, it is this batch's outcome
             return [(item, exc) for item in items]
         failed: list[tuple[Item, Exception]] = []
-        ready: list[tuple[Item, bytes]] = []
-        for item in items:
-            body, fixup = item[1], item[2]
-            if fixup is None:
-                ready.append((item, body))
-                continue
-            try:
-                ready.append((item, finalize_event(info, dest.update, body, fixup)))
-            except EventError as exc:
-                failed.append((item, exc))
+        if not any(map(itemgetter(2), items)):  # all final: the usual case, no loop of ours
+            ready, bodies = list(items), list(map(itemgetter(1), items))
+        else:
+            ready, bodies = [], []
+            for item in items:
+                body, fixup = item[1], item[2]
+                try:
+                    bodies.append(
+                        body if fixup is None else finalize_event(info, dest.update, body, fixup)
+                    )
+                except EventError as exc:
+                    failed.append((item, exc))
+                else:
+                    ready.append(item)
         # Events queued before the model was known grew when their id and time were placed,
         # so a batch can outgrow the byte limit here: then it goes out as several requests.
-        for chunk in _split_by_bytes(ready, self._max_batch_bytes):
-            budget = [4 * math.ceil(math.log2(len(chunk))) + 4] if len(chunk) > 1 else [0]
-            failed.extend(await self._send_isolating(info, dest, chunk, budget))
+        for start, end in _split_by_bytes(bodies, self._max_batch_bytes):
+            count = end - start
+            budget = [4 * math.ceil(math.log2(count)) + 4] if count > 1 else [0]
+            failed.extend(
+                await self._send_isolating(info, dest, ready[start:end], bodies[start:end], budget)
+            )
         return failed
 
     async def _send_isolating(
         self,
         info: ModelInfo,
         dest: Destination,
-        chunk: list[tuple[Item, bytes]],
+        items: list[Item],
+        bodies: list[bytes],
         budget: list[int],
     ) -> list[tuple[Item, Exception]]:
-        """Send ``chunk``; if the server refuses it as a whole for what it holds (400, 413,
-        422), send each half on its own, down to the events it refuses, so that one bad event
-        does not sink the others. Returns the events not delivered, with their errors.
+        """Send ``items`` (encoded as ``bodies``); if the server refuses them as a whole for
+        what they hold (400, 413, 422), send each half on its own, down to the events it
+        refuses, so that one bad event does not sink the others. Returns the events not
+        delivered, with their errors.
 
         ``budget`` bounds the extra requests per batch: about 4 per halving level, and 2 more
         each time a half is delivered (the split is finding good events). A refusal that is
         about the whole request, not some events, delivers no half and so stops after a few
         dozen requests instead of sending every event alone."""
         try:
-            await self._send(info, dest, [body for _, body in chunk])
+            await self._send(info, dest, bodies)
         except Exception as exc:  # one chunk's failure leaves the others delivered
             isolating = (
                 isinstance(exc, APIError)
                 and exc.status in POISON_STATUSES
-                and len(chunk) > 1
+                and len(items) > 1
                 and budget[0] >= 2
             )
             if not isolating:
-                return [(item, exc) for item, _ in chunk]
+                return [(item, exc) for item in items]
             budget[0] -= 2
-            middle = len(chunk) // 2
-            first = await self._send_isolating(info, dest, chunk[:middle], budget)
-            return first + await self._send_isolating(info, dest, chunk[middle:], budget)
+            mid = len(items) // 2
+            first = await self._send_isolating(info, dest, items[:mid], bodies[:mid], budget)
+            return first + await self._send_isolating(info, dest, items[mid:], bodies[mid:], budget)
         budget[0] += 2
         return []
 
@@ -539,17 +549,17 @@ def _not_acted_on(error: BaseException) -> bool:
     return isinstance(error, RateLimitedError | ServerError) and error.status in (429, 503)
 
 
-def _split_by_bytes(ready: list[tuple[Item, bytes]], limit: int) -> list[list[tuple[Item, bytes]]]:
-    chunks: list[list[tuple[Item, bytes]]] = []
-    current: list[tuple[Item, bytes]] = []
-    size = 0
-    for entry in ready:
-        grown = len(entry[1]) + 1  # and a comma
-        if current and size + grown > limit:
-            chunks.append(current)
-            current, size = [], 0
-        current.append(entry)
+def _split_by_bytes(bodies: list[bytes], limit: int) -> list[tuple[int, int]]:
+    """``bodies`` cut into runs (start, end) that each fit a request of ``limit`` bytes."""
+    if sum(map(len, bodies)) + len(bodies) <= limit:  # the usual case: one request
+        return [(0, len(bodies))] if bodies else []
+    runs: list[tuple[int, int]] = []
+    start, size = 0, 0
+    for index, body in enumerate(bodies):
+        grown = len(body) + 1  # and a comma
+        if index > start and size + grown > limit:
+            runs.append((start, index))
+            start, size = index, 0
         size += grown
-    if current:
-        chunks.append(current)
-    return chunks
+    runs.append((start, len(bodies)))
+    return runs
