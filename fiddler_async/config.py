@@ -42,6 +42,12 @@ class PublisherConfig(BaseModel):
     Every drop is counted by reason in ``stats()``."""
     block_timeout: float = Field(5.0, ge=0)
     """Longest wait of ``publish_event`` for room under the ``block`` policy."""
+    lookup_wait: float = Field(1.0, ge=0)
+    """Longest time ``publish_events_batch`` calls wait, all together, for a model's first
+    lookup (so that the ids they return are exact from the first batch). Past it, their events
+    are queued the way ``publish_event`` queues them, with the id and time columns placed once
+    the model is known, so that a server that does not answer never holds the caller. An
+    update batch without ``event_ids`` waits for the lookup regardless: it needs the id column."""
 
     # Batching
     max_batch_events: int = Field(MAX_EVENTS_PER_REQUEST, ge=1, le=MAX_EVENTS_PER_REQUEST)

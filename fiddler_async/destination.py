@@ -85,6 +85,8 @@ class ModelRef:
     project: str
     model: str
     info: ModelInfo | None = None
+    batch_wait_until: float | None = None
+    """Until when batch calls may wait for the first lookup (set by the first batch call)."""
 
     @property
     def label(self) -> str:

@@ -535,22 +535,19 @@ class AsyncPublisher:
         installed: see :mod:`fiddler_async.frames`).
 
         All events are checked before any is queued: if some are invalid, EventBatchError
-        lists each by position and nothing is queued. The first call for a model waits for the
+        lists each by position and nothing is queued. The first calls for a model wait for the
         model's lookup (then cached), so that the ids returned are the ones the events carry in
-        the model's id column, and updates without ``event_ids`` are keyed by that column.
+        the model's id column, and updates without ``event_ids`` are keyed by that column; but
+        for ``lookup_wait`` at most, except those updates (see :class:`PublisherConfig`).
         """
         if self._state is not _State.OPEN:
             raise self._not_open()
         dest, lane = self._route(project_id, model_id, env_type, env_name, update_event)
         if dest.model.info is None:
-            # Know the model's columns first, so that ids the events carry are the ids returned
-            # (and updates can be keyed by them): one lookup per model, then cached.
-            await self.resolve(project_id, model_id)
-            if self._state is not _State.OPEN:
-                raise self._not_open()
+            await self._await_lookup(dest.model, keyed=update_event and event_ids is None)
         if event_ids is not None:
             event_ids = list(event_ids)
-        if is_frame(events) and event_timestamps is None:
+        if is_frame(events) and event_timestamps is None and dest.model.info is not None:
             frame_ids = await self._queue_frame(dest, lane, events, event_ids)
             if frame_ids is not None:
                 return frame_ids
@@ -578,6 +575,24 @@ class AsyncPublisher:
             raise EventBatchError(errors)
         await self._queue_all(lane, bodies)
         return returned
+
+    async def _await_lookup(self, model: ModelRef, keyed: bool) -> None:
+        """Wait for ``model``'s first lookup, so that ids the events carry are the ids
+        returned: all batch calls together at most ``lookup_wait`` (then their events are
+        queued to be completed once it is known), or for as long as it takes when ``keyed``
+        (updates keyed by the id column, which cannot be found without it). A lookup that
+        fails within the wait (a wrong name, a refused token) raises here."""
+        if keyed:
+            await self.resolve(model.project, model.model)
+        else:
+            now = anyio.current_time()
+            if model.batch_wait_until is None:
+                model.batch_wait_until = now + self._config.lookup_wait
+            if model.batch_wait_until > now:
+                with anyio.move_on_after(model.batch_wait_until - now):
+                    await self.resolve(model.project, model.model)
+        if self._state is not _State.OPEN:
+            raise self._not_open()
 
     async def _queue_frame(
         self, dest: Destination, lane: Lane, frame: Any, event_ids: list[str] | None

@@ -320,6 +320,8 @@ class FiddlerV3Exporter:
         request = self._client.build_request(
             method, path, content=content, params=params, headers=headers, files=files
         )
+        if content is not None:
+            request.stream = _Body(content)  # Content-Length stays as httpx set it
         started = time.perf_counter()
         try:
             response = await self._client.send(request, stream=True)
@@ -539,6 +541,24 @@ class FiddlerV3Exporter:
             lambda retry: self._request(dest.method, EVENTS_PATH, retry=retry, content=payload),
             what=dest.describe(),
         )
+
+
+class _Body(httpx.AsyncByteStream):
+    """A request body sent as one chunk by a plain iterator. httpx's own is an async
+    generator: a request cancelled while sending (a close deadline) leaves it unfinished, and
+    trio warns when the garbage collector finds it after the run."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data: bytes | None = data
+
+    def __aiter__(self) -> _Body:
+        return self
+
+    async def __anext__(self) -> bytes:
+        data, self._data = self._data, None
+        if data is None:
+            raise StopAsyncIteration
+        return data
 
 
 def _not_acted_on(error: BaseException) -> bool:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import gc
+import socketserver
+import threading
+import warnings
+
 import anyio
 import anyio.lowlevel
 import httpx
@@ -208,6 +213,43 @@ async def test_a_batch_waiting_on_a_lookup_is_refused_if_the_publisher_closes(
     assert (stats.accepted, stats.pending) == (0, 0)
 
 
+async def test_a_batch_call_does_not_wait_out_a_lookup_the_server_cannot_answer(
+    fiddler: Emulator,
+) -> None:
+    """Batch calls wait for a model's first lookup only ``lookup_wait`` in all; past it their
+    events are queued like single ones, and placed and sent once the server answers."""
+    pl = pytest.importorskip("polars")
+    fiddler.set_faults(outage_seconds=3600, retry_after=0.05)  # every v3 request: 503
+    pub = loopback_publisher(
+        fiddler,
+        lookup_wait=0.2,
+        retry_max_attempts=1000,
+        retry_max_elapsed=60,
+        breaker_probe_interval=0.1,
+    )
+    async with pub:
+        # A guard, not a measure: without the bound, the first call would wait for the
+        # lookup's whole retry budget (60 s).
+        with anyio.fail_after(20):
+            first = await pub.publish_events_batch(
+                "bank_churn", "bank_churn", [bank_event(i) for i in range(3)]
+            )
+            second = await pub.publish_events_batch(
+                "bank_churn", "bank_churn", [bank_event(i) for i in range(3, 5)]
+            )
+            # A DataFrame too: without the model's columns, it goes row by row.
+            frame = pl.DataFrame([bank_event(5)])
+            third = await pub.publish_events_batch("bank_churn", "bank_churn", frame)
+        assert pub.stats().accepted == 6
+        assert pub.stats().delivered == 0
+        fiddler.set_faults(outage_until=0)
+        result = await pub.flush(30)
+        assert (result.delivered, result.failed) == (6, 0)
+    stored = fiddler.events()
+    assert [e["event_id"] for e in stored] == first + second + third
+    assert [e["customer_id"] for e in stored] == [f"c{i}" for i in range(6)]
+
+
 async def test_a_second_close_waits_only_its_own_timeout(fiddler: Emulator) -> None:
     fiddler.set_faults(script=["hang"])
     pub = loopback_publisher(fiddler)
@@ -323,3 +365,75 @@ async def test_a_callback_raising_system_exit_does_not_stop_delivery(fiddler: Em
         assert (await pub.flush(5)).failed == 1
         pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(2))
         assert (await pub.flush(5)).delivered == 1
+
+
+class _StallingServer(socketserver.ThreadingTCPServer):
+    """Answers the model lookups as the emulator did, then reads no request body: a publish
+    request's send blocks once the socket buffers are full."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, answers: dict[str, bytes]) -> None:
+        self.answers = answers
+        self.stop = threading.Event()
+        super().__init__(("127.0.0.1", 0), _StallingHandler)
+
+
+class _StallingHandler(socketserver.StreamRequestHandler):
+    server: _StallingServer
+
+    def handle(self) -> None:
+        while True:
+            request_line = self.rfile.readline().decode()
+            while self.rfile.readline() not in (b"\r\n", b""):
+                pass  # the headers
+            if not request_line.startswith("GET "):
+                self.server.stop.wait(30)  # a publish: its body is never read
+                return
+            path = request_line.split()[1].split("?")[0]
+            body = self.server.answers[path]
+            self.wfile.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_request_cut_off_mid_body_leaves_nothing_for_the_garbage_collector(
+    backend: str, fiddler: Emulator
+) -> None:
+    """A close deadline that cancels a request while its body is being sent leaves no
+    unfinished async generator behind (httpx's own body iterator is one; trio reports it as
+    a ResourceWarning when the garbage collector finds it after the run)."""
+    model_id = fiddler.model("bank_churn", "bank_churn").id
+    answers = {}
+    with httpx.Client(base_url=fiddler.url, headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+        for path in ("/v3/projects", "/v3/models", f"/v3/models/{model_id}"):
+            answers[path] = c.get(path).content
+    server = _StallingServer(answers)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+
+    async def main() -> None:
+        pub = AsyncPublisher(url, TOKEN, config=config(max_batch_bytes=32 * 1024 * 1024))
+        async with pub:
+            pub.publish_event_nowait("bank_churn", "bank_churn", {"text": "x" * 24_000_000})
+            await pub.resolve("bank_churn", "bank_churn")
+            await eventually(lambda: pub.stats().in_flight_requests == 1)
+            await pub.aclose(0.3)  # cancels the request in the middle of its body
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            anyio.run(main, backend=backend)
+            gc.collect()
+    finally:
+        server.stop.set()
+        server.shutdown()
+        server.server_close()
+    assert unfinished_generators(caught) == []
+
+
+def unfinished_generators(caught: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in caught if "garbage collected" in str(w.message)]
