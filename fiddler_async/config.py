@@ -47,7 +47,8 @@ class PublisherConfig(BaseModel):
     lookup (so that the ids they return are exact from the first batch). Past it, their events
     are queued the way ``publish_event`` queues them, with the id and time columns placed once
     the model is known, so that a server that does not answer never holds the caller. An
-    update batch without ``event_ids`` waits for the lookup regardless: it needs the id column."""
+    update batch with rows keyed by the id column (no ``event_ids``, or ``None`` entries)
+    waits for the lookup regardless: it needs that column."""
 
     # Batching
     max_batch_events: int = Field(MAX_EVENTS_PER_REQUEST, ge=1, le=MAX_EVENTS_PER_REQUEST)

@@ -26,7 +26,7 @@ import httpx
 
 from ._logging import RateLimitedLog, event, logger
 from .backfill import FileJob, ProgressCallback, publish_file
-from .buffer import EventBuffer, Fixup, Item, Lane
+from .buffer import EventBuffer, Fixup, Item, Lane, stored_size
 from .config import PublisherConfig
 from .destination import ENV_TYPES, Destination, ModelInfo, ModelRef
 from .encode import compact, encode_event, epoch_millis, new_event_id, splice_members
@@ -42,7 +42,7 @@ from .exceptions import (
 from .flusher import DeliveryFailure, Flusher
 from .frames import encode_frame, is_frame
 from .gate import Gate
-from .retry import RetryPolicy
+from .retry import RetryPolicy, is_retryable
 from .spool import Spool, SpoolKey
 from .spooler import Replayer, ReplayResult, SpoolWriter, dead_letter_lines
 from .stats import FlushResult, Ledger, StatsSnapshot
@@ -286,6 +286,8 @@ class AsyncPublisher:
         self._writer = self._replayer = None
         self._buffer = self._new_buffer()
         self._routes.clear()  # their lanes belonged to the old queue
+        for ref in self._models.values():
+            ref.batch_wait_until = None  # a time on the parent's loop clock
         self._client = self._exporter = self._flusher = None
         self._runner_scope = self._started = self._runner_done = self._closed = None
         self._state = _State.UNOPENED
@@ -543,10 +545,12 @@ class AsyncPublisher:
         if self._state is not _State.OPEN:
             raise self._not_open()
         dest, lane = self._route(project_id, model_id, env_type, env_name, update_event)
-        if dest.model.info is None:
-            await self._await_lookup(dest.model, keyed=update_event and event_ids is None)
         if event_ids is not None:
             event_ids = list(event_ids)
+        if dest.model.info is None:
+            # Rows of an update without an id of their own are keyed by the id column.
+            keyed = update_event and (event_ids is None or None in event_ids)
+            await self._await_lookup(dest.model, keyed)
         if is_frame(events) and event_timestamps is None and dest.model.info is not None:
             frame_ids = await self._queue_frame(dest, lane, events, event_ids)
             if frame_ids is not None:
@@ -581,18 +585,27 @@ class AsyncPublisher:
         returned: all batch calls together at most ``lookup_wait`` (then their events are
         queued to be completed once it is known), or for as long as it takes when ``keyed``
         (updates keyed by the id column, which cannot be found without it). A lookup that
-        fails within the wait (a wrong name, a refused token) raises here."""
+        failed for good (a wrong name, a refused token) raises here."""
+        exporter, flusher = self._exporter, self._flusher
+        assert exporter is not None
+        assert flusher is not None
         if keyed:
-            await self.resolve(model.project, model.model)
+            await exporter.resolve(model)
         else:
             now = anyio.current_time()
             if model.batch_wait_until is None:
                 model.batch_wait_until = now + self._config.lookup_wait
-            if model.batch_wait_until > now:
-                with anyio.move_on_after(model.batch_wait_until - now):
-                    await self.resolve(model.project, model.model)
+            if not exporter.looking_up(model):
+                flusher.look_up_soon(model)
+            # Waiting for the background lookup, not running one here: giving up at the
+            # deadline then cancels nothing of it.
+            with anyio.move_on_after(model.batch_wait_until - now):
+                await exporter.lookup_ended(model)
         if self._state is not _State.OPEN:
             raise self._not_open()
+        failure = exporter.lookup_failure(model)
+        if model.info is None and failure is not None and not is_retryable(failure):
+            raise failure
 
     async def _queue_frame(
         self, dest: Destination, lane: Lane, frame: Any, event_ids: list[str] | None
@@ -637,7 +650,7 @@ class AsyncPublisher:
         a refusal leaves none queued); the drop policies apply event by event."""
         buffer = self._buffer
         policy = self._config.overflow
-        size = sum(len(body) for body, _ in items)
+        size = sum(stored_size(body, fixup) for body, fixup in items)  # as the queue counts
         if policy == "block":
             await buffer.wait_for_room(len(items), size, self._config.block_timeout)
         elif policy == "raise":

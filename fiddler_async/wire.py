@@ -268,6 +268,7 @@ class FiddlerV3Exporter:
         self._retry = retry
         self._resolving: dict[int, anyio.Lock] = {}
         self._lookup_failures: dict[int, tuple[float, Exception]] = {}
+        self._lookup_ended: dict[int, anyio.Event] = {}
 
     # Requests
 
@@ -427,7 +428,25 @@ class FiddlerV3Exporter:
                 except Exception as exc:
                     self._lookup_failures[id(ref)] = (anyio.current_time(), exc)
                     raise
+                finally:
+                    ended = self._lookup_ended.pop(id(ref), None)
+                    if ended is not None:
+                        ended.set()
         return ref.info
+
+    def looking_up(self, ref: ModelRef) -> bool:
+        lock = self._resolving.get(id(ref))
+        return lock is not None and lock.locked()
+
+    async def lookup_ended(self, ref: ModelRef) -> None:
+        """Wait until a lookup of ``ref`` under way (or the next to start) ends, either way;
+        without taking part in it, so that a waiter giving up cancels nothing."""
+        ended = self._lookup_ended.setdefault(id(ref), anyio.Event())
+        await ended.wait()
+
+    def lookup_failure(self, ref: ModelRef) -> Exception | None:
+        """Why the last lookup of ``ref`` failed, if it did."""
+        return self._lookup_failures.get(id(ref), (0.0, None))[1]
 
     async def _lookup(self, ref: ModelRef, retry: int) -> ModelInfo:
         if _is_uuid(ref.model):

@@ -12,7 +12,7 @@ import anyio.lowlevel
 import httpx
 import pytest
 
-from fiddler_async import AsyncPublisher, DeliveryFailure, PublisherClosedError
+from fiddler_async import AsyncPublisher, DeliveryFailure, PublisherClosedError, QueueFullError
 from fiddler_async.emulator import Emulator
 
 from .conftest import (
@@ -22,6 +22,7 @@ from .conftest import (
     eventually,
     loopback_publisher,
     mock_publisher,
+    publishes,
 )
 from .in_process import TOKEN, InProcessFiddler
 
@@ -365,6 +366,64 @@ async def test_a_callback_raising_system_exit_does_not_stop_delivery(fiddler: Em
         assert (await pub.flush(5)).failed == 1
         pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(2))
         assert (await pub.flush(5)).delivered == 1
+
+
+async def test_a_batch_call_giving_up_on_the_lookup_leaves_it_running(
+    fiddler: Emulator,
+) -> None:
+    """The batch call waits for the lookup the background runs, so giving up at
+    ``lookup_wait`` cancels none of it: the model is looked up once."""
+    fiddler.set_faults(latency=0.2)  # three lookup requests: 0.6 s
+    async with loopback_publisher(fiddler, lookup_wait=0.05) as pub:
+        ids = await pub.publish_events_batch("bank_churn", "bank_churn", [bank_event(1)])
+        assert (await pub.flush(10)).delivered == 1
+    projects = [r for r in fiddler.requests() if r["path"] == "/v3/projects"]
+    assert len(projects) == 1
+    assert [e["event_id"] for e in fiddler.events()] == ids
+
+
+async def test_a_batch_is_all_or_nothing_when_its_lookup_is_late(fiddler: Emulator) -> None:
+    """Events queued before their model is known carry their id and time in the queue, and
+    the room a batch needs under ``raise`` counts those bytes: none queued, not some."""
+    fiddler.set_faults(outage_seconds=3600, retry_after=0.05)
+    async with loopback_publisher(
+        fiddler,
+        overflow="raise",
+        max_queue_bytes=1024,
+        max_batch_bytes=1024,
+        lookup_wait=0,
+        close_timeout=0.5,
+    ) as pub:
+        events = [bank_event(i) for i in range(4)]  # ~900 bytes as JSON; more with ids
+        with pytest.raises(QueueFullError, match="none queued"):
+            await pub.publish_events_batch("bank_churn", "bank_churn", events)
+        stats = pub.stats()
+        assert (stats.accepted, stats.rejected, stats.queued_events) == (0, 4, 0)
+
+
+async def test_an_update_batch_with_rows_keyed_by_their_column_waits_for_the_lookup(
+    fiddler: Emulator,
+) -> None:
+    """Rows of an update whose ``event_ids`` entry is None are keyed by the model's id column,
+    so that batch waits for the lookup even past ``lookup_wait``."""
+    fiddler.set_faults(outage_seconds=0.5, retry_after=0.05)
+    async with loopback_publisher(
+        fiddler, lookup_wait=0, retry_max_attempts=1000, breaker_probe_interval=0.1
+    ) as pub:
+        pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(1), event_id="given")
+        pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(2), event_id="carried")
+        rows = [{"churn": "yes"}, {"event_id": "carried", "churn": "no"}]
+        ids = await pub.publish_events_batch(
+            "bank_churn", "bank_churn", rows, update_event=True, event_ids=["given", None]
+        )
+        assert ids == ["given", "carried"]
+        assert (await pub.flush(10)).delivered == 4
+    patches = [r for r in publishes(fiddler) if r["method"] == "PATCH"]
+    assert sum(r["events"] for r in patches) == 2
+    assert {e["event_id"]: e.get("churn") for e in fiddler.events()} == {
+        "given": "yes",
+        "carried": "no",
+    }
 
 
 class _StallingServer(socketserver.ThreadingTCPServer):

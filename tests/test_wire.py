@@ -181,6 +181,15 @@ async def test_unknown_names_fail_with_not_found(inproc: InProcessFiddler) -> No
     assert failures[0].model == "nope"
 
 
+async def test_a_batch_for_an_unknown_model_raises_at_the_caller(inproc: InProcessFiddler) -> None:
+    """A lookup refused for good is the batch call's answer, each time; nothing is queued."""
+    async with mock_publisher(inproc) as pub:
+        for _ in range(2):
+            with pytest.raises(NotFoundError, match="model 'nope' not found"):
+                await pub.publish_events_batch("bank_churn", "nope", [bank_event(1)])
+        assert pub.stats().accepted == 0
+
+
 async def test_api_error_body_is_parsed_into_the_exception(inproc: InProcessFiddler) -> None:
     failures: list[DeliveryFailure] = []
     async with mock_publisher(inproc, on_error=failures.append) as pub:
