@@ -44,7 +44,8 @@ class PublisherConfig(BaseModel):
     """Longest wait of ``publish_event`` for room under the ``block`` policy."""
     lookup_wait: float = Field(1.0, ge=0)
     """Longest time ``publish_events_batch`` calls wait, all together, for a model's first
-    lookup (so that the ids they return are exact from the first batch). Past it, their events
+    lookup (so that the ids they return are exact from the first batch); a failed attempt of
+    the lookup ends the wait at once. Past it, their events
     are queued the way ``publish_event`` queues them, with the id and time columns placed once
     the model is known, so that a server that does not answer never holds the caller. An
     update batch with rows keyed by the id column (no ``event_ids``, or ``None`` entries)

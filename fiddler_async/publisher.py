@@ -582,8 +582,9 @@ class AsyncPublisher:
 
     async def _await_lookup(self, model: ModelRef, keyed: bool) -> None:
         """Wait for ``model``'s first lookup, so that ids the events carry are the ids
-        returned: all batch calls together at most ``lookup_wait`` (then their events are
-        queued to be completed once it is known), or for as long as it takes when ``keyed``
+        returned: all batch calls together at most ``lookup_wait``, and none once an attempt
+        of it failed (then their events are queued to be completed once it is known), or for
+        as long as it takes when ``keyed``
         (updates keyed by the id column, which cannot be found without it). A lookup that
         failed for good (a wrong name, a refused token) raises here."""
         exporter, flusher = self._exporter, self._flusher
@@ -598,9 +599,12 @@ class AsyncPublisher:
             if not exporter.looking_up(model):
                 flusher.look_up_soon(model)
             # Waiting for the background lookup, not running one here: giving up at the
-            # deadline then cancels nothing of it.
+            # deadline then cancels nothing of it. A failed attempt ends the wait too: the
+            # server is not answering well, and waiting for its retries would hold the caller.
             with anyio.move_on_after(model.batch_wait_until - now):
-                await exporter.lookup_ended(model)
+                await exporter.lookup_news(model)
+            if model.info is None:
+                model.batch_wait_until = now  # an attempt failed: later calls do not wait
         if self._state is not _State.OPEN:
             raise self._not_open()
         failure = exporter.lookup_failure(model)

@@ -268,7 +268,7 @@ class FiddlerV3Exporter:
         self._retry = retry
         self._resolving: dict[int, anyio.Lock] = {}
         self._lookup_failures: dict[int, tuple[float, Exception]] = {}
-        self._lookup_ended: dict[int, anyio.Event] = {}
+        self._lookup_news: dict[int, anyio.Event] = {}
 
     # Requests
 
@@ -423,26 +423,38 @@ class FiddlerV3Exporter:
                     raise error
                 try:
                     ref.info = await self._retry.call(
-                        lambda retry: self._lookup(ref, retry), what=f"resolve {ref.label}"
+                        lambda retry: self._attempt_lookup(ref, retry),
+                        what=f"resolve {ref.label}",
                     )
                 except Exception as exc:
                     self._lookup_failures[id(ref)] = (anyio.current_time(), exc)
                     raise
                 finally:
-                    ended = self._lookup_ended.pop(id(ref), None)
-                    if ended is not None:
-                        ended.set()
+                    self._tell_lookup_waiters(ref)
         return ref.info
+
+    async def _attempt_lookup(self, ref: ModelRef, retry: int) -> ModelInfo:
+        try:
+            return await self._lookup(ref, retry)
+        except Exception:
+            self._tell_lookup_waiters(ref)  # the server is not answering well now
+            raise
+
+    def _tell_lookup_waiters(self, ref: ModelRef) -> None:
+        news = self._lookup_news.pop(id(ref), None)
+        if news is not None:
+            news.set()
 
     def looking_up(self, ref: ModelRef) -> bool:
         lock = self._resolving.get(id(ref))
         return lock is not None and lock.locked()
 
-    async def lookup_ended(self, ref: ModelRef) -> None:
-        """Wait until a lookup of ``ref`` under way (or the next to start) ends, either way;
-        without taking part in it, so that a waiter giving up cancels nothing."""
-        ended = self._lookup_ended.setdefault(id(ref), anyio.Event())
-        await ended.wait()
+    async def lookup_news(self, ref: ModelRef) -> None:
+        """Wait until a lookup of ``ref`` under way (or the next to start) ends, either way,
+        or one of its attempts fails; without taking part in it, so that a waiter giving up
+        cancels nothing."""
+        news = self._lookup_news.setdefault(id(ref), anyio.Event())
+        await news.wait()
 
     def lookup_failure(self, ref: ModelRef) -> Exception | None:
         """Why the last lookup of ``ref`` failed, if it did."""

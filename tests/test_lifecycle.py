@@ -214,22 +214,24 @@ async def test_a_batch_waiting_on_a_lookup_is_refused_if_the_publisher_closes(
     assert (stats.accepted, stats.pending) == (0, 0)
 
 
+@pytest.mark.parametrize("lookup_wait", [0.2, 3600])
 async def test_a_batch_call_does_not_wait_out_a_lookup_the_server_cannot_answer(
-    fiddler: Emulator,
+    fiddler: Emulator, lookup_wait: float
 ) -> None:
-    """Batch calls wait for a model's first lookup only ``lookup_wait`` in all; past it their
-    events are queued like single ones, and placed and sent once the server answers."""
+    """Batch calls wait for a model's first lookup only ``lookup_wait`` in all, and not past
+    a failed attempt; then their events are queued like single ones, and placed and sent
+    once the server answers."""
     pl = pytest.importorskip("polars")
     fiddler.set_faults(outage_seconds=3600, retry_after=0.05)  # every v3 request: 503
     pub = loopback_publisher(
         fiddler,
-        lookup_wait=0.2,
+        lookup_wait=lookup_wait,
         retry_max_attempts=1000,
         retry_max_elapsed=60,
         breaker_probe_interval=0.1,
     )
     async with pub:
-        # A guard, not a measure: without the bound, the first call would wait for the
+        # A guard, not a measure: without the bounds, the first call would wait for the
         # lookup's whole retry budget (60 s).
         with anyio.fail_after(20):
             first = await pub.publish_events_batch(
