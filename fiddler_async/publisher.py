@@ -596,6 +596,8 @@ class AsyncPublisher:
             now = anyio.current_time()
             if model.batch_wait_until is None:
                 model.batch_wait_until = now + self._config.lookup_wait
+            if exporter.backend_down:
+                model.batch_wait_until = now  # requests are failing: the lookup would too
             if not exporter.looking_up(model):
                 flusher.look_up_soon(model)
             # Waiting for the background lookup, not running one here: giving up at the

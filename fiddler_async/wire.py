@@ -445,6 +445,11 @@ class FiddlerV3Exporter:
         if news is not None:
             news.set()
 
+    @property
+    def backend_down(self) -> bool:
+        """Whether the circuit breaker is open: requests are failing for want of the backend."""
+        return self._gate.open
+
     def looking_up(self, ref: ModelRef) -> bool:
         lock = self._resolving.get(id(ref))
         return lock is not None and lock.locked()

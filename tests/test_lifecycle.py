@@ -370,6 +370,26 @@ async def test_a_callback_raising_system_exit_does_not_stop_delivery(fiddler: Em
         assert (await pub.flush(5)).delivered == 1
 
 
+async def test_a_batch_call_does_not_wait_while_the_breaker_is_open(fiddler: Emulator) -> None:
+    """With the circuit breaker open, the lookup's next attempt waits for the probe interval:
+    a batch call does not wait for it."""
+    fiddler.set_faults(outage_seconds=3600, retry_after=0.01)
+    async with loopback_publisher(
+        fiddler,
+        lookup_wait=3600,
+        breaker_threshold=1,
+        breaker_probe_interval=3600,
+        retry_max_attempts=1000,
+        close_timeout=0.5,
+    ) as pub:
+        pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(0))  # starts the lookup
+        await eventually(lambda: pub.stats().responses.get("503", 0) >= 1)
+        with anyio.fail_after(20):  # a guard: the lookup's next attempt is an hour away
+            ids = await pub.publish_events_batch("bank_churn", "bank_churn", [bank_event(1)])
+        assert len(ids) == 1
+        assert pub.stats().accepted == 2
+
+
 async def test_a_batch_call_giving_up_on_the_lookup_leaves_it_running(
     fiddler: Emulator,
 ) -> None:
