@@ -28,7 +28,7 @@ from .destination import Destination
 from .exceptions import PublisherClosedError, QueueFullError
 from .stats import Ledger
 
-__all__ = ["EventBuffer", "Fixup", "Item", "Lane", "stored_size"]
+__all__ = ["EventBuffer", "Fixup", "Item", "Lane", "pack"]
 
 Fixup = tuple[str | None, int | None, int]
 """For an event queued before its model was resolved: (event id, timestamp in epoch ms, flags),
@@ -47,11 +47,6 @@ def pack(body: bytes, fixup: Fixup | None) -> bytes:
     if fixup is None:
         return body
     return b"".join((b"\0", orjson.dumps(fixup), b"\0", body))
-
-
-def stored_size(body: bytes, fixup: Fixup | None) -> int:
-    """The bytes an event takes in the queue: ``len(pack(body, fixup))``."""
-    return len(body) if fixup is None else len(body) + len(orjson.dumps(fixup)) + 2
 
 
 def unpack(seq: int, stored: bytes) -> Item:
@@ -239,7 +234,7 @@ class EventBuffer:
 
     async def put(self, lane: Lane, body: bytes, fixup: Fixup | None, timeout: float) -> None:
         """Queue an event, waiting up to ``timeout`` seconds for room (the ``block`` policy)."""
-        await self.wait_for_room(1, stored_size(body, fixup), timeout)
+        await self.wait_for_room(1, len(pack(body, fixup)), timeout)
         self.offer(lane, body, fixup)  # it fits now
 
     def require_room(self, events: int, size: int) -> None:

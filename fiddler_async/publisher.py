@@ -26,7 +26,7 @@ import httpx
 
 from ._logging import RateLimitedLog, event, logger
 from .backfill import FileJob, ProgressCallback, publish_file
-from .buffer import EventBuffer, Fixup, Item, Lane, stored_size
+from .buffer import EventBuffer, Fixup, Item, Lane, pack
 from .config import PublisherConfig
 from .destination import ENV_TYPES, Destination, ModelInfo, ModelRef
 from .encode import compact, encode_event, epoch_millis, new_event_id, splice_members
@@ -584,9 +584,9 @@ class AsyncPublisher:
         """Wait for ``model``'s first lookup, so that ids the events carry are the ids
         returned: all batch calls together at most ``lookup_wait``, and none once an attempt
         of it failed (then their events are queued to be completed once it is known), or for
-        as long as it takes when ``keyed``
-        (updates keyed by the id column, which cannot be found without it). A lookup that
-        failed for good (a wrong name, a refused token) raises here."""
+        as long as it takes when ``keyed`` (updates keyed by the id column, which cannot be
+        found without it). A lookup that failed for good (a wrong name, a refused token)
+        raises here."""
         exporter, flusher = self._exporter, self._flusher
         assert exporter is not None
         assert flusher is not None
@@ -656,7 +656,7 @@ class AsyncPublisher:
         a refusal leaves none queued); the drop policies apply event by event."""
         buffer = self._buffer
         policy = self._config.overflow
-        size = sum(stored_size(body, fixup) for body, fixup in items)  # as the queue counts
+        size = sum(len(pack(body, fixup)) for body, fixup in items)  # as the queue counts
         if policy == "block":
             await buffer.wait_for_room(len(items), size, self._config.block_timeout)
         elif policy == "raise":
