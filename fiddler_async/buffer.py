@@ -211,21 +211,24 @@ class EventBuffer:
         elif count == self._batch_events or (lane.bytes >= self._batch_bytes > lane.bytes - size):
             self.wake()
 
-    def offer_all(self, lane: Lane, items: list[tuple[bytes, Fixup | None]]) -> None:
-        """Queue many events in order: at once when all fit, else one by one under the
-        overflow policy."""
-        stored = [pack(body, fixup) for body, fixup in items]
+    def offer_all(
+        self, lane: Lane, bodies: list[bytes], fixups: list[Fixup | None] | None = None
+    ) -> None:
+        """Queue many events in order (``fixups`` beside ``bodies``; None when all are
+        final): at once when all fit, else one by one under the overflow policy."""
+        stored = bodies if fixups is None else list(map(pack, bodies, fixups))
         size = sum(map(len, stored))
-        if not self.fits(len(items), size):
-            for body, fixup in items:
+        if not self.fits(len(stored), size):
+            for body, fixup in zip(bodies, fixups or repeat(None), strict=False):
                 self.offer(lane, body, fixup)
             return
-        if not items:
+        if not stored:
             return
-        lane.extend(self._ledger.reserve(len(items)), stored)
-        lane.pending += sum(1 for _, fixup in items if fixup is not None)
+        lane.extend(self._ledger.reserve(len(stored)), stored)
+        if fixups is not None:
+            lane.pending += len(fixups) - fixups.count(None)
         lane.bytes += size
-        self.events += len(items)
+        self.events += len(stored)
         self.bytes += size
         if lane.since is None:
             lane.since = self.clock()

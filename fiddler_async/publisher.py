@@ -556,28 +556,35 @@ class AsyncPublisher:
             if frame_ids is not None:
                 return frame_ids
         rows = _rows(events)
+        short = event_ids is None and event_timestamps is None and not update_event
+        new = self._prepare_rows_new(dest, rows) if short else None
+        if new is not None:
+            await self._queue_all(lane, new[0])
+            return new[1]
         ids = _aligned(event_ids, len(rows), "event_ids")
         times = _aligned(event_timestamps, len(rows), "event_timestamps")
-        bodies: list[tuple[bytes, Fixup | None]] = []
+        bodies: list[bytes] = []
+        fixups: list[Fixup | None] = []
         returned: list[str] = []
         errors: dict[int, EventError] = {}
-        short = event_ids is None and event_timestamps is None and not update_event
         for index, row in enumerate(rows):
             try:
-                new = self._prepare_new(dest, row) if short else None
-                if new is not None:
-                    bodies.append((new[0], None))
-                    returned.append(new[1])
+                one = self._prepare_new(dest, row) if short else None
+                if one is not None:
+                    bodies.append(one[0])
+                    fixups.append(None)
+                    returned.append(one[1])
                     continue
                 body, fixup, returned_id = self._prepare(dest, row, ids[index], times[index])
             except EventError as exc:
                 errors[index] = exc
             else:
-                bodies.append((body, fixup))
+                bodies.append(body)
+                fixups.append(fixup)
                 returned.append(returned_id)
         if errors:
             raise EventBatchError(errors)
-        await self._queue_all(lane, bodies)
+        await self._queue_all(lane, bodies, fixups)
         return returned
 
     async def _await_lookup(self, model: ModelRef, keyed: bool) -> None:
@@ -647,21 +654,26 @@ class AsyncPublisher:
                 errors[index] = exc
         if errors:
             raise EventBatchError(errors)
-        await self._queue_all(lane, [(body, None) for body in encoded.bodies])
+        await self._queue_all(lane, encoded.bodies)
         return encoded.ids
 
-    async def _queue_all(self, lane: Lane, items: list[tuple[bytes, Fixup | None]]) -> None:
-        """Queue a batch call's events under the overflow policy: ``block`` waits for room for
-        all of them and ``raise`` refuses all unless all fit (so a timeout, a cancellation or
-        a refusal leaves none queued); the drop policies apply event by event."""
+    async def _queue_all(
+        self, lane: Lane, bodies: list[bytes], fixups: list[Fixup | None] | None = None
+    ) -> None:
+        """Queue a batch call's events (``fixups`` beside ``bodies``; None when all are final)
+        under the overflow policy: ``block`` waits for room for all of them and ``raise``
+        refuses all unless all fit (so a timeout, a cancellation or a refusal leaves none
+        queued); the drop policies apply event by event."""
         buffer = self._buffer
         policy = self._config.overflow
-        size = sum(len(pack(body, fixup)) for body, fixup in items)  # as the queue counts
-        if policy == "block":
-            await buffer.wait_for_room(len(items), size, self._config.block_timeout)
-        elif policy == "raise":
-            buffer.require_room(len(items), size)
-        buffer.offer_all(lane, items)
+        if policy in ("block", "raise"):
+            stored = bodies if fixups is None else map(pack, bodies, fixups)
+            size = sum(map(len, stored))  # as the queue counts
+            if policy == "block":
+                await buffer.wait_for_room(len(bodies), size, self._config.block_timeout)
+            else:
+                buffer.require_room(len(bodies), size)
+        buffer.offer_all(lane, bodies, fixups)
 
     async def publish_file(
         self,
@@ -883,6 +895,50 @@ class AsyncPublisher:
         if len(body) >= self._max_event_bytes:
             self._check_size(body)  # raises, with the message
         return body, ids.prefix + digits.decode()
+
+    def _prepare_rows_new(
+        self, dest: Destination, rows: list[Mapping[str, Any]]
+    ) -> tuple[list[bytes], list[str]] | None:
+        """:meth:`_prepare_new` for all the rows of a batch call at once, for a model with
+        both an id and a time column: what is the same for every row is worked out once (one
+        publish time for the call, as for a DataFrame). None unless every row is that case
+        and encodes within the size limit; the rows then go one by one, which names a bad
+        one."""
+        info = dest.model.info
+        if info is None or not self._stamping:
+            return None
+        id_col, ts_col = info.event_id_col, info.event_ts_col
+        if id_col is None or ts_col is None:
+            return None
+        ids = new_event_id
+        head, prefix_bytes, counter, mask = (
+            info.new_event_head,
+            ids.prefix_bytes,
+            ids.counter,
+            ids.MASK,
+        )
+        after = info.after_new_id + self._stamp(info)
+        between = after + b","
+        bodies: list[bytes] = []
+        digits: list[bytes] = []
+        join = b"".join
+        for row in rows:
+            if type(row) is not dict or id_col in row or ts_col in row:
+                return None
+            try:
+                encoded = encode_event(row)
+            except EventError:
+                return None
+            number = b"%012x" % (next(counter) & mask)
+            if len(encoded) > 2:
+                bodies.append(join((head, prefix_bytes, number, between, encoded[1:])))
+            else:  # {}
+                bodies.append(join((head, prefix_bytes, number, after, b"}")))
+            digits.append(number)
+        if bodies and max(map(len, bodies)) >= self._max_event_bytes:
+            return None
+        prefix = ids.prefix
+        return bodies, [prefix + number.decode() for number in digits]
 
     def _stamp(self, info: ModelInfo) -> bytes:
         """The publish time in the model's format; made once per millisecond and model."""

@@ -138,6 +138,31 @@ async def test_a_batch_with_bad_events_names_each_and_queues_nothing(
 
 
 @anyio
+async def test_a_batch_of_plain_rows_is_stamped_whole_and_mixed_rows_one_by_one(
+    inproc: InProcessFiddler,
+) -> None:
+    """Rows without an id or time of their own, for a resolved model, are prepared together
+    with one publish time (an empty row too); a batch where one row carries its own id goes
+    row by row, and both keep every row, in order, under the id returned for it."""
+    async with mock_publisher(inproc) as pub:
+        await pub.resolve("bank_churn", "bank_churn")
+        plain = await pub.publish_events_batch(
+            "bank_churn", "bank_churn", [bank_event(0), {}, bank_event(2)]
+        )
+        mixed = await pub.publish_events_batch(
+            "bank_churn", "bank_churn", [bank_event(3), {**bank_event(4), "event_id": "own"}, {}]
+        )
+        assert (await pub.flush(5)).delivered == 6
+    assert len(set(plain + mixed)) == 6
+    assert mixed[1] == "own"
+    stored = inproc.stored()
+    assert [e["event_id"] for e in stored] == plain + mixed
+    assert [e.get("customer_id") for e in stored] == ["c0", None, "c2", "c3", "c4", None]
+    assert set(stored[1]) == {"event_id", "timestamp"}
+    assert len({e["timestamp"] for e in stored[:3]}) == 1
+
+
+@anyio
 async def test_ids_and_times_given_before_the_lookup_arrive_intact(
     inproc: InProcessFiddler,
 ) -> None:
