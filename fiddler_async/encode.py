@@ -31,13 +31,23 @@ import orjson
 
 from .exceptions import EventEncodeError, EventError
 
-__all__ = ["compact", "encode_event", "epoch_millis", "new_event_id", "splice_members"]
+__all__ = [
+    "ENCODE_OPTIONS",
+    "compact",
+    "encode_default",
+    "encode_event",
+    "epoch_millis",
+    "new_event_id",
+    "splice_members",
+]
 
-_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_PASSTHROUGH_DATETIME
+# What encode_event passes to orjson. Public for the publish hot path, which calls orjson with
+# them directly and falls back to encode_event for its error (a Python call is ~5% of it).
+ENCODE_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_PASSTHROUGH_DATETIME
 _dumps = orjson.dumps
 
 
-def _default(value: Any) -> Any:
+def encode_default(value: Any) -> Any:
     """orjson's fallback for the types it does not encode natively (or the way we want)."""
     if isinstance(value, (dt.datetime, dt.date, dt.time)):
         # pandas.NaT is a datetime that is not equal to itself.
@@ -67,7 +77,7 @@ def encode_event(event: Mapping[str, Any]) -> bytes:
             )
         event = dict(event)
     try:
-        return _dumps(event, default=_default, option=_OPTIONS)
+        return _dumps(event, default=encode_default, option=ENCODE_OPTIONS)
     except TypeError as exc:
         raise _explain(event, exc) from None
 
@@ -98,7 +108,7 @@ def _find_bad_value(value: Any, path: str) -> tuple[str | None, str]:
                 return found
         return None, ""
     try:
-        _dumps(value, default=_default, option=_OPTIONS)
+        _dumps(value, default=encode_default, option=ENCODE_OPTIONS)
     except TypeError as exc:
         cause = exc.__cause__ or exc
         return path, str(cause)

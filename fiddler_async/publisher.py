@@ -23,13 +23,22 @@ from typing import Any
 
 import anyio
 import httpx
+import orjson
 
 from ._logging import RateLimitedLog, event, logger
 from .backfill import FileJob, ProgressCallback, publish_file
 from .buffer import EventBuffer, Fixup, Item, Lane, pack
 from .config import PublisherConfig
 from .destination import ENV_TYPES, Destination, ModelInfo, ModelRef
-from .encode import compact, encode_event, epoch_millis, new_event_id, splice_members
+from .encode import (
+    ENCODE_OPTIONS,
+    compact,
+    encode_default,
+    encode_event,
+    epoch_millis,
+    new_event_id,
+    splice_members,
+)
 from .exceptions import (
     ConfigurationError,
     EventBatchError,
@@ -63,6 +72,9 @@ class _State(enum.Enum):
     CLOSING = "closing"
     CLOSED = "closed"
 
+
+# (millis, model, head, between, empty): see AsyncPublisher._renew_new_parts.
+_NewParts = tuple[int, "ModelInfo | None", bytes, bytes, bytes]
 
 # True in the background task and the tasks it starts (e.g. an on_error callback), so that an
 # aclose() called from there does not wait for the task it runs in.
@@ -166,6 +178,7 @@ class AsyncPublisher:
         self._ledger = Ledger()
         self._log = RateLimitedLog(self._config.log_interval)
         self._last_stamp: tuple[int, ModelInfo | None, bytes] = (-1, None, b"")
+        self._new_parts: _NewParts = (-1, None, b"", b"", b"")
         # Read on the hot path: plain attributes are quicker than the config's.
         self._stamping = self._config.stamp_publish_time
         self._max_event_bytes = self._config.max_batch_bytes  # an event and its comma must fit
@@ -286,6 +299,7 @@ class AsyncPublisher:
         self._writer = self._replayer = None
         self._buffer = self._new_buffer()
         self._routes.clear()  # their lanes belonged to the old queue
+        self._new_parts = (-1, None, b"", b"", b"")  # the child's ids have a prefix of their own
         for ref in self._models.values():
             ref.batch_wait_until = None  # a time on the parent's loop clock
         self._client = self._exporter = self._flusher = None
@@ -869,25 +883,25 @@ class AsyncPublisher:
         id_col, ts_col = info.event_id_col, info.event_ts_col
         if (id_col is not None and id_col in event) or (ts_col is not None and ts_col in event):
             return None
-        encoded = encode_event(event)
+        try:
+            encoded = orjson.dumps(event, default=encode_default, option=ENCODE_OPTIONS)
+        except TypeError:
+            encoded = encode_event(event)  # raises, naming the field
         ids = new_event_id
         digits = b"%012x" % (next(ids.counter) & ids.MASK)
-        prefix_bytes = ids.prefix_bytes
         if id_col is not None and ts_col is not None and self._stamping:
+            millis = int(time.time() * 1000)
+            parts = self._new_parts
+            if parts[0] != millis or parts[1] is not info:
+                parts = self._renew_new_parts(info, millis)
             # Joined once into an exact-size object. The id is ASCII letters, digits and
-            # dashes (nothing to escape); the event's own members follow.
-            body = b"".join(
-                (
-                    info.new_event_head,
-                    prefix_bytes,
-                    digits,
-                    info.after_new_id,
-                    self._stamp(info),
-                    b"" if encoded == b"{}" else b",",
-                    encoded[1:],
-                )
-            )
+            # dashes (nothing to escape).
+            if len(encoded) > 2:
+                body = b"".join((parts[2], digits, parts[3], encoded[1:]))
+            else:  # {}
+                body = b"".join((parts[2], digits, parts[4]))
         else:
+            prefix_bytes = ids.prefix_bytes
             head = [] if id_col is None else [b'%s"%s%s"' % (info.id_key, prefix_bytes, digits)]
             if ts_col is not None and self._stamping:
                 head.append(info.ts_key + self._stamp(info))
@@ -910,35 +924,40 @@ class AsyncPublisher:
         id_col, ts_col = info.event_id_col, info.event_ts_col
         if id_col is None or ts_col is None:
             return None
-        ids = new_event_id
-        head, prefix_bytes, counter, mask = (
-            info.new_event_head,
-            ids.prefix_bytes,
-            ids.counter,
-            ids.MASK,
-        )
-        after = info.after_new_id + self._stamp(info)
-        between = after + b","
+        _, _, head, between, empty = self._renew_new_parts(info, int(time.time() * 1000))
+        counter, mask = new_event_id.counter, new_event_id.MASK
         bodies: list[bytes] = []
         digits: list[bytes] = []
-        join = b"".join
+        join, dumps = b"".join, orjson.dumps
         for row in rows:
             if type(row) is not dict or id_col in row or ts_col in row:
                 return None
             try:
-                encoded = encode_event(row)
-            except EventError:
+                encoded = dumps(row, default=encode_default, option=ENCODE_OPTIONS)
+            except TypeError:
                 return None
             number = b"%012x" % (next(counter) & mask)
-            if len(encoded) > 2:
-                bodies.append(join((head, prefix_bytes, number, between, encoded[1:])))
-            else:  # {}
-                bodies.append(join((head, prefix_bytes, number, after, b"}")))
+            bodies.append(
+                join((head, number, between, encoded[1:]))
+                if len(encoded) > 2
+                else join((head, number, empty))
+            )
             digits.append(number)
         if bodies and max(map(len, bodies)) >= self._max_event_bytes:
             return None
-        prefix = ids.prefix
+        prefix = new_event_id.prefix
         return bodies, [prefix + number.decode() for number in digits]
+
+    def _renew_new_parts(self, info: ModelInfo, millis: int) -> _NewParts:
+        """What the body of a new event is joined from, for ``info`` at ``millis``: the
+        head up to its id's counter digits (``{"<id column>":"<id prefix>``); what follows
+        them (``","<time column>":<time>,``), the event's own members coming next; and what
+        follows them in an empty event (``...<time>}``). Made once per millisecond and
+        model, and kept for the calls in the same millisecond."""
+        after = info.after_new_id + info.timestamp_json(millis)
+        head = info.new_event_head + new_event_id.prefix_bytes
+        self._new_parts = parts = (millis, info, head, after + b",", after + b"}")
+        return parts
 
     def _stamp(self, info: ModelInfo) -> bytes:
         """The publish time in the model's format; made once per millisecond and model."""

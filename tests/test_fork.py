@@ -47,6 +47,7 @@ def in_child(pub: AsyncPublisher) -> int:
 async def test_events_published_in_a_forked_child_arrive(fiddler: Emulator) -> None:
     pub = AsyncPublisher(fiddler.url, TOKEN, config=config(linger=3600))
     await pub.start()
+    await pub.resolve("bank_churn", "bank_churn")  # the parent's ids are made the short way
     for i in range(3):  # queued in the parent when it forks
         pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(i))
     pid = os.fork()
@@ -60,5 +61,10 @@ async def test_events_published_in_a_forked_child_arrive(fiddler: Emulator) -> N
     _, status = await anyio.to_thread.run_sync(os.waitpid, pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert (await pub.aclose(10)).delivered == 3  # the parent still sends its own
-    customers = sorted(e["customer_id"] for e in fiddler.events())
+    events = fiddler.events()
+    customers = sorted(e["customer_id"] for e in events)
     assert customers == ["c0", "c1", "c100", "c101", "c102", "c103", "c104", "c2"]
+    # Ids are a per-process random prefix and a counter: the child's must not be the parent's.
+    parent = {e["event_id"][:24] for e in events if e["customer_id"] in ("c0", "c1", "c2")}
+    child = {e["event_id"][:24] for e in events} - parent
+    assert len(parent) == len(child) == 1
