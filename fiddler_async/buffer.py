@@ -216,10 +216,13 @@ class EventBuffer:
     ) -> None:
         """Queue many events in order (``fixups`` beside ``bodies``; None when all are
         final): at once when all fit, else one by one under the overflow policy."""
-        stored = bodies if fixups is None else list(map(pack, bodies, fixups))
+        if fixups is None:
+            stored = bodies
+        else:
+            stored = [pack(body, fixup) for body, fixup in zip(bodies, fixups, strict=True)]
         size = sum(map(len, stored))
         if not self.fits(len(stored), size):
-            for body, fixup in zip(bodies, fixups or repeat(None), strict=False):
+            for body, fixup in zip(bodies, fixups or [None] * len(bodies), strict=True):
                 self.offer(lane, body, fixup)
             return
         if not stored:

@@ -174,9 +174,9 @@ class _EventIds:
         os.register_at_fork(after_in_child=self.renew)
 
     def renew(self) -> None:
-        # Plain attributes, read by the hot path that builds an id in place
-        # (publisher._prepare_new): the id is the prefix and the counter's low 48 bits in 12
-        # hex digits.
+        # Plain attributes, read by the hot paths that build ids in place (the publisher's
+        # _prepare_new and _prepare_rows_new, which keep prefix_bytes in a cache checked by
+        # identity): the id is the prefix and the counter's low 48 bits in 12 hex digits.
         self.prefix = self.random_prefix()
         self.prefix_bytes = self.prefix.encode()
         self.counter: Iterator[int] = itertools.count(int(uuid.uuid4().hex[20:], 16))

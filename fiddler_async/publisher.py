@@ -73,8 +73,9 @@ class _State(enum.Enum):
     CLOSED = "closed"
 
 
-# (millis, model, head, between, empty): see AsyncPublisher._renew_new_parts.
-_NewParts = tuple[int, "ModelInfo | None", bytes, bytes, bytes]
+# (millis, model, id prefix, head, between, empty): see AsyncPublisher._id_time_parts.
+_IdTimeParts = tuple[int, "ModelInfo | None", bytes, bytes, bytes, bytes]
+_NO_PARTS: _IdTimeParts = (-1, None, b"", b"", b"", b"")
 
 # True in the background task and the tasks it starts (e.g. an on_error callback), so that an
 # aclose() called from there does not wait for the task it runs in.
@@ -178,7 +179,7 @@ class AsyncPublisher:
         self._ledger = Ledger()
         self._log = RateLimitedLog(self._config.log_interval)
         self._last_stamp: tuple[int, ModelInfo | None, bytes] = (-1, None, b"")
-        self._new_parts: _NewParts = (-1, None, b"", b"", b"")
+        self._parts = _NO_PARTS
         # Read on the hot path: plain attributes are quicker than the config's.
         self._stamping = self._config.stamp_publish_time
         self._max_event_bytes = self._config.max_batch_bytes  # an event and its comma must fit
@@ -299,7 +300,6 @@ class AsyncPublisher:
         self._writer = self._replayer = None
         self._buffer = self._new_buffer()
         self._routes.clear()  # their lanes belonged to the old queue
-        self._new_parts = (-1, None, b"", b"", b"")  # the child's ids have a prefix of their own
         for ref in self._models.values():
             ref.batch_wait_until = None  # a time on the parent's loop clock
         self._client = self._exporter = self._flusher = None
@@ -681,8 +681,10 @@ class AsyncPublisher:
         buffer = self._buffer
         policy = self._config.overflow
         if policy in ("block", "raise"):
-            stored = bodies if fixups is None else map(pack, bodies, fixups)
-            size = sum(map(len, stored))  # as the queue counts
+            if fixups is None:
+                size = sum(map(len, bodies))
+            else:  # as the queue counts them
+                size = sum(len(pack(b, f)) for b, f in zip(bodies, fixups, strict=True))
             if policy == "block":
                 await buffer.wait_for_room(len(bodies), size, self._config.block_timeout)
             else:
@@ -891,21 +893,23 @@ class AsyncPublisher:
         digits = b"%012x" % (next(ids.counter) & ids.MASK)
         if id_col is not None and ts_col is not None and self._stamping:
             millis = int(time.time() * 1000)
-            parts = self._new_parts
-            if parts[0] != millis or parts[1] is not info:
-                parts = self._renew_new_parts(info, millis)
-            # Joined once into an exact-size object. The id is ASCII letters, digits and
-            # dashes (nothing to escape).
+            parts = self._parts
+            if parts[0] != millis or parts[1] is not info or parts[2] is not ids.prefix_bytes:
+                parts = self._id_time_parts(info, millis)
+            _, _, _, head, between, empty = parts
+            # Joined once into an exact-size object (as _prepare_rows_new does). The id is
+            # ASCII letters, digits and dashes (nothing to escape).
             if len(encoded) > 2:
-                body = b"".join((parts[2], digits, parts[3], encoded[1:]))
+                body = b"".join((head, digits, between, encoded[1:]))
             else:  # {}
-                body = b"".join((parts[2], digits, parts[4]))
+                body = b"".join((head, digits, empty))
         else:
-            prefix_bytes = ids.prefix_bytes
-            head = [] if id_col is None else [b'%s"%s%s"' % (info.id_key, prefix_bytes, digits)]
+            members = []
+            if id_col is not None:
+                members.append(b'%s"%s%s"' % (info.id_key, ids.prefix_bytes, digits))
             if ts_col is not None and self._stamping:
-                head.append(info.ts_key + self._stamp(info))
-            body = splice_members(encoded, head)
+                members.append(info.ts_key + self._stamp(info))
+            body = splice_members(encoded, members)
         if len(body) >= self._max_event_bytes:
             self._check_size(body)  # raises, with the message
         return body, ids.prefix + digits.decode()
@@ -924,11 +928,13 @@ class AsyncPublisher:
         id_col, ts_col = info.event_id_col, info.event_ts_col
         if id_col is None or ts_col is None:
             return None
-        _, _, head, between, empty = self._renew_new_parts(info, int(time.time() * 1000))
-        counter, mask = new_event_id.counter, new_event_id.MASK
+        _, _, _, head, between, empty = self._id_time_parts(info, int(time.time() * 1000))
+        counter, mask, limit = new_event_id.counter, new_event_id.MASK, self._max_event_bytes
         bodies: list[bytes] = []
         digits: list[bytes] = []
         join, dumps = b"".join, orjson.dumps
+        # A row that turns out not to be this case sends the call the long way, and the rows
+        # before it are encoded twice: the price of a loop without a check per row.
         for row in rows:
             if type(row) is not dict or id_col in row or ts_col in row:
                 return None
@@ -937,26 +943,28 @@ class AsyncPublisher:
             except TypeError:
                 return None
             number = b"%012x" % (next(counter) & mask)
-            bodies.append(
+            body = (
                 join((head, number, between, encoded[1:]))
                 if len(encoded) > 2
                 else join((head, number, empty))
             )
+            if len(body) >= limit:
+                return None
+            bodies.append(body)
             digits.append(number)
-        if bodies and max(map(len, bodies)) >= self._max_event_bytes:
-            return None
         prefix = new_event_id.prefix
         return bodies, [prefix + number.decode() for number in digits]
 
-    def _renew_new_parts(self, info: ModelInfo, millis: int) -> _NewParts:
+    def _id_time_parts(self, info: ModelInfo, millis: int) -> _IdTimeParts:
         """What the body of a new event is joined from, for ``info`` at ``millis``: the
         head up to its id's counter digits (``{"<id column>":"<id prefix>``); what follows
         them (``","<time column>":<time>,``), the event's own members coming next; and what
-        follows them in an empty event (``...<time>}``). Made once per millisecond and
-        model, and kept for the calls in the same millisecond."""
+        follows them in an empty event (``...<time>}``). Kept for the calls in the same
+        millisecond, for the same model and id prefix (a forked child has its own)."""
+        prefix = new_event_id.prefix_bytes
         after = info.after_new_id + info.timestamp_json(millis)
-        head = info.new_event_head + new_event_id.prefix_bytes
-        self._new_parts = parts = (millis, info, head, after + b",", after + b"}")
+        head = info.new_event_head + prefix
+        self._parts = parts = (millis, info, prefix, head, after + b",", after + b"}")
         return parts
 
     def _stamp(self, info: ModelInfo) -> bytes:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import itertools
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -22,6 +24,8 @@ from fiddler_async import (
     PublisherConfig,
 )
 from fiddler_async import exceptions as exceptions_module
+from fiddler_async import publisher as publisher_module
+from fiddler_async.encode import new_event_id
 
 from .conftest import bank_event, mock_publisher
 from .in_process import InProcessFiddler
@@ -131,6 +135,13 @@ async def test_a_batch_with_bad_events_names_each_and_queues_nothing(
         assert "events[3]" in str(info.value)
         assert info.value.errors[3].field == "age"  # type: ignore[attr-defined]
         assert pub.stats().accepted == 0
+        events = [bank_event(i) for i in range(5)]
+        events[4]["notes"] = "x" * 5_000_000  # only the last is over max_batch_bytes
+        with pytest.raises(EventBatchError) as info:
+            await pub.publish_events_batch("bank_churn", "bank_churn", events)
+        assert list(info.value.errors) == [4]
+        assert isinstance(info.value.errors[4], EventTooLargeError)
+        assert pub.stats().accepted == 0
         with pytest.raises(fiddler_async.EventError, match="event_ids has 1 values"):
             await pub.publish_events_batch(
                 "bank_churn", "bank_churn", [bank_event()] * 2, event_ids=["a"]
@@ -139,19 +150,24 @@ async def test_a_batch_with_bad_events_names_each_and_queues_nothing(
 
 @anyio
 async def test_a_batch_of_plain_rows_is_stamped_whole_and_mixed_rows_one_by_one(
-    inproc: InProcessFiddler,
+    inproc: InProcessFiddler, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Rows without an id or time of their own, for a resolved model, are prepared together
-    with one publish time (an empty row too); a batch where one row carries its own id goes
-    row by row, and both keep every row, in order, under the id returned for it."""
+    with one reading of the clock (an empty row too); a batch where one row carries its own
+    id goes row by row, a reading each; both keep every row, in order, under the id returned
+    for it."""
+    ticks = itertools.count(1_700_000_000_000)
+    clock = SimpleNamespace(time=lambda: next(ticks) / 1000)  # a millisecond later each time
     async with mock_publisher(inproc) as pub:
         await pub.resolve("bank_churn", "bank_churn")
+        monkeypatch.setattr(publisher_module, "time", clock)
         plain = await pub.publish_events_batch(
             "bank_churn", "bank_churn", [bank_event(0), {}, bank_event(2)]
         )
         mixed = await pub.publish_events_batch(
             "bank_churn", "bank_churn", [bank_event(3), {**bank_event(4), "event_id": "own"}, {}]
         )
+        monkeypatch.undo()
         assert (await pub.flush(5)).delivered == 6
     assert len(set(plain + mixed)) == 6
     assert mixed[1] == "own"
@@ -159,7 +175,40 @@ async def test_a_batch_of_plain_rows_is_stamped_whole_and_mixed_rows_one_by_one(
     assert [e["event_id"] for e in stored] == plain + mixed
     assert [e.get("customer_id") for e in stored] == ["c0", None, "c2", "c3", "c4", None]
     assert set(stored[1]) == {"event_id", "timestamp"}
-    assert len({e["timestamp"] for e in stored[:3]}) == 1
+    times = [e["timestamp"] for e in stored]
+    assert len(set(times[:3])) == 1
+    assert len(set(times[3:])) == 3
+
+
+@anyio
+async def test_new_events_for_a_model_with_a_strftime_time_column(inproc: InProcessFiddler) -> None:
+    async with mock_publisher(inproc) as pub:
+        await pub.resolve("p", "m")
+        one = pub.publish_event_nowait("p", "m", {"x": 1})
+        many = await pub.publish_events_batch("p", "m", [{"x": 2}, {}])
+        assert (await pub.flush(5)).delivered == 3
+    stored = inproc.stored("p", "m")
+    assert [e["row_id"] for e in stored] == [one, *many]
+    assert [e.get("x") for e in stored] == [1, 2, None]
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", e["at"]) for e in stored)
+
+
+@anyio
+async def test_ids_made_after_the_id_prefix_is_renewed_carry_the_new_prefix(
+    inproc: InProcessFiddler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A forked child renews the process's id prefix. What the publisher keeps for the
+    current millisecond must not go on writing the old prefix into the bodies."""
+    monkeypatch.setattr(publisher_module, "time", SimpleNamespace(time=lambda: 1_700_000_000.0))
+    async with mock_publisher(inproc) as pub:
+        await pub.resolve("bank_churn", "bank_churn")
+        first = pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(0))
+        new_event_id.renew()  # as in a forked child
+        second = pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(1))
+        batch = await pub.publish_events_batch("bank_churn", "bank_churn", [bank_event(2)])
+        assert (await pub.flush(5)).delivered == 3
+    assert first[:24] != second[:24] == batch[0][:24]
+    assert [e["event_id"] for e in inproc.stored()] == [first, second, *batch]
 
 
 @anyio
