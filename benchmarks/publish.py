@@ -15,6 +15,9 @@ does), timing every call with ``perf_counter_ns``. Scenarios:
   (at most ``max_in_flight`` batches per 200 ms).
 - ``nowait`` down: nothing listens on the port (connections refused, retried); the events are
   dropped, and counted, at the benchmark's 1 s close deadline.
+- ``nowait`` down, queue full: as down, with the queue bounded at 20,000 events and filled
+  first, so that every timed call drops the oldest event to make room (``drop_oldest``, the
+  default): an outage longer than the queue.
 
 Each row is the median over ``--repeats`` runs; one JSON line per row, then a Markdown table.
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -85,13 +89,21 @@ def percentiles(samples_ns: list[int]) -> dict[str, float]:
     }
 
 
+# The queue bound of the "queue full" row: filled before the timed calls, so that every one of
+# them makes room (an outage longer than the queue).
+FULL_QUEUE = 20_000
+
+
 async def run_once(
-    url: str, mode: str, events: int, yield_every: int, deliver: bool
+    url: str, mode: str, events: int, yield_every: int, deliver: bool, *, full: bool = False
 ) -> dict[str, Any]:
-    config = PublisherConfig(close_timeout=1.0)
+    bound = {"max_queue_events": FULL_QUEUE} if full else {}
+    config = PublisherConfig(close_timeout=1.0, **bound)
     async with AsyncPublisher(url, TOKEN, config=config) as pub:
         if deliver:
             await pub.resolve("bank_churn", "bank_churn")
+        for _ in range(FULL_QUEUE if full else 0):
+            pub.publish_event_nowait("bank_churn", "bank_churn", EVENT)
         samples = [0] * events
         clock = time.perf_counter_ns
         publish_nowait = pub.publish_event_nowait
@@ -139,15 +151,17 @@ def main() -> None:
         ("await", "healthy", 0.0, True),
         ("nowait", "slow (200 ms)", 0.2, True),
         ("nowait", "down", None, False),
+        ("nowait", "down, queue full", None, False),
     ]
     table = []
     for mode, sink_state, delay, deliver in scenarios:
         runs = []
         for _ in range(args.repeats):
             if delay is None:
+                down = functools.partial(run_once, full=sink_state.endswith("queue full"))
                 runs.append(
                     anyio.run(
-                        run_once,
+                        down,
                         closed_port_url(),
                         mode,
                         args.events,

@@ -27,19 +27,22 @@ class RateLimitedLog:
         self._last: dict[str, float] = {}
         self._held: dict[str, int] = {}
 
-    def warning(self, key: str, message: str) -> None:
-        self.emit(logging.WARNING, key, message)
+    def warning(self, key: str, message: str, *args: object) -> None:
+        self.emit(logging.WARNING, key, message, *args)
 
-    def error(self, key: str, message: str) -> None:
-        self.emit(logging.ERROR, key, message)
+    def error(self, key: str, message: str, *args: object) -> None:
+        self.emit(logging.ERROR, key, message, *args)
 
-    def emit(self, level: int, key: str, message: str) -> None:
+    def emit(self, level: int, key: str, message: str, *args: object) -> None:
+        """Log ``message`` (``%``-formatted with ``args``, only if it is logged)."""
         now = time.monotonic()
         last = self._last.get(key)
         if last is not None and now - last < self._interval:
             self._held[key] = self._held.get(key, 0) + 1
             return
         self._last[key] = now
+        if args:
+            message = message % args
         held = self._held.pop(key, 0)
         if held:
             message = f"{message} (and {held} more like this since the last report)"

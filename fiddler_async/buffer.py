@@ -17,8 +17,9 @@ import math
 from array import array
 from bisect import bisect_right
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from itertools import accumulate, islice, repeat
+from typing import Any
 
 import anyio
 import orjson
@@ -112,19 +113,38 @@ class Lane:
 
     def take(self, count: int) -> list[Item]:
         """Remove and return the ``count`` oldest queued events."""
+        any_pending = self.pending
+        seqs, taken = self.pop(count)
+        if not any_pending:
+            return list(zip(seqs, taken, repeat(None)))
+        return [unpack(seq, stored) for seq, stored in zip(seqs, taken, strict=True)]
+
+    def pop(self, count: int) -> tuple[array[int], list[bytes]]:
+        """Remove the ``count`` oldest queued events: their sequence numbers, and their
+        bytes as stored (see :func:`pack`)."""
         head = self.head
         seqs = self.seqs[head : head + count]
-        self.head = head = head + count
+        self._advance(count)
+        popleft = self.bodies.popleft
+        taken = [popleft() for _ in range(count)]
+        if self.pending:
+            self.pending -= sum(1 for stored in taken if stored[0] == 0)
+        return seqs, taken
+
+    def pop_oldest(self) -> tuple[int, bytes]:
+        """:meth:`pop` of one event, without the lists."""
+        seq = self.seqs[self.head]
+        self._advance(1)
+        stored = self.bodies.popleft()
+        if stored[0] == 0:
+            self.pending -= 1
+        return seq, stored
+
+    def _advance(self, count: int) -> None:
+        self.head = head = self.head + count
         if head >= 4096 and head * 2 >= len(self.seqs):
             del self.seqs[:head]  # amortised: drops at least as many as it moves
             self.head = 0
-        popleft = self.bodies.popleft
-        taken = [popleft() for _ in range(count)]
-        if not self.pending:
-            return list(zip(seqs, taken, repeat(None)))
-        items = [unpack(seq, stored) for seq, stored in zip(seqs, taken, strict=True)]
-        self.pending -= sum(1 for item in items if item[2] is not None)
-        return items
 
     def holds_before(self, seq: int) -> bool:
         """Whether an event accepted before ``seq`` is still queued or in flight here."""
@@ -139,7 +159,7 @@ class EventBuffer:
         self,
         config: PublisherConfig,
         ledger: Ledger,
-        warn: Callable[[str, str], None],
+        warn: Callable[..., None],
         spill: Callable[[Destination, list[Item]], None] | None = None,
     ) -> None:
         self._config = config
@@ -222,9 +242,13 @@ class EventBuffer:
             stored = [pack(body, fixup) for body, fixup in zip(bodies, fixups, strict=True)]
         size = sum(map(len, stored))
         if not self.fits(len(stored), size):
-            for body, fixup in zip(bodies, fixups or [None] * len(bodies), strict=True):
-                self.offer(lane, body, fixup)
-            return
+            if self._config.overflow != "drop_oldest" or not (
+                len(stored) <= self._max_events and size <= self._max_bytes
+            ):
+                for body, fixup in zip(bodies, fixups or [None] * len(bodies), strict=True):
+                    self.offer(lane, body, fixup)
+                return
+            self._evict_until_fits(size, len(stored))  # room for all of them at once
         if not stored:
             return
         lane.extend(self._ledger.reserve(len(stored)), stored)
@@ -292,28 +316,69 @@ class EventBuffer:
             f"queue full ({self.events} events, {self.bytes} bytes; bound hit: {bound})"
         )
 
-    def _evict_until_fits(self, size: int) -> None:
-        evicted: dict[tuple[Lane, str], list[Item]] = {}
+    def _evict_until_fits(self, size: int, events: int = 1) -> None:
+        """``drop_oldest``: drop the oldest queued events, whichever their lane, until
+        ``events`` more events of ``size`` bytes fit. During an outage this runs on every
+        publish call, so it drops a run at once from a lone busy lane, and only the stored
+        bytes and sequence numbers are handled unless a spool wants the events."""
+        busy = self._busy
+        one_by_count = (
+            events == 1 and self.events >= self._max_events and self.bytes + size <= self._max_bytes
+        )
+        if one_by_count and len(busy) == 1 and self._spill is None:
+            # An outage's usual case: the queue is full by count and one event must go.
+            lane = next(iter(busy))
+            seq, stored = lane.pop_oldest()
+            self._forget(lane, 1, len(stored))
+            self._count_dropped(((seq,),), "queue_full")
+            return
         while self.events and (
-            self.events >= self._max_events or self.bytes + size > self._max_bytes
+            self.events + events > self._max_events or self.bytes + size > self._max_bytes
         ):
-            reason = self._full_reason()
-            oldest = min(self._busy, key=Lane.first)
-            size_out = len(oldest.bodies[0])
-            evicted.setdefault((oldest, reason), []).extend(oldest.take(1))
-            self._forget(oldest, 1, size_out)
-        for (lane, reason), items in evicted.items():
-            self._drop(lane, items, reason)
+            reason = "queue_full" if self.events + events > self._max_events else "queue_bytes"
+            if len(busy) == 1:
+                lane = next(iter(busy))
+                count = self._excess(lane, size, events)
+            else:  # the oldest event of all, one at a time: lanes interleave by age
+                lane, count = min(busy, key=Lane.first), 1
+            seqs, run = lane.pop(count)
+            self._forget(lane, count, sum(map(len, run)))
+            if self._spill is not None:
+                self._spill(lane.dest, list(map(unpack, seqs, run)))
+            else:
+                self._count_dropped([(seq,) for seq in seqs], reason)
+
+    def _excess(self, lane: Lane, size: int, events: int) -> int:
+        """How many of ``lane``'s oldest events to drop so that ``events`` more events of
+        ``size`` bytes fit (all of its events at most)."""
+        count = max(1, self.events + events - self._max_events)
+        over = self.bytes + size - self._max_bytes
+        if over > 0:  # and at least as many as hold that many bytes
+            for needed, freed in enumerate(accumulate(map(len, lane.bodies)), 1):
+                if freed >= over:
+                    count = max(count, needed)
+                    break
+            else:
+                count = len(lane.bodies)
+        return min(count, len(lane.bodies))
 
     def _drop(self, lane: Lane, items: list[Item], reason: str) -> None:
         if self._spill is not None:
             self._spill(lane.dest, items)
             return
+        self._count_dropped(items, reason)
+
+    def _count_dropped(self, items: Sequence[tuple[Any, ...]], reason: str) -> None:
+        """Settle ``items`` (their sequence number first) as dropped, and warn (the message
+        is only formatted when the rate limit lets it through)."""
         self._ledger.settle(items, "dropped", reason)
         self._warn(
             f"drop:{reason}",
-            f"dropped {len(items)} event(s): {reason} "
-            f"(bounds: {self._max_events} events, {self._max_bytes} bytes)",
+            "dropped %d event(s): %s (bounds: %d events, %d bytes)",
+            len(items),
+            reason,
+            self._max_events,
+            self._max_bytes,
         )
 
     def _forget(self, lane: Lane, events: int, size: int) -> None:

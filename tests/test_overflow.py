@@ -35,6 +35,49 @@ async def test_drop_oldest_keeps_the_newest(inproc: InProcessFiddler) -> None:
     assert customers(inproc) == [f"c{i}" for i in range(5, 15)]
 
 
+async def test_a_batch_into_a_full_queue_drops_the_oldest_at_once(
+    inproc: InProcessFiddler,
+) -> None:
+    """drop_oldest makes room for a whole batch in one go: the oldest events go, counted
+    and in order; a batch larger than the queue keeps its own newest events."""
+    async with mock_publisher(inproc, overflow="drop_oldest", **HELD) as pub:
+        await pub.resolve("bank_churn", "bank_churn")
+        for i in range(8):
+            pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(i))
+        await pub.publish_events_batch(
+            "bank_churn", "bank_churn", [bank_event(i) for i in range(8, 13)]
+        )
+        stats = pub.stats()
+        assert (stats.queued_events, stats.dropped) == (10, {"queue_full": 3})
+        assert_adds_up(pub)
+        assert (await pub.flush(5)).delivered == 10
+        await pub.publish_events_batch(
+            "bank_churn", "bank_churn", [bank_event(i) for i in range(20, 32)]
+        )
+        assert pub.stats().dropped == {"queue_full": 5}
+        assert_adds_up(pub)
+        await pub.flush(5)
+    assert customers(inproc) == [f"c{i}" for i in range(3, 13)] + [f"c{i}" for i in range(22, 32)]
+
+
+async def test_a_batch_makes_room_across_destinations_by_age(inproc: InProcessFiddler) -> None:
+    async with mock_publisher(inproc, overflow="drop_oldest", **HELD) as pub:
+        await pub.resolve("bank_churn", "bank_churn")
+        for i in range(5):
+            pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(i))
+            pub.publish_event_nowait("bank_churn", "bank_churn_v2", {"customer_id": f"v{i}"})
+        # Full: room for 3 more means c0, v0 and c1 go, the oldest three of all.
+        await pub.publish_events_batch(
+            "bank_churn", "bank_churn", [bank_event(i) for i in (5, 6, 7)]
+        )
+        assert pub.stats().dropped == {"queue_full": 3}
+        await pub.flush(5)
+    assert customers(inproc) == [f"c{i}" for i in range(2, 8)]
+    assert [e["customer_id"] for e in inproc.stored("bank_churn", "bank_churn_v2")] == [
+        f"v{i}" for i in range(1, 5)
+    ]
+
+
 async def test_drop_newest_keeps_the_oldest(inproc: InProcessFiddler) -> None:
     async with mock_publisher(inproc, overflow="drop_newest", **HELD) as pub:
         for i in range(15):
@@ -76,6 +119,27 @@ async def test_the_byte_bound_applies_too(inproc: InProcessFiddler) -> None:
         await pub.flush(5)
     kept = customers(inproc)
     assert kept == [f"c{i}" for i in range(40 - len(kept), 40)]
+
+
+async def test_a_batch_makes_room_by_bytes(inproc: InProcessFiddler) -> None:
+    async with mock_publisher(
+        inproc, overflow="drop_oldest", linger=3600, max_queue_bytes=4096, max_batch_bytes=4096
+    ) as pub:
+        await pub.resolve("bank_churn", "bank_churn")
+        for i in range(40):
+            pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(i))
+        before = pub.stats().dropped["queue_bytes"]
+        batch = [bank_event(i) for i in range(40, 45)]
+        await pub.publish_events_batch("bank_churn", "bank_churn", batch)
+        stats = pub.stats()
+        assert stats.queued_bytes <= 4096
+        assert set(stats.dropped) == {"queue_bytes"}
+        assert stats.dropped["queue_bytes"] > before
+        assert stats.dropped["queue_bytes"] + stats.queued_events == 45
+        assert_adds_up(pub)
+        await pub.flush(5)
+    kept = customers(inproc)
+    assert kept == [f"c{i}" for i in range(45 - len(kept), 45)]
 
 
 async def test_block_waits_for_room_then_times_out(fiddler: Emulator) -> None:

@@ -78,6 +78,27 @@ async def test_an_outage_longer_than_the_memory_budget_loses_nothing(
     assert sorted(stored_ids(fiddler)) == sorted(ids)
 
 
+async def test_batches_into_a_full_queue_spill_the_oldest_and_lose_nothing(
+    fiddler: Emulator, tmp_path: Path
+) -> None:
+    async with loopback_publisher(
+        fiddler, spool_dir=tmp_path, max_queue_events=300, **SPILL_SOON
+    ) as pub:
+        await pub.resolve("bank_churn", "bank_churn")
+        fiddler.set_faults(outage_seconds=3600, retry_after=0.05)
+        ids = []
+        for call in range(10):
+            rows = [bank_event(100 * call + i) for i in range(100)]
+            ids += await pub.publish_events_batch("bank_churn", "bank_churn", rows)
+            assert pub.stats().queued_events <= 300
+        assert (await pub.flush(30)).complete
+        during = pub.stats()
+        assert (during.delivered, during.spooled, during.dropped) == (0, 1000, {})
+        fiddler.set_faults(outage_seconds=0)
+        await eventually(lambda: pub.stats().replayed == 1000, timeout=30)
+    assert sorted(stored_ids(fiddler)) == sorted(ids)
+
+
 async def test_the_spool_is_replayed_in_order_by_the_next_process(
     fiddler: Emulator, tmp_path: Path
 ) -> None:
