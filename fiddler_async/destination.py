@@ -51,11 +51,6 @@ class ModelInfo:
         return b"{" + self.id_key + b'"'
 
     @cached_property
-    def after_new_id(self) -> bytes:
-        """``","<timestamp column>":``: what follows the id of a new event, its time next."""
-        return b'",' + self.ts_key
-
-    @cached_property
     def _ts_style(self) -> str:
         fmt = (self.event_ts_format or "").strip()
         if "%" in fmt:

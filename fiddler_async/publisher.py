@@ -73,9 +73,9 @@ class _State(enum.Enum):
     CLOSED = "closed"
 
 
-# (millis, model, id prefix, head, between, empty): see AsyncPublisher._id_time_parts.
-_IdTimeParts = tuple[int, "ModelInfo | None", bytes, bytes, bytes, bytes]
-_NO_PARTS: _IdTimeParts = (-1, None, b"", b"", b"", b"")
+# (millis, model, id prefix, head, between, empty, stamped): see AsyncPublisher._id_time_parts.
+_IdTimeParts = tuple[int, "ModelInfo | None", bytes, bytes, bytes, bytes, bytes]
+_NO_PARTS: _IdTimeParts = (-1, None, b"", b"", b"", b"", b"")
 
 # True in the background task and the tasks it starts (e.g. an on_error callback), so that an
 # aclose() called from there does not wait for the task it runs in.
@@ -487,8 +487,8 @@ class AsyncPublisher:
         if route is None:
             route = self._route(project_id, model_id, env_type, env_name, update_event)
         dest, lane = route
-        if event_id is None and event_timestamp is None and not update_event:
-            new = self._prepare_new(dest, event)
+        if event_timestamp is None and not update_event:
+            new = self._prepare_new(dest, event, event_id)
             if new is not None:
                 self._buffer.offer(lane, new[0], None)
                 return new[1]
@@ -530,6 +530,11 @@ class AsyncPublisher:
         if self._state is not _State.OPEN:
             raise self._not_open()
         dest, lane = self._route(project_id, model_id, env_type, env_name, update_event)
+        if event_timestamp is None and not update_event:
+            new = self._prepare_new(dest, event, event_id)
+            if new is not None:
+                await self._buffer.put(lane, new[0], None, self._config.block_timeout)
+                return new[1]
         body, fixup, returned_id = self._prepare(dest, event, event_id, event_timestamp)
         await self._buffer.put(lane, body, fixup, self._config.block_timeout)
         return returned_id
@@ -570,8 +575,8 @@ class AsyncPublisher:
             if frame_ids is not None:
                 return frame_ids
         rows = _rows(events)
-        short = event_ids is None and event_timestamps is None and not update_event
-        new = self._prepare_rows_new(dest, rows) if short else None
+        short = event_timestamps is None and not update_event
+        new = self._prepare_rows_new(dest, rows, event_ids) if short else None
         if new is not None:
             await self._queue_all(lane, new[0])
             return new[1]
@@ -583,7 +588,7 @@ class AsyncPublisher:
         errors: dict[int, EventError] = {}
         for index, row in enumerate(rows):
             try:
-                one = self._prepare_new(dest, row) if short else None
+                one = self._prepare_new(dest, row, ids[index]) if short else None
                 if one is not None:
                     bodies.append(one[0])
                     fixups.append(None)
@@ -875,16 +880,28 @@ class AsyncPublisher:
             route = self._routes[key] = (dest, self._buffer.lane(dest))
         return route
 
-    def _prepare_new(self, dest: Destination, event: Mapping[str, Any]) -> tuple[bytes, str] | None:
-        """The common case of :meth:`_prepare`, made short because it is the hot path: a new
-        event for a resolved model, without an id or a time of its own (in the arguments or
-        in the model's columns). None when it is not that case."""
+    def _prepare_new(
+        self, dest: Destination, event: Mapping[str, Any], event_id: object = None
+    ) -> tuple[bytes, str] | None:
+        """The common cases of :meth:`_prepare`, made short because they are the hot path: a
+        new event for a resolved model, without a time argument; the shortest without an id
+        or a time of its own (in the arguments or in the model's columns). None when it is
+        none of these cases."""
         info = dest.model.info
         if info is None or type(event) is not dict:  # the rest, and bad input: the long way
             return None
         id_col, ts_col = info.event_id_col, info.event_ts_col
-        if (id_col is not None and id_col in event) or (ts_col is not None and ts_col in event):
-            return None
+        if (
+            event_id is not None
+            or (id_col is not None and id_col in event)
+            or (ts_col is not None and ts_col in event)
+        ):
+            if id_col is None or ts_col is None or not self._stamping:
+                return None
+            own = self._join_own(self._parts_now(info), event, event_id)
+            if own is not None and len(own[0]) >= self._max_event_bytes:
+                self._check_size(own[0])  # raises, with the message
+            return own
         try:
             encoded = orjson.dumps(event, default=encode_default, option=ENCODE_OPTIONS)
         except TypeError:
@@ -893,10 +910,10 @@ class AsyncPublisher:
         digits = b"%012x" % (next(ids.counter) & ids.MASK)
         if id_col is not None and ts_col is not None and self._stamping:
             millis = int(time.time() * 1000)
-            parts = self._parts
+            parts = self._parts  # _parts_now, inline on the hottest path
             if parts[0] != millis or parts[1] is not info or parts[2] is not ids.prefix_bytes:
                 parts = self._id_time_parts(info, millis)
-            _, _, _, head, between, empty = parts
+            _, _, _, head, between, empty, _ = parts
             # Joined once into an exact-size object (as _prepare_rows_new does). The id is
             # ASCII letters, digits and dashes (nothing to escape).
             if len(encoded) > 2:
@@ -915,11 +932,11 @@ class AsyncPublisher:
         return body, ids.prefix + digits.decode()
 
     def _prepare_rows_new(
-        self, dest: Destination, rows: list[Mapping[str, Any]]
+        self, dest: Destination, rows: list[Mapping[str, Any]], event_ids: list[Any] | None
     ) -> tuple[list[bytes], list[str]] | None:
         """:meth:`_prepare_new` for all the rows of a batch call at once, for a model with
         both an id and a time column: what is the same for every row is worked out once (one
-        publish time for the call, as for a DataFrame). None unless every row is that case
+        publish time for the call, as for a DataFrame). None unless every row is such a case
         and encodes within the size limit; the rows then go one by one, which names a bad
         one."""
         info = dest.model.info
@@ -928,43 +945,103 @@ class AsyncPublisher:
         id_col, ts_col = info.event_id_col, info.event_ts_col
         if id_col is None or ts_col is None:
             return None
-        _, _, _, head, between, empty = self._id_time_parts(info, int(time.time() * 1000))
+        if event_ids is None:
+            event_ids = [None] * len(rows)
+        elif len(event_ids) != len(rows):
+            return None  # the long way says so
+        parts = self._id_time_parts(info, int(time.time() * 1000))
+        _, _, prefix_bytes, head, between, empty, _ = parts
         counter, mask, limit = new_event_id.counter, new_event_id.MASK, self._max_event_bytes
+        prefix = prefix_bytes.decode()
         bodies: list[bytes] = []
-        digits: list[bytes] = []
+        returned: list[str] = []
         join, dumps = b"".join, orjson.dumps
-        # A row that turns out not to be this case sends the call the long way, and the rows
+        # A row that turns out not to be such a case sends the call the long way, and the rows
         # before it are encoded twice: the price of a loop without a check per row.
-        for row in rows:
-            if type(row) is not dict or id_col in row or ts_col in row:
+        for row, given in zip(rows, event_ids, strict=True):
+            if type(row) is not dict:
                 return None
-            try:
-                encoded = dumps(row, default=encode_default, option=ENCODE_OPTIONS)
-            except TypeError:
-                return None
-            number = b"%012x" % (next(counter) & mask)
-            body = (
-                join((head, number, between, encoded[1:]))
-                if len(encoded) > 2
-                else join((head, number, empty))
-            )
+            if given is not None or id_col in row or ts_col in row:
+                own = self._join_own(parts, row, given)
+                if own is None:
+                    return None
+                body, event_id = own
+            else:  # the usual row, inline
+                try:
+                    encoded = dumps(row, default=encode_default, option=ENCODE_OPTIONS)
+                except TypeError:
+                    return None
+                number = b"%012x" % (next(counter) & mask)
+                body = (
+                    join((head, number, between, encoded[1:]))
+                    if len(encoded) > 2
+                    else join((head, number, empty))
+                )
+                event_id = prefix + number.decode()
             if len(body) >= limit:
                 return None
             bodies.append(body)
-            digits.append(number)
-        prefix = new_event_id.prefix
-        return bodies, [prefix + number.decode() for number in digits]
+            returned.append(event_id)
+        return bodies, returned
+
+    def _join_own(
+        self, parts: _IdTimeParts, event: dict[str, Any], given: object
+    ) -> tuple[bytes, str] | None:
+        """The body and id of a new event that brings its own id (``given``, or a value in
+        the model's id column) or its own time (in the time column), joined from ``parts``
+        as for one without (see :meth:`_id_time_parts`). None for what the long way must
+        do: a given id that is not plain ASCII text, an id column whose value is not text or
+        an integer (a null is replaced by a new id), a given id besides an id column (which
+        it replaces), an empty event, a value orjson cannot encode."""
+        _, info, _, head, _, _, stamped = parts
+        assert info is not None
+        try:
+            encoded = orjson.dumps(event, default=encode_default, option=ENCODE_OPTIONS)
+        except TypeError:
+            return None
+        if len(encoded) <= 2:
+            return None
+        rest = encoded[1:]
+        stamp = b"" if info.event_ts_col in event else stamped
+        id_col = info.event_id_col
+        if given is not None:
+            if type(given) is not str or not given or not given.isascii() or id_col in event:
+                return None
+            return b"".join((b"{", info.id_key, orjson.dumps(given), b",", stamp, rest)), given
+        if id_col in event:
+            own = event[id_col]
+            if type(own) is str:
+                event_id = own
+            elif type(own) is int:
+                event_id = str(own)
+            else:
+                return None
+            return (b"".join((b"{", stamp, rest)) if stamp else compact(encoded)), event_id
+        number = b"%012x" % (next(new_event_id.counter) & new_event_id.MASK)
+        body = b"".join((head, number, b'",', stamp, rest))
+        return body, new_event_id.prefix + number.decode()
+
+    def _parts_now(self, info: ModelInfo) -> _IdTimeParts:
+        """:meth:`_id_time_parts` for the current millisecond, cached."""
+        millis = int(time.time() * 1000)
+        parts = self._parts
+        if parts[0] != millis or parts[1] is not info or parts[2] is not new_event_id.prefix_bytes:
+            parts = self._id_time_parts(info, millis)
+        return parts
 
     def _id_time_parts(self, info: ModelInfo, millis: int) -> _IdTimeParts:
         """What the body of a new event is joined from, for ``info`` at ``millis``: the
         head up to its id's counter digits (``{"<id column>":"<id prefix>``); what follows
-        them (``","<time column>":<time>,``), the event's own members coming next; and what
-        follows them in an empty event (``...<time>}``). Kept for the calls in the same
-        millisecond, for the same model and id prefix (a forked child has its own)."""
+        them (``","<time column>":<time>,``), the event's own members coming next; what
+        follows them in an empty event (``...<time>}``); and the time member alone, for an
+        event with an id of its own (``"<time column>":<time>,``). Kept for the calls in
+        the same millisecond, for the same model and id prefix (a forked child has its
+        own)."""
         prefix = new_event_id.prefix_bytes
-        after = info.after_new_id + info.timestamp_json(millis)
+        stamp = info.ts_key + info.timestamp_json(millis)
         head = info.new_event_head + prefix
-        self._parts = parts = (millis, info, prefix, head, after + b",", after + b"}")
+        between, empty = b'",' + stamp + b",", b'",' + stamp + b"}"
+        self._parts = parts = (millis, info, prefix, head, between, empty, stamp + b",")
         return parts
 
     def _stamp(self, info: ModelInfo) -> bytes:
@@ -1025,7 +1102,7 @@ class AsyncPublisher:
             body = encode_event({k: v for k, v in event.items() if k not in remove})
         body = splice_members(body, members)
         self._check_size(body)
-        return body, None, carried or given or ""
+        return body, None, (given or "") if carried is None else carried
 
     def _check_size(self, body: bytes) -> None:
         if len(body) + 1 > self._config.max_batch_bytes:

@@ -152,32 +152,49 @@ async def test_a_batch_with_bad_events_names_each_and_queues_nothing(
 async def test_a_batch_of_plain_rows_is_stamped_whole_and_mixed_rows_one_by_one(
     inproc: InProcessFiddler, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Rows without an id or time of their own, for a resolved model, are prepared together
-    with one reading of the clock (an empty row too); a batch where one row carries its own
-    id goes row by row, a reading each; both keep every row, in order, under the id returned
-    for it."""
+    """Rows of new events for a resolved model are prepared together with one reading of
+    the clock: rows without an id or time of their own (an empty row too), rows with their
+    own, ids given as event_ids. A batch where one row needs the long way (here a null id,
+    replaced by a new one) goes row by row, a reading each. All keep every row, in order,
+    under the id returned for it."""
     ticks = itertools.count(1_700_000_000_000)
     clock = SimpleNamespace(time=lambda: next(ticks) / 1000)  # a millisecond later each time
+    own_time = {**bank_event(5), "event_id": "own-5", "timestamp": 5}
     async with mock_publisher(inproc) as pub:
         await pub.resolve("bank_churn", "bank_churn")
         monkeypatch.setattr(publisher_module, "time", clock)
         plain = await pub.publish_events_batch(
             "bank_churn", "bank_churn", [bank_event(0), {}, bank_event(2)]
         )
+        own = await pub.publish_events_batch(
+            "bank_churn",
+            "bank_churn",
+            [{**bank_event(3), "event_id": "own-3"}, {**bank_event(4), "timestamp": 4}, own_time],
+        )
+        given = await pub.publish_events_batch(
+            "bank_churn", "bank_churn", [bank_event(6), bank_event(7)], event_ids=["g6", None]
+        )
         mixed = await pub.publish_events_batch(
-            "bank_churn", "bank_churn", [bank_event(3), {**bank_event(4), "event_id": "own"}, {}]
+            "bank_churn", "bank_churn", [bank_event(8), {**bank_event(9), "event_id": None}, {}]
         )
         monkeypatch.undo()
-        assert (await pub.flush(5)).delivered == 6
-    assert len(set(plain + mixed)) == 6
-    assert mixed[1] == "own"
+        assert (await pub.flush(5)).delivered == 11
+    ids = plain + own + given + mixed
+    assert len(set(ids)) == 11
+    assert (own[0], own[2], given[0]) == ("own-3", "own-5", "g6")
     stored = inproc.stored()
-    assert [e["event_id"] for e in stored] == plain + mixed
-    assert [e.get("customer_id") for e in stored] == ["c0", None, "c2", "c3", "c4", None]
+    assert [e["event_id"] for e in stored] == ids
+    assert [e.get("customer_id") for e in stored] == [
+        *("c0", None, "c2"),
+        *(f"c{i}" for i in range(3, 10)),
+        None,
+    ]
     assert set(stored[1]) == {"event_id", "timestamp"}
     times = [e["timestamp"] for e in stored]
     assert len(set(times[:3])) == 1
-    assert len(set(times[3:])) == 3
+    assert times[4:6] == [4, 5]
+    assert len({times[3], *times[6:8]}) == 2  # two calls, a reading each
+    assert len(set(times[8:])) == 3
 
 
 @anyio
