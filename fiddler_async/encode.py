@@ -175,8 +175,8 @@ class _EventIds:
 
     def renew(self) -> None:
         # Plain attributes, read by the hot paths that build ids in place (the publisher's
-        # _prepare_new and _prepare_rows_new, which keep prefix_bytes in a cache checked by
-        # identity): the id is the prefix and the counter's low 48 bits in 12 hex digits.
+        # short ways for new events, which keep prefix_bytes in a cache checked by identity):
+        # the id is the prefix and the counter's low 48 bits in 12 hex digits.
         self.prefix = self.random_prefix()
         self.prefix_bytes = self.prefix.encode()
         self.counter: Iterator[int] = itertools.count(int(uuid.uuid4().hex[20:], 16))

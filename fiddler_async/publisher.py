@@ -884,9 +884,10 @@ class AsyncPublisher:
         self, dest: Destination, event: Mapping[str, Any], event_id: object = None
     ) -> tuple[bytes, str] | None:
         """The common cases of :meth:`_prepare`, made short because they are the hot path: a
-        new event for a resolved model, without a time argument; the shortest without an id
-        or a time of its own (in the arguments or in the model's columns). None when it is
-        none of these cases."""
+        new event for a resolved model; the shortest without an id or a time of its own (in
+        the arguments or in the model's columns). The caller makes sure that it is a new
+        event (not an update) without a time argument. None when it is none of these
+        cases."""
         info = dest.model.info
         if info is None or type(event) is not dict:  # the rest, and bad input: the long way
             return None
@@ -989,12 +990,28 @@ class AsyncPublisher:
     ) -> tuple[bytes, str] | None:
         """The body and id of a new event that brings its own id (``given``, or a value in
         the model's id column) or its own time (in the time column), joined from ``parts``
-        as for one without (see :meth:`_id_time_parts`). None for what the long way must
-        do: a given id that is not plain ASCII text, an id column whose value is not text or
-        an integer (a null is replaced by a new id), a given id besides an id column (which
-        it replaces), an empty event, a value orjson cannot encode."""
-        _, info, _, head, _, _, stamped = parts
+        as for one without (see :meth:`_id_time_parts`). None, before encoding anything,
+        for what the long way must do: a given id that is not non-empty ASCII text (an int or
+        a UUID is made text there), a given id besides an id column (which it replaces), an
+        id column whose value is not text or an integer (a null is replaced by a new id); and
+        after encoding, for an empty event or a value orjson cannot encode."""
+        _, info, prefix, head, _, _, stamped = parts
         assert info is not None
+        id_col = info.event_id_col
+        if given is not None:
+            if type(given) is not str or not given or not given.isascii() or id_col in event:
+                return None
+            event_id: str | None = given
+        elif id_col in event:
+            own = event[id_col]
+            if type(own) is str:
+                event_id = own
+            elif type(own) is int:
+                event_id = str(own)
+            else:
+                return None
+        else:
+            event_id = None  # one is made below
         try:
             encoded = orjson.dumps(event, default=encode_default, option=ENCODE_OPTIONS)
         except TypeError:
@@ -1003,23 +1020,13 @@ class AsyncPublisher:
             return None
         rest = encoded[1:]
         stamp = b"" if info.event_ts_col in event else stamped
-        id_col = info.event_id_col
         if given is not None:
-            if type(given) is not str or not given or not given.isascii() or id_col in event:
-                return None
             return b"".join((b"{", info.id_key, orjson.dumps(given), b",", stamp, rest)), given
-        if id_col in event:
-            own = event[id_col]
-            if type(own) is str:
-                event_id = own
-            elif type(own) is int:
-                event_id = str(own)
-            else:
-                return None
+        if event_id is not None:  # the id column's
             return (b"".join((b"{", stamp, rest)) if stamp else compact(encoded)), event_id
         number = b"%012x" % (next(new_event_id.counter) & new_event_id.MASK)
         body = b"".join((head, number, b'",', stamp, rest))
-        return body, new_event_id.prefix + number.decode()
+        return body, prefix.decode() + number.decode()
 
     def _parts_now(self, info: ModelInfo) -> _IdTimeParts:
         """:meth:`_id_time_parts` for the current millisecond, cached."""

@@ -198,6 +198,35 @@ async def test_a_batch_of_plain_rows_is_stamped_whole_and_mixed_rows_one_by_one(
 
 
 @anyio
+async def test_events_with_their_own_ids_and_times_take_the_short_ways(
+    inproc: InProcessFiddler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The caller's own ids (as Fiddler's updates need) must cost no more than generated
+    ones: with the general path of one event out of order, such events are still queued, and
+    a batch of them too with the per-row short way out of order as well."""
+
+    def general_path(*_: object) -> None:
+        raise AssertionError("the long way was taken")
+
+    async with mock_publisher(inproc) as pub:
+        await pub.resolve("bank_churn", "bank_churn")
+        monkeypatch.setattr(AsyncPublisher, "_prepare", general_path)
+        given = pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(0), event_id="r0")
+        own = pub.publish_event_nowait(
+            "bank_churn", "bank_churn", {**bank_event(1), "event_id": "r1"}
+        )
+        monkeypatch.setattr(AsyncPublisher, "_prepare_new", general_path)
+        rows = [{**bank_event(2), "event_id": "r2"}, {**bank_event(3), "timestamp": 3}]
+        batch = await pub.publish_events_batch(
+            "bank_churn", "bank_churn", [*rows, bank_event(4)], event_ids=[None, None, "r4"]
+        )
+        monkeypatch.undo()
+        assert (await pub.flush(5)).delivered == 5
+    assert (given, own, batch[0], batch[2]) == ("r0", "r1", "r2", "r4")
+    assert [e["event_id"] for e in inproc.stored()] == ["r0", "r1", "r2", batch[1], "r4"]
+
+
+@anyio
 async def test_new_events_for_a_model_with_a_strftime_time_column(inproc: InProcessFiddler) -> None:
     async with mock_publisher(inproc) as pub:
         await pub.resolve("p", "m")

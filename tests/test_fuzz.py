@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import uuid
 from types import MappingProxyType, SimpleNamespace
 from typing import Any
 from unittest.mock import patch
@@ -14,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from fiddler_async import AsyncPublisher, EventError, PublisherConfig
+from fiddler_async import AsyncPublisher, EventBatchError, EventError, PublisherConfig
 from fiddler_async import publisher as publisher_module
 from fiddler_async.encode import new_event_id
 
@@ -133,98 +134,110 @@ def test_every_event_is_refused_clearly_or_delivered_intact(
     anyio.run(main)
 
 
-# The short ways of a new event (one call, or a batch call's rows at once) must write what the
-# long way writes, for every mix of what a row brings of its own. A row is drawn as (the id
-# given as an argument, the value of its id column, its time column, whether it has other
-# fields, whether it is a dict or another mapping); ABSENT is a column the row does not have.
+# The short ways of a new event (one call, or a batch call's rows at once) must do what the
+# long way does, for every mix of what a row brings of its own: the same bodies key for key,
+# the same ids returned, the same errors. A row is drawn as (the id given as an argument, the
+# value of its id column, the value of its time column, whether it has other fields, whether
+# it is too large, whether it is a dict or another mapping); ABSENT is a column it lacks.
 ABSENT = object()
 TIME = 1_700_000_000_000
+ids = st.sampled_from(["id", 'q"\\\t\x00', "ïd", "", 7, uuid.UUID(int=7)])
 row_shapes = st.tuples(
-    st.sampled_from([None, "given", "gïven"]),  # the second is not ASCII: the long way
-    st.sampled_from([ABSENT, "own", None]),  # None: a null id, replaced by a new one
-    st.sampled_from([ABSENT, TIME]),
+    st.none() | ids,
+    st.just(ABSENT) | st.none() | st.just(math.nan) | ids,
+    st.sampled_from([ABSENT, None, TIME]),
     st.booleans(),
-    st.booleans(),
+    st.sampled_from([False, False, False, True]),  # too large: rarer, it hides the rest
+    st.sampled_from([True, True, True, False]),  # another mapping: rarer, likewise
 )
-SHORT_ROWS = [
-    (None, ABSENT, ABSENT, True, True),
-    (None, ABSENT, ABSENT, False, True),
-    ("given", ABSENT, ABSENT, True, True),
-    ("given", ABSENT, TIME, True, True),
-    (None, "own", ABSENT, True, True),
-    (None, "own", TIME, True, True),
-    (None, ABSENT, TIME, True, True),
+SHORT_ROWS = [  # every row of a kind the short ways take: a batch of them goes at once
+    (None, ABSENT, ABSENT, True, False, True),
+    (None, ABSENT, ABSENT, False, False, True),
+    ("id", ABSENT, ABSENT, True, False, True),
+    ("id", ABSENT, TIME, True, False, True),
+    (None, "id", ABSENT, True, False, True),
+    (None, 7, TIME, True, False, True),
+    (None, ABSENT, TIME, True, False, True),
 ]
 
 
 def shaped_rows(shapes: list[tuple[Any, ...]]) -> tuple[list[Any], list[Any] | None]:
     rows: list[Any] = []
-    for i, (_, own_id, own_time, fields, plain) in enumerate(shapes):
-        row: dict[str, Any] = {"customer_id": f"c{i}", "age": i} if fields else {}
+    given: list[Any] = []
+    for i, (argument, own_id, own_time, fields, large, plain) in enumerate(shapes):
+        row: dict[str, Any] = {"x": i, "note": "n" * (3000 if large else 3)} if fields else {}
         if own_id is not ABSENT:
-            row["event_id"] = own_id if own_id is None else f"{own_id}-{i}"
+            row["id"] = f"{own_id}-{i}" if isinstance(own_id, str) and own_id else own_id
         if own_time is not ABSENT:
-            row["timestamp"] = own_time + i
+            row["ts"] = own_time
         rows.append(row if plain else MappingProxyType(row))
-    given = [None if g is None else f"{g}-{i}" for i, (g, *_) in enumerate(shapes)]
-    return rows, given if any(given) else None
+        given.append(f"{argument}-{i}" if isinstance(argument, str) and argument else argument)
+    return rows, given if any(g is not None for g in given) else None
 
 
 async def publish_shaped(
-    rows: list[Any], given: list[Any] | None, way: str
-) -> tuple[list[str], list[dict[str, Any]]]:
-    """Publish ``rows`` to a fresh in-process emulator; the ids returned, and what it stored."""
+    rows: list[Any], given: list[Any] | None, batch: bool, stamp: bool
+) -> tuple[Any, list[dict[str, Any]]]:
+    """Publish ``rows`` to a fresh in-process emulator: the ids returned (or the errors by
+    position), and what it stored."""
     inproc = InProcessFiddler()
-    config = PublisherConfig(linger=0)
+    config = PublisherConfig(linger=0, max_batch_bytes=2000, stamp_publish_time=stamp)
     async with AsyncPublisher(
         "https://fiddler.test", TOKEN, config=config, transport=inproc.transport()
     ) as pub:
-        await pub.resolve("bank_churn", "bank_churn_v2")
-        if way == "batch":
-            ids = await pub.publish_events_batch(
-                "bank_churn", "bank_churn_v2", rows, event_ids=given
-            )
+        await pub.resolve("p", "loose")
+        returned: Any
+        if batch:
+            try:
+                returned = await pub.publish_events_batch("p", "loose", rows, event_ids=given)
+            except EventBatchError as exc:
+                returned = {i: type(e) for i, e in exc.errors.items()}
         else:
-            ids = [
-                pub.publish_event_nowait(
-                    "bank_churn", "bank_churn_v2", row, event_id=None if given is None else given[i]
-                )
-                for i, row in enumerate(rows)
-            ]
-        assert (await pub.flush(30)).delivered == len(rows)
-    return ids, inproc.stored("bank_churn", "bank_churn_v2")
+            returned = []
+            for i, row in enumerate(rows):
+                event_id = None if given is None else given[i]
+                try:
+                    returned.append(pub.publish_event_nowait("p", "loose", row, event_id=event_id))
+                except EventError as exc:
+                    returned.append(type(exc))
+        await pub.flush(30)
+    return returned, inproc.stored("p", "loose")
+
+
+def made_here(value: Any) -> Any:
+    """``value`` with each id this process made replaced by a mark."""
+    if isinstance(value, str) and value.startswith(new_event_id.prefix):
+        return "new"
+    if isinstance(value, list | tuple):
+        return [made_here(v) for v in value]
+    if isinstance(value, dict):
+        return {k: made_here(v) for k, v in value.items()}
+    return value
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(shapes=st.lists(row_shapes, min_size=1, max_size=8))
-@example(shapes=[SHORT_ROWS[0], ("gïven", ABSENT, ABSENT, True, True)])
-@example(shapes=SHORT_ROWS)  # every row of a short way's kind: the batch goes at once
-def test_the_short_ways_write_what_the_long_way_writes(
-    anyio_backend: str, shapes: list[tuple[Any, ...]]
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(shapes=st.lists(row_shapes, min_size=1, max_size=6), stamp=st.booleans())
+@example(shapes=SHORT_ROWS, stamp=True)
+@example(shapes=SHORT_ROWS, stamp=False)
+@example(shapes=[SHORT_ROWS[0], ("ïd", ABSENT, ABSENT, True, False, True)], stamp=True)
+def test_the_short_ways_do_what_the_long_way_does(
+    anyio_backend: str, shapes: list[tuple[Any, ...]], stamp: bool
 ) -> None:
     rows, given = shaped_rows(shapes)
     frozen = SimpleNamespace(time=lambda: 1_700_000_000.123)
-
-    def made(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The events with each id this process made replaced by a mark."""
-        return [
-            {**e, "event_id": "new"} if e["event_id"].startswith(new_event_id.prefix) else e
-            for e in events
-        ]
-
-    results = {}
+    long_way = (
+        patch.object(AsyncPublisher, "_prepare_new", lambda *_: None),
+        patch.object(AsyncPublisher, "_prepare_rows_new", lambda *_: None),
+    )
     with patch.object(publisher_module, "time", frozen):
-        for way in ("batch", "one by one"):
-            results[way] = anyio.run(publish_shaped, rows, given, way, backend=anyio_backend)
-        with (
-            patch.object(AsyncPublisher, "_prepare_new", lambda *_: None),
-            patch.object(AsyncPublisher, "_prepare_rows_new", lambda *_: None),
-        ):
-            results["long"] = anyio.run(publish_shaped, rows, given, "batch", backend=anyio_backend)
-    for ids, stored in results.values():
-        assert ids == [e["event_id"] for e in stored]
-    expected = made(results["long"][1])
-    for way in ("batch", "one by one"):
-        assert made(results[way][1]) == expected, way
-        assert [list(e) for e in results[way][1]] == [list(e) for e in results["long"][1]], way
+        for batch in (True, False):
+            short = anyio.run(publish_shaped, rows, given, batch, stamp, backend=anyio_backend)
+            with long_way[0], long_way[1]:
+                long = anyio.run(publish_shaped, rows, given, batch, stamp, backend=anyio_backend)
+            assert made_here(short) == made_here(long), batch
+            # Key for key, in order (a dict's equality ignores the order).
+            assert [list(e) for e in short[1]] == [list(e) for e in long[1]], batch
+            if isinstance(short[0], list):  # not refused as a batch: each id as stored
+                ids = [r for r in short[0] if isinstance(r, str)]
+                assert ids == [str(e["id"]) for e in short[1]], batch
