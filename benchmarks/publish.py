@@ -57,6 +57,8 @@ EVENT = {
     "estimatedsalary": 101348.88,
     "predicted_churn": 0.21,
 }
+# What a later update joins to an event by its id: the outcome, once known.
+TARGET = {"churn": "yes"}
 
 
 def sink(delay: float = 0.0) -> contextlib.AbstractContextManager[str]:
@@ -106,7 +108,8 @@ async def run_once(
             pub.publish_event_nowait("bank_churn", "bank_churn", EVENT)
         samples = [0] * events
         # The caller's own ids (e.g. request ids), made before timing as a server has them.
-        own_ids = [f"request-{i}" for i in range(events)] if mode == "nowait id" else []
+        own_ids = [f"request-{i}" for i in range(events)] if mode.startswith("nowait ") else []
+        update = mode == "nowait update"
         clock = time.perf_counter_ns
         publish_nowait = pub.publish_event_nowait
         publish = pub.publish_event
@@ -119,7 +122,12 @@ async def run_once(
             elif own_ids:
                 event_id = own_ids[i]
                 t0 = clock()
-                publish_nowait("bank_churn", "bank_churn", EVENT, event_id=event_id)
+                if update:  # the target, joined later to the prediction with that id
+                    publish_nowait(
+                        "bank_churn", "bank_churn", TARGET, event_id=event_id, update_event=True
+                    )
+                else:
+                    publish_nowait("bank_churn", "bank_churn", EVENT, event_id=event_id)
                 samples[i] = clock() - t0
             else:
                 t0 = clock()
@@ -144,6 +152,7 @@ async def run_once(
 CALLS = {
     "nowait": "publish_event_nowait",
     "nowait id": "publish_event_nowait(..., event_id=)",
+    "nowait update": "publish_event_nowait(target, event_id=, update_event=True)",
     "await": "await publish_event",
 }
 
@@ -163,6 +172,7 @@ def main() -> None:
     scenarios: list[tuple[str, str, float | None, bool]] = [
         ("nowait", "healthy", 0.0, True),
         ("nowait id", "healthy", 0.0, True),
+        ("nowait update", "healthy", 0.0, True),
         ("await", "healthy", 0.0, True),
         ("nowait", "slow (200 ms)", 0.2, True),
         ("nowait", "down", None, False),

@@ -487,8 +487,12 @@ class AsyncPublisher:
         if route is None:
             route = self._route(project_id, model_id, env_type, env_name, update_event)
         dest, lane = route
-        if event_timestamp is None and not update_event:
-            new = self._prepare_new(dest, event, event_id)
+        if event_timestamp is None:
+            new = (
+                self._prepare_update(dest, event, event_id)
+                if update_event
+                else self._prepare_new(dest, event, event_id)
+            )
             if new is not None:
                 self._buffer.offer(lane, new[0], None)
                 return new[1]
@@ -530,8 +534,12 @@ class AsyncPublisher:
         if self._state is not _State.OPEN:
             raise self._not_open()
         dest, lane = self._route(project_id, model_id, env_type, env_name, update_event)
-        if event_timestamp is None and not update_event:
-            new = self._prepare_new(dest, event, event_id)
+        if event_timestamp is None:
+            new = (
+                self._prepare_update(dest, event, event_id)
+                if update_event
+                else self._prepare_new(dest, event, event_id)
+            )
             if new is not None:
                 await self._buffer.put(lane, new[0], None, self._config.block_timeout)
                 return new[1]
@@ -575,8 +583,8 @@ class AsyncPublisher:
             if frame_ids is not None:
                 return frame_ids
         rows = _rows(events)
-        short = event_timestamps is None and not update_event
-        new = self._prepare_rows_new(dest, rows, event_ids) if short else None
+        short = event_timestamps is None
+        new = self._prepare_rows(dest, rows, event_ids) if short else None
         if new is not None:
             await self._queue_all(lane, new[0])
             return new[1]
@@ -588,7 +596,11 @@ class AsyncPublisher:
         errors: dict[int, EventError] = {}
         for index, row in enumerate(rows):
             try:
-                one = self._prepare_new(dest, row, ids[index]) if short else None
+                one = None
+                if short:
+                    one = (self._prepare_update if update_event else self._prepare_new)(
+                        dest, row, ids[index]
+                    )
                 if one is not None:
                     bodies.append(one[0])
                     fixups.append(None)
@@ -899,10 +911,7 @@ class AsyncPublisher:
         ):
             if id_col is None or ts_col is None or not self._stamping:
                 return None
-            own = self._join_own(self._parts_now(info), event, event_id)
-            if own is not None and len(own[0]) >= self._max_event_bytes:
-                self._check_size(own[0])  # raises, with the message
-            return own
+            return self._checked(self._join_own(info, self._parts_now(info), event, event_id))
         try:
             encoded = orjson.dumps(event, default=encode_default, option=ENCODE_OPTIONS)
         except TypeError:
@@ -915,7 +924,7 @@ class AsyncPublisher:
             if parts[0] != millis or parts[1] is not info or parts[2] is not ids.prefix_bytes:
                 parts = self._id_time_parts(info, millis)
             _, _, _, head, between, empty, _ = parts
-            # Joined once into an exact-size object (as _prepare_rows_new does). The id is
+            # Joined once into an exact-size object (as _prepare_rows does). The id is
             # ASCII letters, digits and dashes (nothing to escape).
             if len(encoded) > 2:
                 body = b"".join((head, digits, between, encoded[1:]))
@@ -932,26 +941,31 @@ class AsyncPublisher:
             self._check_size(body)  # raises, with the message
         return body, ids.prefix + digits.decode()
 
-    def _prepare_rows_new(
+    def _prepare_rows(
         self, dest: Destination, rows: list[Mapping[str, Any]], event_ids: list[Any] | None
     ) -> tuple[list[bytes], list[str]] | None:
-        """:meth:`_prepare_new` for all the rows of a batch call at once, for a model with
-        both an id and a time column: what is the same for every row is worked out once (one
+        """:meth:`_prepare_new` or :meth:`_prepare_update` for all the rows of a batch call
+        at once: what is the same for every row is worked out once (for new events, one
         publish time for the call, as for a DataFrame). None unless every row is such a case
         and encodes within the size limit; the rows then go one by one, which names a bad
         one."""
         info = dest.model.info
-        if info is None or not self._stamping:
+        if info is None:
             return None
         id_col, ts_col = info.event_id_col, info.event_ts_col
-        if id_col is None or ts_col is None:
+        parts: _IdTimeParts | None = None
+        if dest.update:
+            if id_col is None:
+                return None
+        elif id_col is None or ts_col is None or not self._stamping:
             return None
+        else:
+            parts = self._id_time_parts(info, int(time.time() * 1000))
         if event_ids is None:
             event_ids = [None] * len(rows)
         elif len(event_ids) != len(rows):
             return None  # the long way says so
-        parts = self._id_time_parts(info, int(time.time() * 1000))
-        _, _, prefix_bytes, head, between, empty, _ = parts
+        _, _, prefix_bytes, head, between, empty, _ = parts or _NO_PARTS
         counter, mask, limit = new_event_id.counter, new_event_id.MASK, self._max_event_bytes
         prefix = prefix_bytes.decode()
         bodies: list[bytes] = []
@@ -962,8 +976,8 @@ class AsyncPublisher:
         for row, given in zip(rows, event_ids, strict=True):
             if type(row) is not dict:
                 return None
-            if given is not None or id_col in row or ts_col in row:
-                own = self._join_own(parts, row, given)
+            if parts is None or given is not None or id_col in row or ts_col in row:
+                own = self._join_own(info, parts, row, given)
                 if own is None:
                     return None
                 body, event_id = own
@@ -985,18 +999,38 @@ class AsyncPublisher:
             returned.append(event_id)
         return bodies, returned
 
-    def _join_own(
-        self, parts: _IdTimeParts, event: dict[str, Any], given: object
+    def _prepare_update(
+        self, dest: Destination, event: Mapping[str, Any], event_id: object = None
     ) -> tuple[bytes, str] | None:
-        """The body and id of a new event that brings its own id (``given``, or a value in
-        the model's id column) or its own time (in the time column), joined from ``parts``
-        as for one without (see :meth:`_id_time_parts`). None, before encoding anything,
-        for what the long way must do: a given id that is not non-empty ASCII text (an int or
-        a UUID is made text there), a given id besides an id column (which it replaces), an
-        id column whose value is not text or an integer (a null is replaced by a new id); and
-        after encoding, for an empty event or a value orjson cannot encode."""
-        _, info, prefix, head, _, _, stamped = parts
-        assert info is not None
+        """The common case of an update, made short: for a resolved model with an id column,
+        keyed by ``event_id`` or by the event's own id column (see :meth:`_join_own`). The
+        caller makes sure that it is an update without a time argument. None otherwise."""
+        info = dest.model.info
+        if info is None or info.event_id_col is None or type(event) is not dict:
+            return None
+        return self._checked(self._join_own(info, None, event, event_id))
+
+    def _checked(self, prepared: tuple[bytes, str] | None) -> tuple[bytes, str] | None:
+        if prepared is not None and len(prepared[0]) >= self._max_event_bytes:
+            self._check_size(prepared[0])  # raises, with the message
+        return prepared
+
+    def _join_own(
+        self,
+        info: ModelInfo,
+        parts: _IdTimeParts | None,
+        event: dict[str, Any],
+        given: object,
+    ) -> tuple[bytes, str] | None:
+        """The body and id of an event that brings its own id (``given``, or a value in the
+        model's id column) or its own time (in the time column): a new event, joined from
+        ``parts`` as one without (see :meth:`_id_time_parts`); or an update (``parts`` None),
+        which must bring its id and is never stamped. None, before encoding anything, for
+        what the long way must do: a given id that is not non-empty ASCII text (an int or a
+        UUID is made text there), a given id besides an id column (which it replaces), an id
+        column whose value is not text or an integer (a null is replaced by a new id, and is
+        an error in an update), an update without an id; and after encoding, for an empty
+        event or a value orjson cannot encode."""
         id_col = info.event_id_col
         if given is not None:
             if type(given) is not str or not given or not given.isascii() or id_col in event:
@@ -1010,6 +1044,8 @@ class AsyncPublisher:
                 event_id = str(own)
             else:
                 return None
+        elif parts is None:
+            return None  # an update keyed by nothing: the long way says why
         else:
             event_id = None  # one is made below
         try:
@@ -1019,11 +1055,13 @@ class AsyncPublisher:
         if len(encoded) <= 2:
             return None
         rest = encoded[1:]
-        stamp = b"" if info.event_ts_col in event else stamped
+        stamp = b"" if parts is None or info.event_ts_col in event else parts[6]
         if given is not None:
             return b"".join((b"{", info.id_key, orjson.dumps(given), b",", stamp, rest)), given
         if event_id is not None:  # the id column's
             return (b"".join((b"{", stamp, rest)) if stamp else compact(encoded)), event_id
+        assert parts is not None
+        _, _, prefix, head, *_ = parts
         number = b"%012x" % (next(new_event_id.counter) & new_event_id.MASK)
         body = b"".join((head, number, b'",', stamp, rest))
         return body, prefix.decode() + number.decode()

@@ -203,7 +203,8 @@ async def test_events_with_their_own_ids_and_times_take_the_short_ways(
 ) -> None:
     """The caller's own ids (as Fiddler's updates need) must cost no more than generated
     ones: with the general path of one event out of order, such events are still queued, and
-    a batch of them too with the per-row short way out of order as well."""
+    updates keyed by them; and a batch of either too, with the per-row short ways out of
+    order as well."""
 
     def general_path(*_: object) -> None:
         raise AssertionError("the long way was taken")
@@ -215,15 +216,29 @@ async def test_events_with_their_own_ids_and_times_take_the_short_ways(
         own = pub.publish_event_nowait(
             "bank_churn", "bank_churn", {**bank_event(1), "event_id": "r1"}
         )
+        target = pub.publish_event_nowait(
+            "bank_churn", "bank_churn", {"churn": "yes"}, event_id="r0", update_event=True
+        )
         monkeypatch.setattr(AsyncPublisher, "_prepare_new", general_path)
+        monkeypatch.setattr(AsyncPublisher, "_prepare_update", general_path)
         rows = [{**bank_event(2), "event_id": "r2"}, {**bank_event(3), "timestamp": 3}]
         batch = await pub.publish_events_batch(
             "bank_churn", "bank_churn", [*rows, bank_event(4)], event_ids=[None, None, "r4"]
         )
+        targets = await pub.publish_events_batch(
+            "bank_churn",
+            "bank_churn",
+            [{"churn": "no", "event_id": "r1"}, {"churn": "no"}],
+            event_ids=[None, "r2"],
+            update_event=True,
+        )
         monkeypatch.undo()
-        assert (await pub.flush(5)).delivered == 5
+        assert (await pub.flush(5)).delivered == 8
     assert (given, own, batch[0], batch[2]) == ("r0", "r1", "r2", "r4")
-    assert [e["event_id"] for e in inproc.stored()] == ["r0", "r1", "r2", batch[1], "r4"]
+    assert (target, targets) == ("r0", ["r1", "r2"])
+    stored = inproc.stored()
+    assert [e["event_id"] for e in stored] == ["r0", "r1", "r2", batch[1], "r4"]
+    assert [e.get("churn") for e in stored] == ["yes", "no", "no", None, None]
 
 
 @anyio

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import uuid
 from types import MappingProxyType, SimpleNamespace
-from typing import Any
+from typing import Any, NamedTuple
 from unittest.mock import patch
 
 import anyio
@@ -19,7 +19,7 @@ from fiddler_async import AsyncPublisher, EventBatchError, EventError, Publisher
 from fiddler_async import publisher as publisher_module
 from fiddler_async.encode import new_event_id
 
-from .in_process import TOKEN, InProcessFiddler
+from .in_process import TOKEN, InProcessFiddler, body
 
 
 class Opaque:
@@ -175,21 +175,31 @@ def shaped_rows(shapes: list[tuple[Any, ...]]) -> tuple[list[Any], list[Any] | N
     return rows, given if any(g is not None for g in given) else None
 
 
-async def publish_shaped(
-    rows: list[Any], given: list[Any] | None, batch: bool, stamp: bool
-) -> tuple[Any, list[dict[str, Any]]]:
-    """Publish ``rows`` to a fresh in-process emulator: the ids returned (or the errors by
-    position), and what it stored."""
+class Case(NamedTuple):
+    rows: list[Any]
+    given: list[Any] | None  # event_ids
+    stamp: bool  # stamp_publish_time
+    update: bool  # update_event
+    model: str
+
+
+async def publish_shaped(case: Case, batch: bool) -> tuple[Any, list[dict[str, Any]]]:
+    """Publish a case's rows to a fresh in-process emulator, in one batch call or one call
+    each: the ids returned (or the errors by position), and the events sent (as inserts, or
+    as updates)."""
+    rows, given, stamp, update, model = case
     inproc = InProcessFiddler()
     config = PublisherConfig(linger=0, max_batch_bytes=2000, stamp_publish_time=stamp)
     async with AsyncPublisher(
         "https://fiddler.test", TOKEN, config=config, transport=inproc.transport()
     ) as pub:
-        await pub.resolve("p", "loose")
+        await pub.resolve("p", model)
         returned: Any
         if batch:
             try:
-                returned = await pub.publish_events_batch("p", "loose", rows, event_ids=given)
+                returned = await pub.publish_events_batch(
+                    "p", model, rows, event_ids=given, update_event=update
+                )
             except EventBatchError as exc:
                 returned = {i: type(e) for i, e in exc.errors.items()}
         else:
@@ -197,11 +207,17 @@ async def publish_shaped(
             for i, row in enumerate(rows):
                 event_id = None if given is None else given[i]
                 try:
-                    returned.append(pub.publish_event_nowait("p", "loose", row, event_id=event_id))
+                    returned.append(
+                        pub.publish_event_nowait(
+                            "p", model, row, event_id=event_id, update_event=update
+                        )
+                    )
                 except EventError as exc:
                     returned.append(type(exc))
         await pub.flush(30)
-    return returned, inproc.stored("p", "loose")
+    requests = inproc.event_requests()
+    assert {r.method for r in requests} <= {"PATCH" if update else "POST"}
+    return returned, [e for r in requests for e in body(r)["source"]["events"]]
 
 
 def made_here(value: Any) -> Any:
@@ -217,27 +233,40 @@ def made_here(value: Any) -> Any:
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(shapes=st.lists(row_shapes, min_size=1, max_size=6), stamp=st.booleans())
-@example(shapes=SHORT_ROWS, stamp=True)
-@example(shapes=SHORT_ROWS, stamp=False)
-@example(shapes=[SHORT_ROWS[0], ("ïd", ABSENT, ABSENT, True, False, True)], stamp=True)
+@given(
+    shapes=st.lists(row_shapes, min_size=1, max_size=6),
+    stamp=st.booleans(),
+    update=st.booleans(),
+    model=st.sampled_from(["loose", "loose", "loose", "noid"]),  # noid: no id or time column
+)
+@example(shapes=SHORT_ROWS, stamp=True, update=False, model="loose")
+@example(shapes=SHORT_ROWS, stamp=False, update=False, model="loose")
+@example(shapes=SHORT_ROWS[2:6], stamp=True, update=True, model="loose")  # rows with an id
+@example(shapes=[SHORT_ROWS[2], SHORT_ROWS[0]], stamp=True, update=True, model="loose")
+@example(shapes=SHORT_ROWS[2:6], stamp=True, update=True, model="noid")
+@example(
+    shapes=[SHORT_ROWS[0], ("ïd", ABSENT, ABSENT, True, False, True)],
+    stamp=True,
+    update=False,
+    model="loose",
+)
 def test_the_short_ways_do_what_the_long_way_does(
-    anyio_backend: str, shapes: list[tuple[Any, ...]], stamp: bool
+    anyio_backend: str, shapes: list[tuple[Any, ...]], stamp: bool, update: bool, model: str
 ) -> None:
-    rows, given = shaped_rows(shapes)
+    case = Case(*shaped_rows(shapes), stamp, update, model)
     frozen = SimpleNamespace(time=lambda: 1_700_000_000.123)
-    long_way = (
-        patch.object(AsyncPublisher, "_prepare_new", lambda *_: None),
-        patch.object(AsyncPublisher, "_prepare_rows_new", lambda *_: None),
-    )
+    long_way = [
+        patch.object(AsyncPublisher, name, lambda *_: None)
+        for name in ("_prepare_new", "_prepare_update", "_prepare_rows")
+    ]
     with patch.object(publisher_module, "time", frozen):
         for batch in (True, False):
-            short = anyio.run(publish_shaped, rows, given, batch, stamp, backend=anyio_backend)
-            with long_way[0], long_way[1]:
-                long = anyio.run(publish_shaped, rows, given, batch, stamp, backend=anyio_backend)
+            short = anyio.run(publish_shaped, case, batch, backend=anyio_backend)
+            with long_way[0], long_way[1], long_way[2]:
+                long = anyio.run(publish_shaped, case, batch, backend=anyio_backend)
             assert made_here(short) == made_here(long), batch
             # Key for key, in order (a dict's equality ignores the order).
             assert [list(e) for e in short[1]] == [list(e) for e in long[1]], batch
-            if isinstance(short[0], list):  # not refused as a batch: each id as stored
+            if model == "loose" and isinstance(short[0], list):  # each id as sent
                 ids = [r for r in short[0] if isinstance(r, str)]
                 assert ids == [str(e["id"]) for e in short[1]], batch

@@ -22,6 +22,7 @@ from typing import Any
 import anyio
 import httpx
 import uvicorn
+from starlette.requests import ClientDisconnect
 
 from .app import DroppedConnection, EmulatorState, create_app
 from .catalog import Catalog, ModelDef, load_catalog
@@ -41,10 +42,13 @@ DEFAULT_TOKEN = "emulator-token"
 
 
 class _HideDroppedConnections(logging.Filter):
-    """A dropped connection is an injected fault, not an error worth a traceback."""
+    """A dropped connection is not an error worth a traceback: an injected fault, or a
+    client gone before its request arrived whole (a publisher cancelling a request at its
+    close deadline, while a slow emulator waits before reading the body)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], DroppedConnection))
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, DroppedConnection | ClientDisconnect)
 
 
 logging.getLogger("uvicorn.error").addFilter(_HideDroppedConnections())
