@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -336,3 +338,19 @@ def test_the_benchmark_peers_doors_count_events(
         fiddler.url + "/_emulator/summary", headers={"Authorization": f"Bearer {TOKEN}"}
     ).json()
     assert summary["peers"] == {expected: 2 * count}
+
+
+def test_a_client_gone_mid_request_is_not_logged_as_an_error(
+    fiddler: Emulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A publisher cancels a request at its close deadline; a slow emulator reads the body
+    after the client left. That is no error of the emulator's (no traceback), as an injected
+    dropped connection is not."""
+    fiddler.set_faults(latency=0.3)  # before the body is read
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    with caplog.at_level(logging.ERROR, logger="uvicorn.error"):
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{fiddler.url}/v3/events", content=b"{}", headers=headers, timeout=0.05)
+        time.sleep(1.0)  # the emulator's handler, which only then finds the client gone
+        assert fiddler.requests()[-1]["path"] == "/v3/events"
+    assert not caplog.records
