@@ -107,8 +107,10 @@ async def run_once(
         for _ in range(FULL_QUEUE if full else 0):
             pub.publish_event_nowait("bank_churn", "bank_churn", EVENT)
         samples = [0] * events
-        # The caller's own ids (e.g. request ids), made before timing as a server has them.
+        # The caller's own ids (e.g. request ids) and times, made before timing as a server
+        # has them: Fiddler's publish_event(event, event_id, event_timestamp).
         own_ids = [f"request-{i}" for i in range(events)] if mode.startswith("nowait ") else []
+        own_times = [int(time.time() * 1000) + i for i in range(events)]
         update = mode == "nowait update"
         clock = time.perf_counter_ns
         publish_nowait = pub.publish_event_nowait
@@ -120,14 +122,20 @@ async def run_once(
                 publish_nowait("bank_churn", "bank_churn", EVENT)
                 samples[i] = clock() - t0
             elif own_ids:
-                event_id = own_ids[i]
+                event_id, when = own_ids[i], own_times[i]
                 t0 = clock()
                 if update:  # the target, joined later to the prediction with that id
                     publish_nowait(
                         "bank_churn", "bank_churn", TARGET, event_id=event_id, update_event=True
                     )
                 else:
-                    publish_nowait("bank_churn", "bank_churn", EVENT, event_id=event_id)
+                    publish_nowait(
+                        "bank_churn",
+                        "bank_churn",
+                        EVENT,
+                        event_id=event_id,
+                        event_timestamp=when,
+                    )
                 samples[i] = clock() - t0
             else:
                 t0 = clock()
@@ -151,7 +159,7 @@ async def run_once(
 
 CALLS = {
     "nowait": "publish_event_nowait",
-    "nowait id": "publish_event_nowait(..., event_id=)",
+    "nowait id": "publish_event_nowait(..., event_id=, event_timestamp=)",
     "nowait update": "publish_event_nowait(target, event_id=, update_event=True)",
     "await": "await publish_event",
 }

@@ -487,15 +487,14 @@ class AsyncPublisher:
         if route is None:
             route = self._route(project_id, model_id, env_type, env_name, update_event)
         dest, lane = route
-        if event_timestamp is None:
-            new = (
-                self._prepare_update(dest, event, event_id)
-                if update_event
-                else self._prepare_new(dest, event, event_id)
-            )
-            if new is not None:
-                self._buffer.offer(lane, new[0], None)
-                return new[1]
+        new = (
+            self._prepare_update(dest, event, event_id, event_timestamp)
+            if update_event
+            else self._prepare_new(dest, event, event_id, event_timestamp)
+        )
+        if new is not None:
+            self._buffer.offer(lane, new[0], None)
+            return new[1]
         body, fixup, returned_id = self._prepare(dest, event, event_id, event_timestamp)
         self._buffer.offer(lane, body, fixup)
         return returned_id
@@ -534,15 +533,14 @@ class AsyncPublisher:
         if self._state is not _State.OPEN:
             raise self._not_open()
         dest, lane = self._route(project_id, model_id, env_type, env_name, update_event)
-        if event_timestamp is None:
-            new = (
-                self._prepare_update(dest, event, event_id)
-                if update_event
-                else self._prepare_new(dest, event, event_id)
-            )
-            if new is not None:
-                await self._buffer.put(lane, new[0], None, self._config.block_timeout)
-                return new[1]
+        new = (
+            self._prepare_update(dest, event, event_id, event_timestamp)
+            if update_event
+            else self._prepare_new(dest, event, event_id, event_timestamp)
+        )
+        if new is not None:
+            await self._buffer.put(lane, new[0], None, self._config.block_timeout)
+            return new[1]
         body, fixup, returned_id = self._prepare(dest, event, event_id, event_timestamp)
         await self._buffer.put(lane, body, fixup, self._config.block_timeout)
         return returned_id
@@ -574,6 +572,8 @@ class AsyncPublisher:
         dest, lane = self._route(project_id, model_id, env_type, env_name, update_event)
         if event_ids is not None:
             event_ids = list(event_ids)
+        if event_timestamps is not None:
+            event_timestamps = list(event_timestamps)
         if dest.model.info is None:
             # Rows of an update without an id of their own are keyed by the id column.
             keyed = update_event and (event_ids is None or None in event_ids)
@@ -583,8 +583,7 @@ class AsyncPublisher:
             if frame_ids is not None:
                 return frame_ids
         rows = _rows(events)
-        short = event_timestamps is None
-        new = self._prepare_rows(dest, rows, event_ids) if short else None
+        new = self._prepare_rows(dest, rows, event_ids, event_timestamps)
         if new is not None:
             await self._queue_all(lane, new[0])
             return new[1]
@@ -596,11 +595,8 @@ class AsyncPublisher:
         errors: dict[int, EventError] = {}
         for index, row in enumerate(rows):
             try:
-                one = None
-                if short:
-                    one = (self._prepare_update if update_event else self._prepare_new)(
-                        dest, row, ids[index]
-                    )
+                short = self._prepare_update if update_event else self._prepare_new
+                one = short(dest, row, ids[index], times[index])
                 if one is not None:
                     bodies.append(one[0])
                     fixups.append(None)
@@ -893,25 +889,28 @@ class AsyncPublisher:
         return route
 
     def _prepare_new(
-        self, dest: Destination, event: Mapping[str, Any], event_id: object = None
+        self, dest: Destination, event: Mapping[str, Any], event_id: object, when: object
     ) -> tuple[bytes, str] | None:
         """The common cases of :meth:`_prepare`, made short because they are the hot path: a
-        new event for a resolved model; the shortest without an id or a time of its own (in
-        the arguments or in the model's columns). The caller makes sure that it is a new
-        event (not an update) without a time argument. None when it is none of these
-        cases."""
+        new event (the caller makes sure it is not an update) for a resolved model; the
+        shortest without an id or a time of its own (in the arguments, ``event_id`` and
+        ``when``, or in the model's columns). None when it is none of these cases."""
         info = dest.model.info
         if info is None or type(event) is not dict:  # the rest, and bad input: the long way
             return None
         id_col, ts_col = info.event_id_col, info.event_ts_col
         if (
             event_id is not None
+            or when is not None
             or (id_col is not None and id_col in event)
             or (ts_col is not None and ts_col in event)
         ):
             if id_col is None or ts_col is None or not self._stamping:
                 return None
-            return self._checked(self._join_own(info, self._parts_now(info), event, event_id))
+            # Given both an id and a time (Fiddler's seed call), nothing of the parts is used.
+            both = event_id is not None and when is not None
+            parts = _NO_PARTS if both else self._parts_now(info)
+            return self._checked(self._join_own(info, parts, event, event_id, when))
         try:
             encoded = orjson.dumps(event, default=encode_default, option=ENCODE_OPTIONS)
         except TypeError:
@@ -942,7 +941,11 @@ class AsyncPublisher:
         return body, ids.prefix + digits.decode()
 
     def _prepare_rows(
-        self, dest: Destination, rows: list[Mapping[str, Any]], event_ids: list[Any] | None
+        self,
+        dest: Destination,
+        rows: list[Mapping[str, Any]],
+        event_ids: list[Any] | None,
+        event_timestamps: list[Any] | None,
     ) -> tuple[list[bytes], list[str]] | None:
         """:meth:`_prepare_new` or :meth:`_prepare_update` for all the rows of a batch call
         at once: what is the same for every row is worked out once (for new events, one
@@ -961,9 +964,10 @@ class AsyncPublisher:
             return None
         else:
             parts = self._id_time_parts(info, int(time.time() * 1000))
-        if event_ids is None:
-            event_ids = [None] * len(rows)
-        elif len(event_ids) != len(rows):
+        nothing = [None] * len(rows)
+        event_ids = nothing if event_ids is None else event_ids
+        times = nothing if event_timestamps is None else event_timestamps
+        if len(event_ids) != len(rows) or len(times) != len(rows):
             return None  # the long way says so
         _, _, prefix_bytes, head, between, empty, _ = parts or _NO_PARTS
         counter, mask, limit = new_event_id.counter, new_event_id.MASK, self._max_event_bytes
@@ -973,11 +977,17 @@ class AsyncPublisher:
         join, dumps = b"".join, orjson.dumps
         # A row that turns out not to be such a case sends the call the long way, and the rows
         # before it are encoded twice: the price of a loop without a check per row.
-        for row, given in zip(rows, event_ids, strict=True):
+        for row, given, when in zip(rows, event_ids, times, strict=True):
             if type(row) is not dict:
                 return None
-            if parts is None or given is not None or id_col in row or ts_col in row:
-                own = self._join_own(info, parts, row, given)
+            if (
+                parts is None
+                or given is not None
+                or when is not None
+                or id_col in row
+                or ts_col in row
+            ):
+                own = self._join_own(info, parts, row, given, when)
                 if own is None:
                     return None
                 body, event_id = own
@@ -1000,15 +1010,15 @@ class AsyncPublisher:
         return bodies, returned
 
     def _prepare_update(
-        self, dest: Destination, event: Mapping[str, Any], event_id: object = None
+        self, dest: Destination, event: Mapping[str, Any], event_id: object, when: object
     ) -> tuple[bytes, str] | None:
-        """The common case of an update, made short: for a resolved model with an id column,
-        keyed by ``event_id`` or by the event's own id column (see :meth:`_join_own`). The
-        caller makes sure that it is an update without a time argument. None otherwise."""
+        """The common case of an update (the caller makes sure it is one), made short: for a
+        resolved model with an id column, keyed by ``event_id`` or by the event's own id
+        column (see :meth:`_join_own`). None otherwise."""
         info = dest.model.info
         if info is None or info.event_id_col is None or type(event) is not dict:
             return None
-        return self._checked(self._join_own(info, None, event, event_id))
+        return self._checked(self._join_own(info, None, event, event_id, when))
 
     def _checked(self, prepared: tuple[bytes, str] | None) -> tuple[bytes, str] | None:
         if prepared is not None and len(prepared[0]) >= self._max_event_bytes:
@@ -1021,16 +1031,19 @@ class AsyncPublisher:
         parts: _IdTimeParts | None,
         event: dict[str, Any],
         given: object,
+        when: object,
     ) -> tuple[bytes, str] | None:
         """The body and id of an event that brings its own id (``given``, or a value in the
-        model's id column) or its own time (in the time column): a new event, joined from
-        ``parts`` as one without (see :meth:`_id_time_parts`); or an update (``parts`` None),
-        which must bring its id and is never stamped. None, before encoding anything, for
-        what the long way must do: a given id that is not non-empty ASCII text (an int or a
-        UUID is made text there), a given id besides an id column (which it replaces), an id
-        column whose value is not text or an integer (a null is replaced by a new id, and is
-        an error in an update), an update without an id; and after encoding, for an empty
-        event or a value orjson cannot encode."""
+        model's id column) or its own time (``when``, or a value in the time column): a new
+        event, joined from ``parts`` as one without (see :meth:`_id_time_parts`); or an
+        update (``parts`` None), which must bring its id and is stamped only with ``when``.
+        None, before encoding anything, for what the long way must do: a given id that is not
+        non-empty ASCII text (an int or a UUID is made text there), a given id besides an id
+        column or a given time besides a time column (each replaces its column), an id column
+        whose value is not text or an integer (a null is replaced by a new id, and is an error
+        in an update), an update without an id, a time the long way refuses (it says why), a
+        model without a time column for ``when``; and after encoding, for an empty event or a
+        value orjson cannot encode."""
         id_col = info.event_id_col
         if given is not None:
             if type(given) is not str or not given or not given.isascii() or id_col in event:
@@ -1048,6 +1061,16 @@ class AsyncPublisher:
             return None  # an update keyed by nothing: the long way says why
         else:
             event_id = None  # one is made below
+        ts_col = info.event_ts_col
+        if when is not None:
+            if ts_col is None or ts_col in event:
+                return None
+            try:
+                stamp = info.ts_key + info.timestamp_json(epoch_millis(when)) + b","
+            except EventError:
+                return None
+        else:
+            stamp = b"" if parts is None or ts_col in event else parts[6]
         try:
             encoded = orjson.dumps(event, default=encode_default, option=ENCODE_OPTIONS)
         except TypeError:
@@ -1055,7 +1078,6 @@ class AsyncPublisher:
         if len(encoded) <= 2:
             return None
         rest = encoded[1:]
-        stamp = b"" if parts is None or info.event_ts_col in event else parts[6]
         if given is not None:
             return b"".join((b"{", info.id_key, orjson.dumps(given), b",", stamp, rest)), given
         if event_id is not None:  # the id column's

@@ -219,6 +219,9 @@ async def test_events_with_their_own_ids_and_times_take_the_short_ways(
         target = pub.publish_event_nowait(
             "bank_churn", "bank_churn", {"churn": "yes"}, event_id="r0", update_event=True
         )
+        timed = pub.publish_event_nowait(
+            "bank_churn", "bank_churn", bank_event(5), event_id="r5", event_timestamp=5
+        )
         monkeypatch.setattr(AsyncPublisher, "_prepare_new", general_path)
         monkeypatch.setattr(AsyncPublisher, "_prepare_update", general_path)
         rows = [{**bank_event(2), "event_id": "r2"}, {**bank_event(3), "timestamp": 3}]
@@ -230,15 +233,17 @@ async def test_events_with_their_own_ids_and_times_take_the_short_ways(
             "bank_churn",
             [{"churn": "no", "event_id": "r1"}, {"churn": "no"}],
             event_ids=[None, "r2"],
+            event_timestamps=[None, 2],
             update_event=True,
         )
         monkeypatch.undo()
-        assert (await pub.flush(5)).delivered == 8
-    assert (given, own, batch[0], batch[2]) == ("r0", "r1", "r2", "r4")
+        assert (await pub.flush(5)).delivered == 9
+    assert (given, own, batch[0], batch[2], timed) == ("r0", "r1", "r2", "r4", "r5")
     assert (target, targets) == ("r0", ["r1", "r2"])
     stored = inproc.stored()
-    assert [e["event_id"] for e in stored] == ["r0", "r1", "r2", batch[1], "r4"]
-    assert [e.get("churn") for e in stored] == ["yes", "no", "no", None, None]
+    assert [e["event_id"] for e in stored] == ["r0", "r1", "r5", "r2", batch[1], "r4"]
+    assert [e.get("churn") for e in stored] == ["yes", "no", None, "no", None, None]
+    assert (stored[2]["timestamp"], stored[3]["timestamp"]) == (5, 2)
 
 
 @anyio

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 import uuid
 from types import MappingProxyType, SimpleNamespace
@@ -134,11 +135,12 @@ def test_every_event_is_refused_clearly_or_delivered_intact(
     anyio.run(main)
 
 
-# The short ways of a new event (one call, or a batch call's rows at once) must do what the
-# long way does, for every mix of what a row brings of its own: the same bodies key for key,
-# the same ids returned, the same errors. A row is drawn as (the id given as an argument, the
+# The short ways of an event (one call, or a batch call's rows at once) must do what the long
+# way does, for every mix of what a row brings of its own: the same bodies key for key, the
+# same ids returned, the same errors. A row is drawn as (the id given as an argument, the
 # value of its id column, the value of its time column, whether it has other fields, whether
-# it is too large, whether it is a dict or another mapping); ABSENT is a column it lacks.
+# it is too large, whether it is a dict or another mapping, the time given as an argument);
+# ABSENT is a column it lacks.
 ABSENT = object()
 TIME = 1_700_000_000_000
 ids = st.sampled_from(["id", 'q"\\\t\x00', "ïd", "", 7, uuid.UUID(int=7)])
@@ -149,22 +151,27 @@ row_shapes = st.tuples(
     st.booleans(),
     st.sampled_from([False, False, False, True]),  # too large: rarer, it hides the rest
     st.sampled_from([True, True, True, False]),  # another mapping: rarer, likewise
+    st.sampled_from([None, None, TIME, dt.datetime(2024, 1, 1, 13, 0, 0, 500_000), math.inf]),
 )
 SHORT_ROWS = [  # every row of a kind the short ways take: a batch of them goes at once
-    (None, ABSENT, ABSENT, True, False, True),
-    (None, ABSENT, ABSENT, False, False, True),
-    ("id", ABSENT, ABSENT, True, False, True),
-    ("id", ABSENT, TIME, True, False, True),
-    (None, "id", ABSENT, True, False, True),
-    (None, 7, TIME, True, False, True),
-    (None, ABSENT, TIME, True, False, True),
+    (None, ABSENT, ABSENT, True, False, True, None),
+    (None, ABSENT, ABSENT, False, False, True, None),
+    ("id", ABSENT, ABSENT, True, False, True, None),
+    ("id", ABSENT, TIME, True, False, True, None),
+    (None, "id", ABSENT, True, False, True, None),
+    (None, 7, TIME, True, False, True, None),
+    (None, ABSENT, TIME, True, False, True, None),
+    ("id", ABSENT, ABSENT, True, False, True, TIME),
+    (None, "id", ABSENT, True, False, True, dt.datetime(2024, 1, 1, 13, 0, 0, 500_000)),
 ]
 
 
-def shaped_rows(shapes: list[tuple[Any, ...]]) -> tuple[list[Any], list[Any] | None]:
+def shaped_rows(
+    shapes: list[tuple[Any, ...]],
+) -> tuple[list[Any], list[Any] | None, list[Any] | None]:
     rows: list[Any] = []
     given: list[Any] = []
-    for i, (argument, own_id, own_time, fields, large, plain) in enumerate(shapes):
+    for i, (argument, own_id, own_time, fields, large, plain, _) in enumerate(shapes):
         row: dict[str, Any] = {"x": i, "note": "n" * (3000 if large else 3)} if fields else {}
         if own_id is not ABSENT:
             row["id"] = f"{own_id}-{i}" if isinstance(own_id, str) and own_id else own_id
@@ -172,12 +179,18 @@ def shaped_rows(shapes: list[tuple[Any, ...]]) -> tuple[list[Any], list[Any] | N
             row["ts"] = own_time
         rows.append(row if plain else MappingProxyType(row))
         given.append(f"{argument}-{i}" if isinstance(argument, str) and argument else argument)
-    return rows, given if any(g is not None for g in given) else None
+    times = [shape[6] for shape in shapes]
+    return (
+        rows,
+        given if any(g is not None for g in given) else None,
+        times if any(t is not None for t in times) else None,
+    )
 
 
 class Case(NamedTuple):
     rows: list[Any]
     given: list[Any] | None  # event_ids
+    times: list[Any] | None  # event_timestamps
     stamp: bool  # stamp_publish_time
     update: bool  # update_event
     model: str
@@ -187,7 +200,7 @@ async def publish_shaped(case: Case, batch: bool) -> tuple[Any, list[dict[str, A
     """Publish a case's rows to a fresh in-process emulator, in one batch call or one call
     each: the ids returned (or the errors by position), and the events sent (as inserts, or
     as updates)."""
-    rows, given, stamp, update, model = case
+    rows, given, times, stamp, update, model = case
     inproc = InProcessFiddler()
     config = PublisherConfig(linger=0, max_batch_bytes=2000, stamp_publish_time=stamp)
     async with AsyncPublisher(
@@ -198,7 +211,12 @@ async def publish_shaped(case: Case, batch: bool) -> tuple[Any, list[dict[str, A
         if batch:
             try:
                 returned = await pub.publish_events_batch(
-                    "p", model, rows, event_ids=given, update_event=update
+                    "p",
+                    model,
+                    rows,
+                    event_ids=given,
+                    event_timestamps=times,
+                    update_event=update,
                 )
             except EventBatchError as exc:
                 returned = {i: type(e) for i, e in exc.errors.items()}
@@ -206,10 +224,16 @@ async def publish_shaped(case: Case, batch: bool) -> tuple[Any, list[dict[str, A
             returned = []
             for i, row in enumerate(rows):
                 event_id = None if given is None else given[i]
+                when = None if times is None else times[i]
                 try:
                     returned.append(
                         pub.publish_event_nowait(
-                            "p", model, row, event_id=event_id, update_event=update
+                            "p",
+                            model,
+                            row,
+                            event_id=event_id,
+                            event_timestamp=when,
+                            update_event=update,
                         )
                     )
                 except EventError as exc:
@@ -237,15 +261,18 @@ def made_here(value: Any) -> Any:
     shapes=st.lists(row_shapes, min_size=1, max_size=6),
     stamp=st.booleans(),
     update=st.booleans(),
-    model=st.sampled_from(["loose", "loose", "loose", "noid"]),  # noid: no id or time column
+    # noid: no id or time column; m: both, with other names and a strftime time format
+    model=st.sampled_from(["loose", "loose", "loose", "noid", "m"]),
 )
 @example(shapes=SHORT_ROWS, stamp=True, update=False, model="loose")
 @example(shapes=SHORT_ROWS, stamp=False, update=False, model="loose")
 @example(shapes=SHORT_ROWS[2:6], stamp=True, update=True, model="loose")  # rows with an id
 @example(shapes=[SHORT_ROWS[2], SHORT_ROWS[0]], stamp=True, update=True, model="loose")
 @example(shapes=SHORT_ROWS[2:6], stamp=True, update=True, model="noid")
+@example(shapes=SHORT_ROWS[7:], stamp=True, update=True, model="loose")
+@example(shapes=SHORT_ROWS[7:], stamp=True, update=False, model="m")
 @example(
-    shapes=[SHORT_ROWS[0], ("ïd", ABSENT, ABSENT, True, False, True)],
+    shapes=[SHORT_ROWS[0], ("ïd", ABSENT, ABSENT, True, False, True, None)],
     stamp=True,
     update=False,
     model="loose",
