@@ -22,6 +22,7 @@ import datetime as dt
 import decimal
 import itertools
 import math
+import numbers
 import os
 import uuid
 from collections.abc import Iterator, Mapping
@@ -138,21 +139,26 @@ _MIN_MILLIS, _MAX_MILLIS = -62_135_596_800_000, 253_402_300_799_999
 
 
 def epoch_millis(value: object, field: str = "event_timestamp") -> int:
-    """Epoch milliseconds from an int/float (already ms) or a datetime (naive means UTC)."""
+    """Epoch milliseconds from a number (already ms; numpy's too) or a datetime (naive means
+    UTC), within years 1 to 9999 (what a time column's format can write)."""
     if type(value) is int and _MIN_MILLIS <= value <= _MAX_MILLIS:  # the usual: no checks more
         return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not (math.isfinite(value) and _MIN_MILLIS <= value <= _MAX_MILLIS):
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        number = int(value) if isinstance(value, numbers.Integral) else float(value)
+        if not (math.isfinite(number) and _MIN_MILLIS <= number <= _MAX_MILLIS):
             raise EventError(
                 f"{field} must be epoch milliseconds between years 1 and 9999, got {value!r}"
             )
-        return round(value)
+        return round(number)
     if isinstance(value, dt.datetime):
         if value != value:  # noqa: PLR0124  (pandas.NaT)
             raise EventError(f"{field} must be a time, got NaT")
         if value.tzinfo is None:
             value = value.replace(tzinfo=dt.timezone.utc)
-        return round(value.timestamp() * 1000)
+        millis = round(value.timestamp() * 1000)
+        if not _MIN_MILLIS <= millis <= _MAX_MILLIS:  # rounded up past the year 9999
+            raise EventError(f"{field} must be a time between years 1 and 9999, got {value}")
+        return millis
     if isinstance(value, dt.date):
         return epoch_millis(dt.datetime(value.year, value.month, value.day), field)
     raise EventEncodeError(

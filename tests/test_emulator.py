@@ -224,7 +224,9 @@ def test_fractions_are_drawn_from_the_seed() -> None:
 
 def test_a_models_file(tmp_path: Path) -> None:
     catalog = load_catalog(MODELS)
-    assert [m.name for m in catalog.models] == ["bank_churn", "bank_churn_v2", "m", "noid", "loose"]
+    assert [m.name for m in catalog.models] == [
+        *("bank_churn", "bank_churn_v2", "m", "noid", "loose", "idonly")
+    ]
     broken = tmp_path / "models.toml"
     broken.write_text('[[models]]\nproject = "p"\nname = "m"\n[models.columns]\nx = "complex"\n')
     with pytest.raises(ValueError, match="column 'x' has unknown type 'complex'"):

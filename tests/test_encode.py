@@ -150,6 +150,14 @@ def test_epoch_millis() -> None:
         epoch_millis(float("nan"))
     with pytest.raises(EventEncodeError):
         epoch_millis(True)
+    # numpy's numbers, as a DataFrame column gives them (to_numpy(), or a row's values)
+    assert epoch_millis(np.int64(1_700_000_000_123)) == 1_700_000_000_123
+    assert epoch_millis(np.float32(2.5)) == 2
+    with pytest.raises(EventEncodeError):
+        epoch_millis(np.bool_(True))
+    # The last microsecond of 9999 rounds to a millisecond no time format can write.
+    with pytest.raises(EventError, match="between years 1 and 9999"):
+        epoch_millis(dt.datetime(9999, 12, 31, 23, 59, 59, 999_999))
 
 
 def test_event_ids_are_unique_uuid_shaped() -> None:

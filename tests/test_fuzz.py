@@ -11,7 +11,9 @@ from typing import Any, NamedTuple
 from unittest.mock import patch
 
 import anyio
+import numpy as np
 import orjson
+import pandas as pd
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -143,6 +145,13 @@ def test_every_event_is_refused_clearly_or_delivered_intact(
 # ABSENT is a column it lacks.
 ABSENT = object()
 TIME = 1_700_000_000_000
+# Times a caller may give, good and bad (the long way's epoch_millis says which).
+UTC_PLUS_2 = dt.timezone(dt.timedelta(hours=2))
+TIMES = [
+    *(TIME, 2.5, np.int64(TIME), True, math.inf, 10**20, pd.NaT),
+    *(dt.datetime(2024, 1, 1, 13, 0, 0, 500_000), dt.datetime(2024, 1, 1, tzinfo=UTC_PLUS_2)),
+    *(dt.date(2024, 1, 1), dt.datetime(9999, 12, 31, 23, 59, 59, 999_999)),
+]
 ids = st.sampled_from(["id", 'q"\\\t\x00', "ïd", "", 7, uuid.UUID(int=7)])
 row_shapes = st.tuples(
     st.none() | ids,
@@ -151,7 +160,7 @@ row_shapes = st.tuples(
     st.booleans(),
     st.sampled_from([False, False, False, True]),  # too large: rarer, it hides the rest
     st.sampled_from([True, True, True, False]),  # another mapping: rarer, likewise
-    st.sampled_from([None, None, TIME, dt.datetime(2024, 1, 1, 13, 0, 0, 500_000), math.inf]),
+    st.none() | st.sampled_from(TIMES),
 )
 SHORT_ROWS = [  # every row of a kind the short ways take: a batch of them goes at once
     (None, ABSENT, ABSENT, True, False, True, None),
@@ -261,8 +270,9 @@ def made_here(value: Any) -> Any:
     shapes=st.lists(row_shapes, min_size=1, max_size=6),
     stamp=st.booleans(),
     update=st.booleans(),
-    # noid: no id or time column; m: both, with other names and a strftime time format
-    model=st.sampled_from(["loose", "loose", "loose", "noid", "m"]),
+    # noid: no id or time column; idonly: no time column; m: both, with other names and a
+    # strftime time format
+    model=st.sampled_from(["loose", "loose", "loose", "noid", "idonly", "m"]),
 )
 @example(shapes=SHORT_ROWS, stamp=True, update=False, model="loose")
 @example(shapes=SHORT_ROWS, stamp=False, update=False, model="loose")
@@ -271,6 +281,7 @@ def made_here(value: Any) -> Any:
 @example(shapes=SHORT_ROWS[2:6], stamp=True, update=True, model="noid")
 @example(shapes=SHORT_ROWS[7:], stamp=True, update=True, model="loose")
 @example(shapes=SHORT_ROWS[7:], stamp=True, update=False, model="m")
+@example(shapes=SHORT_ROWS[7:], stamp=True, update=True, model="idonly")
 @example(
     shapes=[SHORT_ROWS[0], ("ïd", ABSENT, ABSENT, True, False, True, None)],
     stamp=True,
