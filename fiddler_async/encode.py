@@ -143,13 +143,6 @@ def epoch_millis(value: object, field: str = "event_timestamp") -> int:
     UTC), within years 1 to 9999 (what a time column's format can write)."""
     if type(value) is int and _MIN_MILLIS <= value <= _MAX_MILLIS:  # the usual: no checks more
         return value
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        number = int(value) if isinstance(value, numbers.Integral) else float(value)
-        if not (math.isfinite(number) and _MIN_MILLIS <= number <= _MAX_MILLIS):
-            raise EventError(
-                f"{field} must be epoch milliseconds between years 1 and 9999, got {value!r}"
-            )
-        return round(number)
     if isinstance(value, dt.datetime):
         if value != value:  # noqa: PLR0124  (pandas.NaT)
             raise EventError(f"{field} must be a time, got NaT")
@@ -159,6 +152,15 @@ def epoch_millis(value: object, field: str = "event_timestamp") -> int:
         if not _MIN_MILLIS <= millis <= _MAX_MILLIS:  # rounded up past the year 9999
             raise EventError(f"{field} must be a time between years 1 and 9999, got {value}")
         return millis
+    number = value
+    if not isinstance(value, (int, float)) and isinstance(value, numbers.Real):
+        number = int(value) if isinstance(value, numbers.Integral) else float(value)  # numpy's
+    if isinstance(number, (int, float)) and not isinstance(number, bool):
+        if not (math.isfinite(number) and _MIN_MILLIS <= number <= _MAX_MILLIS):
+            raise EventError(
+                f"{field} must be epoch milliseconds between years 1 and 9999, got {value!r}"
+            )
+        return round(number)
     if isinstance(value, dt.date):
         return epoch_millis(dt.datetime(value.year, value.month, value.day), field)
     raise EventEncodeError(
