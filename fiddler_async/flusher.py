@@ -179,7 +179,18 @@ class Flusher:
             return
         self.in_flight_requests += 1
         self.in_flight_events += len(batch)
-        tg.start_soon(self._deliver, lane, batch)
+        tg.start_soon(self._deliver_or_log, lane, batch)
+
+    async def _deliver_or_log(self, lane: Lane, batch: list[Item]) -> None:
+        """:meth:`_deliver`, in a task of the flusher's group: a bug in it, as in a cycle,
+        must not end delivery for the process (its bookkeeping is done in any case)."""
+        try:
+            await self._deliver(lane, batch)
+        except Exception:
+            logger.exception(
+                "fiddler_async flusher error while delivering a batch; continuing",
+                extra=event("flusher-error"),
+            )
 
     async def _deliver(self, lane: Lane, batch: list[Item]) -> None:
         ledger, dest = self._ledger, lane.dest

@@ -3,6 +3,7 @@ those are left; the rest is delivered, and each refused event is reported with t
 
 from __future__ import annotations
 
+import anyio
 import pytest
 
 from fiddler_async import BadRequestError, DeliveryFailure
@@ -73,3 +74,27 @@ async def test_other_errors_are_not_split(inproc: InProcessFiddler) -> None:
         result = await pub.flush(10)
     assert result.failed == 10
     assert len(inproc.event_requests()) == 1
+
+
+async def test_a_bug_while_delivering_a_batch_does_not_end_delivery(
+    inproc: InProcessFiddler, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever goes wrong in a delivery task after its request (here, building the report
+    of a refused event), the flusher goes on delivering what comes next."""
+
+    def broken(_: object, failed: list[object]) -> list[DeliveryFailure]:
+        if failed:
+            raise RuntimeError("a bug")
+        return []
+
+    monkeypatch.setattr(DeliveryFailure, "grouped", broken)
+    bad = {**bank_event(0), "age": "forty"}  # refused by the server: a failure to report
+    async with mock_publisher(inproc) as pub:
+        await pub.publish_events_batch("bank_churn", "bank_churn", [bad, bank_event(1)])
+        await pub.flush(10)
+        for _ in range(5):  # until the failed delivery task has ended
+            await anyio.lowlevel.checkpoint()
+        pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(2))
+        assert (await pub.flush(10)).delivered == 1
+    assert [e["customer_id"] for e in inproc.stored()] == ["c1", "c2"]
+    assert "a bug" in caplog.text
