@@ -72,4 +72,5 @@ def peers(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Publish latency and end-to-end throughput against a loopback sink (prints a table)."""
     session.install("-e", ".[server]")
+    install_group(session, "sink")
     session.run("python", "-m", "benchmarks.publish", *session.posargs)

@@ -11,12 +11,13 @@ size of 1000 (ours); and a naive ``await httpx.AsyncClient.post`` per event. The
 benchmark-only dependencies (the ``peers`` dependency group).
 
 The sink is the emulator in count-only mode in another process (``fiddler-async serve
---count-only``): it answers Fiddler's v3 lookups and each peer's ingestion endpoint, and
-counts events (see ``fiddler_async/emulator/peers.py``). Three sinks: healthy, slow (each
-answer held 200 ms), down (a closed port). Every row and sink runs in a fresh process, so that
-its threads, CPU time and memory are its own. Each row publishes the same 12-field bank-churn
-event ``--events`` times from a loop that yields to the event loop every 100 events, timing
-every call; then, with the sink healthy, flushes and waits until the sink has counted them.
+--count-only``, on httptools): it answers Fiddler's v3 lookups and each peer's ingestion
+endpoint, and counts events (see ``fiddler_async/emulator/peers.py``). Three sinks: healthy,
+slow (each answer held 200 ms), down (a closed port). Every row and sink runs in a fresh
+process, so that its threads, CPU time and memory are its own. Each row publishes the same
+12-field bank-churn event ``--events`` times from a loop that yields to the event loop every 100
+events, timing every call (the bulk rows gather 1000 events into a list, then time the call that
+takes it); then, with the sink healthy, flushes and waits until the sink has counted them.
 
 Columns: per-call latency (p50, p99, p99.9, max, µs) as the caller sees it, per sink;
 delivered events/s end to end (healthy); client CPU µs per delivered event (healthy);
@@ -90,6 +91,8 @@ def sink_count(url: str, row: str) -> int:
 
 class Row:
     batch = 1
+    """Events per call: above 1, the harness gathers them into a list, as a caller of a
+    bulk call would, and ``publish`` takes the list."""
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -97,7 +100,7 @@ class Row:
     async def start(self) -> None:
         return None
 
-    def publish(self, event: dict[str, Any]) -> Any:
+    def publish(self, event: Any) -> Any:
         """The call to time: a plain function, or a coroutine function (then awaited)."""
         raise NotImplementedError
 
@@ -123,27 +126,22 @@ class FiddlerAsync(Row):
         from fiddler_async import AsyncPublisher, PublisherConfig
 
         self.pub = AsyncPublisher(url, TOKEN, config=PublisherConfig(close_timeout=1.0))
-        if call == "batch":  # like fiddler-client's chunks: the caller gathers 1000 a call
-            self.batch = 1000
-            self.pending: list[dict[str, Any]] = []
-            self.publish = self.publish_batched  # type: ignore[method-assign]
-            return
         # The call itself, timed bare (a wrapper would cost as much as the call).
-        method = self.pub.publish_event if call == "await" else self.pub.publish_event_nowait
+        method = {
+            "nowait": self.pub.publish_event_nowait,
+            "await": self.pub.publish_event,
+            "batch": self.pub.publish_events_batch,
+        }[call]
+        if call == "batch":  # like fiddler-client's chunks: 1000 events a call
+            self.batch = 1000
         self.publish = functools.partial(method, "bank_churn", "bank_churn")  # type: ignore[method-assign]
-
-    async def publish_batched(self, event: dict[str, Any]) -> None:
-        self.pending.append(event)
-        if len(self.pending) >= self.batch:
-            chunk, self.pending = self.pending, []
-            await self.pub.publish_events_batch("bank_churn", "bank_churn", chunk)
 
     async def start(self) -> None:
         await self.pub.start()
         with contextlib.suppress(Exception), anyio_fail_after(5):
             await self.pub.resolve("bank_churn", "bank_churn")
 
-    def publish(self, event: dict[str, Any]) -> Any:
+    def publish(self, event: Any) -> Any:
         raise AssertionError("replaced in __init__ by the publisher's own call")
 
     async def flush(self) -> None:
@@ -166,7 +164,6 @@ class FiddlerClient(Row):
     def __init__(self, url: str, chunk: int) -> None:
         super().__init__(url)
         self.batch = chunk
-        self.pending: list[dict[str, Any]] = []
 
     async def start(self) -> None:
         import fiddler as fdl
@@ -175,11 +172,8 @@ class FiddlerClient(Row):
         project = fdl.Project.from_name(name="bank_churn")
         self.model = fdl.Model.from_name(name="bank_churn", project_id=project.id)
 
-    def publish(self, event: dict[str, Any]) -> None:
-        self.pending.append(event)
-        if len(self.pending) >= self.batch:
-            chunk, self.pending = self.pending, []
-            self.model.publish_stream(chunk)
+    def publish(self, event: Any) -> None:
+        self.model.publish_stream(event if self.batch > 1 else [event])
 
 
 class QueueThreadRow(Row):
@@ -310,13 +304,24 @@ def make_row(name: str, url: str) -> Row:
 # One run, in a child process
 
 
-async def time_calls(publish: Any, samples: array.array[int]) -> None:
-    """Call ``publish`` once per sample slot, timing each call bare: a ``try`` costs nothing
-    until it catches, ``contextlib.suppress`` costs as much as our call, so it is not used."""
+async def time_calls(row: Row, samples: array.array[int]) -> None:
+    """Make an event per sample slot and publish it, timing each call bare: a ``try`` costs
+    nothing until it catches, ``contextlib.suppress`` costs as much as our call, so it is not
+    used. A bulk row's events are gathered into a list (the same for every such row), and only
+    the call that takes the list is made and timed; the other slots stay 0."""
     clock = time.perf_counter_ns
+    publish, batch = row.publish, row.batch
     awaited = asyncio.iscoroutinefunction(getattr(publish, "func", publish))
+    gathered: list[dict[str, Any]] = []
     for i in range(len(samples)):
-        event = {**EVENT, "customer_id": f"c{i}"}
+        if i % 100 == 0 and i:
+            await asyncio.sleep(0)  # as a service between requests: the background runs
+        event: Any = {**EVENT, "customer_id": f"c{i}"}
+        if batch > 1:
+            gathered.append(event)
+            if len(gathered) < batch:
+                continue
+            event, gathered = gathered, []
         if awaited:
             t0 = clock()
             try:  # noqa: SIM105
@@ -332,8 +337,6 @@ async def time_calls(publish: Any, samples: array.array[int]) -> None:
                 pass
             t1 = clock()
         samples[i] = t1 - t0
-        if i % 100 == 99:
-            await asyncio.sleep(0)  # as a service between requests: the background runs
 
 
 async def run_row(name: str, scenario: str, url: str, events: int) -> dict[str, Any]:
@@ -343,7 +346,7 @@ async def run_row(name: str, scenario: str, url: str, events: int) -> dict[str, 
     before = sink_count(url, name) if scenario == "healthy" else 0
     samples = array.array("q", bytes(8 * events))  # allocated first: no memory per call
     rss0, cpu0, wall0 = rss_bytes(), time.process_time(), time.perf_counter()
-    await time_calls(row.publish, samples)
+    await time_calls(row, samples)
     result: dict[str, Any] = percentiles(list(samples))
     if row.batch > 1:  # a call carries a batch: time the calls that sent one
         result = percentiles([s for i, s in enumerate(samples) if i % row.batch == row.batch - 1])

@@ -6,6 +6,7 @@ import gzip
 import json
 import logging
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,14 @@ def test_publishing_validates_and_stores(client: httpx.Client, fiddler: Emulator
 
     integral = publish(client, model_id, [{"event_id": "c", "age": 42.0}])  # a pandas int + NaN
     assert integral.status_code == 202
+    # Events without an id get one from the server, as Fiddler assigns them: a new random UUID.
+    mixed = publish(client, model_id, [{"age": 1}, {"event_id": "d", "age": 2}, {"age": 3}])
+    first, given, third = mixed.json()["data"]["event_ids"]
+    assert given == "d"
+    assert first != third
+    for assigned in (first, third):
+        assert uuid.UUID(assigned).version == 4
+        assert str(uuid.UUID(assigned)) == assigned
     bad = publish(client, model_id, [{"age": 1}, {"age": "x"}, {"balance": True}, {"age": 4.5}])
     assert bad.status_code == 400
     reasons = [e["message"] for e in bad.json()["error"]["errors"]]
@@ -115,7 +124,7 @@ def test_publishing_validates_and_stores(client: httpx.Client, fiddler: Emulator
     assert publish(client, model_id, [{"age": 1}], env_type="PRE_PRODUCTION").status_code == 400
     no_id = publish(client, model_id, [{"churn": "yes"}], method="PATCH")
     assert no_id.status_code == 400
-    assert fiddler.count() == 3  # nothing of the refused requests was stored
+    assert fiddler.count() == 6  # nothing of the refused requests was stored
 
 
 def test_updates_merge_and_duplicates_are_counted(client: httpx.Client, fiddler: Emulator) -> None:

@@ -7,6 +7,7 @@ serves the same ids, and the events stored under them stay reachable.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import sys
 import uuid
 from dataclasses import dataclass, field
@@ -41,11 +42,11 @@ class ModelDef:
     event_ts_format: str | None = None
     spec: dict[str, list[str]] = field(default_factory=dict, hash=False)
 
-    @property
+    @functools.cached_property  # looked up on every request
     def project_id(self) -> str:
         return str(uuid.uuid5(_NAMESPACE, f"project:{self.project}"))
 
-    @property
+    @functools.cached_property
     def id(self) -> str:
         return str(uuid.uuid5(_NAMESPACE, f"model:{self.project}/{self.name}/{self.version}"))
 
