@@ -140,7 +140,8 @@ _MIN_MILLIS, _MAX_MILLIS = -62_135_596_800_000, 253_402_300_799_999
 
 def epoch_millis(value: object, field: str = "event_timestamp") -> int:
     """Epoch milliseconds from a number (already ms; numpy's too) or a datetime (naive means
-    UTC), within years 1 to 9999 (what a time column's format can write)."""
+    UTC; numpy's ``datetime64`` too), within years 1 to 9999 (what a time column's format can
+    write)."""
     if type(value) is int and _MIN_MILLIS <= value <= _MAX_MILLIS:  # the usual: no checks more
         return value
     if isinstance(value, dt.datetime):
@@ -153,8 +154,11 @@ def epoch_millis(value: object, field: str = "event_timestamp") -> int:
             raise EventError(f"{field} must be a time between years 1 and 9999, got {value}")
         return millis
     number = value
-    if not isinstance(value, (int, float)) and isinstance(value, numbers.Real):
-        number = int(value) if isinstance(value, numbers.Integral) else float(value)  # numpy's
+    if not isinstance(value, (int, float)) and isinstance(value, numbers.Real):  # numpy's
+        try:
+            number = int(value) if isinstance(value, numbers.Integral) else float(value)
+        except TypeError:  # a timedelta64, which calls itself an integer: not a time
+            number = None
     if isinstance(number, (int, float)) and not isinstance(number, bool):
         if not (math.isfinite(number) and _MIN_MILLIS <= number <= _MAX_MILLIS):
             raise EventError(
@@ -163,6 +167,15 @@ def epoch_millis(value: object, field: str = "event_timestamp") -> int:
         return round(number)
     if isinstance(value, dt.date):
         return epoch_millis(dt.datetime(value.year, value.month, value.day), field)
+    if type(value).__name__ == "datetime64" and hasattr(value, "astype"):
+        # numpy's, as a datetime column's to_numpy() gives them; read as a datetime, so that
+        # both round alike. numpy is not imported: only its values can reach here.
+        if value != value:  # noqa: PLR0124  (NaT)
+            raise EventError(f"{field} must be a time, got NaT")
+        moment = value.astype("datetime64[us]").item()  # an int past what datetime holds
+        if not isinstance(moment, dt.datetime):
+            raise EventError(f"{field} must be a time between years 1 and 9999, got {value}")
+        return epoch_millis(moment, field)
     raise EventEncodeError(
         f"{field} must be epoch milliseconds or a datetime, got {type(value).__qualname__!r}",
         field=field,

@@ -155,6 +155,19 @@ def test_epoch_millis() -> None:
     assert epoch_millis(np.float32(2.5)) == 2
     with pytest.raises(EventEncodeError):
         epoch_millis(np.bool_(True))
+    # numpy's datetimes (a datetime column's to_numpy()), in any unit, read as datetimes are
+    for unit in ("ns", "us", "ms", "s", "D"):
+        moment = np.datetime64("2024-01-01T00:00:00.123456789", unit)
+        as_datetime = moment.astype("datetime64[us]").item()
+        assert epoch_millis(moment) == epoch_millis(as_datetime)
+    assert epoch_millis(np.datetime64("2024-01-01T00:00:00.1235", "us")) == 1_704_067_200_124
+    assert epoch_millis(np.datetime64("1960-01-01", "D")) == -315_619_200_000
+    with pytest.raises(EventError, match="NaT"):
+        epoch_millis(np.datetime64("NaT"))
+    with pytest.raises(EventError, match="between years 1 and 9999"):
+        epoch_millis(np.datetime64("10000-01-01", "D"))
+    with pytest.raises(EventEncodeError):
+        epoch_millis(np.timedelta64(5, "ms"))
     # The last microsecond of 9999 rounds to a millisecond no time format can write.
     with pytest.raises(EventError, match="between years 1 and 9999"):
         epoch_millis(dt.datetime(9999, 12, 31, 23, 59, 59, 999_999))

@@ -117,6 +117,13 @@ async def test_ids_and_times_from_columns_or_arguments(fiddler: Emulator) -> Non
             event_ids=["x", "y", "z"],
             event_timestamps=[dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)] * 3,
         )
+        from_column = await pub.publish_events_batch(  # numpy datetime64s
+            "bank_churn",
+            "bank_churn",
+            frame.drop("event_id", "timestamp"),
+            event_ids=["p", "q", "r"],
+            event_timestamps=frame["timestamp"].to_numpy(),
+        )
         labels = pl.DataFrame({"event_id": ["a", "b"], "churn": ["yes", "no"]})
         updated = await pub.publish_events_batch(
             "bank_churn", "bank_churn", labels, update_event=True
@@ -124,9 +131,11 @@ async def test_ids_and_times_from_columns_or_arguments(fiddler: Emulator) -> Non
         await pub.flush(10)
     assert carried == ["a", "b", "c"]
     assert replaced == ["x", "y", "z"]
+    assert from_column == ["p", "q", "r"]
     assert updated == ["a", "b"]
     stored = {e["event_id"]: e for e in fiddler.events()}
-    assert set(stored) == {"a", "b", "c", "x", "y", "z"}
+    assert set(stored) == {"a", "b", "c", "x", "y", "z", "p", "q", "r"}
+    assert stored["p"]["timestamp"] == 1_714_564_800_000  # 2024-05-01 12:00 UTC
     assert stored["a"]["timestamp"] == "2024-05-01 12:00:00"  # its own column
     assert stored["x"]["timestamp"] == 1_735_689_600_000  # the argument's, in epoch ms
     assert (stored["a"]["churn"], stored["b"]["churn"]) == ("yes", "no")
