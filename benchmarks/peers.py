@@ -319,7 +319,7 @@ async def time_calls(row: Row, samples: array.array[int]) -> None:
         event: Any = {**EVENT, "customer_id": f"c{i}"}
         if batch > 1:
             gathered.append(event)
-            if len(gathered) < batch:
+            if len(gathered) < batch and i < len(samples) - 1:  # the last goes, full or not
                 continue
             event, gathered = gathered, []
         if awaited:

@@ -155,10 +155,10 @@ def epoch_millis(value: object, field: str = "event_timestamp") -> int:
         return millis
     number = value
     if not isinstance(value, (int, float)) and isinstance(value, numbers.Real):  # numpy's
-        try:
-            number = int(value) if isinstance(value, numbers.Integral) else float(value)
-        except TypeError:  # a timedelta64, which calls itself an integer: not a time
+        if type(value).__name__ == "timedelta64":  # it calls itself an integer: not a time
             number = None
+        else:
+            number = int(value) if isinstance(value, numbers.Integral) else float(value)
     if isinstance(number, (int, float)) and not isinstance(number, bool):
         if not (math.isfinite(number) and _MIN_MILLIS <= number <= _MAX_MILLIS):
             raise EventError(
@@ -168,14 +168,15 @@ def epoch_millis(value: object, field: str = "event_timestamp") -> int:
     if isinstance(value, dt.date):
         return epoch_millis(dt.datetime(value.year, value.month, value.day), field)
     if type(value).__name__ == "datetime64" and hasattr(value, "astype"):
-        # numpy's, as a datetime column's to_numpy() gives them; read as a datetime, so that
-        # both round alike. numpy is not imported: only its values can reach here.
+        # numpy's, as a datetime column's to_numpy() gives them (numpy is not imported: only
+        # its values get here). Read as a datetime, so that both round alike (nanoseconds are
+        # cut to microseconds first).
         if value != value:  # noqa: PLR0124  (NaT)
             raise EventError(f"{field} must be a time, got NaT")
-        moment = value.astype("datetime64[us]").item()  # an int past what datetime holds
-        if not isinstance(moment, dt.datetime):
+        # The year first: a far time in a coarse unit wraps around silently when cast finer.
+        if not 1 <= int(value.astype("datetime64[Y]").astype("int64")) + 1970 <= 9999:
             raise EventError(f"{field} must be a time between years 1 and 9999, got {value}")
-        return epoch_millis(moment, field)
+        return epoch_millis(value.astype("datetime64[us]").item(), field)  # a datetime
     raise EventEncodeError(
         f"{field} must be epoch milliseconds or a datetime, got {type(value).__qualname__!r}",
         field=field,

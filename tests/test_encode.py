@@ -164,10 +164,14 @@ def test_epoch_millis() -> None:
     assert epoch_millis(np.datetime64("1960-01-01", "D")) == -315_619_200_000
     with pytest.raises(EventError, match="NaT"):
         epoch_millis(np.datetime64("NaT"))
-    with pytest.raises(EventError, match="between years 1 and 9999"):
-        epoch_millis(np.datetime64("10000-01-01", "D"))
+    for far in (np.datetime64("10000-01-01", "D"), np.datetime64(2**60, "s")):  # 2**60 s wraps
+        with pytest.raises(EventError, match="between years 1 and 9999"):
+            epoch_millis(far)
+    for unit in ("ns", "ms", "D"):
+        with pytest.raises(EventEncodeError):
+            epoch_millis(np.timedelta64(5, unit))
     with pytest.raises(EventEncodeError):
-        epoch_millis(np.timedelta64(5, "ms"))
+        epoch_millis(np.timedelta64(5))  # no unit
     # The last microsecond of 9999 rounds to a millisecond no time format can write.
     with pytest.raises(EventError, match="between years 1 and 9999"):
         epoch_millis(dt.datetime(9999, 12, 31, 23, 59, 59, 999_999))
