@@ -200,10 +200,7 @@ def _event_ids(model: ModelDef, events: list[dict[str, Any]]) -> list[str]:
     """The id of each event: its id column's, or a new one for the server to assign."""
     column = model.event_id_col
     given = [None if column is None else e.get(column) for e in events]
-    missing = sum(value is None for value in given)
-    if not missing:
-        return [str(value) for value in given]
-    new = iter(_random_uuids(missing))
+    new = iter(_random_uuids(sum(value is None for value in given)))
     return [next(new) if value is None else str(value) for value in given]
 
 
