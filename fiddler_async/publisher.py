@@ -51,6 +51,7 @@ from .exceptions import (
 from .flusher import DeliveryFailure, Flusher
 from .frames import encode_frame, is_frame
 from .gate import Gate
+from .http1 import transport_for
 from .retry import RetryPolicy, is_retryable
 from .spool import Spool, SpoolKey
 from .spooler import Replayer, ReplayResult, SpoolWriter, dead_letter_lines
@@ -236,12 +237,15 @@ class AsyncPublisher:
         self._buffer.clock = _loop_clock()
         config = self._config
         slots = config.max_in_flight + 2  # and room for name lookups beside the publishes
+        transport = self._transport or transport_for(
+            self._url, verify=config.tls_verify, max_connections=slots
+        )
         self._client = httpx.AsyncClient(
             base_url=self._url,
             headers=client_headers(self._token),
             timeout=httpx.Timeout(config.request_timeout, connect=config.connect_timeout),
             limits=httpx.Limits(max_connections=slots, max_keepalive_connections=slots),
-            transport=self._transport,
+            transport=transport,
             verify=config.tls_verify,
         )
         self._exporter = FiddlerV3Exporter(

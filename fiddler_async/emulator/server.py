@@ -176,13 +176,19 @@ def running_emulator(
     models: str | Path | None = None,
     faults: Faults | None = None,
     count_only: bool = False,
+    tls: tuple[str | Path, str | Path] | None = None,
 ) -> Iterator[Emulator]:
-    """Start an emulator in a background thread (port 0: a free one); stop it on exit."""
+    """Start an emulator in a background thread (port 0: a free one); stop it on exit.
+    ``tls``: a certificate chain file and its key file, to serve HTTPS."""
     state = _state(token, db, models, faults, count_only)
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(state.store.close)
         sock = cleanup.enter_context(contextlib.closing(_bind(host, port)))
-        server = _EmulatorServer(state)
+        server = (
+            _EmulatorServer(state, ssl_certfile=str(tls[0]), ssl_keyfile=str(tls[1]))
+            if tls
+            else _EmulatorServer(state)
+        )
         thread = threading.Thread(
             target=server.run, kwargs={"sockets": [sock]}, name="fiddler-emulator", daemon=True
         )
@@ -196,7 +202,7 @@ def running_emulator(
             time.sleep(0.005)
         bound_host, bound_port = sock.getsockname()[:2]
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-        yield Emulator(state, f"http://{shown}:{bound_port}")
+        yield Emulator(state, f"{'https' if tls else 'http'}://{shown}:{bound_port}")
 
 
 @contextlib.asynccontextmanager
