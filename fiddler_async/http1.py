@@ -1,22 +1,26 @@
 """A lean HTTP/1.1 transport for httpx: the publisher's requests without httpcore's cost.
 
 httpx's own transport (httpcore over anyio) spends about 0.35 ms of CPU on each request on a
-small machine, most of it in per-operation cancel scopes, locks and backend lookups; a
+2-core machine, most of it in per-operation cancel scopes, locks and backend lookups; a
 publisher sending 1000-event batches pays that once per batch, in the process that serves
-predictions. This transport does the same work in about a third of that: one anyio byte
+predictions. This transport does the same work in under a third of that: one anyio byte
 stream per keep-alive connection, one deadline per phase of a request, and a parser for the
 answers a JSON API gives.
 
 It speaks what the publisher needs and nothing more: HTTP/1.1 with keep-alive, over TCP or
 TLS, answers framed by Content-Length, chunked, or the end of the connection, and httpx's own
 exceptions (ConnectError, ReadTimeout, RemoteProtocolError...) so that callers cannot tell it
-from httpx's transport. No proxies and no HTTP/2: the publisher uses httpx's transport when a
-proxy is configured, and a caller who wants httpx's anyway passes
+from httpx's transport. Two differences: the read timeout bounds the whole answer, not each
+read of it (stricter, and what the publisher's ``request_timeout`` promises), and an answer
+larger than ``max_answer_bytes`` is refused. No proxies and no HTTP/2: the publisher uses
+httpx's transport when a proxy is configured, and a caller who wants httpx's anyway passes
 ``transport=httpx.AsyncHTTPTransport()``.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import select
 import ssl
 import time
@@ -27,8 +31,9 @@ from typing import Any, NamedTuple, NoReturn
 import anyio
 import anyio.abc
 import httpx
+from anyio.streams.tls import TLSAttribute
 
-__all__ = ["HTTP1Transport"]
+__all__ = ["HTTP1Transport", "transport_for"]
 
 MAX_HEAD_BYTES = 64 * 1024
 """Largest status line and headers of an answer; a server sending more is broken."""
@@ -38,11 +43,17 @@ _JOIN_BELOW = 16 * 1024
 """Bodies this small are sent in one write with the head: one syscall, a cheap copy."""
 _NO_BODY_STATUS = frozenset({204, 304})
 _HEX_DIGITS = b"0123456789abcdefABCDEF"
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 5.6.2: methods, field names
+_CONNECTION_ERRORS = (OSError, anyio.EndOfStream, anyio.BrokenResourceError)
+
+Origin = tuple[str, str, int]
 
 
 class HTTP1Transport(httpx.AsyncBaseTransport):
-    """Keep-alive HTTP/1.1 connections, at most ``max_connections`` open at once (a request
-    waits for one up to the pool timeout), idle ones closed after ``keepalive_expiry``."""
+    """Keep-alive HTTP/1.1 connections: at most ``max_connections`` requests at once (one
+    more waits for a free slot up to the pool timeout), idle connections closed after
+    ``keepalive_expiry`` seconds. ``verify``: an SSL context, or whether to verify the server's
+    certificate with httpx's defaults (certifi, or ``SSL_CERT_FILE`` / ``SSL_CERT_DIR``)."""
 
     def __init__(
         self,
@@ -50,13 +61,15 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
         verify: ssl.SSLContext | bool = True,
         max_connections: int = 10,
         keepalive_expiry: float = 5.0,
+        max_answer_bytes: int = 64 * 1024 * 1024,
     ) -> None:
-        self._verify = verify
         self._ssl_context = verify if isinstance(verify, ssl.SSLContext) else None
+        self._verify = verify is not False  # made into a context on the first https request
         self._max_connections = max_connections
         self._keepalive_expiry = keepalive_expiry
+        self._max_answer_bytes = max_answer_bytes
         self._slots: anyio.Semaphore | None = None  # made in the event loop, on first use
-        self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        self._idle: dict[Origin, list[_Connection]] = {}
         self._closed = False
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -68,7 +81,7 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
                 f"{url.scheme!r} URLs are not supported", request=request
             )
         timeouts = request.extensions.get("timeout", {})
-        head, body = await _serialize(request)
+        head, body, keep = await _serialize(request)
         if self._slots is None:
             self._slots = anyio.Semaphore(self._max_connections)
         try:
@@ -77,12 +90,12 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
             with _raising(httpx.PoolTimeout, request, timeouts.get("pool")):
                 await self._slots.acquire()
         try:
-            origin = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
+            origin = (url.scheme, url.raw_host.decode("ascii"), url.port or _PORTS[url.scheme])
             connection = await self._reusable(origin) or await self._connect(
                 origin, request, timeouts
             )
             answer = await connection.exchange(request, head, body, timeouts)
-            if answer.reusable and not self._closed:
+            if keep and answer.reusable and not self._closed:
                 connection.idle_since = time.monotonic()
                 self._idle.setdefault(origin, []).append(connection)
             else:
@@ -96,46 +109,72 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
             extensions={"http_version": b"HTTP/1.1", "reason_phrase": answer.reason},
         )
 
-    async def _reusable(self, origin: tuple[str, str, int]) -> _Connection | None:
-        """The most recently used idle connection that is still open; stale ones are closed."""
+    async def _reusable(self, origin: Origin) -> _Connection | None:
+        """The most recently used idle connection that is still open. The expired ones, oldest
+        first, and any found closed are closed on the way."""
         idle = self._idle.get(origin)
-        now = time.monotonic()
+        if not idle:
+            return None
+        expired = time.monotonic() - self._keepalive_expiry
+        while idle and idle[0].idle_since <= expired:
+            await idle.pop(0).aclose()
         while idle:
             connection = idle.pop()
-            if now - connection.idle_since < self._keepalive_expiry and connection.is_open():
+            if connection.is_open():
                 return connection
             await connection.aclose()
         return None
 
     async def _connect(
-        self, origin: tuple[str, str, int], request: httpx.Request, timeouts: dict[str, Any]
+        self, origin: Origin, request: httpx.Request, timeouts: dict[str, Any]
     ) -> _Connection:
         scheme, host, port = origin
+        context = None
+        if scheme == "https":
+            if self._ssl_context is None:  # outside the try: a bad CA file is not a ConnectError
+                self._ssl_context = tls_context(self._verify)
+            context = self._ssl_context
         stream: anyio.abc.ByteStream
         with _raising(httpx.ConnectTimeout, request, timeouts.get("connect")):
             try:
-                if scheme == "https":
-                    if self._ssl_context is None:
-                        self._ssl_context = httpx.create_ssl_context(verify=self._verify)
+                if context is not None:
                     stream = await anyio.connect_tcp(
                         host,
                         port,
-                        ssl_context=self._ssl_context,
+                        ssl_context=context,
+                        tls_hostname=host,
                         tls_standard_compatible=False,  # servers often close without close_notify
                     )
                 else:
                     stream = await anyio.connect_tcp(host, port)
-            except (OSError, anyio.BrokenResourceError) as exc:
-                # refused, unreachable, unknown host, a certificate not trusted, a failed handshake
+            except _CONNECTION_ERRORS as exc:
+                # refused, unreachable, unknown host, a certificate not trusted, a handshake
+                # the server cut short: nothing of the request has left
                 raise httpx.ConnectError(_describe(exc), request=request) from exc
-        return _Connection(stream)
+        return _Connection(stream, self._max_answer_bytes)
 
     async def aclose(self) -> None:
         self._closed = True
         idle, self._idle = self._idle, {}
-        for connections in idle.values():
-            for connection in connections:
-                await connection.aclose()
+        with anyio.CancelScope(shield=True):  # every socket closes, also when cancelled
+            for connections in idle.values():
+                for connection in connections:
+                    await connection.aclose()
+
+
+_PORTS = {"http": 80, "https": 443}
+
+
+def tls_context(verify: bool) -> ssl.SSLContext:
+    """httpx's context for ``verify`` (certifi, or SSL_CERT_FILE / SSL_CERT_DIR), offering
+    HTTP/1.1 by ALPN as httpx does."""
+    try:
+        context = httpx.create_ssl_context(verify=verify)
+    except OSError as exc:  # the messages of a missing file name no file
+        where = os.environ.get("SSL_CERT_FILE") or os.environ.get("SSL_CERT_DIR") or "certifi"
+        raise OSError(exc.errno, f"cannot load trusted certificates from {where}: {exc}") from exc
+    context.set_alpn_protocols(["http/1.1"])
+    return context
 
 
 class _Answer(NamedTuple):
@@ -149,17 +188,30 @@ class _Answer(NamedTuple):
 class _Connection:
     """One keep-alive connection: a byte stream and the bytes received but not yet read."""
 
-    def __init__(self, stream: anyio.abc.ByteStream) -> None:
+    def __init__(self, stream: anyio.abc.ByteStream, max_answer_bytes: int) -> None:
         self._stream = stream
         self._buffer = bytearray()
+        self._max_answer_bytes = max_answer_bytes
         self._socket = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
+        self._tls = stream.extra(TLSAttribute.ssl_object, None)
         self.idle_since = 0.0
 
     def is_open(self) -> bool:
-        """Whether the server left this idle connection open: a readable socket means it
-        closed it (or sent bytes nobody asked for, which makes it as unusable)."""
+        """Whether the server left this idle connection as it was: nothing has come since
+        the last answer, not even its end. Bytes nobody asked for make it as unusable as a
+        close. Over TLS they may already sit decrypted-to-be in the TLS layer, where no poll
+        of the socket sees them: a read of the TLS object that must not block tells."""
         if self._socket is None or self._socket.fileno() < 0:
             return False
+        if self._tls is not None:
+            try:
+                self._tls.read(1)
+            except ssl.SSLWantReadError:
+                pass  # nothing buffered: the socket tells the rest
+            except (ssl.SSLError, OSError):
+                return False  # closed, or broken
+            else:
+                return False  # a record nobody asked for (or its close_notify: b"")
         return not _readable(self._socket)
 
     async def exchange(
@@ -175,7 +227,7 @@ class _Connection:
                     else:
                         await self._stream.send(head)
                         await self._stream.send(body)
-                except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+                except (*_CONNECTION_ERRORS, anyio.ClosedResourceError) as exc:
                     raise httpx.WriteError(_describe(exc), request=request) from exc
             with _raising(httpx.ReadTimeout, request, timeouts.get("read")):
                 return await self._read_answer(request)
@@ -212,15 +264,17 @@ class _Connection:
             if encodings.rsplit(b",", 1)[-1].strip() == b"chunked":
                 body = await self._read_chunked(request, broken)
             else:
-                body, keep_alive = await self._read_to_end(request), False
+                body, keep_alive = await self._read_to_end(request, broken), False
             keep_alive = keep_alive and lengths is None  # both framings: RFC 9112 6.3 (3)
         elif lengths is not None:
             values = {value.strip() for value in b",".join(lengths).split(b",")}
             if len(values) != 1 or not (size := values.pop()).isdigit():
                 broken(f"invalid Content-Length: {b','.join(lengths)!r}")
+            if int(size) > self._max_answer_bytes:
+                broken(f"the answer's body ({int(size)} bytes) exceeds {self._max_answer_bytes}")
             body = await self._read_exactly(int(size), request, broken)
         else:
-            body, keep_alive = await self._read_to_end(request), False
+            body, keep_alive = await self._read_to_end(request, broken), False
         return _Answer(status, reason, headers, body, keep_alive and not buffer)
 
     async def _receive(self, request: httpx.Request) -> bool:
@@ -246,7 +300,7 @@ class _Connection:
     async def _read_line(self, request: httpx.Request, broken: Callable[[str], NoReturn]) -> bytes:
         while (end := self._buffer.find(b"\r\n")) < 0:
             if len(self._buffer) > MAX_HEAD_BYTES:
-                broken("a chunk's size line is too long")
+                broken("a chunk's size line or a trailer is too long")
             if not await self._receive(request):
                 broken("the server closed the connection in a chunked body")
         line = bytes(self._buffer[:end])
@@ -257,22 +311,34 @@ class _Connection:
         self, request: httpx.Request, broken: Callable[[str], NoReturn]
     ) -> bytes:
         chunks: list[bytes] = []
+        received = 0
         while True:
             size_text = (await self._read_line(request, broken)).split(b";", 1)[0].strip(b" \t")
             if not size_text or len(size_text) > 16 or size_text.strip(_HEX_DIGITS):
                 broken(f"invalid chunk size: {size_text[:20]!r}")
             size = int(size_text, 16)
             if size == 0:
+                trailers = 0
                 while await self._read_line(request, broken):
-                    pass  # trailer fields, up to the empty line
+                    trailers += 1  # trailer fields, up to the empty line
+                    if trailers > 100:
+                        broken("too many trailer fields")
                 return b"".join(chunks)
+            received += size
+            if received > self._max_answer_bytes:
+                broken(f"the answer's body exceeds {self._max_answer_bytes} bytes")
             chunks.append(await self._read_exactly(size, request, broken))
             if await self._read_exactly(2, request, broken) != b"\r\n":
                 broken("a chunk does not end with CRLF")
 
-    async def _read_to_end(self, request: httpx.Request) -> bytes:
+    async def _read_to_end(
+        self, request: httpx.Request, broken: Callable[[str], NoReturn]
+    ) -> bytes:
         while await self._receive(request):
-            pass
+            if len(self._buffer) > self._max_answer_bytes:
+                break
+        if len(self._buffer) > self._max_answer_bytes:  # also what came with the head
+            broken(f"the answer's body exceeds {self._max_answer_bytes} bytes")
         data = bytes(self._buffer)
         self._buffer.clear()
         return data
@@ -283,20 +349,38 @@ class _Connection:
         await anyio.aclose_forcefully(self._stream)
 
 
-async def _serialize(request: httpx.Request) -> tuple[bytes, bytes]:
-    """The request line and headers, and the body, as bytes to send."""
+async def _serialize(request: httpx.Request) -> tuple[bytes, bytes, bool]:
+    """The request line and headers, the body, and whether the request lets the connection
+    be kept. Refuses what would let one request be read as two (a field with CR, LF or NUL,
+    a name or method that is not a token, a body its Content-Length does not cover)."""
     body = await request.aread()
-    lines = [b"%s %s HTTP/1.1" % (request.method.encode("ascii"), request.url.raw_path)]
-    chunked = False
+    method = request.method.encode("ascii", "replace")
+    if not _TOKEN.fullmatch(method):
+        raise httpx.LocalProtocolError(f"invalid method {method!r}", request=request)
+    lines = [b"%s %s HTTP/1.1" % (method, request.url.raw_path)]
+    keep, chunked, length = True, False, None
     for name, value in request.headers.raw:
-        if b"\r" in value or b"\n" in value or b"\r" in name or b"\n" in name or b":" in name:
+        if not _TOKEN.fullmatch(name) or b"\r" in value or b"\n" in value or b"\0" in value:
             raise httpx.LocalProtocolError(f"invalid header {name!r}", request=request)
-        chunked = chunked or (name.lower() == b"transfer-encoding" and b"chunked" in value.lower())
+        lowered = name.lower()
+        if lowered == b"transfer-encoding":
+            chunked = chunked or b"chunked" in value.lower()
+        elif lowered == b"content-length":
+            length = value
+        elif lowered == b"connection":
+            keep = keep and b"close" not in value.lower()
         lines.append(name + b": " + value)
     if chunked:  # a body of unknown length, which has been read whole: one chunk and the end
         body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if body else b"0\r\n\r\n"
+    elif length is None:
+        if body:
+            lines.append(b"Content-Length: %d" % len(body))
+    elif not length.isdigit() or int(length) != len(body):
+        raise httpx.LocalProtocolError(
+            f"Content-Length {length!r} for a body of {len(body)} bytes", request=request
+        )
     lines.append(b"\r\n")
-    return b"\r\n".join(lines), body
+    return b"\r\n".join(lines), body, keep
 
 
 def _parse_head(
@@ -307,7 +391,12 @@ def _parse_head(
     status_line, *lines = head.split(b"\r\n")
     version, _, rest = status_line.partition(b" ")
     code, _, reason = rest.partition(b" ")
-    if version not in (b"HTTP/1.1", b"HTTP/1.0") or len(code) != 3 or not code.isdigit():
+    if (
+        version not in (b"HTTP/1.1", b"HTTP/1.0")
+        or len(code) != 3
+        or not code.isdigit()
+        or code[0] == ord("0")
+    ):
         broken(f"invalid status line: {status_line[:100]!r}")
     headers: list[tuple[bytes, bytes]] = []
     for line in lines:
@@ -316,7 +405,7 @@ def _parse_head(
             headers[-1] = (name, value + b" " + line.strip(b" \t"))
             continue
         name, colon, value = line.partition(b":")
-        if not colon or not name or name != name.strip(b" \t"):
+        if not colon or not _TOKEN.fullmatch(name):
             broken(f"invalid header line: {line[:100]!r}")
         headers.append((name, value.strip(b" \t")))
     tokens = {
@@ -375,10 +464,14 @@ def _describe(exc: BaseException) -> str:
 def transport_for(
     url: str, *, verify: bool, max_connections: int
 ) -> httpx.AsyncBaseTransport | None:
-    """This transport for ``url``, or None where httpx's own must do: a proxy is configured in
-    the environment (httpx follows those variables, with their exceptions; this does not)."""
+    """This transport for ``url``, or None where httpx's own must do: a proxy is configured
+    (httpx follows those settings, with their exceptions; this does not). The TLS context of
+    an https URL is made now, so that a CA file that cannot be read fails here."""
     scheme = httpx.URL(url).scheme
     proxies = urllib.request.getproxies()
     if scheme in proxies or "all" in proxies:
         return None
-    return HTTP1Transport(verify=verify, max_connections=max_connections)
+    return HTTP1Transport(
+        verify=tls_context(verify) if scheme == "https" else verify,
+        max_connections=max_connections,
+    )

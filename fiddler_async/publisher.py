@@ -137,7 +137,8 @@ class AsyncPublisher:
 
     ``url`` and ``token`` default to the ``FIDDLER_URL`` and ``FIDDLER_TOKEN`` environment
     variables. ``config`` holds every other knob (see :class:`PublisherConfig`); ``transport``
-    replaces the HTTP transport (e.g. ``httpx.MockTransport`` in tests); ``on_error`` is called
+    replaces the HTTP transport (``fiddler_async.http1``'s, or httpx's where a proxy is set in
+    the environment), e.g. ``httpx.MockTransport`` in tests; ``on_error`` is called
     with a :class:`DeliveryFailure` for every event that could not be delivered.
 
     Use ``async with AsyncPublisher() as pub:``, or ``await pub.start()`` and later
@@ -221,7 +222,15 @@ class AsyncPublisher:
         """Start the background flusher. Call once; then publish; then ``aclose()``."""
         if self._state is not _State.UNOPENED:
             raise PublisherClosedError(f"start() on a publisher that is {self._state.value}")
-        if self._spool is not None:  # first: a directory we cannot use stops start() here
+        config = self._config
+        slots = config.max_in_flight + 2  # and room for name lookups beside the publishes
+        try:  # first: TLS that cannot be set up (an unreadable SSL_CERT_FILE) stops start() here
+            transport = self._transport or transport_for(
+                self._url, verify=config.tls_verify, max_connections=slots
+            )
+        except OSError as exc:
+            raise ConfigurationError(f"TLS cannot be set up for {self._url}: {exc}") from None
+        if self._spool is not None:  # a directory we cannot use stops start() here too
             try:
                 # Blocking (a directory scan), once at start: no await before the state
                 # changes, so two concurrent start() calls cannot both get past the check.
@@ -235,11 +244,6 @@ class AsyncPublisher:
         self._runner_scope = anyio.CancelScope()
         self._started, self._runner_done, self._closed = anyio.Event(), anyio.Event(), anyio.Event()
         self._buffer.clock = _loop_clock()
-        config = self._config
-        slots = config.max_in_flight + 2  # and room for name lookups beside the publishes
-        transport = self._transport or transport_for(
-            self._url, verify=config.tls_verify, max_connections=slots
-        )
         self._client = httpx.AsyncClient(
             base_url=self._url,
             headers=client_headers(self._token),

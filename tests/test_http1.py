@@ -20,7 +20,7 @@ import pytest
 import trustme
 from anyio.streams.tls import TLSListener
 
-from fiddler_async import AsyncPublisher
+from fiddler_async import AsyncPublisher, ConfigurationError
 from fiddler_async.emulator import running_emulator
 from fiddler_async.http1 import MAX_HEAD_BYTES, HTTP1Transport, transport_for
 
@@ -40,13 +40,15 @@ class Close(bytes):
 
 class StrictServer:
     """Answers the requests it reads, in turn, with ``answers``: bytes (sent in ``pieces``
-    writes), ``Close`` bytes, ``HANG`` or ``DROP``."""
+    writes), ``Close`` bytes, a list of bytes (one write each: over TLS, one record each),
+    ``HANG`` or ``DROP``."""
 
-    def __init__(self, *answers: bytes | str, pieces: int = 1) -> None:
+    def __init__(self, *answers: bytes | str | list[bytes], pieces: int = 1) -> None:
         self.answers = list(answers)
         self.pieces = pieces
         self.connections = 0
         self.open_connections = 0
+        self.answered = 0  # answers sent whole
         self.requests: list[tuple[h11.Request, bytes]] = []
         self.url = ""
 
@@ -62,9 +64,11 @@ class StrictServer:
                         await anyio.sleep_forever()
                     if answer == DROP:
                         return
-                    assert isinstance(answer, bytes)
-                    for piece in _split(answer, self.pieces):
+                    for piece in (
+                        answer if isinstance(answer, list) else _split(answer, self.pieces)
+                    ):
                         await stream.send(piece)
+                    self.answered += 1
                     if isinstance(answer, Close):
                         return
         finally:
@@ -184,7 +188,7 @@ CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
 
 
 @pytest.mark.parametrize(
-    ("answer", "body", "reused"),
+    ("answer", "body", "reused"),  # the server closes only where the end of the body needs it
     [
         (OK, b"ok", True),
         (
@@ -205,7 +209,8 @@ CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
 )
 @pytest.mark.parametrize("pieces", [1, 7])
 async def test_answer_framings(answer: bytes, body: bytes, reused: bool, pieces: int) -> None:
-    follow = Close(answer) if b"Connection: close" in answer or not reused else answer
+    read_to_close = b"Content-Length" not in answer and b"chunked" not in answer
+    follow = Close(answer) if read_to_close and body else answer
     async with serving(StrictServer(follow, OK, pieces=pieces)) as server:
         transport = HTTP1Transport()
         first = await send(transport, server.url)
@@ -233,6 +238,78 @@ async def test_a_doubtful_connection_is_not_reused_though_the_server_keeps_it(
         await transport.aclose()
     assert (first.status_code, second.content) == (200, b"ok")
     assert server.connections == 2
+
+
+async def test_a_request_saying_close_does_not_keep_its_connection() -> None:
+    async with serving(StrictServer(OK, OK)) as server:
+        transport = HTTP1Transport()
+        await send(transport, server.url, headers={"Connection": "close"})
+        await send(transport, server.url)
+        await transport.aclose()
+    assert server.connections == 2
+
+
+async def test_over_tls_a_record_nobody_asked_for_is_seen_before_reuse(ca: trustme.CA) -> None:
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    stale = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstale"
+    fresh = b"HTTP/1.1 201 Created\r\nContent-Length: 5\r\n\r\nfresh"
+    async with serving(StrictServer([OK, stale], fresh), tls=_server_context(ca)) as server:
+        transport = HTTP1Transport(verify=client)
+        first = await send(transport, server.url)
+        await eventually(lambda: server.answered == 1)  # the stale record has left too
+        second = await send(transport, server.url)
+        await transport.aclose()
+    assert (first.content, second.status_code, second.content) == (b"ok", 201, b"fresh")
+    assert server.connections == 2
+
+
+async def test_over_tls_records_that_came_with_the_answer_are_seen_before_reuse(
+    ca: trustme.CA,
+) -> None:
+    """The answer and a record nobody asked for leave in one write, so that they arrive in
+    one read: the second waits in the client's TLS layer, where no poll of the socket sees it."""
+    stale = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstale"
+    connections = []
+
+    async def serve(stream: anyio.abc.ByteStream) -> None:
+        connections.append(stream)
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = _server_context(ca).wrap_bio(incoming, outgoing, server_side=True)
+
+        async def pump(step: Any) -> Any:
+            while True:
+                try:
+                    return step()
+                except ssl.SSLWantReadError:
+                    if outgoing.pending:
+                        await stream.send(outgoing.read())
+                    incoming.write(await stream.receive())
+
+        async with stream:
+            await pump(tls.do_handshake)
+            if outgoing.pending:
+                await stream.send(outgoing.read())
+            while b"\r\n\r\n" not in await pump(lambda: tls.read(65536)):
+                pass
+            tls.write(OK)
+            tls.write(stale)
+            await stream.send(outgoing.read())  # two records, one write
+            await anyio.sleep_forever()
+
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, serve)
+        transport = HTTP1Transport(verify=client, max_connections=1)
+        first = await send(transport, f"https://127.0.0.1:{port}")
+        second = await send(transport, f"https://127.0.0.1:{port}")
+        await transport.aclose()
+        tg.cancel_scope.cancel()
+    assert (first.content, second.content) == (b"ok", b"ok")
+    assert len(connections) == 2
 
 
 async def test_a_head_answer_has_no_body_whatever_its_length_says() -> None:
@@ -289,6 +366,7 @@ async def test_answers_written_by_h11_read_back_the_same() -> None:
         (Close(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort"), "5 bytes short"),
         (b"HTTP/2 200 OK\r\n\r\n", "status line"),
         (b"HTTP/1.1 20 OK\r\n\r\n", "status line"),
+        (b"HTTP/1.1 099 Odd\r\n\r\n", "status line"),
         (b"HTTP/1.1 200 OK\r\nContent-Length: ten\r\n\r\n", "Content-Length"),
         (b"HTTP/1.1 200 OK\r\nContent-Length: 2, 3\r\n\r\nok", "Content-Length"),
         (CHUNKED + b"0x3\r\nabc\r\n0\r\n\r\n", "chunk size"),
@@ -439,6 +517,64 @@ async def test_tls_refuses_a_certificate_nobody_vouches_for(ca: trustme.CA) -> N
     assert server.requests == []
 
 
+async def test_a_handshake_the_server_cuts_short_is_a_connect_error() -> None:
+    async def cut(stream: anyio.abc.ByteStream) -> None:
+        await stream.receive()  # the ClientHello
+        await stream.aclose()
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, cut)
+        transport = HTTP1Transport()
+        with pytest.raises(httpx.ConnectError):  # retried by the publisher: nothing was sent
+            await send(transport, f"https://127.0.0.1:{port}")
+        await transport.aclose()
+        tg.cancel_scope.cancel()
+
+
+# Limits
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 101\r\n\r\n" + b"x" * 101,
+        CHUNKED + b"40\r\n" + b"x" * 64 + b"\r\n40\r\n" + b"x" * 64 + b"\r\n0\r\n\r\n",
+        Close(b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 101),
+    ],
+    ids=["length", "chunked", "to-close"],
+)
+async def test_an_answer_larger_than_the_limit_is_refused(answer: bytes) -> None:
+    async with serving(StrictServer(answer)) as server:
+        transport = HTTP1Transport(max_answer_bytes=100)
+        with pytest.raises(httpx.RemoteProtocolError, match="exceeds 100"):
+            await send(transport, server.url)
+        await transport.aclose()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"headers": {"Content-Length": "3"}, "content": b"abcdef"}, "Content-Length"),
+        ({"headers": {"X Bad": "1"}}, "invalid header"),
+        ({"headers": {"X-Nul": "a\0b"}}, "invalid header"),
+    ],
+    ids=["length", "name", "nul"],
+)
+async def test_a_request_that_could_be_read_as_two_is_refused(
+    options: dict[str, Any], message: str
+) -> None:
+    async with serving(StrictServer(OK)) as server:
+        transport = HTTP1Transport()
+        with pytest.raises(httpx.LocalProtocolError, match=message):
+            await send(transport, server.url, **options)
+        with pytest.raises(httpx.LocalProtocolError, match="method"):
+            await send(transport, server.url, "GET / HTTP/1.1\r\nX:")
+        await transport.aclose()
+    assert server.requests == []
+
+
 # In the publisher
 
 
@@ -457,6 +593,15 @@ async def test_the_publisher_delivers_over_https_trusting_ssl_cert_file(
             assert (await pub.flush(10)).complete
             assert isinstance(pub._client._transport, HTTP1Transport)  # type: ignore[union-attr]
         assert fiddler.count() == 50
+
+
+async def test_a_ca_file_that_cannot_be_read_fails_the_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "missing.pem"))
+    pub = AsyncPublisher("https://fiddler.test", TOKEN, config=config())
+    with pytest.raises(ConfigurationError, match=r"missing\.pem"):
+        await pub.start()
 
 
 def test_a_configured_proxy_leaves_the_requests_to_httpx(monkeypatch: pytest.MonkeyPatch) -> None:
