@@ -158,7 +158,7 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
         idle, self._idle = self._idle, {}
         with anyio.CancelScope(shield=True):  # every socket closes, also when cancelled
             for connections in idle.values():
-                for connection in connections:
+                for connection in list(connections):  # a sweep may be taking from it
                     await connection.aclose()
 
 
@@ -319,10 +319,10 @@ class _Connection:
             size = int(size_text, 16)
             if size == 0:
                 trailers = 0
-                while await self._read_line(request, broken):
-                    trailers += 1  # trailer fields, up to the empty line
-                    if trailers > 100:
-                        broken("too many trailer fields")
+                while line := await self._read_line(request, broken):
+                    trailers += len(line)  # trailer fields, up to the empty line; not kept
+                    if trailers > MAX_HEAD_BYTES:
+                        broken(f"the answer's trailers exceed {MAX_HEAD_BYTES} bytes")
                 return b"".join(chunks)
             received += size
             if received > self._max_answer_bytes:
@@ -352,33 +352,40 @@ class _Connection:
 async def _serialize(request: httpx.Request) -> tuple[bytes, bytes, bool]:
     """The request line and headers, the body, and whether the request lets the connection
     be kept. Refuses what would let one request be read as two (a field with CR, LF or NUL,
-    a name or method that is not a token, a body its Content-Length does not cover)."""
+    a name or method that is not a token, framing other than one Content-Length that covers
+    the body or a Transfer-Encoding ending in chunked)."""
     body = await request.aread()
     method = request.method.encode("ascii", "replace")
     if not _TOKEN.fullmatch(method):
         raise httpx.LocalProtocolError(f"invalid method {method!r}", request=request)
     lines = [b"%s %s HTTP/1.1" % (method, request.url.raw_path)]
-    keep, chunked, length = True, False, None
+    keep, encodings, lengths = True, [], []
     for name, value in request.headers.raw:
         if not _TOKEN.fullmatch(name) or b"\r" in value or b"\n" in value or b"\0" in value:
             raise httpx.LocalProtocolError(f"invalid header {name!r}", request=request)
         lowered = name.lower()
         if lowered == b"transfer-encoding":
-            chunked = chunked or b"chunked" in value.lower()
+            encodings.append(value)
         elif lowered == b"content-length":
-            length = value
+            lengths.append(value)
         elif lowered == b"connection":
             keep = keep and b"close" not in value.lower()
         lines.append(name + b": " + value)
-    if chunked:  # a body of unknown length, which has been read whole: one chunk and the end
+
+    def refuse(framing: str) -> NoReturn:
+        raise httpx.LocalProtocolError(
+            f"{framing} for a body of {len(body)} bytes", request=request
+        )
+
+    if encodings:  # a body of unknown length, which has been read whole: one chunk and the end
+        if lengths or b",".join(encodings).rsplit(b",", 1)[-1].strip().lower() != b"chunked":
+            refuse(f"Transfer-Encoding {b','.join(encodings)!r} with Content-Length {lengths!r}")
         body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if body else b"0\r\n\r\n"
-    elif length is None:
+    elif not lengths:
         if body:
             lines.append(b"Content-Length: %d" % len(body))
-    elif not length.isdigit() or int(length) != len(body):
-        raise httpx.LocalProtocolError(
-            f"Content-Length {length!r} for a body of {len(body)} bytes", request=request
-        )
+    elif len(lengths) > 1 or not lengths[0].isdigit() or int(lengths[0]) != len(body):
+        refuse(f"Content-Length {b','.join(lengths)!r}")
     lines.append(b"\r\n")
     return b"\r\n".join(lines), body, keep
 

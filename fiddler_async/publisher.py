@@ -225,8 +225,14 @@ class AsyncPublisher:
         config = self._config
         slots = config.max_in_flight + 2  # and room for name lookups beside the publishes
         try:  # first: TLS that cannot be set up (an unreadable SSL_CERT_FILE) stops start() here
-            transport = self._transport or transport_for(
-                self._url, verify=config.tls_verify, max_connections=slots
+            client = httpx.AsyncClient(  # with httpx's transport too, where a proxy is set
+                base_url=self._url,
+                headers=client_headers(self._token),
+                timeout=httpx.Timeout(config.request_timeout, connect=config.connect_timeout),
+                limits=httpx.Limits(max_connections=slots, max_keepalive_connections=slots),
+                transport=self._transport
+                or transport_for(self._url, verify=config.tls_verify, max_connections=slots),
+                verify=config.tls_verify,
             )
         except OSError as exc:
             raise ConfigurationError(f"TLS cannot be set up for {self._url}: {exc}") from None
@@ -244,14 +250,7 @@ class AsyncPublisher:
         self._runner_scope = anyio.CancelScope()
         self._started, self._runner_done, self._closed = anyio.Event(), anyio.Event(), anyio.Event()
         self._buffer.clock = _loop_clock()
-        self._client = httpx.AsyncClient(
-            base_url=self._url,
-            headers=client_headers(self._token),
-            timeout=httpx.Timeout(config.request_timeout, connect=config.connect_timeout),
-            limits=httpx.Limits(max_connections=slots, max_keepalive_connections=slots),
-            transport=transport,
-            verify=config.tls_verify,
-        )
+        self._client = client
         self._exporter = FiddlerV3Exporter(
             self._client,
             self._ledger,

@@ -34,6 +34,23 @@ DROP = "drop"  # read the request, close without answering
 SHORT = {"pool": 5.0, "connect": 5.0, "read": 5.0, "write": 5.0}
 
 
+PROXY_VARIABLES = (
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "all_proxy",
+)
+
+
+@pytest.fixture(autouse=True)
+def no_proxy_configured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The machine's own proxy settings would hand the publisher's requests to httpx."""
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+
 class Close(bytes):
     """An answer after which the server closes the connection (saying nothing about it)."""
 
@@ -459,6 +476,20 @@ async def test_a_connection_the_server_closed_while_idle_is_not_reused() -> None
     assert (after.content, server.connections) == (b"ok", 2)
 
 
+async def test_the_expired_idle_connection_is_closed_and_the_fresh_one_reused() -> None:
+    async with serving(StrictServer(OK, OK, OK)) as server:
+        transport = HTTP1Transport(max_connections=2)
+        async with anyio.create_task_group() as tg:  # two requests at once: two connections
+            tg.start_soon(send, transport, server.url)
+            tg.start_soon(send, transport, server.url)
+        older, _newer = transport._idle[("http", "127.0.0.1", _port(server))]
+        older.idle_since -= 10  # past the 5 s expiry; the newer one is not
+        await send(transport, server.url)
+        await eventually(lambda: server.open_connections == 1)
+        await transport.aclose()
+    assert (server.connections, len(server.requests)) == (2, 3)
+
+
 async def test_idle_connections_expire() -> None:
     async with serving(StrictServer(OK, OK)) as server:
         transport = HTTP1Transport(keepalive_expiry=0.0)
@@ -554,13 +585,32 @@ async def test_an_answer_larger_than_the_limit_is_refused(answer: bytes) -> None
 
 
 @pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 100,
+        CHUNKED + b"40\r\n" + b"x" * 64 + b"\r\n24\r\n" + b"x" * 36 + b"\r\n0\r\n\r\n",
+        Close(b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 100),
+    ],
+    ids=["length", "chunked", "to-close"],
+)
+async def test_an_answer_of_exactly_the_limit_is_read(answer: bytes) -> None:
+    async with serving(StrictServer(answer)) as server:
+        transport = HTTP1Transport(max_answer_bytes=100)
+        assert (await send(transport, server.url)).content == b"x" * 100
+        await transport.aclose()
+
+
+@pytest.mark.parametrize(
     ("options", "message"),
     [
         ({"headers": {"Content-Length": "3"}, "content": b"abcdef"}, "Content-Length"),
+        ({"headers": [("Content-Length", "9"), ("Content-Length", "3")], "content": b"abc"}, "9"),
+        ({"headers": {"Transfer-Encoding": "chunked"}, "content": b"abc"}, "with Content-Length"),
+        ({"headers": {"Transfer-Encoding": "gzip"}}, "gzip"),
         ({"headers": {"X Bad": "1"}}, "invalid header"),
         ({"headers": {"X-Nul": "a\0b"}}, "invalid header"),
     ],
-    ids=["length", "name", "nul"],
+    ids=["length", "two-lengths", "both", "not-chunked", "name", "nul"],
 )
 async def test_a_request_that_could_be_read_as_two_is_refused(
     options: dict[str, Any], message: str
@@ -595,25 +645,23 @@ async def test_the_publisher_delivers_over_https_trusting_ssl_cert_file(
         assert fiddler.count() == 50
 
 
-async def test_a_ca_file_that_cannot_be_read_fails_the_start(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("proxy", [None, "http://proxy.internal:3128"])
+async def test_a_ca_file_that_cannot_be_read_fails_the_start_and_nothing_else(
+    proxy: str | None, ca: trustme.CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    if proxy:  # then httpx's own transport makes the context
+        monkeypatch.setenv("HTTPS_PROXY", proxy)
     monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "missing.pem"))
     pub = AsyncPublisher("https://fiddler.test", TOKEN, config=config())
-    with pytest.raises(ConfigurationError, match=r"missing\.pem"):
+    with pytest.raises(ConfigurationError, match="missing" if proxy is None else "TLS"):
         await pub.start()
+    ca.cert_pem.write_to_path(str(tmp_path / "missing.pem"))  # fixed: the same publisher starts
+    await pub.start()
+    assert pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(1))
+    await pub.aclose(0.1)
 
 
 def test_a_configured_proxy_leaves_the_requests_to_httpx(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in (
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "ALL_PROXY",
-        "http_proxy",
-        "https_proxy",
-        "all_proxy",
-    ):
-        monkeypatch.delenv(name, raising=False)
     assert isinstance(
         transport_for("https://acme.ai", verify=True, max_connections=2), HTTP1Transport
     )
