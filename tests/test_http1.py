@@ -567,36 +567,27 @@ async def test_a_handshake_the_server_cuts_short_is_a_connect_error() -> None:
 # Limits
 
 
-@pytest.mark.parametrize(
-    "answer",
-    [
-        b"HTTP/1.1 200 OK\r\nContent-Length: 101\r\n\r\n" + b"x" * 101,
-        CHUNKED + b"40\r\n" + b"x" * 64 + b"\r\n40\r\n" + b"x" * 64 + b"\r\n0\r\n\r\n",
-        Close(b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 101),
-    ],
-    ids=["length", "chunked", "to-close"],
-)
-async def test_an_answer_larger_than_the_limit_is_refused(answer: bytes) -> None:
-    async with serving(StrictServer(answer)) as server:
-        transport = HTTP1Transport(max_answer_bytes=100)
-        with pytest.raises(httpx.RemoteProtocolError, match="exceeds 100"):
-            await send(transport, server.url)
-        await transport.aclose()
+def _answer_of(size: int, framing: str) -> bytes:
+    body = b"x" * size
+    if framing == "length":
+        return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (size, body)
+    if framing == "chunked":  # in two chunks
+        return CHUNKED + b"40\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n" % (body[:64], size - 64, body[64:])
+    return Close(b"HTTP/1.1 200 OK\r\n\r\n" + body)
 
 
-@pytest.mark.parametrize(
-    "answer",
-    [
-        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 100,
-        CHUNKED + b"40\r\n" + b"x" * 64 + b"\r\n24\r\n" + b"x" * 36 + b"\r\n0\r\n\r\n",
-        Close(b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 100),
-    ],
-    ids=["length", "chunked", "to-close"],
-)
-async def test_an_answer_of_exactly_the_limit_is_read(answer: bytes) -> None:
-    async with serving(StrictServer(answer)) as server:
+@pytest.mark.parametrize("framing", ["length", "chunked", "to-close"])
+@pytest.mark.parametrize("size", [100, 101])
+async def test_answers_are_read_up_to_the_limit_and_refused_past_it(
+    size: int, framing: str
+) -> None:
+    async with serving(StrictServer(_answer_of(size, framing))) as server:
         transport = HTTP1Transport(max_answer_bytes=100)
-        assert (await send(transport, server.url)).content == b"x" * 100
+        if size > 100:
+            with pytest.raises(httpx.RemoteProtocolError, match="exceeds 100"):
+                await send(transport, server.url)
+        else:
+            assert (await send(transport, server.url)).content == b"x" * size
         await transport.aclose()
 
 
