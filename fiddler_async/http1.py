@@ -256,12 +256,12 @@ class _Connection:
         fields: dict[bytes, list[bytes]] = {}
         for name, value in headers:
             fields.setdefault(name.lower(), []).append(value)
-        encodings = b",".join(fields.get(b"transfer-encoding", ())).lower()
+        encodings = _tokens(fields.get(b"transfer-encoding", []))
         lengths = fields.get(b"content-length")
         if request.method == "HEAD" or status in _NO_BODY_STATUS:
             body = b""
         elif encodings:
-            if encodings.rsplit(b",", 1)[-1].strip() == b"chunked":
+            if encodings[-1] == b"chunked":
                 body = await self._read_chunked(request, broken)
             else:
                 body, keep_alive = await self._read_to_end(request, broken), False
@@ -369,7 +369,7 @@ async def _serialize(request: httpx.Request) -> tuple[bytes, bytes, bool]:
         elif lowered == b"content-length":
             lengths.append(value)
         elif lowered == b"connection":
-            keep = keep and b"close" not in value.lower()
+            keep = keep and b"close" not in _tokens([value])
         lines.append(name + b": " + value)
 
     def refuse(framing: str) -> NoReturn:
@@ -378,7 +378,7 @@ async def _serialize(request: httpx.Request) -> tuple[bytes, bytes, bool]:
         )
 
     if encodings:  # a body of unknown length, which has been read whole: one chunk and the end
-        if lengths or b",".join(encodings).rsplit(b",", 1)[-1].strip().lower() != b"chunked":
+        if lengths or _tokens(encodings)[-1:] != [b"chunked"]:
             refuse(f"Transfer-Encoding {b','.join(encodings)!r} with Content-Length {lengths!r}")
         body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if body else b"0\r\n\r\n"
     elif not lengths:
@@ -415,14 +415,15 @@ def _parse_head(
         if not colon or not _TOKEN.fullmatch(name):
             broken(f"invalid header line: {line[:100]!r}")
         headers.append((name, value.strip(b" \t")))
-    tokens = {
-        token.strip().lower()
-        for name, value in headers
-        if name.lower() == b"connection"
-        for token in value.split(b",")
-    }
+    tokens = _tokens([value for name, value in headers if name.lower() == b"connection"])
     keep_alive = b"close" not in tokens if version == b"HTTP/1.1" else b"keep-alive" in tokens
     return int(code), reason, headers, keep_alive
+
+
+def _tokens(values: list[bytes]) -> list[bytes]:
+    """The comma-separated tokens of a field's values, lowered, in order (Connection,
+    Transfer-Encoding)."""
+    return [token.strip().lower() for value in values for token in value.split(b",")]
 
 
 def _readable(sock: Any) -> bool:

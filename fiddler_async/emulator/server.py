@@ -184,11 +184,8 @@ def running_emulator(
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(state.store.close)
         sock = cleanup.enter_context(contextlib.closing(_bind(host, port)))
-        server = (
-            _EmulatorServer(state, ssl_certfile=str(tls[0]), ssl_keyfile=str(tls[1]))
-            if tls
-            else _EmulatorServer(state)
-        )
+        https = {"ssl_certfile": str(tls[0]), "ssl_keyfile": str(tls[1])} if tls else {}
+        server = _EmulatorServer(state, **https)
         thread = threading.Thread(
             target=server.run, kwargs={"sockets": [sock]}, name="fiddler-emulator", daemon=True
         )
