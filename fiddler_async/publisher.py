@@ -225,13 +225,15 @@ class AsyncPublisher:
         config = self._config
         slots = config.max_in_flight + 2  # and room for name lookups beside the publishes
         try:  # first: TLS that cannot be set up (an unreadable SSL_CERT_FILE) stops start() here
+            transport = self._transport or transport_for(
+                self._url, verify=config.tls_verify, max_connections=slots
+            )
             client = httpx.AsyncClient(  # with httpx's transport too, where a proxy is set
                 base_url=self._url,
                 headers=client_headers(self._token),
                 timeout=httpx.Timeout(config.request_timeout, connect=config.connect_timeout),
                 limits=httpx.Limits(max_connections=slots, max_keepalive_connections=slots),
-                transport=self._transport
-                or transport_for(self._url, verify=config.tls_verify, max_connections=slots),
+                transport=transport,
                 verify=config.tls_verify,
             )
         except OSError as exc:
@@ -257,6 +259,7 @@ class AsyncPublisher:
             RetryPolicy(config, self._log),
             Gate(config),
             max_batch_bytes=config.max_batch_bytes,
+            transport=transport,
         )
         self._flusher = Flusher(
             config,

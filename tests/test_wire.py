@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import email.utils
+import functools
 import platform
 import time
 from typing import Any
@@ -18,6 +19,7 @@ import pytest
 import fiddler_async
 from fiddler_async import (
     APIError,
+    AsyncPublisher,
     BadRequestError,
     DeliveryFailure,
     NotFoundError,
@@ -25,10 +27,10 @@ from fiddler_async import (
     SchemaMismatchError,
     ServerError,
 )
-from fiddler_async.wire import error_from_response, parse_retry_after
+from fiddler_async.wire import client_headers, error_from_response, parse_retry_after
 
-from .conftest import bank_event, eventually, mock_publisher
-from .in_process import InProcessFiddler, body
+from .conftest import bank_event, config, eventually, mock_publisher
+from .in_process import TOKEN, InProcessFiddler, body
 
 pytestmark = pytest.mark.anyio
 
@@ -55,6 +57,67 @@ async def test_request_headers_and_body(inproc: InProcessFiddler) -> None:
     assert event["event_id"] == eid
     assert isinstance(event["timestamp"], int)  # the publish time, in epoch ms
     assert {k: v for k, v in event.items() if k not in ("event_id", "timestamp")} == bank_event(1)
+
+
+@pytest.mark.parametrize("path", ["", "/fiddler"])
+async def test_requests_sent_past_the_client_are_the_ones_it_would_send(path: str) -> None:
+    """Requests go straight to a known transport, and event requests are copied from one the
+    client built: each must be what httpx's client builds (URL under a base path; headers:
+    Host, httpx's defaults, ours, a retry's), sent straight or through the client's own send
+    (as where a proxy is configured), and delivered either way."""
+    sent: dict[str, list[httpx.Request]] = {}
+    for way in ("direct", "client"):
+        inproc = InProcessFiddler()
+        inner = inproc.transport()
+
+        async def handler(
+            request: httpx.Request, seen: list[httpx.Request], inner: httpx.MockTransport
+        ) -> httpx.Response:
+            seen.append(request)
+            url = request.url.copy_with(path=request.url.path.removeprefix(path))
+            content = await request.aread()
+            return await inner.handle_async_request(
+                httpx.Request(request.method, url, headers=request.headers, content=content)
+            )
+
+        seen = sent[way] = []
+        transport = httpx.MockTransport(functools.partial(handler, seen=seen, inner=inner))
+        pub = AsyncPublisher(
+            f"https://fiddler.test{path}", TOKEN, config=config(), transport=transport
+        )
+        async with pub:
+            if way == "client":
+                pub._exporter._transport = None  # type: ignore[union-attr]
+            await pub.resolve("bank_churn", "bank_churn")
+            inproc.fail_next = 1  # the first publish: a retry
+            await pub.publish_events_batch("bank_churn", "bank_churn", [bank_event(1)])
+            await pub.publish_events_batch(
+                "bank_churn", "bank_churn", [bank_event(2)], update_event=True, event_ids=["e1"]
+            )
+            assert (await pub.flush(5)).complete
+
+    def shape(request: httpx.Request) -> tuple[str, str, list[tuple[str, str]], int]:
+        headers = sorted(request.headers.multi_items())
+        return request.method, str(request.url), headers, len(request.content)
+
+    reference = httpx.AsyncClient(
+        base_url=f"https://fiddler.test{path}", headers=client_headers(TOKEN)
+    )
+    for requests in sent.values():
+        assert [r.url.path for r in requests] == [
+            f"{path}/v3/projects",
+            f"{path}/v3/models",
+            f"{path}/v3/models/{inproc.model_id()}",
+        ] + [f"{path}/v3/events"] * 3
+        for request, retry in zip(requests[3:], [None, "1", None], strict=True):
+            extra = {"Content-Type": "application/json"}
+            if retry:
+                extra["X-Fiddler-Client-Retry"] = retry
+            expected = reference.build_request(
+                request.method, "/v3/events", content=request.content, headers=extra
+            )
+            assert shape(request) == shape(expected)
+    assert list(map(shape, sent["direct"][:3])) == list(map(shape, sent["client"][:3]))
 
 
 async def test_event_id_and_timestamp_go_into_the_models_columns(inproc: InProcessFiddler) -> None:
