@@ -63,10 +63,13 @@ ROWS = {
     "libhoney": "`libhoney` (`max_batch_size=1000`)",
     "otel": "OpenTelemetry `BatchLogRecordProcessor` + OTLP/HTTP (`max_export_batch_size=1000`)",
     "naive httpx": "naive `await httpx.AsyncClient.post` per event",
+    "floor": "reference, not a peer: the bulk rows' bare work (our encode, raw HTTP/1.1)",
 }
 PER_CALL_NETWORK = {"fiddler-client stream", "naive httpx"}
 BULK = {"fiddler-client chunks", "fiddler_async batch"}
 OURS = ("fiddler_async nowait", "fiddler_async await", "fiddler_async batch")
+REFERENCE = {"floor"}
+"""Rows that are not peers: in the table, but in no comparison of the bars; run healthy only."""
 
 
 def rss_bytes() -> int:
@@ -286,6 +289,78 @@ class Naive(Row):
         await self.client.aclose()
 
 
+class Floor(Row):
+    """What a bulk row must do at the least, with nothing else: each event encoded as ours
+    are (orjson, the id and time joined in front), the events of a call queued as one request,
+    sent by as many tasks as our default requests in flight, each over a keep-alive connection
+    with hand-written HTTP/1.1; no bounds, retry, error handling, or ids returned. Its
+    events/s is about the ceiling for this harness, sink and interpreter on this machine."""
+
+    batch = 1000
+    senders = 4  # PublisherConfig().max_in_flight
+
+    async def start(self) -> None:
+        import itertools
+
+        import orjson
+
+        self.dumps = orjson.dumps
+        self.counter = itertools.count()
+        async with httpx.AsyncClient(
+            base_url=self.url, headers={"Authorization": f"Bearer {TOKEN}"}
+        ) as client:
+            body = (await client.get("/v3/models", params={"limit": 1})).json()
+        model_id = body["data"]["items"][0]["id"]
+        self.head = b'{"event_id":"8c1f0f0e-5d2a-4b7e-9a61-'
+        self.between = b'","timestamp":%d,' % int(time.time() * 1000)
+        self.envelope = b'{"source":{"type":"EVENTS","events":['
+        self.tail = b']},"model_id":"%s","env_type":"PRODUCTION","env_name":null}' % (
+            model_id.encode()
+        )
+        self.queue: asyncio.Queue[list[bytes]] = asyncio.Queue()
+        host, port = self.url.removeprefix("http://").split(":")
+        self.tasks = [
+            asyncio.ensure_future(self.send(host, int(port))) for _ in range(self.senders)
+        ]
+
+    def publish(self, events: list[dict[str, Any]]) -> None:
+        dumps, join, counter = self.dumps, b"".join, self.counter
+        head, between = self.head, self.between
+        bodies = [
+            join((head, b"%012x" % next(counter), between, dumps(event)[1:])) for event in events
+        ]
+        self.queue.put_nowait(bodies)
+
+    async def send(self, host: str, port: int) -> None:
+        reader, writer = await asyncio.open_connection(host, port)
+        request = (
+            b"POST /v3/events HTTP/1.1\r\nHost: %s:%d\r\nAuthorization: Bearer %s\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %%d\r\n\r\n"
+            % (host.encode(), port, TOKEN.encode())
+        )
+        while True:
+            bodies = await self.queue.get()
+            bodies[0] = self.envelope + bodies[0]
+            bodies[-1] += self.tail
+            payload = b",".join(bodies)
+            writer.write(request % len(payload))
+            writer.write(payload)
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().partition(b"content-length:")[2].split(b"\r\n")[0])
+            await reader.readexactly(length)
+            self.queue.task_done()
+
+    async def flush(self) -> None:
+        await self.queue.join()
+
+    def buffered(self) -> int:
+        return self.queue.qsize() * self.batch
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+
+
 def make_row(name: str, url: str) -> Row:
     if name in OURS:
         return FiddlerAsync(url, call=name.rpartition(" ")[2])
@@ -297,6 +372,7 @@ def make_row(name: str, url: str) -> Row:
         "libhoney": Libhoney,
         "otel": Otel,
         "naive httpx": Naive,
+        "floor": Floor,
     }
     return rows[name](url)
 
@@ -484,7 +560,7 @@ def bars(results: dict[str, dict[str, dict[str, Any]]]) -> str:
     rates = {
         name: r["healthy"]["events_per_s"]
         for name, r in results.items()
-        if name not in OURS and "events_per_s" in r["healthy"]
+        if name not in OURS and name not in REFERENCE and "events_per_s" in r["healthy"]
     }
     # A row where the caller gathers 1000 events a call (and waits milliseconds for it) is
     # compared with its kind: our batch call with fiddler-client's chunks, our per-event call
@@ -522,6 +598,13 @@ def bars(results: dict[str, dict[str, dict[str, Any]]]) -> str:
             ratio = ours_rates[mine] / among[best]
             label = f"events/s, {short} vs the best {what} ({best})"
             bar(label, "≥ 5x", ratio, ratio >= 5, "x")
+    floor = results.get("floor", {}).get("healthy", {}).get("events_per_s")
+    if floor and bulk:  # what the bulk bar asks, against what this machine allows at all
+        best = max(bulk, key=lambda name: bulk[name])
+        lines.append(
+            f"| events/s, the floor row (not ours, for scale) vs the best bulk peer ({best}) "
+            f"| - | {floor / bulk[best]:,.2f}x | - |"
+        )
     cpu = healthy["cpu_us_per_event"]
     bar("client CPU per delivered event", "≤ 8 µs", cpu, cpu <= 8, " µs")
     if "bytes_per_buffered" in down:
@@ -564,6 +647,8 @@ def main() -> None:
         for name in args.rows:
             results[name] = {}
             for scenario, url in urls.items():
+                if name in REFERENCE and scenario != "healthy":
+                    continue
                 events = args.events
                 if name in PER_CALL_NETWORK:
                     events = args.sync_events if scenario == "healthy" else 50
