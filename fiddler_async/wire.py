@@ -324,7 +324,7 @@ class FiddlerV3Exporter:
         else:
             headers = {"X-Fiddler-Client-Retry": str(retry)} if retry else {}
             request = self._client.build_request(
-                method, path, params=params, headers=headers, files=files
+                method, path, content=content, params=params, headers=headers, files=files
             )
         started = time.perf_counter()
         try:
@@ -356,31 +356,35 @@ class FiddlerV3Exporter:
 
     def _json_request(self, method: str, path: str, content: bytes, retry: int) -> httpx.Request:
         """A request with a JSON body (the events), as the client's ``build_request`` makes
-        it (base URL, default headers, timeouts), copied from one it made for the same method
-        and path: merging URL and headers anew for each request cost a tenth of a batch's CPU.
-        The client keeps no cookies for it (the v3 API sets none)."""
+        it (base URL, default headers, timeouts, the cookies it holds now), copied from one it
+        made for the same method and path: merging URL and headers anew for each request cost
+        a tenth of a batch's CPU."""
         prototype = self._prototypes.get((method, path))
         if prototype is None:
             prototype = self._client.build_request(
                 method, path, headers={"Content-Type": "application/json"}
             )
+            prototype.headers.pop("Cookie", None)  # the jar's, as of each request: below
             self._prototypes[method, path] = prototype
-        headers = httpx.Headers(prototype.headers)
-        headers["Content-Length"] = str(len(content))
-        if retry:
-            headers["X-Fiddler-Client-Retry"] = str(retry)
-        return httpx.Request(
+        request = httpx.Request(  # which copies the headers (httpx 0.27 keeps extensions as given)
             method,
             prototype.url,
-            headers=headers,
+            headers=prototype.headers,
             stream=_Body(content),
             extensions=dict(prototype.extensions),
         )
+        request.headers["Content-Length"] = str(len(content))
+        if retry:
+            request.headers["X-Fiddler-Client-Retry"] = str(retry)
+        if self._client.cookies:  # a load balancer's stickiness, say
+            self._client.cookies.set_cookie_header(request)
+        return request
 
     async def _transmit(self, request: httpx.Request) -> httpx.Response:
         """``request`` sent as the client's ``send(stream=True)`` would, but straight to the
-        transport when it is known: the client's layers for auth, redirects, cookies and
-        logging, which these requests do not use, cost a quarter of each request's CPU."""
+        transport when it is known: the client's layers for auth and redirects (which these
+        requests do not use), its log line and its timing cost a quarter of each request's
+        CPU. Cookies are kept as the client keeps them."""
         transport = self._transport
         if transport is None:
             return await self._client.send(request, stream=True)
@@ -388,6 +392,8 @@ class FiddlerV3Exporter:
             raise RuntimeError("the client is closed")
         response = await transport.handle_async_request(request)
         response.request = request
+        if "set-cookie" in response.headers:
+            self._client.cookies.extract_cookies(response)
         return response
 
     def _failed(self, key: str | None, error: Exception, started: float = 0.0) -> Exception:

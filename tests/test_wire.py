@@ -63,9 +63,13 @@ async def test_request_headers_and_body(inproc: InProcessFiddler) -> None:
 async def test_requests_sent_past_the_client_are_the_ones_it_would_send(path: str) -> None:
     """Requests go straight to a known transport, and event requests are copied from one the
     client built: each must be what httpx's client builds (URL under a base path; headers:
-    Host, httpx's defaults, ours, a retry's), sent straight or through the client's own send
-    (as where a proxy is configured), and delivered either way."""
+    Host, httpx's defaults, ours, a retry's; the timeouts), sent straight or through the
+    client's own send (as where a proxy is configured), delivered either way, and carrying
+    the cookie the answers set (a load balancer's stickiness) as the client does, until one
+    deletes it."""
     sent: dict[str, list[httpx.Request]] = {}
+    sends: dict[str, int] = {}
+    cfg = config()
     for way in ("direct", "client"):
         inproc = InProcessFiddler()
         inner = inproc.transport()
@@ -76,47 +80,63 @@ async def test_requests_sent_past_the_client_are_the_ones_it_would_send(path: st
             seen.append(request)
             url = request.url.copy_with(path=request.url.path.removeprefix(path))
             content = await request.aread()
-            return await inner.handle_async_request(
+            response = await inner.handle_async_request(
                 httpx.Request(request.method, url, headers=request.headers, content=content)
             )
+            cookie = f"lb={len(seen)}" if len(seen) != 5 else "lb=; Max-Age=0"
+            response.headers["Set-Cookie"] = cookie + "; Path=/"
+            return response
 
         seen = sent[way] = []
         transport = httpx.MockTransport(functools.partial(handler, seen=seen, inner=inner))
-        pub = AsyncPublisher(
-            f"https://fiddler.test{path}", TOKEN, config=config(), transport=transport
-        )
+        pub = AsyncPublisher(f"https://fiddler.test{path}", TOKEN, config=cfg, transport=transport)
         async with pub:
+            client = pub._client
+            assert client is not None
+            client_send = client.send
+
+            async def counted(
+                request: httpx.Request, way: str = way, send: Any = client_send, **kwargs: Any
+            ) -> httpx.Response:
+                sends[way] = sends.get(way, 0) + 1
+                return await send(request, **kwargs)  # type: ignore[no-any-return]
+
+            client.send = counted  # type: ignore[method-assign]
             if way == "client":
                 pub._exporter._transport = None  # type: ignore[union-attr]
             await pub.resolve("bank_churn", "bank_churn")
             inproc.fail_next = 1  # the first publish: a retry
             await pub.publish_events_batch("bank_churn", "bank_churn", [bank_event(1)])
-            await pub.publish_events_batch(
-                "bank_churn", "bank_churn", [bank_event(2)], update_event=True, event_ids=["e1"]
-            )
             assert (await pub.flush(5)).complete
+            await pub.publish_events_batch("bank_churn", "bank_churn", [bank_event(2)])
+            assert (await pub.flush(5)).complete
+    assert sends == {"client": 6}  # and none past the client where its transport is known
 
-    def shape(request: httpx.Request) -> tuple[str, str, list[tuple[str, str]], int]:
-        headers = sorted(request.headers.multi_items())
-        return request.method, str(request.url), headers, len(request.content)
+    def shape(request: httpx.Request) -> tuple[Any, ...]:
+        headers = sorted(kv for kv in request.headers.multi_items() if kv[0] != "cookie")
+        timeout = request.extensions.get("timeout")
+        return request.method, str(request.url), headers, len(request.content), timeout
 
-    reference = httpx.AsyncClient(
-        base_url=f"https://fiddler.test{path}", headers=client_headers(TOKEN)
-    )
-    for requests in sent.values():
-        assert [r.url.path for r in requests] == [
-            f"{path}/v3/projects",
-            f"{path}/v3/models",
-            f"{path}/v3/models/{inproc.model_id()}",
-        ] + [f"{path}/v3/events"] * 3
-        for request, retry in zip(requests[3:], [None, "1", None], strict=True):
-            extra = {"Content-Type": "application/json"}
-            if retry:
-                extra["X-Fiddler-Client-Retry"] = retry
-            expected = reference.build_request(
-                request.method, "/v3/events", content=request.content, headers=extra
-            )
-            assert shape(request) == shape(expected)
+    timeouts = httpx.Timeout(cfg.request_timeout, connect=cfg.connect_timeout)
+    with httpx.Client(
+        base_url=f"https://fiddler.test{path}", headers=client_headers(TOKEN), timeout=timeouts
+    ) as reference:
+        for way, requests in sent.items():
+            assert [r.url.path for r in requests] == [
+                f"{path}/v3/projects",
+                f"{path}/v3/models",
+                f"{path}/v3/models/{inproc.model_id()}",
+            ] + [f"{path}/v3/events"] * 3
+            for request, retry in zip(requests[3:], [None, "1", None], strict=True):
+                extra = {"Content-Type": "application/json"}
+                if retry:
+                    extra["X-Fiddler-Client-Retry"] = retry
+                expected = reference.build_request(
+                    request.method, "/v3/events", content=request.content, headers=extra
+                )
+                assert shape(request) == shape(expected)
+            cookies = [request.headers.get("cookie") for request in requests]
+            assert cookies == [None, "lb=1", "lb=2", "lb=3", "lb=3", None], way
     assert list(map(shape, sent["direct"][:3])) == list(map(shape, sent["client"][:3]))
 
 
