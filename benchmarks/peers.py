@@ -8,7 +8,8 @@ Rows: ``fiddler_async`` (``publish_event_nowait`` and ``await publish_event``); 
 ``segment-analytics-python``, ``posthog``, ``libhoney``, OpenTelemetry's
 ``BatchLogRecordProcessor`` with the OTLP/HTTP log exporter, each with its defaults but a batch
 size of 1000 (ours); and a naive ``await httpx.AsyncClient.post`` per event. The peers are
-benchmark-only dependencies (the ``peers`` dependency group).
+benchmark-only dependencies (the ``peers`` dependency group). One more row is not a peer but a
+yardstick, ``floor`` (see :class:`Floor`): the bulk rows' bare work, healthy sink only.
 
 The sink is the emulator in count-only mode in another process (``fiddler-async serve
 --count-only``, on httptools): it answers Fiddler's v3 lookups and each peer's ingestion
