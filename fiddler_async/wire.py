@@ -383,8 +383,8 @@ class FiddlerV3Exporter:
     async def _transmit(self, request: httpx.Request) -> httpx.Response:
         """``request`` sent as the client's ``send(stream=True)`` would, but straight to the
         transport when it is known: the client's layers for auth and redirects (which these
-        requests do not use), its log line and its timing cost a quarter of each request's
-        CPU. Cookies are kept as the client keeps them."""
+        requests do not use), its log line and its timing cost a fifth of each request's CPU.
+        Cookies are kept as the client keeps them."""
         transport = self._transport
         if transport is None:
             return await self._client.send(request, stream=True)
