@@ -320,12 +320,13 @@ class FiddlerV3Exporter:
         self._ledger.requests += 1
         where = f"{method} {path}"
         if content is not None and params is None and files is None:
-            request = self._json_request(method, path, content, retry)
+            request = self._json_request(method, path, content)
         else:
-            headers = {"X-Fiddler-Client-Retry": str(retry)} if retry else {}
             request = self._client.build_request(
-                method, path, content=content, params=params, headers=headers, files=files
+                method, path, content=content, params=params, files=files
             )
+        if retry:
+            request.headers["X-Fiddler-Client-Retry"] = str(retry)
         started = time.perf_counter()
         try:
             response = await self._transmit(request)
@@ -354,7 +355,7 @@ class FiddlerV3Exporter:
             raise self._failed(None, error_from_response(response))
         return body
 
-    def _json_request(self, method: str, path: str, content: bytes, retry: int) -> httpx.Request:
+    def _json_request(self, method: str, path: str, content: bytes) -> httpx.Request:
         """A request with a JSON body (the events), as the client's ``build_request`` makes
         it (base URL, default headers, timeouts, the cookies it holds now), copied from one it
         made for the same method and path: merging URL and headers anew for each request cost
@@ -374,8 +375,6 @@ class FiddlerV3Exporter:
             extensions=dict(prototype.extensions),
         )
         request.headers["Content-Length"] = str(len(content))
-        if retry:
-            request.headers["X-Fiddler-Client-Retry"] = str(retry)
         if self._client.cookies:  # a load balancer's stickiness, say
             self._client.cookies.set_cookie_header(request)
         return request
