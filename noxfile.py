@@ -59,8 +59,9 @@ def docs(session: nox.Session) -> None:
 
 
 @nox.session
-def peers(session: nox.Session) -> None:
-    """fiddler_async side by side with its peers (writes benchmarks/RESULTS.md)."""
+def bench(session: nox.Session) -> None:
+    """fiddler_async side by side with its peers, every row in one run (writes
+    benchmarks/RESULTS.md and benchmarks/results.jsonl; ~25 minutes with the defaults)."""
     session.install("-e", ".[server]")
     install_group(session, "peers")
     session.run(
@@ -68,9 +69,10 @@ def peers(session: nox.Session) -> None:
     )
 
 
-@nox.session
-def bench(session: nox.Session) -> None:
-    """Publish latency and end-to-end throughput against a loopback sink (prints a table)."""
+@nox.session(name="bench-publish")
+def bench_publish(session: nox.Session) -> None:
+    """The publish calls alone: latency and end-to-end throughput against a loopback sink,
+    healthy, slow and down (prints a table; ~4 minutes)."""
     session.install("-e", ".[server]")
     install_group(session, "sink")
     session.run("python", "-m", "benchmarks.publish", *session.posargs)

@@ -1,7 +1,8 @@
 """fiddler_async side by side with what users would otherwise pick, in one run on this machine.
 
     python -m benchmarks.peers [--events 100000] [--repeats 3] [--out benchmarks/RESULTS.md]
-    nox -s peers
+        (with --out, the medians go beside it too, as results.jsonl)
+    nox -s bench [-- --events 100000 --repeats 3]
 
 Rows: ``fiddler_async`` (``publish_event_nowait`` and ``await publish_event``); the official
 ``fiddler-client`` 3.x (``publish_stream`` per event, and 1000 events per call);
@@ -632,7 +633,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--call-timeout", type=float, default=20.0)
     parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
-    parser.add_argument("--out", type=Path, default=None, help="write the tables here too")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="write the tables here, the medians beside it"
+    )
     parser.add_argument("--child", nargs=4, metavar=("ROW", "SINK", "URL", "EVENTS"))
     parser.add_argument(
         "--tables-from", type=Path, help="only make the tables, from a run's printed lines"
@@ -674,7 +677,16 @@ def write_tables(results: dict[str, dict[str, dict[str, Any]]], args: argparse.N
     text = f"{table(results, args)}\n\n{bars(results)}\n"
     print("\n" + text)
     if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text, encoding="utf-8")
+        # The medians themselves, one line per row and sink, beside the tables (what
+        # --tables-from reads back).
+        lines = [
+            json.dumps({"row": name, "sink": scenario, **figures})
+            for name, sinks_ in results.items()
+            for scenario, figures in sinks_.items()
+        ]
+        args.out.with_name("results.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -325,17 +325,17 @@ def _catalog(emulator: Any, models: str | None) -> Any:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # Plain print, not rich: serving needs the server extra alone (benchmark sinks, CI).
     emulator = _emulator_module()
-    out, _ = _console()
     _catalog(emulator, args.models)  # a bad file stops here, with a message
     if args.db != ":memory:" and not Path(args.db).resolve().parent.is_dir():
         raise _Fatal(f"no directory for the database {args.db}")
-    out.print(
+    print(
         f"Fiddler emulator on http://{args.host}:{args.port}  (token {args.token!r}, "
         f"db {args.db}, models {args.models or 'bank_churn (built in)'})\n"
         f"Point a publisher at it:  FIDDLER_URL=http://{args.host}:{args.port} "
         f"FIDDLER_TOKEN={args.token}",
-        highlight=False,
+        flush=True,
     )
     emulator.serve_forever(
         host=args.host,

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -229,6 +232,51 @@ def test_unreadable_inputs_stop_with_a_message(tmp_path: Path, fiddler: Emulator
     )
     for finished in (done, shown, nowhere):
         assert "Traceback" not in finished.stderr
+
+
+def test_serve_needs_only_the_server_extra(tmp_path: Path) -> None:
+    # rich (the cli extra) made unimportable, as in an install of fiddler-async[server]
+    (tmp_path / "rich.py").write_text("raise ImportError('not installed')\n")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "fiddler_async.cli", "serve", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        assert server.stdout is not None
+        banner = server.stdout.readline().decode()  # printed before it serves
+        assert f"Fiddler emulator on http://127.0.0.1:{port}" in banner, server.stderr
+        for _ in range(600):
+            try:
+                answer = httpx.get(
+                    f"http://127.0.0.1:{port}/v3/server-info",
+                    headers={"Authorization": "Bearer emulator-token"},
+                )
+                break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        else:
+            pytest.fail(f"no answer on port {port} in 30 s")
+        assert answer.status_code == 200
+    finally:
+        server.terminate()
+        _, errors = server.communicate(timeout=10)
+    assert b"Traceback" not in errors
+
+
+def test_a_server_that_cannot_start_says_why(tmp_path: Path) -> None:
+    with (
+        pytest.raises(RuntimeError) as failed,
+        emulator_process("--models", str(tmp_path / "nowhere.toml")),
+    ):
+        pass
+    assert "the emulator did not start (exit code 2)" in str(failed.value)
+    assert "cannot use the models file" in str(failed.value)
 
 
 def test_serve_stops_while_a_request_hangs() -> None:

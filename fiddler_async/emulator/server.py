@@ -12,12 +12,13 @@ import logging
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import IO, Any
 
 import anyio
 import httpx
@@ -239,24 +240,37 @@ def emulator_process(*serve_args: str, token: str = DEFAULT_TOKEN) -> Iterator[s
     with contextlib.closing(_bind("127.0.0.1", 0)) as probe:
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "fiddler_async.cli", "serve", "--port", str(port)]
-    process = subprocess.Popen([*command, "--token", token, *serve_args], stdout=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(f"{url}/v3/server-info", headers={"Authorization": f"Bearer {token}"})
-                break
-            except httpx.TransportError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    _, err = (
-                        process.communicate(timeout=5) if process.poll() is not None else (b"", b"")
-                    )
-                    raise RuntimeError(
-                        f"the emulator did not start: {err.decode()[-500:]}"
-                    ) from None
-                time.sleep(0.05)
-        yield url
-    finally:
-        process.terminate()
-        process.communicate(timeout=10)
+    # Its error output (warnings only, while it serves) goes to a file, not a pipe: nobody
+    # reads a pipe while it serves, and a full one would stall it. It is read back into the
+    # error if the server fails to start, and passed on to ours when it stops.
+    with tempfile.TemporaryFile() as errors:
+        process = subprocess.Popen(
+            [*command, "--token", token, *serve_args], stdout=subprocess.DEVNULL, stderr=errors
+        )
+        url, started = f"http://127.0.0.1:{port}", False
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    httpx.get(f"{url}/v3/server-info", headers={"Authorization": f"Bearer {token}"})
+                    break
+                except httpx.TransportError:
+                    if process.poll() is not None or time.monotonic() > deadline:
+                        said = _read_back(errors).strip()[-500:]
+                        raise RuntimeError(
+                            f"the emulator did not start (exit code {process.poll()}): "
+                            f"{said or 'it said nothing'}"
+                        ) from None
+                    time.sleep(0.05)
+            started = True
+            yield url
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
+            if started:
+                sys.stderr.write(_read_back(errors))
+
+
+def _read_back(file: IO[bytes]) -> str:
+    file.seek(0)
+    return file.read().decode(errors="replace")
