@@ -389,7 +389,11 @@ class FiddlerV3Exporter:
             return await self._client.send(request, stream=True)
         if self._client.is_closed:
             raise RuntimeError("the client is closed")
-        response = await transport.handle_async_request(request)
+        try:
+            response = await transport.handle_async_request(request)
+        except httpx.RequestError as exc:  # as the client does: an on_error callback may look
+            exc.request = request
+            raise
         response.request = request
         if "set-cookie" in response.headers:
             self._client.cookies.extract_cookies(response)

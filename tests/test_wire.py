@@ -140,6 +140,33 @@ async def test_requests_sent_past_the_client_are_the_ones_it_would_send(path: st
     assert list(map(shape, sent["direct"][:3])) == list(map(shape, sent["client"][:3]))
 
 
+async def test_a_transport_error_names_its_request() -> None:
+    """An error a transport raises without its request (as httpx's own transport does, and
+    MockTransport here) reaches on_error with it, as httpx's client would have set it."""
+    inproc = InProcessFiddler()
+    inner = inproc.transport()
+
+    async def refuse_events(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v3/events":
+            raise httpx.ConnectError("refused")
+        return await inner.handle_async_request(request)
+
+    failures: list[DeliveryFailure] = []
+    async with AsyncPublisher(
+        "https://fiddler.test",
+        TOKEN,
+        config=config(retry_max_attempts=1),
+        transport=httpx.MockTransport(refuse_events),
+        on_error=failures.append,
+    ) as pub:
+        pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(1))
+        assert (await pub.flush(5)).failed == 1
+    [failure] = failures
+    cause = failure.error.__cause__
+    assert isinstance(cause, httpx.ConnectError)
+    assert (cause.request.method, cause.request.url.path) == ("POST", "/v3/events")
+
+
 async def test_event_id_and_timestamp_go_into_the_models_columns(inproc: InProcessFiddler) -> None:
     # tests/models.toml: model p/m keeps its id in "row_id" and its time in "at" (strftime).
     when = dt.datetime(2024, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
