@@ -42,6 +42,7 @@ import functools
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -68,6 +69,10 @@ ROWS = {
     "floor": "reference, not a peer: the bulk rows' bare work (our encode, raw HTTP/1.1)",
 }
 PER_CALL_NETWORK = {"fiddler-client stream", "naive httpx"}
+SYNC_EVENTS = 2000
+"""Events a row in PER_CALL_NETWORK publishes with the sink healthy (50 otherwise)."""
+CALL_TIMEOUT = 20.0
+"""A call that blocks longer ends its row, reported as blocked."""
 BULK = {"fiddler-client chunks", "fiddler_async batch"}
 OURS = ("fiddler_async nowait", "fiddler_async await", "fiddler_async batch")
 REFERENCE = {"floor"}
@@ -531,9 +536,15 @@ def fmt(value: Any, digits: int = 1) -> str:
 
 
 def table(results: dict[str, dict[str, dict[str, Any]]], args: argparse.Namespace) -> str:
+    command = f"python -m benchmarks.peers --events {args.events} --repeats {args.repeats}"
+    if args.sync_events != SYNC_EVENTS:
+        command += f" --sync-events {args.sync_events}"
+    if args.call_timeout != CALL_TIMEOUT:
+        command += f" --call-timeout {args.call_timeout:g}"
+    if list(args.rows) != list(ROWS):
+        command += " --rows " + " ".join(shlex.quote(name) for name in args.rows)
     lines = [
-        f"`python -m benchmarks.peers --events {args.events} --repeats {args.repeats}`, "
-        f"{time.strftime('%Y-%m-%d')}, CPython {platform.python_version()}, "
+        f"`{command}`, {time.strftime('%Y-%m-%d')}, CPython {platform.python_version()}, "
         f"{os.cpu_count()} cores, {platform.machine()} ({platform.system()}). Medians of "
         f"{args.repeats} runs.",
         "",
@@ -644,9 +655,9 @@ def bars(results: dict[str, dict[str, dict[str, Any]]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--events", type=int, default=100_000)
-    parser.add_argument("--sync-events", type=int, default=2000)
+    parser.add_argument("--sync-events", type=int, default=SYNC_EVENTS)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--call-timeout", type=float, default=20.0)
+    parser.add_argument("--call-timeout", type=float, default=CALL_TIMEOUT)
     parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
     parser.add_argument(
         "--out", type=Path, default=None, help="write the tables here, the medians beside it"

@@ -330,22 +330,33 @@ def _serve(args: argparse.Namespace) -> int:
     _catalog(emulator, args.models)  # a bad file stops here, with a message
     if args.db != ":memory:" and not Path(args.db).resolve().parent.is_dir():
         raise _Fatal(f"no directory for the database {args.db}")
-    print(
-        f"Fiddler emulator on http://{args.host}:{args.port}  (token {args.token!r}, "
-        f"db {args.db}, models {args.models or 'bank_churn (built in)'})\n"
-        f"Point a publisher at it:  FIDDLER_URL=http://{args.host}:{args.port} "
-        f"FIDDLER_TOKEN={args.token}",
-        flush=True,
-    )
-    emulator.serve_forever(
-        host=args.host,
-        port=args.port,
-        token=args.token,
-        db=args.db,
-        models=args.models,
-        faults=_faults(args),
-        count_only=args.count_only,
-    )
+    announced: list[str] = []
+
+    def listening(url: str) -> None:
+        announced.append(url)
+        print(
+            f"Fiddler emulator on {url}  (token {args.token!r}, db {args.db}, "
+            f"models {args.models or 'bank_churn (built in)'})\n"
+            f"Point a publisher at it:  FIDDLER_URL={url} FIDDLER_TOKEN={args.token}",
+            flush=True,
+        )
+
+    try:
+        emulator.serve_forever(
+            host=args.host,
+            port=args.port,
+            token=args.token,
+            db=args.db,
+            models=args.models,
+            faults=_faults(args),
+            count_only=args.count_only,
+            listening=listening,
+        )
+    except OSError as exc:
+        if announced:
+            raise
+        # the port is taken, or the host is not this machine's
+        raise _Fatal(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
     return 0
 
 

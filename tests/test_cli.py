@@ -237,36 +237,44 @@ def test_unreadable_inputs_stop_with_a_message(tmp_path: Path, fiddler: Emulator
 def test_serve_needs_only_the_server_extra(tmp_path: Path) -> None:
     # rich (the cli extra) made unimportable, as in an install of fiddler-async[server]
     (tmp_path / "rich.py").write_text("raise ImportError('not installed')\n")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
     server = subprocess.Popen(
-        [sys.executable, "-m", "fiddler_async.cli", "serve", "--port", str(port)],
+        [sys.executable, "-m", "fiddler_async.cli", "serve", "--port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,
     )
     try:
         assert server.stdout is not None
-        banner = server.stdout.readline().decode()  # printed before it serves
-        assert f"Fiddler emulator on http://127.0.0.1:{port}" in banner, server.stderr
+        banner = server.stdout.readline().decode()  # printed once the port is bound
+        assert banner.startswith("Fiddler emulator on http://127.0.0.1:"), banner
+        url = banner.split()[3]  # port 0: the one it was given
         for _ in range(600):
             try:
                 answer = httpx.get(
-                    f"http://127.0.0.1:{port}/v3/server-info",
-                    headers={"Authorization": "Bearer emulator-token"},
+                    f"{url}/v3/server-info", headers={"Authorization": "Bearer emulator-token"}
                 )
                 break
             except httpx.TransportError:
                 time.sleep(0.05)
         else:
-            pytest.fail(f"no answer on port {port} in 30 s")
+            pytest.fail(f"no answer from {url} in 30 s")
         assert answer.status_code == 200
     finally:
         server.terminate()
         _, errors = server.communicate(timeout=10)
     assert b"Traceback" not in errors
+
+
+def test_serve_on_a_taken_port_says_so_and_announces_nothing() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        refused = cli("serve", "--port", str(taken.getsockname()[1]))
+    assert refused.returncode == 2
+    assert "cannot listen on 127.0.0.1:" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert "Fiddler emulator on" not in refused.stdout
 
 
 def test_a_server_that_cannot_start_says_why(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
@@ -223,11 +223,18 @@ def serve_forever(
     models: str | Path | None = None,
     faults: Faults | None = None,
     count_only: bool = False,
+    listening: Callable[[str], None] | None = None,
 ) -> None:
-    """Serve in the foreground until interrupted (``fiddler-async serve``)."""
+    """Serve in the foreground until interrupted (``fiddler-async serve``). ``listening`` is
+    called with the URL once the port is bound (port 0: a free one), before serving; a port
+    that cannot be bound raises OSError first."""
     state = _state(token, db, models, faults, count_only)
     try:
-        _EmulatorServer(state, host=host, port=port).run()
+        with contextlib.closing(_bind(host, port)) as sock:
+            if listening is not None:
+                bound_port = sock.getsockname()[1]
+                listening(f"http://{f'[{host}]' if ':' in host else host}:{bound_port}")
+            _EmulatorServer(state).run(sockets=[sock])
     finally:
         state.store.close()
 
