@@ -1,7 +1,7 @@
 """fiddler_async side by side with what users would otherwise pick, in one run on this machine.
 
     python -m benchmarks.peers [--events 100000] [--repeats 3] [--out benchmarks/RESULTS.md]
-        (with --out, the medians go beside it too, as results.jsonl)
+        (with --out, the medians go beside it too: RESULTS.jsonl)
     nox -s bench [-- --events 100000 --repeats 3]
 
 Rows: ``fiddler_async`` (``publish_event_nowait`` and ``await publish_event``); the official
@@ -535,7 +535,8 @@ def fmt(value: Any, digits: int = 1) -> str:
     return f"{value:,.{digits}f}" if isinstance(value, float) else f"{value:,}"
 
 
-def table(results: dict[str, dict[str, dict[str, Any]]], args: argparse.Namespace) -> str:
+def run_line(args: argparse.Namespace) -> str:
+    """What made a run's figures: the command with its options, the date, the machine."""
     command = f"python -m benchmarks.peers --events {args.events} --repeats {args.repeats}"
     if args.sync_events != SYNC_EVENTS:
         command += f" --sync-events {args.sync_events}"
@@ -543,10 +544,16 @@ def table(results: dict[str, dict[str, dict[str, Any]]], args: argparse.Namespac
         command += f" --call-timeout {args.call_timeout:g}"
     if list(args.rows) != list(ROWS):
         command += " --rows " + " ".join(shlex.quote(name) for name in args.rows)
-    lines = [
+    return (
         f"`{command}`, {time.strftime('%Y-%m-%d')}, CPython {platform.python_version()}, "
         f"{os.cpu_count()} cores, {platform.machine()} ({platform.system()}). Medians of "
-        f"{args.repeats} runs.",
+        f"{args.repeats} runs."
+    )
+
+
+def table(results: dict[str, dict[str, dict[str, Any]]], run: str, call_timeout: float) -> str:
+    lines = [
+        run,
         "",
         "Latency per call as the caller sees it, µs: p50 / p99 / p99.9 / max.",
         "",
@@ -556,7 +563,7 @@ def table(results: dict[str, dict[str, dict[str, Any]]], args: argparse.Namespac
 
     def lat(r: dict[str, Any]) -> str:
         if r.get("blocked"):
-            return f"a call blocked (> {args.call_timeout:.0f} s)"
+            return f"a call blocked (> {call_timeout:g} s)"
         stuck = " (then its close hung)" if r.get("stuck_closing") else ""
         if "p50_us" not in r:
             return "error: " + " ".join(r["error"])[:60] if "error" in r else "-"
@@ -669,11 +676,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.tables_from is not None:
         results: dict[str, dict[str, dict[str, Any]]] = {}
+        run = f"Made from `{args.tables_from}`, which does not say what run it holds."
         for line in args.tables_from.read_text(encoding="utf-8").splitlines():
             if line.startswith('{"row"'):
                 row = json.loads(line)
                 results.setdefault(row.pop("row"), {})[row.pop("sink")] = row
-        write_tables(results, args)
+            elif line.startswith('{"run"'):
+                run = json.loads(line)["run"]
+        write_tables(results, run, args)
         return
     if args.child:
         name, scenario, url, events = args.child
@@ -695,24 +705,31 @@ def main() -> None:
                 limit = args.call_timeout + 30 + events * 0.0005
                 runs = [run_child(name, scenario, url, events, limit) for _ in range(args.repeats)]
                 results[name][scenario] = median(runs)
-                print(json.dumps({"row": name, "sink": scenario, **results[name][scenario]}))
-    write_tables(results, args)
+                print(row_line(name, scenario, results[name][scenario]))
+    write_tables(results, run_line(args), args)
 
 
-def write_tables(results: dict[str, dict[str, dict[str, Any]]], args: argparse.Namespace) -> None:
-    text = f"{table(results, args)}\n\n{bars(results)}\n"
+def row_line(name: str, scenario: str, figures: dict[str, Any]) -> str:
+    return json.dumps({"row": name, "sink": scenario, **figures})
+
+
+def write_tables(
+    results: dict[str, dict[str, dict[str, Any]]], run: str, args: argparse.Namespace
+) -> None:
+    """Print the tables; with ``--out``, write them there and the medians beside them (the
+    same name, ``.jsonl``: what ``--tables-from`` reads back)."""
+    text = f"{table(results, run, args.call_timeout)}\n\n{bars(results)}\n"
     print("\n" + text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text, encoding="utf-8")
-        # The medians themselves, one line per row and sink, beside the tables (what
-        # --tables-from reads back).
-        lines = [
-            json.dumps({"row": name, "sink": scenario, **figures})
+    out: Path | None = args.out
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+        lines = [json.dumps({"run": run})] + [
+            row_line(name, scenario, figures)
             for name, sinks_ in results.items()
             for scenario, figures in sinks_.items()
         ]
-        args.out.with_name("results.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        out.with_suffix(".jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

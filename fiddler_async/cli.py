@@ -330,10 +330,8 @@ def _serve(args: argparse.Namespace) -> int:
     _catalog(emulator, args.models)  # a bad file stops here, with a message
     if args.db != ":memory:" and not Path(args.db).resolve().parent.is_dir():
         raise _Fatal(f"no directory for the database {args.db}")
-    announced: list[str] = []
 
     def listening(url: str) -> None:
-        announced.append(url)
         print(
             f"Fiddler emulator on {url}  (token {args.token!r}, db {args.db}, "
             f"models {args.models or 'bank_churn (built in)'})\n"
@@ -352,11 +350,8 @@ def _serve(args: argparse.Namespace) -> int:
             count_only=args.count_only,
             listening=listening,
         )
-    except OSError as exc:
-        if announced:
-            raise
-        # the port is taken, or the host is not this machine's
-        raise _Fatal(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    except emulator.ListenError as exc:
+        raise _Fatal(str(exc)) from None
     return 0
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gzip
 import json
 import logging
@@ -20,7 +19,7 @@ import pytest
 
 from fiddler_async import AsyncPublisher
 from fiddler_async.emulator import Emulator, emulator, load_catalog, running_emulator
-from fiddler_async.emulator.server import _bind
+from fiddler_async.emulator.server import ListenError, _listeners, serve_forever
 
 from .in_process import MODELS, TOKEN
 
@@ -371,10 +370,10 @@ def test_a_client_gone_mid_request_is_not_logged_as_an_error(
     assert not caplog.records
 
 
-def test_the_emulators_connections_have_nagle_off() -> None:
-    """The emulator's listening socket (under uvicorn, on asyncio) names TCP, so that asyncio
-    sets TCP_NODELAY on each connection it accepts: with Nagle's algorithm on, answers were
-    held back and a benchmark's client spent a third more CPU per event."""
+def test_the_emulators_sockets_accept_connections_with_nagle_off() -> None:
+    """The sockets the emulator listens on (running_emulator, serve) name TCP, so that asyncio,
+    under uvicorn, sets TCP_NODELAY on each connection they accept: with Nagle's algorithm on,
+    a benchmark's client spent a third more CPU per event."""
     nodelay: list[int] = []
 
     async def accept_one() -> None:
@@ -386,7 +385,8 @@ def test_the_emulators_connections_have_nagle_off() -> None:
                 nodelay.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
                 accepted.set()
 
-        with contextlib.closing(_bind("127.0.0.1", 0)) as sock:
+        [listener] = _listeners("127.0.0.1", 0)
+        with listener as sock:
             server = await asyncio.get_running_loop().create_server(Record, sock=sock)
             async with server:
                 _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
@@ -395,3 +395,34 @@ def test_the_emulators_connections_have_nagle_off() -> None:
 
     asyncio.run(accept_one())
     assert nodelay == [1]
+
+
+@pytest.mark.parametrize("host", ["localhost", ""])
+def test_the_emulator_listens_on_every_address_of_its_host_on_one_port(host: str) -> None:
+    # localhost: 127.0.0.1 and ::1 where the machine has both; "": every interface, IPv4 and
+    # IPv6 (as asyncio would listen)
+    flags = socket.AI_PASSIVE
+    found = socket.getaddrinfo(host or None, 0, type=socket.SOCK_STREAM, flags=flags)
+    expected = {info[4][0] for info in found}
+    sockets = _listeners(host, 0)
+    try:
+        assert {sock.getsockname()[0] for sock in sockets} == expected
+        assert len({sock.getsockname()[1] for sock in sockets}) == 1  # port 0: one free port
+        with pytest.raises(ListenError, match=rf"cannot listen on {host}:\d+: "):
+            _listeners(host, sockets[0].getsockname()[1])  # taken
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_serve_announces_its_url_only_once_it_listens() -> None:
+    class Connected(Exception):
+        pass
+
+    def listening(url: str) -> None:
+        host, _, port = url.removeprefix("http://").rpartition(":")
+        socket.create_connection((host, int(port)), timeout=5).close()  # refused if not yet
+        raise Connected(url)  # and so, stop serving
+
+    with pytest.raises(Connected, match=r"^http://127\.0\.0\.1:\d+$"):
+        serve_forever(port=0, listening=listening)

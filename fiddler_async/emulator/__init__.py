@@ -18,6 +18,7 @@ from .faults import Faults
 from .server import (
     DEFAULT_TOKEN,
     Emulator,
+    ListenError,
     emulator,
     emulator_process,
     running_emulator,
@@ -31,6 +32,7 @@ __all__ = [
     "Emulator",
     "EmulatorState",
     "Faults",
+    "ListenError",
     "ModelDef",
     "Store",
     "create_app",

@@ -40,6 +40,7 @@ __all__ = [
 ]
 
 DEFAULT_TOKEN = "emulator-token"
+_BACKLOG = 2048  # uvicorn's
 
 
 class _HideDroppedConnections(logging.Filter):
@@ -118,16 +119,46 @@ def _state(
     )
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    # IPPROTO_TCP named, not left 0: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on
-    # connections whose socket says TCP, and accepted ones inherit this one's protocol. With
-    # Nagle on, a benchmark's client spent a third more CPU per event (2.1 -> 2.8 us), as an
-    # answer's pieces were held back.
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    return sock
+class ListenError(OSError):
+    """The emulator cannot listen where it was asked to: the port is taken, or the host is not
+    this machine's."""
+
+
+def _listeners(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets on every address ``host`` stands for, as asyncio's ``create_server``
+    makes them (``localhost``: IPv4 and IPv6 where it means both; ``""``: every interface);
+    port 0: a free one, the same for all. Each names TCP as its protocol, as getaddrinfo
+    gives it: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on connections whose
+    socket says TCP, and accepted ones inherit it. With Nagle on, a benchmark's client spent a
+    third more CPU per event (2.1 -> 2.8 us)."""
+    sockets: list[socket.socket] = []
+    try:
+        found = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        for family, kind, proto, _, found_address in dict.fromkeys(found):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:  # as asyncio: an IPv4 address gets its own socket
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            address = found_address
+            if len(sockets) > 1:  # the port the first one got
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
+            sock.bind(address)
+            sock.listen(_BACKLOG)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    return sockets
+
+
+def _url(host: str, sock: socket.socket, scheme: str = "http") -> str:
+    """How to reach ``sock``: by ``host`` as given (a name stays a name), or by the address
+    it is bound to when given none."""
+    shown = host or sock.getsockname()[0]
+    return f"{scheme}://{f'[{shown}]' if ':' in shown else shown}:{sock.getsockname()[1]}"
 
 
 class _EmulatorServer(uvicorn.Server):
@@ -189,11 +220,13 @@ def running_emulator(
     state = _state(token, db, models, faults, count_only)
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(state.store.close)
-        sock = cleanup.enter_context(contextlib.closing(_bind(host, port)))
+        sockets = _listeners(host, port)
+        for sock in sockets:
+            cleanup.callback(sock.close)
         https = {"ssl_certfile": str(tls[0]), "ssl_keyfile": str(tls[1])} if tls else {}
         server = _EmulatorServer(state, **https)
         thread = threading.Thread(
-            target=server.run, kwargs={"sockets": [sock]}, name="fiddler-emulator", daemon=True
+            target=server.run, kwargs={"sockets": sockets}, name="fiddler-emulator", daemon=True
         )
         thread.start()
         cleanup.callback(thread.join, 10)
@@ -203,9 +236,7 @@ def running_emulator(
             if not thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("the emulator did not start")
             time.sleep(0.005)
-        bound_host, bound_port = sock.getsockname()[:2]
-        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-        yield Emulator(state, f"{'https' if tls else 'http'}://{shown}:{bound_port}")
+        yield Emulator(state, _url(host, sockets[0], "https" if tls else "http"))
 
 
 @contextlib.asynccontextmanager
@@ -231,15 +262,18 @@ def serve_forever(
     listening: Callable[[str], None] | None = None,
 ) -> None:
     """Serve in the foreground until interrupted (``fiddler-async serve``). ``listening`` is
-    called with the URL once the port is bound (port 0: a free one), before serving; a port
-    that cannot be bound raises OSError first."""
+    called with the URL once the server listens (port 0: on a free port), before it serves;
+    where it cannot listen, ListenError (an OSError) is raised instead."""
     state = _state(token, db, models, faults, count_only)
     try:
-        with contextlib.closing(_bind(host, port)) as sock:
+        sockets = _listeners(host, port)
+        try:
             if listening is not None:
-                bound_port = sock.getsockname()[1]
-                listening(f"http://{f'[{host}]' if ':' in host else host}:{bound_port}")
-            _EmulatorServer(state).run(sockets=[sock])
+                listening(_url(host, sockets[0]))
+            _EmulatorServer(state).run(sockets=sockets)
+        finally:
+            for sock in sockets:
+                sock.close()
     finally:
         state.store.close()
 
@@ -248,13 +282,14 @@ def serve_forever(
 def emulator_process(*serve_args: str, token: str = DEFAULT_TOKEN) -> Iterator[str]:
     """Run ``fiddler-async serve`` in a separate process on a free loopback port; yields its
     URL once it answers. For benchmarks (the client's CPU measured alone) and CLI tests.
-    ``serve_args`` are more flags of ``serve``, e.g. ``"--count-only", "--latency", "0.2"``."""
-    with contextlib.closing(_bind("127.0.0.1", 0)) as probe:
+    ``serve_args`` are more flags of ``serve``, e.g. ``"--count-only", "--latency", "0.2"``.
+    What the server writes to stderr (warnings) is passed on to ours when it stops, or in the
+    error if it does not start."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "fiddler_async.cli", "serve", "--port", str(port)]
-    # Its error output (warnings only, while it serves) goes to a file, not a pipe: nobody
-    # reads a pipe while it serves, and a full one would stall it. It is read back into the
-    # error if the server fails to start, and passed on to ours when it stops.
+    # To a file, not a pipe: nobody reads a pipe while it serves, and a full one would stall it.
     with tempfile.TemporaryFile() as errors:
         process = subprocess.Popen(
             [*command, "--token", token, *serve_args], stdout=subprocess.DEVNULL, stderr=errors
@@ -267,20 +302,28 @@ def emulator_process(*serve_args: str, token: str = DEFAULT_TOKEN) -> Iterator[s
                     httpx.get(f"{url}/v3/server-info", headers={"Authorization": f"Bearer {token}"})
                     break
                 except httpx.TransportError:
-                    if process.poll() is not None or time.monotonic() > deadline:
-                        said = _read_back(errors).strip()[-500:]
-                        raise RuntimeError(
-                            f"the emulator did not start (exit code {process.poll()}): "
-                            f"{said or 'it said nothing'}"
-                        ) from None
+                    code = process.poll()
+                    if code is not None or time.monotonic() > deadline:
+                        _end(process)  # before reading: it writes to the same file offset
+                        said = _read_back(errors).strip()[-500:] or "it said nothing"
+                        why = "no answer in 30 s" if code is None else f"exit code {code}"
+                        raise RuntimeError(f"the emulator did not start ({why}): {said}") from None
                     time.sleep(0.05)
             started = True
             yield url
         finally:
-            process.terminate()
-            process.wait(timeout=10)
+            _end(process)
             if started:
                 sys.stderr.write(_read_back(errors))
+
+
+def _end(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _read_back(file: IO[bytes]) -> str:
