@@ -391,7 +391,7 @@ class FiddlerV3Exporter:
             raise RuntimeError("the client is closed")
         try:
             response = await transport.handle_async_request(request)
-        except httpx.RequestError as exc:  # as the client does: an on_error callback may look
+        except httpx.RequestError as exc:  # as httpx's client sets it: on_error may read it
             exc.request = request
             raise
         response.request = request

@@ -394,7 +394,7 @@ def test_the_emulators_sockets_accept_connections_with_nagle_off() -> None:
                 writer.close()
 
     asyncio.run(accept_one())
-    assert nodelay == [1]
+    assert [bool(flag) for flag in nodelay] == [True]  # on, whatever the platform's value
 
 
 @pytest.mark.parametrize("host", ["localhost", ""])
