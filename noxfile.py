@@ -61,7 +61,7 @@ def docs(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """fiddler_async side by side with its peers, every row in one run (writes
-    benchmarks/RESULTS.md and RESULTS.jsonl; ~25 minutes with the defaults)."""
+    benchmarks/RESULTS.md and RESULTS.jsonl; ~20 minutes with the defaults)."""
     session.install("-e", ".[server]")
     install_group(session, "peers")
     session.run(
