@@ -21,7 +21,6 @@ from types import FrameType
 from typing import IO, Any
 
 import anyio
-import httpx
 import uvicorn
 from starlette.requests import ClientDisconnect
 
@@ -281,38 +280,40 @@ def serve_forever(
 @contextlib.contextmanager
 def emulator_process(*serve_args: str, token: str = DEFAULT_TOKEN) -> Iterator[str]:
     """Run ``fiddler-async serve`` in a separate process on a free loopback port; yields its
-    URL once it answers. For benchmarks (the client's CPU measured alone) and CLI tests.
+    URL once it listens. For benchmarks (the client's CPU measured alone) and CLI tests.
     ``serve_args`` are more flags of ``serve``, e.g. ``"--count-only", "--latency", "0.2"``.
     What the server writes to stderr (warnings) is passed on to ours when it stops, or in the
     error if it does not start."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "fiddler_async.cli", "serve", "--port", str(port)]
-    # To a file, not a pipe: nobody reads a pipe while it serves, and a full one would stall it.
+    command = [sys.executable, "-m", "fiddler_async.cli", "serve", "--port", "0", "--token", token]
+    # Port 0: it takes a free one and names it in the line it prints once it listens (its
+    # only output on stdout), so that no other process can take the port in between.
+    # Its stderr goes to a file, not a pipe: nobody reads a pipe while it serves, and a full
+    # one would stall it.
     with tempfile.TemporaryFile() as errors:
-        process = subprocess.Popen(
-            [*command, "--token", token, *serve_args], stdout=subprocess.DEVNULL, stderr=errors
+        process = subprocess.Popen([*command, *serve_args], stdout=subprocess.PIPE, stderr=errors)
+        stdout = process.stdout
+        assert stdout is not None
+        announced: list[bytes] = []
+        reader = threading.Thread(
+            target=lambda: announced.append(stdout.readline()),
+            daemon=True,  # blocked until the process ends, if it never announces
         )
-        url, started = f"http://127.0.0.1:{port}", False
+        reader.start()
+        reader.join(30)
+        started = False
         try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    httpx.get(f"{url}/v3/server-info", headers={"Authorization": f"Bearer {token}"})
-                    break
-                except httpx.TransportError:
-                    code = process.poll()
-                    if code is not None or time.monotonic() > deadline:
-                        _end(process)  # before reading: it writes to the same file offset
-                        said = _read_back(errors).strip()[-500:] or "it said nothing"
-                        why = "no answer in 30 s" if code is None else f"exit code {code}"
-                        raise RuntimeError(f"the emulator did not start ({why}): {said}") from None
-                    time.sleep(0.05)
+            words = announced[0].decode().split() if announced else []
+            if words[:3] != ["Fiddler", "emulator", "on"]:
+                _end(process)  # before reading its errors: it writes to the same file offset
+                said = _read_back(errors).strip()[-500:] or "it said nothing"
+                why = f"exit code {process.returncode}" if announced else "not listening in 30 s"
+                raise RuntimeError(f"the emulator did not start ({why}): {said}")
             started = True
-            yield url
+            yield words[3]
         finally:
             _end(process)
+            reader.join(10)  # the process has ended: its stdout is at its end
+            stdout.close()
             if started:
                 sys.stderr.write(_read_back(errors))
 
