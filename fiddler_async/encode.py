@@ -7,7 +7,10 @@ it rejects a value that cannot be sent while the caller is still there to hear a
 What is encoded, and how (the official client crashes on several of these):
 
 - numpy scalars and arrays: their Python values (orjson's native numpy support, ``tolist()``
-  for arrays it cannot take directly);
+  for arrays it cannot take directly); numpy's ``datetime64`` as orjson writes it natively, in
+  ISO 8601 to the microsecond (``"2024-01-02T03:04:05.678000"``), and its ``NaT`` as ``null``
+  (but orjson writes a NaT of nanosecond unit itself, as ``"1677-09-21T00:12:43.145224"``:
+  it never reaches us);
 - ``float('nan')``, infinities, ``pandas.NA``, ``pandas.NaT``: ``null``;
 - ``datetime``, ``date``, ``time``, ``pandas.Timestamp``: ``str(value)``, as the official
   client sends them (``"2024-01-02 03:04:05.678000"``);
@@ -38,6 +41,8 @@ __all__ = [
     "encode_default",
     "encode_event",
     "epoch_millis",
+    "event_id_text",
+    "is_null",
     "new_event_id",
     "splice_members",
 ]
@@ -45,6 +50,9 @@ __all__ = [
 # What encode_event passes to orjson. Public for the publish hot paths, which call orjson with
 # them directly (one Python call fewer per event) and fall back to encode_event for its error.
 ENCODE_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_PASSTHROUGH_DATETIME
+# encode_event's second try, after orjson's numpy support refused a value (a datetime64 NaT):
+# every numpy value then goes through encode_default.
+_NUMPY_BY_DEFAULT = orjson.OPT_PASSTHROUGH_DATETIME
 _dumps = orjson.dumps
 
 
@@ -57,6 +65,8 @@ def encode_default(value: Any) -> Any:
         return orjson.Fragment(str(value).encode()) if value.is_finite() else None
     module = type(value).__module__
     if module == "numpy":
+        if getattr(value, "dtype", None) is not None and value.dtype.kind == "M":
+            return _iso_times(value.astype("datetime64[us]").tolist())
         # Arrays orjson cannot take directly (non-contiguous, object dtype) and rare scalars.
         return value.tolist() if hasattr(value, "tolist") else value.item()
     if module.startswith("pandas") and type(value).__name__ in ("NAType", "NaTType"):
@@ -79,34 +89,55 @@ def encode_event(event: Mapping[str, Any]) -> bytes:
         event = dict(event)
     try:
         return _dumps(event, default=encode_default, option=ENCODE_OPTIONS)
+    except TypeError:
+        pass
+    # The rare cases, tried only now that the usual way failed: numpy values orjson refuses
+    # (datetime64's NaT), and column names of a str subclass (a StrEnum, numpy.str_).
+    if any(type(key) is not str and isinstance(key, str) for key in event):
+        event = {str.__str__(k) if isinstance(k, str) else k: v for k, v in event.items()}
+    try:
+        return _dumps(event, default=encode_default, option=_NUMPY_BY_DEFAULT)
     except TypeError as exc:
         raise _explain(event, exc) from None
 
 
+def _iso_times(value: Any) -> Any:
+    """numpy datetimes made datetimes by ``tolist()`` (nested as the array was) as orjson
+    writes numpy's own: ISO 8601 with a ``T``; NaT (None there) stays None."""
+    if isinstance(value, list):
+        return [_iso_times(item) for item in value]
+    return None if value is None else value.isoformat()
+
+
 def _explain(event: Mapping[Any, Any], exc: TypeError) -> EventEncodeError:
     """Find the first field that fails to encode, for an error message that names it."""
-    path, reason = _find_bad_value(event, "")
+    path, reason = _find_bad_value(event, "", set())
     if path is None:  # Only the whole failed (e.g. nesting too deep): report orjson's reason.
         return EventEncodeError(f"event cannot be encoded: {exc}")
     return EventEncodeError(f"event field {path!r} cannot be encoded: {reason}", field=path)
 
 
-def _find_bad_value(value: Any, path: str) -> tuple[str | None, str]:
-    if isinstance(value, Mapping):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                where = f"{path}[{key!r}]" if path else repr(key)
-                return where, f"column names must be strings, got {type(key).__qualname__!r}"
-            where = f"{path}.{key}" if path else key
-            found = _find_bad_value(item, where)
+def _find_bad_value(value: Any, path: str, within: set[int]) -> tuple[str | None, str]:
+    """The path of the first value that cannot be encoded, and why. ``within`` holds the
+    containers on the way down to ``value``: one found again is a cycle, not infinite depth."""
+    if isinstance(value, (Mapping, list, tuple)):
+        if id(value) in within:
+            return path or "(the event)", "it contains itself (a circular reference)"
+        within.add(id(value))
+        items = value.items() if isinstance(value, Mapping) else enumerate(value)
+        for key, item in items:
+            if isinstance(value, Mapping):
+                if type(key) is not str:
+                    where = f"{path}[{key!r}]" if path else repr(key)
+                    kind = type(key).__qualname__
+                    return where, f"column names must be plain strings, got {kind!r}"
+                where = f"{path}.{key}" if path else key
+            else:
+                where = f"{path}[{key}]"
+            found = _find_bad_value(item, where, within)
             if found[0] is not None:
                 return found
-        return None, ""
-    if isinstance(value, (list, tuple)):
-        for index, item in enumerate(value):
-            found = _find_bad_value(item, f"{path}[{index}]")
-            if found[0] is not None:
-                return found
+        within.discard(id(value))
         return None, ""
     try:
         _dumps(value, default=encode_default, option=ENCODE_OPTIONS)
@@ -181,6 +212,49 @@ def epoch_millis(value: object, field: str = "event_timestamp") -> int:
         f"{field} must be epoch milliseconds or a datetime, got {type(value).__qualname__!r}",
         field=field,
     )
+
+
+def is_null(value: object) -> bool:
+    """None, or a null of numpy/pandas: NaN and NaT are unequal to themselves, and pandas.NA
+    has no truth value. An array is not a null, even of one NaN."""
+    if value is None:
+        return True
+    try:
+        unequal = value != value  # noqa: PLR0124
+        return getattr(unequal, "shape", ()) == () and bool(unequal)  # an array's has a shape
+    except TypeError:  # pandas.NA
+        return True
+
+
+def event_id_text(value: object, field: str = "event_id") -> str:
+    """An event id as the text it is sent and returned as: a string, an integer (numpy's
+    too) or a UUID. Anything else is refused, naming ``field`` (the argument, or the model's
+    id column), rather than sent as its ``str()`` (a float's ``1.0`` would never match a later
+    update's ``1``)."""
+    name = field if field == "event_id" else f"the id column {field!r}"
+    if isinstance(value, str):
+        text = str.__str__(value)
+    elif isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        text = str(int(value))
+    elif isinstance(value, uuid.UUID):
+        text = str(value)
+    else:
+        hint = ""
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            hint = " (a pandas column of integers with missing values is float: use 'Int64')"
+        raise EventEncodeError(
+            f"{name} must be a string, an integer or a UUID, got "
+            f"{type(value).__qualname__!r}{hint}",
+            field=field,
+        )
+    if not text:
+        raise EventEncodeError(f"{name} must not be empty", field=field)
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError as exc:  # a lone surrogate: JSON cannot carry it
+            raise EventEncodeError(f"{name} is not valid Unicode: {exc}", field=field) from exc
+    return text
 
 
 class _EventIds:

@@ -33,7 +33,7 @@ from .destination import ModelInfo
 from .encode import new_event_id
 from .exceptions import EventError
 
-__all__ = ["EncodedFrame", "encode_frame", "frame_to_parquet", "is_frame"]
+__all__ = ["EncodedFrame", "check_columns", "encode_frame", "frame_to_parquet", "is_frame"]
 
 _FRAME_TYPES = {("pandas", "DataFrame"), ("polars", "DataFrame"), ("pyarrow", "Table")}
 
@@ -42,6 +42,25 @@ def is_frame(value: object) -> bool:
     """A pandas or polars DataFrame, or a pyarrow Table (checked without importing them)."""
     cls = type(value)
     return (cls.__module__.partition(".")[0], cls.__name__) in _FRAME_TYPES
+
+
+def check_columns(frame: Any) -> None:
+    """Refuse a frame whose column names are not unique strings, naming the column: as rows,
+    a name that is not a string cannot be sent, and of two columns of one name only the last
+    would be (pandas warns, then drops the other)."""
+    if type(frame).__module__.partition(".")[0] == "pyarrow":
+        names = list(frame.column_names)
+    else:  # polars' names are unique strings already; pandas' need not be
+        names = list(frame.columns)
+    seen: set[str] = set()
+    for name in names:
+        if not isinstance(name, str):
+            raise EventError(
+                f"DataFrame column names must be strings, got {type(name).__qualname__!r} {name!r}"
+            )
+        if name in seen:
+            raise EventError(f"DataFrame has two columns named {name!r}")
+        seen.add(name)
 
 
 @dataclass(frozen=True)
@@ -93,6 +112,7 @@ def frame_to_parquet(
 ) -> tuple[bytes, list[str]]:
     """``frame`` as a Parquet file for the v3 file upload, with ids and times placed as by
     :func:`encode_frame`; and the ids. Needs polars (the ``dataframes`` extra)."""
+    check_columns(frame)
     placed = _placed(frame, info, update, event_ids, stamp_millis)
     if placed is None:
         raise EventError(
@@ -126,6 +146,10 @@ def _placed(
         df = _to_polars(frame, pl)
         if any(isinstance(t, pl.Object | pl.Binary | pl.Duration | pl.Decimal) for t in df.dtypes):
             return None  # the row way refuses the first three, and writes decimals exactly
+        if df is not frame and any("Struct" in str(t) for t in df.dtypes):
+            # Python dicts in a pandas column: polars gives every row every key (null where
+            # a row's dict lacks it); the row way sends each dict as it is.
+            return None
         first: list[Any] = []  # columns placed first, as place_columns does
         if id_col is None:
             if update or event_ids is not None:
@@ -136,23 +160,27 @@ def _placed(
             df = df.drop(id_col, strict=False)
             first.append(pl.Series(id_col, ids, dtype=pl.String))
         elif id_col in df.columns:
+            id_type = df[id_col].dtype
             if df[id_col].null_count():
                 return None  # a null id is replaced by a generated one, row by row
-            ids = df[id_col].cast(pl.String).to_list()
+            if not (id_type.is_integer() or isinstance(id_type, pl.String | pl.Categorical)):
+                return None  # the row way refuses an id that is not text or an integer
+            id_texts = df[id_col].cast(pl.String)
+            if (id_texts == "").any():
+                return None  # and an empty one
+            ids = id_texts.to_list()
         elif update:
             return None  # an update needs an id: the row way says so for each
         else:
             generated = _new_ids(df.height, pl)
             ids = generated.to_list()
             first.append(generated.alias(id_col))
-        if (
-            stamp_millis is not None
-            and ts_col is not None
-            and not update
-            and ts_col not in df.columns
-        ):
-            stamp = orjson.loads(info.timestamp_json(stamp_millis))
-            first.append(pl.lit(stamp).alias(ts_col))
+        if stamp_millis is not None and ts_col is not None and not update:
+            if ts_col not in df.columns:
+                stamp = orjson.loads(info.timestamp_json(stamp_millis))
+                first.append(pl.lit(stamp).alias(ts_col))
+            elif df[ts_col].null_count():
+                return None  # a null time is replaced by the publish time, row by row
         if first:
             df = df.select(*first, *(pl.col(name) for name in df.columns))
     except Exception:  # e.g. pandas columns of mixed Python objects (polars, pyarrow errors)
@@ -161,14 +189,18 @@ def _placed(
 
 
 def _datetime_text(pl: Any, name: str, *, aware: bool) -> Any:
-    """A datetime column as ``str(datetime)`` writes it (and so the dict path, as the official
-    client does): microseconds only when there are some, the offset when there is a zone."""
+    """A datetime column as ``str()`` writes its values (and so the dict path, as the official
+    client does): a fraction only when there is one, of 6 digits, or 9 for nanoseconds (as
+    pandas' Timestamp), and the offset when there is a zone."""
     column = pl.col(name)
     zone = "%:z" if aware else ""
+    fraction = column.dt.nanosecond()
     return (
-        pl.when(column.dt.microsecond() == 0)
+        pl.when(fraction == 0)
         .then(column.dt.to_string(f"%Y-%m-%d %H:%M:%S{zone}"))
-        .otherwise(column.dt.to_string(f"%Y-%m-%d %H:%M:%S%.6f{zone}"))
+        .when(fraction % 1000 == 0)
+        .then(column.dt.to_string(f"%Y-%m-%d %H:%M:%S%.6f{zone}"))
+        .otherwise(column.dt.to_string(f"%Y-%m-%d %H:%M:%S%.9f{zone}"))
         .alias(name)
     )
 

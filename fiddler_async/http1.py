@@ -242,6 +242,10 @@ class _Connection:
         buffer = self._buffer
         while True:  # informational answers (100 Continue...) come before the real one
             while (end := buffer.find(b"\r\n\r\n", 0, _HEAD_SEARCH)) < 0:
+                if b"\n\n" in buffer[:_HEAD_SEARCH] or b"\n\r\n" in buffer[:_HEAD_SEARCH]:
+                    # Lines ended by a bare LF: a head that would never end, waited on until
+                    # the read timeout, and again on each retry. Said at once instead.
+                    broken("the answer's header lines do not end in CRLF")
                 if len(buffer) >= _HEAD_SEARCH:
                     broken(f"the answer's headers exceed {MAX_HEAD_BYTES} bytes")
                 if not await self._receive(request):

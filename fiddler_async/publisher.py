@@ -36,20 +36,21 @@ from .encode import (
     encode_default,
     encode_event,
     epoch_millis,
+    event_id_text,
+    is_null,
     new_event_id,
     splice_members,
 )
 from .exceptions import (
     ConfigurationError,
     EventBatchError,
-    EventEncodeError,
     EventError,
     EventTooLargeError,
     PublisherClosedError,
     SchemaMismatchError,
 )
 from .flusher import DeliveryFailure, Flusher
-from .frames import encode_frame, is_frame
+from .frames import check_columns, encode_frame, is_frame
 from .gate import Gate
 from .http1 import transport_for
 from .retry import RetryPolicy, is_retryable
@@ -160,6 +161,17 @@ class AsyncPublisher:
             raise ConfigurationError("no Fiddler URL: pass url= or set FIDDLER_URL")
         if not token:
             raise ConfigurationError("no Fiddler token: pass token= or set FIDDLER_TOKEN")
+        if not (token.isascii() and token.isprintable()):
+            # A header cannot carry it: every request would fail before it left.
+            raise ConfigurationError(
+                "the Fiddler token holds a character an HTTP header cannot carry (a line "
+                "break read from a file?): strip it"
+            )
+        if config is not None and not isinstance(config, PublisherConfig):
+            raise ConfigurationError(
+                f"config must be a PublisherConfig, got {type(config).__qualname__!r}: "
+                "e.g. config=PublisherConfig(linger=0.1)"
+            )
         try:
             parsed = httpx.URL(url)
         except httpx.InvalidURL as exc:
@@ -580,6 +592,8 @@ class AsyncPublisher:
         if self._state is not _State.OPEN:
             raise self._not_open()
         dest, lane = self._route(project_id, model_id, env_type, env_name, update_event)
+        if is_frame(events):
+            check_columns(events)
         if event_ids is not None:
             event_ids = list(event_ids)
         if event_timestamps is not None:
@@ -669,7 +683,7 @@ class AsyncPublisher:
             errors: dict[int, EventError] = {}
             for index, event_id in enumerate(event_ids):
                 try:
-                    event_ids[index] = _event_id_text(event_id)
+                    event_ids[index] = event_id_text(event_id)
                 except EventError as exc:
                     errors[index] = exc
             if errors:
@@ -1061,7 +1075,7 @@ class AsyncPublisher:
             event_id: str | None = given
         elif id_col in event:
             own = event[id_col]
-            if type(own) is str:
+            if type(own) is str and own:
                 event_id = own
             elif type(own) is int:
                 event_id = str(own)
@@ -1079,8 +1093,14 @@ class AsyncPublisher:
                 stamp = info.ts_key + info.timestamp_json(epoch_millis(when)) + b","
             except EventError:
                 return None
+        elif parts is None:
+            stamp = b""
+        elif ts_col in event:
+            if is_null(event[ts_col]):
+                return None  # the publish time takes the place of a null: the long way
+            stamp = b""
         else:
-            stamp = b"" if parts is None or ts_col in event else parts[6]
+            stamp = parts[6]
         try:
             encoded = orjson.dumps(event, default=encode_default, option=ENCODE_OPTIONS)
         except TypeError:
@@ -1142,7 +1162,7 @@ class AsyncPublisher:
         id_explicit = event_id is not None
         given: str | None
         if id_explicit:
-            given = _event_id_text(event_id)
+            given = event_id_text(event_id)
         elif dest.update:
             given = None  # an update joins an existing id; it never gets a new one
         else:
@@ -1164,8 +1184,14 @@ class AsyncPublisher:
                     "`await publisher.resolve(project_id, model_id)` first"
                 )
             flags = (ID_EXPLICIT if id_explicit else 0) | (TS_EXPLICIT if ts_explicit else 0)
-            self._check_size(body)
-            return compact(body), (given, millis, flags), given or ""
+            fixup = (given, millis, flags)
+            # Measured as the queue holds it, behind its fix-up (which the id and time it
+            # stands for replace later), so that it fits any queue a request fits; packed
+            # here only when that could matter (the fix-up's JSON takes at most 6 bytes per
+            # id character and 64 more), as the queue packs it again.
+            if len(body) + 6 * len(given or "") + 64 >= self._max_event_bytes:
+                self._check_size(pack(body, fixup))
+            return compact(body), fixup, given or ""
         members, remove, carried = place_columns(
             info,
             event,
@@ -1218,24 +1244,6 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _event_id_text(value: object) -> str:
-    if isinstance(value, bool) or (not isinstance(value, str | int) and not hasattr(value, "hex")):
-        raise EventEncodeError(
-            f"event_id must be a string, got {type(value).__qualname__!r}", field="event_id"
-        )
-    text = str(value)
-    if not text:
-        raise EventError("event_id must not be empty")
-    if not text.isascii():
-        try:
-            text.encode()
-        except UnicodeEncodeError as exc:  # a lone surrogate: JSON cannot carry it
-            raise EventEncodeError(
-                f"event_id is not valid Unicode: {exc}", field="event_id"
-            ) from exc
-    return text
-
-
 def _rows(events: Any) -> list[Mapping[str, Any]]:
     """Events as dicts, one by one: the way without polars, and for what it cannot encode."""
     if is_frame(events):
@@ -1247,8 +1255,11 @@ def _rows(events: Any) -> list[Mapping[str, Any]]:
         else:
             records = events.to_pylist()
         return records
-    if isinstance(events, Mapping | str | bytes):
-        raise EventError("events must be an iterable of events (dicts), or a DataFrame")
+    if isinstance(events, Mapping | str | bytes) or not isinstance(events, Iterable):
+        raise EventError(
+            "events must be an iterable of events (dicts), or a DataFrame, got "
+            f"{type(events).__qualname__!r}"
+        )
     return list(events)
 
 

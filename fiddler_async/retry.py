@@ -51,7 +51,9 @@ class RetryPolicy:
         if isinstance(error, APIError) and error.retry_after is not None:
             wait = min(error.retry_after, config.retry_after_max)
             return wait + random.uniform(0, min(1.0, 0.1 * wait))
-        cap = min(config.retry_backoff_max, config.retry_backoff_initial * 2 ** (retry_number - 1))
+        # The exponent bounded: past ~1000 retries 2**n no longer fits a float.
+        doubling = 2.0 ** min(retry_number - 1, 64)
+        cap = min(config.retry_backoff_max, config.retry_backoff_initial * doubling)
         return random.uniform(0, cap)
 
     def _wait(self, state: RetryCallState) -> float:

@@ -105,6 +105,9 @@ class Spool:
         self._counter = 0
         self._lock_file: IO[bytes] | None = None
         self.used_bytes = 0
+        self.written_here: set[str] = set()
+        """The names of the batch files this object wrote that are still on disk: the
+        others in the directory are earlier or other processes'."""
 
     def open(self) -> None:
         """Create the directory (owner only), remove temporaries of killed writers, and count
@@ -153,6 +156,7 @@ class Spool:
             with self._lock:
                 self.used_bytes -= len(data)
             raise
+        self.written_here.add(name)
         return path
 
     def rewrite(self, path: Path, key: SpoolKey, items: Sequence[Item]) -> None:
@@ -206,6 +210,7 @@ class Spool:
             path.unlink()
         except FileNotFoundError:
             return
+        self.written_here.discard(path.name)
         with self._lock:
             self.used_bytes -= size
             if self.used_bytes < 0:  # it was another process's file

@@ -284,12 +284,15 @@ class Replayer:
             # Report first: a crash before the file goes repeats a dead letter, never loses one.
             for failure in DeliveryFailure.grouped(dest, given_up):
                 await self._report(failure)
+            # Only this process's own inserts count down: replaying an earlier process's
+            # file must not let updates go live while this one's inserts are still on disk.
+            own = path.name in spool.written_here
             if not kept:
                 await anyio.to_thread.run_sync(spool.remove, path)
             elif len(kept) < len(batch.items):
                 await anyio.to_thread.run_sync(spool.rewrite, path, batch.key, kept)
             settled = len(batch.items) - len(kept)
-            if not dest.update:
+            if own and not dest.update:
                 lane = self._buffer.lane(dest)
                 lane.spooled = max(0, lane.spooled - settled)
             replayed += settled - len(given_up)

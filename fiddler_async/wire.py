@@ -8,6 +8,7 @@ with the retry policy, and turns every failure into a :mod:`fiddler_async.except
 
 from __future__ import annotations
 
+import datetime as dt
 import email.utils
 import math
 import platform
@@ -24,7 +25,7 @@ import orjson
 from ._version import __version__
 from .buffer import Item
 from .destination import Destination, ModelInfo, ModelRef
-from .encode import splice_members
+from .encode import event_id_text, is_null, splice_members
 from .exceptions import (
     APIError,
     ConnectError,
@@ -103,9 +104,8 @@ def place_columns(
         assert event_id is not None
         members.append(info.id_key + orjson.dumps(event_id))
         carried_id = event_id
-    elif id_col is not None and not _missing(event.get(id_col)):
-        value = event[id_col]
-        carried_id = value if isinstance(value, str) else str(value)
+    elif id_col is not None and not is_null(event.get(id_col)):
+        carried_id = event_id_text(event[id_col], id_col)
     elif update:
         raise SchemaMismatchError(
             f"an update needs event_id= or the model's id column {id_col!r} in the event"
@@ -125,20 +125,11 @@ def place_columns(
             remove = (*remove, ts_col)
         assert ts_millis is not None
         members.append(info.ts_key + info.timestamp_json(ts_millis))
-    elif ts_millis is not None and ts_col is not None and not update and ts_col not in event:
+    elif ts_millis is not None and ts_col is not None and not update and is_null(event.get(ts_col)):
+        if ts_col in event:  # a null time: the publish time takes its place, as for an id
+            remove = (*remove, ts_col)
         members.append(info.ts_key + info.timestamp_json(ts_millis))
     return members, remove, carried_id
-
-
-def _missing(value: object) -> bool:
-    """None, or a null of numpy/pandas: NaN and NaT are unequal to themselves, and pandas.NA
-    has no truth value."""
-    if value is None:
-        return True
-    try:
-        return bool(value != value)  # noqa: PLR0124
-    except TypeError:
-        return True
 
 
 def finalize_event(info: ModelInfo, update: bool, body: bytes, fixup: tuple[Any, ...]) -> bytes:
@@ -171,20 +162,23 @@ def parse_retry_after(value: str | None) -> float | None:
             when = email.utils.parsedate_to_datetime(value)
         except (TypeError, ValueError):
             return None
+        if when.tzinfo is None:  # the asctime form has no zone: HTTP dates are all GMT
+            when = when.replace(tzinfo=dt.timezone.utc)
         seconds = when.timestamp() - time.time()
     return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
-def error_from_response(response: httpx.Response) -> APIError:
-    """The exception for an error answer, from Fiddler's error envelope where there is one."""
+def error_from_response(response: httpx.Response, body: bytes | None) -> APIError:
+    """The exception for an error answer, from Fiddler's error envelope where there is one;
+    ``body`` None when it could not be decoded (then from the status alone)."""
     status = response.status_code
     code, message = status, response.reason_phrase or f"HTTP {status}"
     reasons: list[ErrorReason] = []
     try:
-        payload = orjson.loads(response.content)
+        payload = orjson.loads(body or b"")
     except orjson.JSONDecodeError:
         payload = None
-        text = response.text.strip()
+        text = response.text.strip() if body else ""
         if text:
             message = text[:300]
     error = payload.get("error") if isinstance(payload, dict) else None
@@ -192,7 +186,8 @@ def error_from_response(response: httpx.Response) -> APIError:
         message = str(error.get("message") or message)
         if isinstance(error.get("code"), int):
             code = error["code"]
-        for item in error.get("errors") or ():
+        items = error.get("errors")
+        for item in items if isinstance(items, list) else ():
             if isinstance(item, dict):
                 reasons.append(
                     ErrorReason(
@@ -330,12 +325,11 @@ class FiddlerV3Exporter:
         started = time.perf_counter()
         try:
             response = await self._transmit(request)
+            body: bytes | None
             try:
                 body = await response.aread()
             except httpx.DecodingError:
-                if not response.is_success:
-                    raise
-                body = b""  # arrived whole but undecodable: the status alone tells success
+                body = None  # arrived whole but undecodable: the status alone tells
             finally:
                 await response.aclose()
         except httpx.TimeoutException as exc:
@@ -352,8 +346,8 @@ class FiddlerV3Exporter:
             raise
         self._ledger.record_response(str(response.status_code), time.perf_counter() - started)
         if not response.is_success:
-            raise self._failed(None, error_from_response(response))
-        return body
+            raise self._failed(None, error_from_response(response, body))
+        return body or b""
 
     def _json_request(self, method: str, path: str, content: bytes) -> httpx.Request:
         """A request with a JSON body (the events), as the client's ``build_request`` makes
@@ -566,7 +560,7 @@ class FiddlerV3Exporter:
         # so a batch can outgrow the byte limit here: then it goes out as several requests.
         for start, end in _split_by_bytes(bodies, self._max_batch_bytes):
             count = end - start
-            budget = [4 * math.ceil(math.log2(count)) + 4] if count > 1 else [0]
+            budget = [4.0 * math.ceil(math.log2(count)) + 4] if count > 1 else [0.0]
             failed.extend(
                 await self._send_isolating(info, dest, ready[start:end], bodies[start:end], budget)
             )
@@ -578,17 +572,18 @@ class FiddlerV3Exporter:
         dest: Destination,
         items: list[Item],
         bodies: list[bytes],
-        budget: list[int],
+        budget: list[float],
     ) -> list[tuple[Item, Exception]]:
         """Send ``items`` (encoded as ``bodies``); if the server refuses them as a whole for
         what they hold (400, 413, 422), send each half on its own, down to the events it
         refuses, so that one bad event does not sink the others. Returns the events not
         delivered, with their errors.
 
-        ``budget`` bounds the extra requests per batch: about 4 per halving level, and 2 more
-        each time a half is delivered (the split is finding good events). A refusal that is
-        about the whole request, not some events, delivers no half and so stops after a few
-        dozen requests instead of sending every event alone."""
+        ``budget`` bounds the extra requests per batch while no half has been delivered: about
+        4 per halving level. A refusal that is about the whole request, not some events,
+        delivers no half and so stops after a few dozen requests instead of sending every event
+        alone. Once a half is delivered, the refusals are about events: the split then goes on
+        until each refused one is found (at most two requests per event)."""
         try:
             await self._send(info, dest, bodies)
         except Exception as exc:  # one chunk's failure leaves the others delivered
@@ -604,7 +599,7 @@ class FiddlerV3Exporter:
             mid = len(items) // 2
             first = await self._send_isolating(info, dest, items[:mid], bodies[:mid], budget)
             return first + await self._send_isolating(info, dest, items[mid:], bodies[mid:], budget)
-        budget[0] += 2
+        budget[0] = math.inf
         return []
 
     async def _send(self, info: ModelInfo, dest: Destination, bodies: list[bytes]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import math
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -79,6 +80,11 @@ def test_missing_or_bad_url_and_token(monkeypatch: pytest.MonkeyPatch) -> None:
         AsyncPublisher("https://acme.fiddler.ai")
     with pytest.raises(ConfigurationError, match="http"):
         AsyncPublisher("ftp://acme.fiddler.ai", "t")
+    # A token read from a file with its line break: no request could carry it.
+    with pytest.raises(ConfigurationError, match="line break"):
+        AsyncPublisher("https://acme.fiddler.ai", "t0ken\n")
+    with pytest.raises(ConfigurationError, match="PublisherConfig"):
+        AsyncPublisher("https://acme.fiddler.ai", "t", config={"linger": 0.1})  # type: ignore[arg-type]
 
 
 def test_the_token_never_appears_in_repr() -> None:
@@ -146,6 +152,49 @@ async def test_a_batch_with_bad_events_names_each_and_queues_nothing(
             await pub.publish_events_batch(
                 "bank_churn", "bank_churn", [bank_event()] * 2, event_ids=["a"]
             )
+        with pytest.raises(fiddler_async.EventError, match="'NoneType'"):
+            await pub.publish_events_batch("bank_churn", "bank_churn", None)
+
+
+@anyio
+async def test_ids_in_the_id_column_are_checked_like_given_ones(inproc: InProcessFiddler) -> None:
+    """A value in the model's id column is an id as ``event_id=`` is: text, an integer or a
+    UUID; anything else is refused naming the column, in the batch by position."""
+    rows = [
+        {"x": 1, "id": np.int64(5)},
+        {"x": 2, "id": np.array([1, 2])},
+        {"x": 3, "id": 7.0},
+        {"x": 4, "id": ""},
+        {"x": 5, "id": "e5"},
+    ]
+    async with mock_publisher(inproc) as pub:
+        await pub.resolve("p", "loose")
+        with pytest.raises(EventBatchError) as info:
+            await pub.publish_events_batch("p", "loose", rows)
+        assert sorted(info.value.errors) == [1, 2, 3]
+        assert {e.field for e in info.value.errors.values()} == {"id"}  # type: ignore[attr-defined]
+        with pytest.raises(EventEncodeError, match="'id'"):
+            pub.publish_event_nowait("p", "loose", rows[1])
+        ids = await pub.publish_events_batch("p", "loose", [rows[0], rows[4]])
+        assert ids == ["5", "e5"]
+        assert (await pub.flush(5)).delivered == 2
+    assert [e["id"] for e in inproc.stored("p", "loose")] == [5, "e5"]
+
+
+@anyio
+async def test_a_null_time_is_the_publish_time_as_a_missing_one(inproc: InProcessFiddler) -> None:
+    """As a null id is replaced by a new one, a null in the time column of a new event is
+    replaced by the publish time; a frame's too."""
+    async with mock_publisher(inproc) as pub:
+        await pub.resolve("p", "loose")
+        pub.publish_event_nowait("p", "loose", {"x": 1, "ts": None})
+        await pub.publish_events_batch("p", "loose", [{"x": 2, "ts": math.nan}, {"x": 3}])
+        frame = pd.DataFrame({"x": [4, 5], "ts": [pd.Timestamp("2024-01-01"), pd.NaT]})
+        await pub.publish_events_batch("p", "loose", frame)
+        assert (await pub.flush(5)).delivered == 5
+    times = {e["x"]: e["ts"] for e in inproc.stored("p", "loose")}
+    assert times[4] == "2024-01-01 00:00:00"
+    assert all(isinstance(times[x], int) for x in (1, 2, 3, 5))  # epoch ms: the model's format
 
 
 @anyio

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import enum
 import json
 import math
 import uuid
@@ -14,7 +15,14 @@ import pandas as pd
 import pytest
 
 from fiddler_async import EventEncodeError, EventError
-from fiddler_async.encode import encode_event, epoch_millis, new_event_id, splice_members
+from fiddler_async.encode import (
+    encode_event,
+    epoch_millis,
+    event_id_text,
+    is_null,
+    new_event_id,
+    splice_members,
+)
 
 
 def roundtrip(event: dict[str, Any]) -> dict[str, Any]:
@@ -125,6 +133,69 @@ def test_unencodable_value_names_the_field(event: dict[str, Any], field: str) ->
     assert info.value.field == field
     assert repr(field) in str(info.value)
     assert isinstance(info.value, TypeError)  # what callers of a JSON encoder expect
+
+
+def test_a_circular_event_is_named_not_a_recursion_error() -> None:
+    looped: dict[str, Any] = {"a": 1}
+    looped["self"] = looped
+    nested: list[Any] = [1]
+    nested.append(nested)
+    for event, field in ((looped, "self"), ({"x": {"y": nested}}, "x.y[1]")):
+        with pytest.raises(EventEncodeError, match="circular") as info:
+            encode_event(event)
+        assert info.value.field == field
+    shared = [1, 2]  # the same list twice is no cycle
+    assert roundtrip({"a": shared, "b": shared}) == {"a": [1, 2], "b": [1, 2]}
+
+
+def test_numpy_datetimes_are_iso_text_and_their_nat_null() -> None:
+    event = {
+        "at": np.datetime64("2024-01-01T13:00:01.5"),
+        "day": np.datetime64("2024-01-01"),
+        "never": np.datetime64("NaT"),
+        "never_us": np.datetime64("NaT", "us"),
+        "times": np.array(["2024-01-01T01:02:03", "NaT"], dtype="datetime64[s]"),
+    }
+    assert roundtrip(event) == {
+        "at": "2024-01-01T13:00:01.500000",
+        "day": "2024-01-01T00:00:00",
+        "never": None,
+        "never_us": None,
+        "times": ["2024-01-01T01:02:03", None],
+    }
+    # Without a NaT, orjson writes them itself: the same text.
+    assert roundtrip({"at": event["at"], "day": event["day"]}) == {
+        "at": "2024-01-01T13:00:01.500000",
+        "day": "2024-01-01T00:00:00",
+    }
+
+
+def test_column_names_of_a_str_subclass_are_plain_names() -> None:
+    class Column(str, enum.Enum):
+        AGE = "age"
+
+    assert roundtrip({Column.AGE: 40, np.str_("tenure"): 3}) == {"age": 40, "tenure": 3}
+    with pytest.raises(EventEncodeError, match="plain strings") as info:
+        encode_event({"nested": {Column.AGE: 1}})
+    assert info.value.field == f"nested[{Column.AGE!r}]"
+
+
+def test_event_ids_are_text_integers_or_uuids() -> None:
+    made = uuid.uuid4()
+    given = ("a", np.str_("b"), 7, np.int64(8), made)
+    assert [event_id_text(v) for v in given] == ["a", "b", "7", "8", str(made)]
+    # Not sent as their str(): b"x" would arrive as "b'x'", and 1.0 never match a later 1.
+    for bad in (b"req-1", 1.5, np.float64(7.0), True, ["x"], np.array([1, 2]), ""):
+        with pytest.raises(EventEncodeError) as info:
+            event_id_text(bad, "row_id")
+        assert info.value.field == "row_id"
+    with pytest.raises(EventEncodeError, match="'Int64'"):
+        event_id_text(3.0)
+
+
+def test_what_counts_as_null() -> None:
+    assert all(is_null(v) for v in (None, math.nan, np.float32("nan"), pd.NA, pd.NaT))
+    assert not any(is_null(v) for v in (0, "", np.array([1, 2]), np.array([math.nan])))
 
 
 def test_non_mapping_event_is_refused() -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fiddler_async import EventBatchError, EventEncodeError
+from fiddler_async import EventBatchError, EventEncodeError, EventError
 from fiddler_async.emulator import Emulator
 from fiddler_async.frames import encode_frame
 
@@ -81,6 +81,9 @@ async def test_the_frame_path_sends_what_the_row_path_sends(fiddler: Emulator) -
             **bank_event(i),
             "seen": dt.datetime(2024, 1, 1, 12, 0, 0, 1000 * (i % 2)),  # with and without µs
             "seen_utc": dt.datetime(2024, 1, 1, 12, tzinfo=dt.timezone.utc),
+            # pandas' own, to the nanosecond: none, some, and whole microseconds
+            "seen_ns": pd.Timestamp("2024-01-01 12:00")
+            + pd.Timedelta(nanoseconds=(0, 7, 3000)[i % 3]),
         }
         for i in range(50)
     ]
@@ -194,3 +197,37 @@ async def test_what_polars_cannot_write_goes_row_by_row(fiddler: Emulator) -> No
     assert ids[0] == "k"
     assert ids[1] not in (None, "None")
     assert sorted(e["event_id"] for e in fiddler.events()) == sorted(ids)
+
+
+async def test_a_frame_goes_as_its_rows_would_or_not_at_all(fiddler: Emulator) -> None:
+    """What the row way refuses or sends as it is, a frame does alike: column names that are
+    not unique strings are refused (pandas would drop all but the last of a name), ids that
+    are not text or integers are refused by row, and dicts in a column keep their own keys."""
+    numbered = pd.DataFrame([[1, 2]])  # columns 0 and 1
+    twice = pd.DataFrame([[1, 2]], columns=["age", "age"])
+    float_ids = pd.DataFrame({"event_id": [1.0, None], "age": [1, 2]})
+    empty_id = pl.DataFrame({"event_id": ["a", ""], "age": [1, 2]})
+    nested = pd.DataFrame({"age": [1, 2], "extra": [{"a": 1}, {"b": 2}]})
+    async with loopback_publisher(fiddler) as pub:
+        await pub.resolve("bank_churn", "bank_churn")
+        with pytest.raises(EventError, match="column names must be strings, got 'int' 0"):
+            await pub.publish_events_batch("bank_churn", "bank_churn", numbered)
+        with pytest.raises(EventError, match="two columns named 'age'"):
+            await pub.publish_events_batch("bank_churn", "bank_churn", twice)
+        arrow_twice = pa.table([pa.array([1]), pa.array([2])], names=["age", "age"])
+        with pytest.raises(EventError, match="two columns named 'age'"):
+            await pub.publish_events_batch("bank_churn", "bank_churn", arrow_twice)
+        with pytest.raises(EventError, match="two columns named 'age'"):
+            await pub.publish_file("bank_churn", "bank_churn", twice)
+        for bad_ids, rows in ((float_ids, [0]), (empty_id, [1])):
+            with pytest.raises(EventBatchError) as caught:
+                await pub.publish_events_batch("bank_churn", "bank_churn", bad_ids)
+            assert list(caught.value.errors) == rows
+            assert caught.value.errors[rows[0]].field == "event_id"  # type: ignore[attr-defined]
+        assert pub.stats().accepted == 0
+        await pub.publish_events_batch("bank_churn", "bank_churn", nested)
+        assert (await pub.flush(10)).delivered == 2
+    assert sorted((e["age"], e["extra"]) for e in fiddler.events()) == [
+        (1, {"a": 1}),
+        (2, {"b": 2}),
+    ]

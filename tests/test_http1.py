@@ -392,6 +392,8 @@ async def test_answers_written_by_h11_read_back_the_same() -> None:
         (b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n", "header line"),
         (b"HTTP/1.1 200 OK\r\nContent-Length : 2\r\n\r\nok", "header line"),
         (b"HTTP/1.1 101 Switching\r\n\r\n", "switched"),
+        (b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok", "CRLF"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\n\r\nok", "CRLF"),
         (b"HTTP/1.1 200 OK\r\nX: " + b"a" * MAX_HEAD_BYTES + b"\r\n\r\n", "exceed"),
     ],
 )

@@ -7,7 +7,7 @@ import tracemalloc
 import anyio
 import pytest
 
-from fiddler_async import QueueFullError
+from fiddler_async import EventTooLargeError, QueueFullError
 from fiddler_async.emulator import Emulator
 
 from .conftest import assert_adds_up, bank_event, eventually, loopback_publisher, mock_publisher
@@ -302,3 +302,25 @@ async def test_a_long_queue_keeps_its_order_and_numbers(inproc: InProcessFiddler
     assert len(delivered) == 12_000
     main = [c for c in delivered if int(c[1:]) % 3]
     assert main == [f"c{i}" for i in range(12_000) if i % 3]
+
+
+async def test_an_event_is_measured_as_queued_before_its_model_is_known(
+    inproc: InProcessFiddler,
+) -> None:
+    """Before its model's lookup an event is queued behind a fix-up (its id and time to be
+    placed): one that fits a request only without it is refused at the call, not queued
+    over the queue's byte bound (dropping all the rest) or refused as never fitting."""
+    limit = 64 * 1024
+    async with mock_publisher(
+        inproc, overflow="drop_oldest", max_batch_bytes=limit, max_queue_bytes=limit, linger=60
+    ) as pub:
+        await pub.resolve("bank_churn", "bank_churn")
+        for i in range(5):
+            pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(i))
+        with pytest.raises(EventTooLargeError):
+            pub.publish_event_nowait("bank_churn", "bank_churn_v2", {"blob": "x" * (limit - 12)})
+        stats = pub.stats()
+        assert (stats.queued_events, stats.dropped_total) == (5, 0)
+        assert stats.queued_bytes <= limit
+        result = await pub.flush(5)
+    assert result.delivered == 5

@@ -3,6 +3,8 @@ those are left; the rest is delivered, and each refused event is reported with t
 
 from __future__ import annotations
 
+import random
+
 import anyio
 import pytest
 
@@ -36,18 +38,29 @@ async def test_one_bad_event_among_1000(fiddler: Emulator) -> None:
     assert len(publishes(fiddler)) <= 1 + 2 * 10
 
 
-async def test_several_bad_events_are_each_found(inproc: InProcessFiddler) -> None:
-    events = [bank_event(i) for i in range(100)]
-    for bad in (3, 50, 51, 99):
-        events[bad]["balance"] = "lots"
+@pytest.mark.parametrize(
+    ("count", "bad"),
+    [
+        (100, [3, 50, 51, 99]),
+        # 50 at random places among 1000: the split that finds the first ones must not spend
+        # what it needs for the others, and fail good events with them.
+        (1000, sorted(random.Random(1).sample(range(1000), 50))),
+    ],
+)
+async def test_several_bad_events_are_each_found(
+    inproc: InProcessFiddler, count: int, bad: list[int]
+) -> None:
+    events = [bank_event(i) for i in range(count)]
+    for index in bad:
+        events[index]["balance"] = "lots"
     failures: list[DeliveryFailure] = []
     async with mock_publisher(inproc, on_error=failures.append) as pub:
         ids = await pub.publish_events_batch("bank_churn", "bank_churn", events)
-        result = await pub.flush(10)
-    assert (result.delivered, result.failed) == (96, 4)
+        result = await pub.flush(30)
+    assert (result.delivered, result.failed) == (count - len(bad), len(bad))
     refused = sorted(i for f in failures for i in f.event_ids if i is not None)
-    assert refused == sorted(ids[b] for b in (3, 50, 51, 99))
-    assert len(inproc.stored()) == 96
+    assert refused == sorted(ids[b] for b in bad)
+    assert len(inproc.stored()) == count - len(bad)
 
 
 async def test_a_refusal_of_the_whole_request_is_not_split_forever(

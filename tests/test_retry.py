@@ -163,6 +163,8 @@ def test_backoff_is_full_jitter_capped_and_retry_after_is_capped() -> None:
     assert all(5.0 <= policy.backoff(1, told) <= 5.5 for _ in range(100))
     too_long = RateLimitedError("x", status=429, retry_after=3600.0)
     assert all(20.0 <= policy.backoff(1, too_long) <= 21.0 for _ in range(100))
+    # Retrying until a time limit can pass a thousand retries: 2**n must not overflow.
+    assert 0 <= policy.backoff(5000, None) <= 8.0
 
 
 async def test_a_timed_out_request_is_retried(fiddler: Emulator) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import orjson
 import pytest
 
 from fiddler_async import AsyncPublisher, AuthenticationError, DeliveryFailure
@@ -296,6 +297,34 @@ async def test_an_update_follows_its_spilled_insert(fiddler: Emulator, tmp_path:
         await pub.replay_spool()
     delivered = [r["method"] for r in publishes(fiddler) if r["status"] == 202]
     assert delivered == ["POST", "PATCH"]
+    assert fiddler.early_updates() == 0
+
+
+async def test_an_earlier_process_files_do_not_release_this_one_updates(
+    fiddler: Emulator, tmp_path: Path
+) -> None:
+    """Replaying what an earlier process left in the spool is not replaying this process's
+    own inserts: an update of an insert still on disk follows it there."""
+    async with loopback_publisher(fiddler, spool_dir=tmp_path, **SPILL_SOON) as pub:
+        await pub.resolve("bank_churn", "bank_churn")
+        fiddler.set_faults(outage_seconds=1000)
+        pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(9), event_id="e9")
+        assert (await pub.flush(10)).spooled == 1
+        # An earlier process's file, older than this one's, so replayed first.
+        key = SpoolKey("bank_churn", "bank_churn", "PRODUCTION", None, False)
+        old = [(0, orjson.dumps({**bank_event(i), "event_id": f"old{i}"}), None) for i in range(3)]
+        path = Spool(tmp_path, 10**6, fsync=False).write(key, old)
+        path.rename(path.with_name("0" * 23 + path.name[23:]))
+        # The earlier file is delivered; this process's insert fails again and stays on disk.
+        fiddler.set_faults(outage_seconds=0, script=["ok", "drop", "drop"])
+        await pub.replay_spool()
+        pub.publish_event_nowait(
+            "bank_churn", "bank_churn", {"predicted_churn": 0.9}, event_id="e9", update_event=True
+        )
+        await pub.flush(10)
+        await pub.replay_spool()
+    delivered = [r["method"] for r in publishes(fiddler) if r["status"] == 202]
+    assert delivered == ["POST", "POST", "PATCH"]
     assert fiddler.early_updates() == 0
 
 

@@ -20,6 +20,7 @@ import fiddler_async
 from fiddler_async import (
     APIError,
     AsyncPublisher,
+    AuthenticationError,
     BadRequestError,
     DeliveryFailure,
     NotFoundError,
@@ -320,18 +321,29 @@ async def test_api_error_body_is_parsed_into_the_exception(inproc: InProcessFidd
 
 def test_error_parsing_without_an_envelope() -> None:
     response = httpx.Response(502, text="<html>bad gateway</html>")
-    error = error_from_response(response)
+    error = error_from_response(response, response.content)
     assert isinstance(error, ServerError)
     assert error.status == 502
     assert "bad gateway" in error.message
     assert error.reasons == ()
 
-    limited = error_from_response(
-        httpx.Response(429, headers={"Retry-After": "7"}, json={"error": {"code": 429}})
-    )
-    assert isinstance(limited, RateLimitedError)
-    assert limited.retry_after == 7.0
-    assert type(error_from_response(httpx.Response(418))) is APIError
+    limited = httpx.Response(429, headers={"Retry-After": "7"}, json={"error": {"code": 429}})
+    error = error_from_response(limited, limited.content)
+    assert isinstance(error, RateLimitedError)
+    assert error.retry_after == 7.0
+    assert type(error_from_response(httpx.Response(418), b"")) is APIError
+
+
+def test_error_parsing_of_a_malformed_envelope() -> None:
+    """An envelope whose reasons are not a list, and a body that could not be decoded (None),
+    still give the error of the status, never a TypeError."""
+    odd = httpx.Response(400, json={"error": {"code": 400, "message": "no", "errors": 3}})
+    error = error_from_response(odd, odd.content)
+    assert isinstance(error, BadRequestError)
+    assert (error.message, error.reasons) == ("no", ())
+    undecodable = error_from_response(httpx.Response(401, content=b"\x1f\x8b junk"), None)
+    assert isinstance(undecodable, AuthenticationError)
+    assert undecodable.message == "Unauthorized"
 
 
 def test_retry_after_forms() -> None:
@@ -343,6 +355,21 @@ def test_retry_after_forms() -> None:
     assert seconds is not None
     assert 25 <= seconds <= 31
     assert parse_retry_after("-4") == 0.0
+
+
+@pytest.mark.parametrize("zone", ["Asia/Tokyo", "America/New_York"])
+def test_retry_after_in_asctime_form_is_gmt(zone: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The third HTTP date form carries no zone; it is GMT all the same, not local time."""
+    later = time.asctime(time.gmtime(time.time() + 30))  # e.g. "Sun Nov  6 08:49:37 1994"
+    monkeypatch.setenv("TZ", zone)
+    time.tzset()
+    try:
+        seconds = parse_retry_after(later)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert seconds is not None
+    assert 25 <= seconds <= 31
 
 
 async def test_numpy_values_arrive_as_numbers(inproc: InProcessFiddler) -> None:
