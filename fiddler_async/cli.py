@@ -161,7 +161,8 @@ class _FileJob:
         except NotFoundError as exc:
             raise _Fatal(f"{exc.message} at {url}") from None
         except (FiddlerError, TimeoutError) as exc:
-            raise _Fatal(f"cannot use {url}: {exc or 'no answer'}") from None
+            why = str(exc) or f"no answer in {args.timeout:g} s"
+            raise _Fatal(f"cannot use {url}: {why}") from None
         types = dict(info.columns)
         if args.update:
             if not info.event_id_col:
@@ -301,19 +302,22 @@ async def _replay(args: argparse.Namespace) -> int:
 
 
 def _faults(args: argparse.Namespace) -> Any:
-    faults = _emulator_module().Faults(
-        error_503=args.error_503,
-        error_429=args.error_429,
-        retry_after=args.retry_after,
-        drop=args.drop,
-        latency=args.latency,
-        spike=args.spike,
-        spike_latency=args.spike_latency,
-        max_body_bytes=args.max_body_bytes,
-        seed=args.seed,
-    )
-    if args.outage:
-        faults.update({"outage_seconds": args.outage})
+    try:
+        faults = _emulator_module().Faults(
+            error_503=args.error_503,
+            error_429=args.error_429,
+            retry_after=args.retry_after,
+            drop=args.drop,
+            latency=args.latency,
+            spike=args.spike,
+            spike_latency=args.spike_latency,
+            max_body_bytes=args.max_body_bytes,
+            seed=args.seed,
+        )
+        if args.outage:
+            faults.update({"outage_seconds": args.outage})
+    except ValueError as exc:
+        raise _Fatal(f"a fault flag: {exc}") from None
     return faults
 
 
@@ -352,6 +356,8 @@ def _serve(args: argparse.Namespace) -> int:
         )
     except emulator.ListenError as exc:
         raise _Fatal(str(exc)) from None
+    except sqlite3.Error as exc:
+        raise _Fatal(f"{args.db} is not an emulator database: {exc}") from None
     return 0
 
 
@@ -366,10 +372,12 @@ def _inspect(args: argparse.Namespace) -> int:
         summary, events, duplicates = _inspect_db(args)
     for model in summary["models"]:
         distinct = model["distinct_ids"]  # None from a count-only emulator
+        pending = model.get("pending_updates", 0)  # none from an emulator before 0.1
         out.print(
             f"{model['project']}/{model['model']}: {model['events']:,} events, "
             f"{'-' if distinct is None else format(distinct, ',')} distinct ids, "
-            f"{model['duplicates']:,} duplicates",
+            f"{model['duplicates']:,} duplicates"
+            + (f", {pending:,} updates of no event yet" if pending else ""),
             highlight=False,
         )
     for event in events:
@@ -387,8 +395,15 @@ def _inspect_db(args: argparse.Namespace) -> tuple[dict[str, Any], list[Any], di
     if not db.is_file():
         raise _Fatal(f"no emulator database at {db} (publish without --url first, or pass --db)")
     catalog = _catalog(emulator, args.models)
+    project, model = args.project or "bank_churn", args.model or "bank_churn"
+    chosen = catalog.find(project, model)
+    if chosen is None:
+        if args.project or args.model:
+            names = ", ".join(f"{m.project}/{m.name}" for m in catalog.models)
+            raise _Fatal(f"no model {project}/{model} in the models ({names})")
+        chosen = catalog.models[0]
     try:
-        store = emulator.Store(str(db))
+        store = emulator.Store(str(db), read_only=True)  # looking changes nothing
         store.count()
     except sqlite3.Error as exc:
         raise _Fatal(f"{db} is not an emulator database: {exc}") from None
@@ -400,10 +415,10 @@ def _inspect_db(args: argparse.Namespace) -> tuple[dict[str, Any], list[Any], di
                 "events": store.count(m.id),
                 "distinct_ids": store.distinct_ids(m.id),
                 "duplicates": sum(n - 1 for n in store.duplicates(m.id).values()),
+                "pending_updates": store.pending_updates(m.id),
             }
             for m in catalog.models
         ]
-        chosen = catalog.find(args.project, args.model) or catalog.models[0]
         events = store.events(chosen.id, limit=args.events) if args.events else []
         duplicates = store.duplicates(chosen.id) if args.duplicates else {}
     finally:
@@ -415,7 +430,7 @@ def _inspect_url(args: argparse.Namespace) -> tuple[dict[str, Any], list[Any], d
     import httpx  # noqa: PLC0415
 
     token = args.token or os.environ.get("FIDDLER_TOKEN") or "emulator-token"
-    params = {"project": args.project, "model": args.model}
+    params = {"project": args.project or "bank_churn", "model": args.model or "bank_churn"}
     with httpx.Client(base_url=args.url, headers={"Authorization": f"Bearer {token}"}) as client:
         try:
             summary = client.get("/_emulator/summary").raise_for_status().json()
@@ -490,8 +505,8 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--url", help="or a running emulator's URL")
     inspect.add_argument("--token", help="the running emulator's token")
     inspect.add_argument("--models", help="the models file the emulator was started with")
-    inspect.add_argument("--project", default="bank_churn")
-    inspect.add_argument("--model", default="bank_churn")
+    inspect.add_argument("--project", help="default: bank_churn, or the first model")
+    inspect.add_argument("--model", help="default: bank_churn, or the first model")
     inspect.add_argument("--events", type=int, default=0, help="print the first N events")
     inspect.add_argument("--duplicates", action="store_true", help="list duplicated event ids")
     inspect.set_defaults(run=_inspect)

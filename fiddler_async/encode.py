@@ -67,8 +67,10 @@ def encode_default(value: Any) -> Any:
     if module == "numpy":
         if getattr(value, "dtype", None) is not None and value.dtype.kind == "M":
             return _iso_times(value.astype("datetime64[us]").tolist())
-        # Arrays orjson cannot take directly (non-contiguous, object dtype) and rare scalars.
-        return value.tolist() if hasattr(value, "tolist") else value.item()
+        try:  # as orjson's numpy support writes it (a float32 in its shortest form)...
+            return orjson.Fragment(_dumps(value, option=orjson.OPT_SERIALIZE_NUMPY))
+        except TypeError:  # ...or, what it cannot take (non-contiguous, object dtype), as lists
+            return value.tolist() if hasattr(value, "tolist") else value.item()
     if module.startswith("pandas") and type(value).__name__ in ("NAType", "NaTType"):
         return None
     if isinstance(value, (set, frozenset)):
@@ -222,7 +224,7 @@ def is_null(value: object) -> bool:
     try:
         unequal = value != value  # noqa: PLR0124
         return getattr(unequal, "shape", ()) == () and bool(unequal)  # an array's has a shape
-    except TypeError:  # pandas.NA
+    except (TypeError, ArithmeticError):  # pandas.NA; Decimal's signalling NaN
         return True
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 
@@ -111,9 +111,11 @@ def frame_to_parquet(
     stamp_millis: int | None,
 ) -> tuple[bytes, list[str]]:
     """``frame`` as a Parquet file for the v3 file upload, with ids and times placed as by
-    :func:`encode_frame`; and the ids. Needs polars (the ``dataframes`` extra)."""
+    :func:`encode_frame`; and the ids. Needs polars (the ``dataframes`` extra). The values go
+    as they are, nulls too: a null time stays null, and dicts in a column become a Parquet
+    struct (each row with every key)."""
     check_columns(frame)
-    placed = _placed(frame, info, update, event_ids, stamp_millis)
+    placed = _placed(frame, info, update, event_ids, stamp_millis, as_file=True)
     if placed is None:
         raise EventError(
             "this DataFrame cannot be uploaded as a file (polars is missing, a column holds "
@@ -132,9 +134,13 @@ def _placed(
     update: bool,
     event_ids: list[str] | None,
     stamp_millis: int | None,
+    *,
+    as_file: bool = False,
 ) -> tuple[Any, list[str], Any] | None:
     """The frame in polars with the model's id and time columns placed first, its ids, and
-    the polars module; None to go row by row."""
+    the polars module; None to go row by row. ``as_file``: for a Parquet file, which has no
+    row way: the frame's values go as they are, and an id column that cannot be sent raises
+    EventError."""
     try:
         import polars as pl  # noqa: PLC0415  (an optional extra)
     except ImportError:
@@ -146,7 +152,7 @@ def _placed(
         df = _to_polars(frame, pl)
         if any(isinstance(t, pl.Object | pl.Binary | pl.Duration | pl.Decimal) for t in df.dtypes):
             return None  # the row way refuses the first three, and writes decimals exactly
-        if df is not frame and any("Struct" in str(t) for t in df.dtypes):
+        if not as_file and df is not frame and any("Struct" in str(t) for t in df.dtypes):
             # Python dicts in a pandas column: polars gives every row every key (null where
             # a row's dict lacks it); the row way sends each dict as it is.
             return None
@@ -163,11 +169,14 @@ def _placed(
             id_type = df[id_col].dtype
             if df[id_col].null_count():
                 return None  # a null id is replaced by a generated one, row by row
-            if not (id_type.is_integer() or isinstance(id_type, pl.String | pl.Categorical)):
-                return None  # the row way refuses an id that is not text or an integer
             id_texts = df[id_col].cast(pl.String)
-            if (id_texts == "").any():
-                return None  # and an empty one
+            text_or_integer = id_type.is_integer() or isinstance(
+                id_type, pl.String | pl.Categorical
+            )
+            if not text_or_integer or (id_texts == "").any():
+                if as_file:
+                    _refuse_id_column(id_col, id_type)
+                return None  # the row way refuses each such id by its row
             ids = id_texts.to_list()
         elif update:
             return None  # an update needs an id: the row way says so for each
@@ -179,13 +188,21 @@ def _placed(
             if ts_col not in df.columns:
                 stamp = orjson.loads(info.timestamp_json(stamp_millis))
                 first.append(pl.lit(stamp).alias(ts_col))
-            elif df[ts_col].null_count():
+            elif df[ts_col].null_count() and not as_file:
                 return None  # a null time is replaced by the publish time, row by row
         if first:
             df = df.select(*first, *(pl.col(name) for name in df.columns))
+    except EventError:
+        raise
     except Exception:  # e.g. pandas columns of mixed Python objects (polars, pyarrow errors)
         return None
     return df, ids, pl
+
+
+def _refuse_id_column(id_col: str, id_type: Any) -> NoReturn:
+    raise EventError(
+        f"the id column {id_col!r} must hold text or integers, none of them empty, not {id_type}"
+    )
 
 
 def _datetime_text(pl: Any, name: str, *, aware: bool) -> Any:

@@ -1096,7 +1096,9 @@ class AsyncPublisher:
         elif parts is None:
             stamp = b""
         elif ts_col in event:
-            if is_null(event[ts_col]):
+            own_time = event[ts_col]
+            kind = type(own_time)
+            if own_time is None or (kind is not int and kind is not str and is_null(own_time)):
                 return None  # the publish time takes the place of a null: the long way
             stamp = b""
         else:

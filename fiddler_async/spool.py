@@ -149,14 +149,16 @@ class Spool:
             self.used_bytes += len(data)
             self._counter += 1
             name = f"{time.time_ns():023d}-{os.getpid()}-{self._counter:06d}{SUFFIX}"
+            # Known as ours before it is on disk: a replay may send it before this returns.
+            self.written_here.add(name)
         path = self.directory / name
         try:
             self._write_atomically(path, data)
         except BaseException:
             with self._lock:
                 self.used_bytes -= len(data)
+                self.written_here.discard(name)
             raise
-        self.written_here.add(name)
         return path
 
     def rewrite(self, path: Path, key: SpoolKey, items: Sequence[Item]) -> None:

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import concurrent.futures.thread  # noqa: F401  (registers its exit hook before ours)
+import concurrent.futures
+import concurrent.futures.thread  # registers its exit hook before ours
 import contextlib
 import os
 import threading
@@ -76,7 +77,7 @@ _register_exit_close()
 
 def _after_fork_in_child() -> None:
     for publisher in list(_open_publishers):
-        publisher._lock = threading.Lock()  # another thread may have held it at the fork
+        publisher._lock = threading.RLock()  # another thread may have held it at the fork
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -118,9 +119,11 @@ class _LoopThread:
             raise failure[0]
 
     def stop(self) -> None:
+        """End the loop; calls other threads still wait for in it (a lookup, a flush) are
+        cancelled: their callers get PublisherClosedError."""
         if self.portal is not None:
             with contextlib.suppress(RuntimeError):  # the loop has already ended
-                self.portal.call(self.portal.stop)
+                self.portal.call(self.portal.stop, True)
         self.thread.join(5.0)
 
 
@@ -155,11 +158,18 @@ class Publisher:
         )
         self._backend = backend
         self._exit_timeout = exit_timeout
-        self._lock = threading.Lock()
+        # Serialises the publishing threads and close(). Reentrant: a signal handler that
+        # closes the publisher may interrupt this thread inside a publish. The loop's thread
+        # never takes it (see _drain).
+        self._lock = threading.RLock()
         self._handoff: deque[tuple[Lane, bytes, Fixup | None]] = deque()
-        self._handoff_bytes = 0
+        # Counted in and out apart, each by one side only (publishers under the lock, the
+        # loop in _drain), so that no update of either is lost without a shared lock.
+        self._handoff_bytes_in = 0
+        self._handoff_bytes_out = 0
         self._handoff_dropped = 0
-        """Events the hand-off itself dropped (it was full): settled by the next drain."""
+        """Events the hand-off itself dropped (it was full); _drain counts them settled."""
+        self._handoff_dropped_settled = 0
         self._drain_scheduled = False
         self._closing: threading.Event | None = None
         self._close_result = FlushResult()
@@ -229,19 +239,30 @@ class Publisher:
                 f"{getattr(fn, '__name__', fn)}() waits on the publisher's own thread, where "
                 "this code runs (an on_error callback?): it would wait for itself"
             )
-        return self._portal().call(run)
+        try:
+            return self._portal().call(run)
+        except concurrent.futures.CancelledError:  # the publisher closed while it waited
+            raise PublisherClosedError("the publisher closed") from None
 
     def _drain(self) -> None:
-        """On the loop's thread: move the handed-off events into the queue, in order."""
-        with self._lock:
-            self._drain_scheduled = False
-            handed, self._handoff = self._handoff, deque()
-            self._handoff_bytes = 0
-            dropped, self._handoff_dropped = self._handoff_dropped, 0
-        offer = self._publisher._offer_prepared
-        for prepared in handed:
+        """On the loop's thread: move the handed-off events into the queue, in order.
+
+        It takes no lock: a publishing thread may hold it, interrupted by a signal handler
+        that closes the publisher and waits for this. The flag goes down before the taking:
+        a publisher that adds an event after the last one taken sees it down and schedules
+        another drain."""
+        self._drain_scheduled = False
+        handoff, offer = self._handoff, self._publisher._offer_prepared
+        while True:
+            try:
+                prepared = handoff.popleft()  # atomic, as the publishers' appends are
+            except IndexError:
+                break
+            self._handoff_bytes_out += len(prepared[1])
             offer(*prepared)
+        dropped = self._handoff_dropped - self._handoff_dropped_settled
         if dropped:
+            self._handoff_dropped_settled += dropped
             self._publisher._count_dropped(dropped, "queue_full")
 
     def _restart_in_child(self) -> None:
@@ -251,6 +272,8 @@ class Publisher:
                 return
             self._pid = os.getpid()
             self._handoff.clear()  # the parent's, and the parent sends them
+            self._handoff_bytes_in = self._handoff_bytes_out = 0
+            self._handoff_dropped = self._handoff_dropped_settled = 0
             self._drain_scheduled = False
             if self._closed:
                 return
@@ -346,9 +369,17 @@ class Publisher:
 
     def stats(self) -> StatsSnapshot:
         """A snapshot of the counters (taken on the loop's thread, so it adds up)."""
-        if self._closed:
-            return self._publisher.stats()
-        return self._call(self._publisher.stats)
+        closing = self._closing
+        if closing is None:
+            return self._call(self._publisher.stats)
+        loop = self._loop
+        if not closing.is_set() and loop is not None and loop.portal is not None:
+            # Closing: the loop is still changing the counters.
+            with contextlib.suppress(RuntimeError):  # it ended meanwhile
+                if self._on_loop_thread():
+                    return self._publisher.stats()
+                return loop.portal.call(self._publisher.stats)
+        return self._publisher.stats()
 
     def _hand_off(self, prepared: tuple[Lane, bytes, Fixup | None]) -> None:
         """Under the lock: append for the loop. The hand-off has the queue's bounds: while the
@@ -359,14 +390,16 @@ class Publisher:
         size = len(prepared[1])
         if (
             len(handoff) >= config.max_queue_events
-            or self._handoff_bytes + size > config.max_queue_bytes
+            or self._handoff_bytes_in - self._handoff_bytes_out + size > config.max_queue_bytes
         ):
-            self._handoff_dropped += 1
-            if config.overflow == "drop_newest" or not handoff:
+            if config.overflow == "drop_newest":
+                self._handoff_dropped += 1
                 return
-            self._handoff_bytes -= len(handoff.popleft()[1])
+            with contextlib.suppress(IndexError):  # the loop may have taken it meanwhile
+                self._handoff_bytes_in -= len(handoff.popleft()[1])
+                self._handoff_dropped += 1
         handoff.append(prepared)
-        self._handoff_bytes += size
+        self._handoff_bytes_in += size
 
     def close(self, timeout: float | None = None) -> FlushResult:
         """Send what is queued (at most ``timeout`` seconds; default ``config.close_timeout``),
@@ -385,8 +418,9 @@ class Publisher:
                 self._closing = closing = threading.Event()
                 self._closed = True
         if not first:
-            closing.wait(timeout)
-            return self._close_result
+            if closing.wait(timeout):
+                return self._close_result
+            return FlushResult(pending=self.stats().pending)  # still closing, as aclose says
         _open_publishers.discard(self)
         loop = self._loop
         try:

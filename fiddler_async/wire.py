@@ -560,7 +560,7 @@ class FiddlerV3Exporter:
         # so a batch can outgrow the byte limit here: then it goes out as several requests.
         for start, end in _split_by_bytes(bodies, self._max_batch_bytes):
             count = end - start
-            budget = [4.0 * math.ceil(math.log2(count)) + 4] if count > 1 else [0.0]
+            budget = [4 * math.ceil(math.log2(count)) + 4] if count > 1 else [0]
             failed.extend(
                 await self._send_isolating(info, dest, ready[start:end], bodies[start:end], budget)
             )
@@ -572,18 +572,19 @@ class FiddlerV3Exporter:
         dest: Destination,
         items: list[Item],
         bodies: list[bytes],
-        budget: list[float],
+        budget: list[int],
     ) -> list[tuple[Item, Exception]]:
         """Send ``items`` (encoded as ``bodies``); if the server refuses them as a whole for
         what they hold (400, 413, 422), send each half on its own, down to the events it
         refuses, so that one bad event does not sink the others. Returns the events not
         delivered, with their errors.
 
-        ``budget`` bounds the extra requests per batch while no half has been delivered: about
-        4 per halving level. A refusal that is about the whole request, not some events,
-        delivers no half and so stops after a few dozen requests instead of sending every event
-        alone. Once a half is delivered, the refusals are about events: the split then goes on
-        until each refused one is found (at most two requests per event)."""
+        ``budget`` bounds the extra requests per batch: about 4 per halving level to start
+        with, and 2 more for each event delivered (a delivered half shows the refusals are
+        about some events). So a few bad events among many are each found, whatever their
+        number, and no good event fails with them; while a refusal of the whole request, or of
+        nearly every event, stops after a few dozen requests instead of sending each event
+        alone."""
         try:
             await self._send(info, dest, bodies)
         except Exception as exc:  # one chunk's failure leaves the others delivered
@@ -599,7 +600,7 @@ class FiddlerV3Exporter:
             mid = len(items) // 2
             first = await self._send_isolating(info, dest, items[:mid], bodies[:mid], budget)
             return first + await self._send_isolating(info, dest, items[mid:], bodies[mid:], budget)
-        budget[0] = math.inf
+        budget[0] += 2 * len(items)
         return []
 
     async def _send(self, info: ModelInfo, dest: Destination, bodies: list[bytes]) -> None:

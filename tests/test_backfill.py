@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fiddler_async import ConnectError, FileJobError
+from fiddler_async import ConnectError, EventError, FileJobError
 from fiddler_async.emulator import Emulator
 
 from .conftest import bank_event, loopback_publisher, publishes
@@ -41,6 +41,26 @@ async def test_a_dataframe_backfill_goes_as_one_file(fiddler: Emulator) -> None:
     paths = [(r["method"], r["path"]) for r in fiddler.requests()]
     assert ("POST", "/v3/files/upload") in paths
     assert len(publishes(fiddler)) == 2  # the insert and the update: one request each
+
+
+async def test_a_frame_file_carries_its_values_as_they_are(fiddler: Emulator) -> None:
+    """A file has no row way: null times stay null and dicts become structs, as Parquet
+    carries them; an id column that cannot be sent is refused, naming it."""
+    frame = pd.DataFrame(
+        [
+            {**bank_event(0), "event_id": "f0", "timestamp": None, "extra": {"a": 1}},
+            {**bank_event(1), "event_id": "f1", "timestamp": 1700000000000, "extra": {"b": 2}},
+        ]
+    )
+    floats = pd.DataFrame({"event_id": [1.0, 2.0], "age": [1, 2]})
+    async with loopback_publisher(fiddler) as pub:
+        job = await pub.publish_file("bank_churn", "bank_churn", frame)
+        with pytest.raises(EventError, match="the id column 'event_id'"):
+            await pub.publish_file("bank_churn", "bank_churn", floats)
+    assert (job.status, job.event_ids) == ("SUCCESS", ("f0", "f1"))
+    stored = {e["event_id"]: e for e in fiddler.events()}
+    assert stored["f0"]["timestamp"] is None
+    assert stored["f1"]["extra"] == {"a": None, "b": 2}
 
 
 async def test_a_csv_file_is_sent_as_it_is(fiddler: Emulator) -> None:

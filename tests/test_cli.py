@@ -6,6 +6,7 @@ import json
 import os
 import select
 import socket
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fiddler_async.emulator import Emulator, emulator_process
+from fiddler_async.emulator import Emulator, Store, emulator_process
 
 from .in_process import TOKEN
 
@@ -146,10 +147,11 @@ def test_parquet(tmp_path: Path, fiddler: Emulator) -> None:
     update = cli("publish", str(path), "--project", "bank_churn", "--model", "bank_churn",
                  "--update", *to(fiddler))  # fmt: skip
     assert update.returncode == 0, update.stderr
-    assert fiddler.events() == [
+    assert fiddler.pending_updates() == [  # updates of events never sent: not events
         {"event_id": "p1", "age": 30, "balance": 1.0},
         {"event_id": "p2", "age": None, "balance": 2.5},
     ]
+    assert fiddler.events() == []
 
 
 @pytest.fixture
@@ -208,7 +210,7 @@ def test_updates_need_ids(tmp_path: Path, fiddler: Emulator) -> None:
     done = cli("publish", str(rows), "--project", "bank_churn", "--model", "bank_churn",
                "--update", *to(fiddler))  # fmt: skip
     assert "line 2, column 'event_id': an update needs an event id" in done.stderr
-    assert fiddler.events() == [{"event_id": "e2", "churn": "no"}]
+    assert fiddler.pending_updates() == [{"event_id": "e2", "churn": "no"}]
     no_id = cli("publish", str(rows), "--project", "p", "--model", "noid", "--update", *to(fiddler))
     assert no_id.returncode == 2
     assert "model 'noid' has no event id column" in no_id.stderr
@@ -223,6 +225,25 @@ def test_unreadable_inputs_stop_with_a_message(tmp_path: Path, fiddler: Emulator
     not_db.write_text("hello")
     shown = cli("inspect", "--db", str(not_db))
     assert (shown.returncode, "is not an emulator database" in shown.stderr) == (2, True)
+    served = cli("serve", "--db", str(not_db), "--port", "0")
+    assert (served.returncode, "is not an emulator database" in served.stderr) == (2, True)
+    other = tmp_path / "other.db"  # somebody's SQLite: looked at, left as it was
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE t (x)")
+    before = other.read_bytes()
+    looked = cli("inspect", "--db", str(other))
+    assert (looked.returncode, "is not an emulator database" in looked.stderr) == (2, True)
+    assert other.read_bytes() == before
+    emulator_db = tmp_path / "emulator.db"
+    Store(str(emulator_db)).close()
+    mistyped = cli("inspect", "--db", str(emulator_db), "--model", "typo")
+    assert (mistyped.returncode, "no model bank_churn/typo" in mistyped.stderr) == (2, True)
+    unanswered = cli(
+        "publish", str(EXAMPLE), "--project", "p", "--model", "m",
+        "--url", "http://127.0.0.1:1", "--token", "t", "--timeout", "1",
+    )  # fmt: skip
+    assert unanswered.returncode == 2
+    assert "cannot use http://127.0.0.1:1: no answer in 1 s" in unanswered.stderr
     nowhere = cli(
         "publish", str(EXAMPLE), "--project", "p", "--model", "m", "--db", "/nonexistent/x.db"
     )
@@ -230,7 +251,7 @@ def test_unreadable_inputs_stop_with_a_message(tmp_path: Path, fiddler: Emulator
         2,
         True,
     )
-    for finished in (done, shown, nowhere):
+    for finished in (done, shown, nowhere, served, looked, mistyped, unanswered):
         assert "Traceback" not in finished.stderr
 
 

@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import json
 import logging
+import math
 import socket
 import time
 import uuid
@@ -18,7 +19,8 @@ import httpx
 import pytest
 
 from fiddler_async import AsyncPublisher
-from fiddler_async.emulator import Emulator, emulator, load_catalog, running_emulator
+from fiddler_async.emulator import Emulator, Faults, emulator, load_catalog, running_emulator
+from fiddler_async.emulator import app as app_module
 from fiddler_async.emulator.server import ListenError, _listeners, serve_forever
 
 from .in_process import MODELS, TOKEN
@@ -133,7 +135,11 @@ def test_publishing_validates_and_stores(client: httpx.Client, fiddler: Emulator
 def test_updates_merge_and_duplicates_are_counted(client: httpx.Client, fiddler: Emulator) -> None:
     model_id = fiddler.model().id
     publish(client, model_id, [{"event_id": "late", "churn": "yes"}], method="PATCH")
+    # An update of no event yet is kept, but is no event: it cannot stand in for a lost insert.
+    assert (fiddler.count(), fiddler.events()) == (0, [])
+    assert fiddler.pending_updates() == [{"event_id": "late", "churn": "yes"}]
     publish(client, model_id, [{"event_id": "a", "age": 40}, {"event_id": "late", "age": 50}])
+    assert fiddler.pending_updates() == []
     publish(client, model_id, [{"event_id": "a", "churn": "no"}], method="PATCH")
     publish(client, model_id, [{"event_id": "a", "age": 40}])  # a duplicate insert
     assert fiddler.events() == [
@@ -307,10 +313,63 @@ def test_updates_and_duplicates_keep_to_their_environment(
 
 
 def test_faults_are_checked_before_any_applies(client: httpx.Client, fiddler: Emulator) -> None:
-    for bad in ({"script": "503"}, {"script": ["200"]}, {"error_503": 1.5}, {"latency": -1}):
+    for bad in (
+        {"script": "503"},
+        {"script": ["200"]},
+        {"error_503": 1.5},
+        {"latency": -1},
+        {"latency": "nan"},
+    ):
         answer = client.put("/_emulator/faults", json={"error_429": 0.5, **bad})
         assert answer.status_code == 400, bad
     assert client.get("/_emulator/faults").json()["error_429"] == 0
+    # Faults made directly (and the serve command's flags) are checked alike.
+    for bad in ({"error_503": 7.0}, {"retry_after": -3.0}, {"latency": math.inf}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            Faults(**bad)
+
+
+def test_a_dropped_connection_sends_nothing(fiddler: Emulator) -> None:
+    """Not even a status line: a client reading only the status would take it for success."""
+    fiddler.set_faults(script=["drop"])
+    body = json.dumps(
+        {"source": {"type": "EVENTS", "events": [{"age": 1}]}, "model_id": fiddler.model().id}
+    ).encode()
+    host, port = httpx.URL(fiddler.url).host, httpx.URL(fiddler.url).port
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v3/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {TOKEN}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    assert received == b""
+    assert fiddler.count() == 0
+
+
+def test_bodies_env_names_and_files_are_checked(
+    client: httpx.Client, fiddler: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model_id = fiddler.model().id
+    # The body limit holds for a chunked body too (its length is not announced).
+    fiddler.set_faults(max_body_bytes=1000)
+    events = [{"event_id": f"c{i}", "age": i} for i in range(100)]
+    payload = {"source": {"type": "EVENTS", "events": events}, "model_id": model_id}
+    chunked = client.post("/v3/events", content=iter([json.dumps(payload).encode()]))
+    assert chunked.status_code == 413
+    fiddler.set_faults(max_body_bytes=0)
+    # env_name: text or null; a production event's is not a separate environment.
+    assert publish(client, model_id, [{"age": 1}], env_name={"x": 1}).status_code == 400
+    assert publish(client, model_id, [{"event_id": "n", "age": 1}], env_name="prod").is_success
+    publish(client, model_id, [{"event_id": "n", "churn": "yes"}], method="PATCH")
+    assert fiddler.events() == [{"event_id": "n", "age": 1, "churn": "yes"}]
+    # A file Fiddler takes only in parts is refused, not kept.
+    monkeypatch.setattr(app_module, "MAX_UPLOAD_BYTES", 100)
+    upload = client.post("/v3/files/upload", files={"file": ("big.csv", b"a,b\n" * 40)})
+    assert upload.status_code == 413
+    assert "multipart-init" in upload.json()["error"]["message"]
 
 
 def test_a_lost_answer_is_stored_and_retried_into_a_duplicate(fiddler: Emulator) -> None:

@@ -78,6 +78,20 @@ async def test_a_refusal_of_the_whole_request_is_not_split_forever(
     assert len(inproc.event_requests()) <= 1 + 4 * 10 + 4
 
 
+async def test_a_batch_nearly_all_refused_is_not_sent_event_by_event(
+    inproc: InProcessFiddler,
+) -> None:
+    """999 of 1000 events refused (a schema change the events do not follow): the one good
+    half found does not open the way to two requests for every bad event."""
+    events = [{**bank_event(i), "age": "forty"} for i in range(1000)]
+    events[500] = bank_event(500)
+    async with mock_publisher(inproc) as pub:
+        await pub.publish_events_batch("bank_churn", "bank_churn", events)
+        result = await pub.flush(10)
+    assert result.failed >= 999
+    assert len(inproc.event_requests()) <= 1 + 4 * 10 + 4 + 2 * 1 * 10
+
+
 async def test_other_errors_are_not_split(inproc: InProcessFiddler) -> None:
     inproc.state.faults.update({"script": ["401"]})
     async with mock_publisher(inproc) as pub:

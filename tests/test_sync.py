@@ -4,6 +4,8 @@ loop thread of its own (asyncio or trio); a bounded flush at interpreter exit; s
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -218,3 +220,102 @@ def test_a_busy_loop_keeps_the_hand_off_bounded(fiddler: Emulator, backend: str)
     assert stats.accepted == 5001
     assert stats.dropped["queue_full"] > 0
     assert stats.accepted == stats.delivered + stats.failed + stats.dropped_total
+
+
+SIGNAL_CHILD = """
+import signal, sys
+from fiddler_async import Publisher
+url, token = sys.argv[1], sys.argv[2]
+for run in range(5):
+    pub = Publisher(url, token)
+    def on_alarm(signum, frame, pub=pub):
+        raise SystemExit(pub.close(10))
+    signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, 0.2 + 0.05 * run)
+    published = 0
+    try:
+        while True:  # the handler interrupts this thread, maybe inside a publish
+            pub.publish_event("bank_churn", "bank_churn", {"customer_id": "c", "age": 1})
+            published += 1
+    except SystemExit as closed:
+        result = closed.code
+        print(published, result.complete and not (result.failed or result.dropped), flush=True)
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs signal.setitimer")
+def test_a_signal_handler_may_close_while_its_thread_publishes(fiddler: Emulator) -> None:
+    """The usual shutdown hook: the handler runs on the publishing thread, perhaps inside
+    publish_event. Closing there must not wait for what that interrupted call holds."""
+    child = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(SIGNAL_CHILD), fiddler.url, TOKEN],
+        capture_output=True,
+        text=True,
+        timeout=120,  # a deadlock fails here
+        check=False,
+    )
+    assert child.returncode == 0, child.stderr
+    runs = [line.split() for line in child.stdout.splitlines()]
+    assert [closed_whole for _, closed_whole in runs] == ["True"] * 5
+    # Every event published before the signal arrived was delivered, and perhaps the one it
+    # interrupted (queued before its id was returned).
+    published = sum(int(count) for count, _ in runs)
+    assert published <= fiddler.count() <= published + 5
+
+
+def test_stats_add_up_while_closing_and_a_late_close_says_what_is_pending(
+    fiddler: Emulator, backend: str
+) -> None:
+    pub = sync_publisher(fiddler, backend, linger=3600, max_batch_events=50)
+    for i in range(100):
+        pub.publish_event("bank_churn", "bank_churn", bank_event(i))
+    fiddler.set_faults(script=["hang"])  # the close's first request never gets an answer
+    closing = threading.Thread(target=pub.close, args=(2.0,))
+    closing.start()
+    while pub._closing is None:  # the first close has begun
+        time.sleep(0.001)
+    late = pub.close(0.2)  # gives up before the first
+    snapshots = [pub.stats() for _ in range(50)]
+    closing.join(30)
+    assert late.pending > 0
+    assert not late.complete
+    for s in snapshots:
+        assert s.accepted == s.delivered + s.failed + s.spooled + s.dropped_total + s.pending
+
+
+def test_closing_cancels_calls_other_threads_wait_for(backend: str) -> None:
+    """A lookup waiting on a server that never answers: close() ends it (the caller hears
+    PublisherClosedError) and stops the loop's thread, rather than leave both running."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    asked = threading.Event()
+    held: list[socket.socket] = []
+
+    def take_and_never_answer() -> None:
+        connection, _ = silent.accept()
+        held.append(connection)
+        connection.recv(65536)  # the lookup's request arrived
+        asked.set()
+
+    threading.Thread(target=take_and_never_answer, daemon=True).start()
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    pub = Publisher(url, TOKEN, config=config(request_timeout=30), backend=backend)  # type: ignore[arg-type]
+    outcome: list[BaseException] = []
+
+    def look_up() -> None:
+        try:
+            pub.resolve("bank_churn", "bank_churn")
+        except BaseException as exc:  # what the caller hears is the point
+            outcome.append(exc)
+
+    waiting = threading.Thread(target=look_up)
+    waiting.start()
+    assert asked.wait(30)
+    pub.close(1)
+    stopped = not any(t.name == "fiddler_async" and t.is_alive() for t in threading.enumerate())
+    waiting.join(60)
+    for sock in (*held, silent):
+        sock.close()
+    assert stopped  # when close() returned
+    assert [type(e) for e in outcome] == [PublisherClosedError]

@@ -451,6 +451,38 @@ async def test_an_undecodable_success_body_still_counts_as_delivered(
     assert len(inproc.stored()) == 1
 
 
+# httpx leaves its reading generators unfinished when decoding fails, and trio warns when
+# the collector finds them: that is httpx's, and this test is about what the publisher does.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_an_undecodable_error_body_is_the_error_of_its_status(
+    inproc: InProcessFiddler,
+) -> None:
+    """A refusal whose body cannot be decoded is still a refusal: not retried as a dropped
+    connection, and reported with the error of its status."""
+    transport = inproc.transport()
+    sent: list[str] = []
+
+    async def refuse_garbled(request: httpx.Request) -> httpx.Response:
+        if request.url.path != "/v3/events":
+            return await transport.handle_async_request(request)
+        sent.append(request.method)
+        headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+        return httpx.Response(401, headers=headers, stream=httpx.ByteStream(b"not gzip"))
+
+    failures: list[DeliveryFailure] = []
+    async with fiddler_async.AsyncPublisher(
+        "https://fiddler.test",
+        "test-token",
+        config=fiddler_async.PublisherConfig(retry_backoff_initial=0.01),
+        transport=httpx.MockTransport(refuse_garbled),
+        on_error=failures.append,
+    ) as pub:
+        pub.publish_event_nowait("bank_churn", "bank_churn", bank_event())
+        result = await pub.flush(5)
+    assert (result.delivered, result.failed, len(sent)) == (0, 1, 1)
+    assert isinstance(failures[0].error, AuthenticationError)
+
+
 async def test_an_impossible_timestamp_is_refused_at_the_caller(inproc: InProcessFiddler) -> None:
     async with mock_publisher(inproc) as pub:
         await pub.resolve("p", "m")  # strftime format: a year 10000 would not format

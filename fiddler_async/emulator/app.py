@@ -39,6 +39,8 @@ __all__ = ["EmulatorState", "create_app"]
 
 SERVER_VERSION = "25.2.0"
 MAX_EVENTS = 1000
+MAX_UPLOAD_BYTES = 100 * 1024 * 1024
+"""Fiddler takes a file under 100 MB in one upload; larger ones go in parts (not emulated)."""
 
 
 @dataclass
@@ -310,6 +312,10 @@ class _Api:
         )
         if env_type not in ENV_TYPES:
             return error(400, f"env_type must be one of {list(ENV_TYPES)}")
+        if env_name is not None and not isinstance(env_name, str):
+            return error(400, f"env_name must be a string or null, got {type(env_name).__name__}")
+        if env_type == "PRODUCTION":
+            env_name = None  # one production environment a model, whatever a client names
         if env_type == "PRE_PRODUCTION" and not env_name:
             return error(400, "env_name (the dataset name) is required for PRE_PRODUCTION")
         if update and not model.event_id_col:
@@ -380,7 +386,14 @@ class _Api:
             if upload is None or isinstance(upload, str):
                 return error(400, "multipart field 'file' is required")
             name = upload.filename or "upload.csv"
-            file_id = self.store.add_file(name, await upload.read())
+            content = await upload.read()
+            if len(content) >= MAX_UPLOAD_BYTES:
+                return error(
+                    413,
+                    f"a file of {len(content)} bytes is sent in parts "
+                    "(/v3/files/multipart-init), which the emulator does not serve",
+                )
+            file_id = self.store.add_file(name, content)
         now = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
         return ok(
             {
@@ -421,6 +434,7 @@ class _Api:
                     "events": store.count(m.id),
                     "distinct_ids": None if store.count_only else store.distinct_ids(m.id),
                     "duplicates": sum(n - 1 for n in duplicates.values()),
+                    "pending_updates": store.pending_updates(m.id),
                 }
             )
         return JSONResponse(
@@ -428,6 +442,7 @@ class _Api:
                 "models": models,
                 "events": store.count(),
                 "early_updates": store.early_updates_seen,
+                "pending_updates": store.pending_updates(),
                 "db": store.path,
                 "peers": dict(self.state.peer_events),
             }
@@ -560,10 +575,16 @@ class _Gate:
             if faults.in_outage():
                 await respond(error(503, "emulated outage", retry_after=faults.retry_after))
                 return
-            length = int(headers.get("content-length") or 0)
-            if faults.max_body_bytes and length > faults.max_body_bytes:
-                await respond(error(413, f"body of {length} bytes exceeds {faults.max_body_bytes}"))
-                return
+            if faults.max_body_bytes:
+                if "content-length" in headers:
+                    length = int(headers["content-length"])
+                else:  # a chunked body: its length is known once it is read
+                    length, receive = await _read_ahead(receive)
+                if length > faults.max_body_bytes:
+                    await respond(
+                        error(413, f"body of {length} bytes exceeds {faults.max_body_bytes}")
+                    )
+                    return
             if path == "/v3/events" and method in ("POST", "PATCH"):
                 kind, status = faults.decide_publish()
                 if kind == "status":
@@ -578,8 +599,7 @@ class _Gate:
                     await self.app(scope, receive, _discard)
                 if kind in ("drop", "lose"):
                     entry["status"] = kind
-                    start = {"type": "http.response.start", "status": 200}
-                    await send({**start, "headers": [(b"content-length", b"64")]})
+                    await _drop(send)
                     raise DroppedConnection("emulated dropped connection")
 
         async def send_logged(message: Message) -> None:
@@ -592,6 +612,42 @@ class _Gate:
 
 async def _discard(message: Message) -> None:
     pass
+
+
+async def _read_ahead(receive: Receive) -> tuple[int, Receive]:
+    """Read a request's whole body; its length, and a ``receive`` that gives it again."""
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # the client went away
+            return 0, receive
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    body = b"".join(chunks)
+    given = False
+
+    async def again() -> Message:
+        nonlocal given
+        if given:
+            return await receive()
+        given = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return len(body), again
+
+
+async def _drop(send: Send) -> None:
+    """Close the connection without an answer: by the server's transport where it has one
+    (uvicorn's ``send`` is a method of its request cycle, which holds it), as anything sent
+    first, even a status line, is an answer to a client that reads only the status. Without
+    one (in process, under httpx), a status line promising a body that never comes."""
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    if transport is not None:
+        transport.close()
+        return
+    start = {"type": "http.response.start", "status": 200}
+    await send({**start, "headers": [(b"content-length", b"64")]})
 
 
 async def _hang(state: EmulatorState) -> None:

@@ -11,6 +11,7 @@ connection without an answer: the client cannot know, and a retry makes duplicat
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -49,6 +50,11 @@ class Faults:
     _rng: random.Random = field(default_factory=random.Random, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        # The same checks as a change through the admin API (the serve command's flags too).
+        known = {f.name for f in fields(self) if not f.name.startswith("_")}
+        for f in fields(self):
+            if not f.name.startswith("_"):
+                setattr(self, f.name, _parse(f.name, getattr(self, f.name), known))
         self._rng = random.Random(self.seed)
 
     def update(self, changes: Any) -> None:
@@ -109,6 +115,8 @@ def _parse(key: str, value: Any, known: set[str]) -> Any:
     if key == "seed":
         return None if value is None else int(value)
     number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{key} must be a finite number, got {value!r}")
     if key in _FRACTIONS and not 0 <= number <= 1:
         raise ValueError(f"{key} is a fraction from 0 to 1, not {value!r}")
     if number < 0:

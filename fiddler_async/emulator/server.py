@@ -90,6 +90,13 @@ class Emulator:
     def duplicates(self, project: str = "bank_churn", model: str = "bank_churn") -> dict[str, int]:
         return self.state.store.duplicates(self.model(project, model).id)
 
+    def pending_updates(
+        self, project: str = "bank_churn", model: str = "bank_churn"
+    ) -> list[dict[str, Any]]:
+        """Updates of no stored event yet (not events: :meth:`events` leaves them out), kept
+        to be merged into the event with their id when it comes."""
+        return self.state.store.pending(self.model(project, model).id)
+
     def early_updates(self) -> int:
         """Updates that arrived before the event they update (merged once it came)."""
         return self.state.store.early_updates_seen

@@ -4,7 +4,9 @@ A restart on the same file keeps every event. An update (``PATCH``) merges its c
 stored events with the same id (by the model's event id column). An update whose id matches no
 stored event yet is kept as a row of its own, and the insert that comes later with that id is
 merged into it (the update's columns win), so nothing sent is lost and arrival order does not
-create duplicates. Only two inserts with the same id make a duplicate. Uploaded files and
+create duplicates. Until then it is a pending update, not an event: the counts and listings of
+events leave it out (an update cannot stand in for a lost insert). Only two inserts with the
+same id make a duplicate. Uploaded files and
 publish jobs are kept here too. One connection, guarded by a lock: the server thread writes and
 a test or the CLI may read at the same time.
 """
@@ -18,6 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -60,16 +63,24 @@ CREATE TABLE IF NOT EXISTS jobs (
 
 
 class Store:
-    def __init__(self, path: str = ":memory:", *, count_only: bool = False) -> None:
+    def __init__(
+        self, path: str = ":memory:", *, count_only: bool = False, read_only: bool = False
+    ) -> None:
+        """``read_only``: only to look (``fiddler-async inspect``): a file that is not an
+        emulator's is left as it was, and raises ``sqlite3.Error`` at the first query."""
         self.path = path
         self.count_only = count_only
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute(
-            "PRAGMA journal_mode=WAL" if path != ":memory:" else "PRAGMA journal_mode=MEMORY"
-        )
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        if read_only:
+            uri = f"{Path(path).resolve().as_uri()}?mode=ro"
+            self._db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        else:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute(
+                "PRAGMA journal_mode=WAL" if path != ":memory:" else "PRAGMA journal_mode=MEMORY"
+            )
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
         self._counts: dict[str, int] = {}
         (self._early_updates,) = self._db.execute(
             "SELECT COUNT(*) FROM events WHERE origin = 'update'"
@@ -190,23 +201,40 @@ class Store:
         return len(unmatched)
 
     def count(self, model_id: str | None = None) -> int:
+        """Events stored (pending updates are not events yet)."""
         with self._lock:
             if self.count_only:
                 return sum(n for m, n in self._counts.items() if model_id in (None, m))
-            if model_id is None:
-                return int(self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0])
-            return int(
-                self._db.execute(
-                    "SELECT COUNT(*) FROM events WHERE model_id = ?", (model_id,)
-                ).fetchone()[0]
-            )
+            return self._count_rows("insert", model_id)
+
+    def pending_updates(self, model_id: str | None = None) -> int:
+        """Updates kept until an event with their id comes."""
+        with self._lock:
+            return 0 if self.count_only else self._count_rows("update", model_id)
+
+    def pending(self, model_id: str) -> list[dict[str, Any]]:
+        """Those updates of the model, in arrival order."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT data FROM events WHERE model_id = ? AND origin = 'update' ORDER BY seq",
+                (model_id,),
+            ).fetchall()
+        return [orjson.loads(data) for (data,) in rows]
+
+    def _count_rows(self, origin: str, model_id: str | None) -> int:
+        query = "SELECT COUNT(*) FROM events WHERE origin = ?"
+        if model_id is None:
+            return int(self._db.execute(query, (origin,)).fetchone()[0])
+        query += " AND model_id = ?"
+        return int(self._db.execute(query, (origin, model_id)).fetchone()[0])
 
     def events(
         self, model_id: str, *, limit: int | None = None, offset: int = 0
     ) -> list[dict[str, Any]]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT data FROM events WHERE model_id = ? ORDER BY seq LIMIT ? OFFSET ?",
+                "SELECT data FROM events WHERE model_id = ? AND origin = 'insert' ORDER BY seq"
+                " LIMIT ? OFFSET ?",
                 (model_id, -1 if limit is None else limit, offset),
             ).fetchall()
         return [orjson.loads(data) for (data,) in rows]
@@ -228,7 +256,9 @@ class Store:
     def distinct_ids(self, model_id: str) -> int:
         with self._lock:
             row = self._db.execute(
-                "SELECT COUNT(DISTINCT event_id) FROM events WHERE model_id = ?", (model_id,)
+                "SELECT COUNT(DISTINCT event_id) FROM events WHERE model_id = ?"
+                " AND origin = 'insert'",
+                (model_id,),
             ).fetchone()
         return int(row[0])
 
