@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -167,6 +168,15 @@ def test_events_survive_a_restart(tmp_path: Path) -> None:
         assert second.events() == [{"event_id": "kept", "age": 3}]
 
 
+def job_when_done(client: httpx.Client, job_id: str) -> dict[str, Any]:
+    """A job runs after its publish request is answered (pending until then), as Fiddler's."""
+    deadline = time.monotonic() + 30
+    while (job := client.get(f"/v3/jobs/{job_id}").json()["data"])["status"] == "PENDING":
+        assert time.monotonic() < deadline, "the job never ended"
+        time.sleep(0.01)
+    return dict(job)
+
+
 def test_file_upload_publish_job(client: httpx.Client, fiddler: Emulator) -> None:
     model_id = fiddler.model().id
     csv = b"event_id,age,balance,geography\nf1,40,10.5,France\nf2,41,,Spain\n"
@@ -181,7 +191,7 @@ def test_file_upload_publish_job(client: httpx.Client, fiddler: Emulator) -> Non
     assert started.status_code == 202
     job = started.json()["data"]
     assert job["source_type"] == "FILE"
-    status = client.get(f"/v3/jobs/{job['job']['id']}").json()["data"]
+    status = job_when_done(client, job["job"]["id"])
     assert (status["status"], status["progress"]) == ("SUCCESS", 100.0)
     assert fiddler.events() == [
         {"event_id": "f1", "age": 40, "balance": 10.5, "geography": "France"},
@@ -193,7 +203,7 @@ def test_file_upload_publish_job(client: httpx.Client, fiddler: Emulator) -> Non
         json={"source": {"type": "FILE", "file_id": bad.json()["data"]["id"]},
               "model_id": model_id, "env_type": "PRODUCTION"},
     ).json()["data"]  # fmt: skip
-    status = client.get(f"/v3/jobs/{failed['job']['id']}").json()["data"]
+    status = job_when_done(client, failed["job"]["id"])
     assert status["status"] == "FAILURE"
     assert "line 2, column 'age'" in status["error_message"]
 
@@ -485,3 +495,29 @@ def test_serve_announces_its_url_only_once_it_listens() -> None:
 
     with pytest.raises(Connected, match=r"^http://127\.0\.0\.1:\d+$"):
         serve_forever(port=0, listening=listening)
+
+
+def test_a_file_job_runs_after_its_answer_and_the_emulator_goes_on_answering(
+    client: httpx.Client, fiddler: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release = threading.Event()
+    read_rows = app_module._file_rows
+
+    def slow_rows(*args: Any) -> Any:
+        assert release.wait(30)
+        return read_rows(*args)
+
+    monkeypatch.setattr(app_module, "_file_rows", slow_rows)
+    upload = client.post("/v3/files/upload", files={"file": ("e.csv", b"event_id,age\nj1,40\n")})
+    started = client.post(
+        "/v3/events",
+        json={"source": {"type": "FILE", "file_id": upload.json()["data"]["id"]},
+              "model_id": fiddler.model().id, "env_type": "PRODUCTION"},
+    )  # fmt: skip
+    job_id = started.json()["data"]["job"]["id"]
+    assert started.status_code == 202
+    assert client.get(f"/v3/jobs/{job_id}").json()["data"]["status"] == "PENDING"
+    assert client.get("/v3/server-info").status_code == 200  # not held by the job
+    release.set()
+    assert job_when_done(client, job_id)["status"] == "SUCCESS"
+    assert fiddler.events() == [{"event_id": "j1", "age": 40}]

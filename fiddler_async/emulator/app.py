@@ -22,6 +22,7 @@ from typing import Any
 import anyio
 import orjson
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -351,20 +352,36 @@ class _Api:
         job: dict[str, Any] = {
             "id": str(uuid.uuid4()),
             "name": "Publish events",
-            "status": "SUCCESS",
-            "progress": 100.0,
+            "status": "PENDING",
+            "progress": 0.0,
             "info": {"model_id": model.id, "env_type": env_type},
         }
-        rows, problems = _file_rows(model, *uploaded)
-        if not problems:
-            problems = validate_events(model, rows, update)
-        if problems:
-            job.update(status="FAILURE", error_message=problems[0], error_reason="ValidationError")
-        else:
-            self._store(model, env_type, env_name, rows, update)
-            job["info"]["events"] = len(rows)
         self.store.save_job(job)
-        return ok({"source_type": "FILE", "job": {"id": job["id"], "name": job["name"]}}, 202)
+
+        def run_job() -> None:
+            try:
+                rows, problems = _file_rows(model, *uploaded)
+                if not problems:
+                    problems = validate_events(model, rows, update)
+                if problems:
+                    job.update(
+                        status="FAILURE", error_message=problems[0], error_reason="ValidationError"
+                    )
+                else:
+                    self._store(model, env_type, env_name, rows, update)
+                    job["info"]["events"] = len(rows)
+                    job.update(status="SUCCESS", progress=100.0)
+            except Exception as exc:  # a job that breaks ends, as a failure, rather than hang
+                job.update(
+                    status="FAILURE", error_message=str(exc), error_reason=type(exc).__name__
+                )
+            self.store.save_job(job)
+
+        answer = ok({"source_type": "FILE", "job": {"id": job["id"], "name": job["name"]}}, 202)
+        # The work after the answer, on a worker thread, as Fiddler runs its jobs apart: the
+        # emulator goes on answering meanwhile, and a client sees the job pending first.
+        answer.background = BackgroundTask(run_job)
+        return answer
 
     def _store(
         self,
