@@ -308,13 +308,20 @@ class Publisher:
                 env_name=env_name,
             )
             if prepared is not None:  # else a new destination: the loop's path sets it up
+                item, event_id = prepared[:3], prepared[3]
                 with self._lock:
                     if not self._closed and os.getpid() == self._pid and self._loop:
-                        self._hand_off(prepared[:3])
-                        if not self._drain_scheduled:
-                            self._drain_scheduled = True
-                            self._loop.call_soon(self._drain)
-                        return prepared[3]
+                        self._hand_off(item)
+                        try:
+                            if not self._drain_scheduled:
+                                self._drain_scheduled = True
+                                self._loop.call_soon(self._drain)
+                        except Exception:  # the loop has ended...
+                            if not self._closed:
+                                raise
+                        if self._closed:  # ...closed by a signal handler that interrupted us
+                            self._closed_meanwhile(item)
+                        return event_id
         kwargs = {
             "event_id": event_id,
             "update_event": update_event,
@@ -372,6 +379,8 @@ class Publisher:
         closing = self._closing
         if closing is None:
             return self._call(self._publisher.stats)
+        if os.getpid() != self._pid:  # forked while closing: the child has no loop to ask
+            return self._publisher.stats()
         loop = self._loop
         if not closing.is_set() and loop is not None and loop.portal is not None:
             # Closing: the loop is still changing the counters.
@@ -380,6 +389,14 @@ class Publisher:
                     return self._publisher.stats()
                 return loop.portal.call(self._publisher.stats)
         return self._publisher.stats()
+
+    def _closed_meanwhile(self, item: tuple[Lane, bytes, Fixup | None]) -> None:
+        """A close on this thread (a signal handler's) ran inside ``publish_event``: if it
+        took the event, the event is published (the loop's end, which makes scheduling the
+        drain fail, is no error of the call); if the event came after it, it never will be."""
+        with contextlib.suppress(ValueError):
+            self._handoff.remove(item)
+            raise PublisherClosedError("the publisher is closed")
 
     def _hand_off(self, prepared: tuple[Lane, bytes, Fixup | None]) -> None:
         """Under the lock: append for the loop. The hand-off has the queue's bounds: while the
@@ -418,6 +435,8 @@ class Publisher:
                 self._closing = closing = threading.Event()
                 self._closed = True
         if not first:
+            if os.getpid() != self._pid:  # forked while the parent closed: nothing of ours
+                return FlushResult()
             if closing.wait(timeout):
                 return self._close_result
             return FlushResult(pending=self.stats().pending)  # still closing, as aclose says

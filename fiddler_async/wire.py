@@ -581,10 +581,11 @@ class FiddlerV3Exporter:
 
         ``budget`` bounds the extra requests per batch: about 4 per halving level to start
         with, and 2 more for each event delivered (a delivered half shows the refusals are
-        about some events). So a few bad events among many are each found, whatever their
-        number, and no good event fails with them; while a refusal of the whole request, or of
-        nearly every event, stops after a few dozen requests instead of sending each event
-        alone."""
+        about some events). So bad events scattered among good ones are found one by one, and
+        few if any good events fail with them (bad events packed at the front of a batch
+        spend the budget before the first half is delivered); while a refusal of the whole
+        request, or of nearly every event, stops after a few dozen requests instead of sending
+        each event alone."""
         try:
             await self._send(info, dest, bodies)
         except Exception as exc:  # one chunk's failure leaves the others delivered

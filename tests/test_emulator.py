@@ -20,7 +20,14 @@ import httpx
 import pytest
 
 from fiddler_async import AsyncPublisher
-from fiddler_async.emulator import Emulator, Faults, emulator, load_catalog, running_emulator
+from fiddler_async.emulator import (
+    Emulator,
+    Faults,
+    Store,
+    emulator,
+    load_catalog,
+    running_emulator,
+)
 from fiddler_async.emulator import app as app_module
 from fiddler_async.emulator.server import ListenError, _listeners, serve_forever
 
@@ -495,6 +502,40 @@ def test_serve_announces_its_url_only_once_it_listens() -> None:
 
     with pytest.raises(Connected, match=r"^http://127\.0\.0\.1:\d+$"):
         serve_forever(port=0, listening=listening)
+
+
+def test_a_file_job_still_running_when_the_emulator_stops_ends_all_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the server's grace for its tasks (2 s), the job's thread goes on: the store waits
+    for it before closing, so the job ends, and is not left pending in the file."""
+    release = threading.Event()
+    read_rows = app_module._file_rows
+
+    def slow_rows(*args: Any) -> Any:
+        assert release.wait(30)
+        return read_rows(*args)
+
+    monkeypatch.setattr(app_module, "_file_rows", slow_rows)
+    db = tmp_path / "jobs.db"
+    with (
+        running_emulator(db=db, token=TOKEN) as fiddler,
+        httpx.Client(base_url=fiddler.url, headers=AUTH) as client,
+    ):
+        upload = client.post("/v3/files/upload", files={"file": ("e.csv", b"event_id,age\nk,4\n")})
+        job_id = client.post(
+            "/v3/events",
+            json={"source": {"type": "FILE", "file_id": upload.json()["data"]["id"]},
+                  "model_id": fiddler.model().id, "env_type": "PRODUCTION"},
+        ).json()["data"]["job"]["id"]  # fmt: skip
+        threading.Timer(2.5, release.set).start()  # the server stops meanwhile
+    store = Store(str(db), read_only=True)
+    try:
+        job = store.job(job_id)
+        assert job is not None
+        assert (job["status"], store.count()) == ("SUCCESS", 1)
+    finally:
+        store.close()
 
 
 def test_a_file_job_runs_after_its_answer_and_the_emulator_goes_on_answering(

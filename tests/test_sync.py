@@ -319,3 +319,40 @@ def test_closing_cancels_calls_other_threads_wait_for(backend: str) -> None:
         sock.close()
     assert stopped  # when close() returned
     assert [type(e) for e in outcome] == [PublisherClosedError]
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_close_inside_a_publish_leaves_that_publish_honest(
+    fiddler: Emulator, backend: str, when: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A signal handler that closes and returns, run while publish_event is inside its hand-off
+    (the signal sent from there): an event the close took is published (its id returned);
+    one that came after it raises PublisherClosedError; either way the books balance."""
+    pub = sync_publisher(fiddler, backend)
+    pub.publish_event("bank_churn", "bank_churn", bank_event(0))  # the route known: fast path
+    pub.flush(10)
+    closed: list[Any] = []
+    previous = signal.signal(signal.SIGUSR1, lambda *_: closed.append(pub.close(5)))
+    hand_off = pub._hand_off
+
+    def interrupted(item: Any) -> None:
+        if when == "before":
+            os.kill(os.getpid(), signal.SIGUSR1)
+        hand_off(item)
+        if when == "after":
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    monkeypatch.setattr(pub, "_hand_off", interrupted)
+    try:
+        if when == "before":
+            with pytest.raises(PublisherClosedError):
+                pub.publish_event("bank_churn", "bank_churn", bank_event(1))
+        else:
+            assert pub.publish_event("bank_churn", "bank_churn", bank_event(1))
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert len(closed) == 1
+    stats = pub.stats()
+    published = 2 if when == "after" else 1
+    assert (stats.accepted, stats.delivered, fiddler.count()) == (published,) * 3
+    assert not pub._handoff

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import threading
 import time
 import uuid
 from collections import deque
@@ -56,6 +57,24 @@ class EmulatorState:
     """Set when the server stops: ends the requests held by a `hang` fault."""
     peer_events: dict[str, int] = field(default_factory=dict)
     """Events received through the benchmark's peer doors (see peers.py), by library."""
+    running_jobs: set[str] = field(default_factory=set)
+    """File jobs answered and not ended yet (they run after their answer)."""
+    jobs_ended: threading.Condition = field(default_factory=threading.Condition)
+
+    def close(self, wait: float = 30.0) -> None:
+        """Close the store once the file jobs still running have ended (at most ``wait``
+        seconds): a job that did not end by then (its task was cancelled before it ran) is
+        saved as failed, not left pending for the next emulator on the same file."""
+        with self.jobs_ended:
+            self.jobs_ended.wait_for(lambda: not self.running_jobs, wait)
+            unfinished, self.running_jobs = self.running_jobs, set()
+        for job_id in unfinished:
+            job = self.store.job(job_id)
+            if job is not None and job["status"] == "PENDING":
+                reason = {"error_reason": "EmulatorStopped", "status": "FAILURE"}
+                message = "the emulator stopped before this job ran"
+                self.store.save_job({**job, **reason, "error_message": message})
+        self.store.close()
 
 
 class BadRequest(Exception):
@@ -357,6 +376,9 @@ class _Api:
             "info": {"model_id": model.id, "env_type": env_type},
         }
         self.store.save_job(job)
+        state = self.state
+        with state.jobs_ended:
+            state.running_jobs.add(job["id"])
 
         def run_job() -> None:
             try:
@@ -375,7 +397,11 @@ class _Api:
                 job.update(
                     status="FAILURE", error_message=str(exc), error_reason=type(exc).__name__
                 )
-            self.store.save_job(job)
+            with state.jobs_ended:
+                if job["id"] in state.running_jobs:  # else the emulator stopped: not saved
+                    self.store.save_job(job)
+                    state.running_jobs.discard(job["id"])
+                state.jobs_ended.notify_all()
 
         answer = ok({"source_type": "FILE", "job": {"id": job["id"], "name": job["name"]}}, 202)
         # The work after the answer, on a worker thread, as Fiddler runs its jobs apart: the

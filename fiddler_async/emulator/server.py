@@ -225,7 +225,7 @@ def running_emulator(
     ``tls``: a certificate chain file and its key file, to serve HTTPS."""
     state = _state(token, db, models, faults, count_only)
     with contextlib.ExitStack() as cleanup:
-        cleanup.callback(state.store.close)
+        cleanup.callback(state.close)
         sockets = _listeners(host, port)
         for sock in sockets:
             cleanup.callback(sock.close)
@@ -281,7 +281,7 @@ def serve_forever(
             for sock in sockets:
                 sock.close()
     finally:
-        state.store.close()
+        state.close()
 
 
 @contextlib.contextmanager
