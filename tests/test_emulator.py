@@ -504,19 +504,25 @@ def test_serve_announces_its_url_only_once_it_listens() -> None:
         serve_forever(port=0, listening=listening)
 
 
-def test_a_file_job_still_running_when_the_emulator_stops_ends_all_the_same(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Past the server's grace for its tasks (2 s), the job's thread goes on: the store waits
-    for it before closing, so the job ends, and is not left pending in the file."""
+@pytest.fixture
+def held_jobs(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """File jobs wait, reading their file, until the event returned is set."""
     release = threading.Event()
     read_rows = app_module._file_rows
 
-    def slow_rows(*args: Any) -> Any:
+    def held_rows(*args: Any) -> Any:
         assert release.wait(30)
         return read_rows(*args)
 
-    monkeypatch.setattr(app_module, "_file_rows", slow_rows)
+    monkeypatch.setattr(app_module, "_file_rows", held_rows)
+    return release
+
+
+def test_a_file_job_still_running_when_the_emulator_stops_ends_all_the_same(
+    tmp_path: Path, held_jobs: threading.Event
+) -> None:
+    """Past the server's grace for its tasks (2 s), the job's thread goes on: the store waits
+    for it before closing, so the job ends, and is not left pending in the file."""
     db = tmp_path / "jobs.db"
     with (
         running_emulator(db=db, token=TOKEN) as fiddler,
@@ -528,7 +534,7 @@ def test_a_file_job_still_running_when_the_emulator_stops_ends_all_the_same(
             json={"source": {"type": "FILE", "file_id": upload.json()["data"]["id"]},
                   "model_id": fiddler.model().id, "env_type": "PRODUCTION"},
         ).json()["data"]["job"]["id"]  # fmt: skip
-        threading.Timer(2.5, release.set).start()  # the server stops meanwhile
+        threading.Timer(2.5, held_jobs.set).start()  # the server stops meanwhile
     store = Store(str(db), read_only=True)
     try:
         job = store.job(job_id)
@@ -539,16 +545,8 @@ def test_a_file_job_still_running_when_the_emulator_stops_ends_all_the_same(
 
 
 def test_a_file_job_runs_after_its_answer_and_the_emulator_goes_on_answering(
-    client: httpx.Client, fiddler: Emulator, monkeypatch: pytest.MonkeyPatch
+    client: httpx.Client, fiddler: Emulator, held_jobs: threading.Event
 ) -> None:
-    release = threading.Event()
-    read_rows = app_module._file_rows
-
-    def slow_rows(*args: Any) -> Any:
-        assert release.wait(30)
-        return read_rows(*args)
-
-    monkeypatch.setattr(app_module, "_file_rows", slow_rows)
     upload = client.post("/v3/files/upload", files={"file": ("e.csv", b"event_id,age\nj1,40\n")})
     started = client.post(
         "/v3/events",
@@ -559,6 +557,6 @@ def test_a_file_job_runs_after_its_answer_and_the_emulator_goes_on_answering(
     assert started.status_code == 202
     assert client.get(f"/v3/jobs/{job_id}").json()["data"]["status"] == "PENDING"
     assert client.get("/v3/server-info").status_code == 200  # not held by the job
-    release.set()
+    held_jobs.set()
     assert job_when_done(client, job_id)["status"] == "SUCCESS"
     assert fiddler.events() == [{"event_id": "j1", "age": 40}]
