@@ -449,6 +449,8 @@ def _inspect_url(args: argparse.Namespace) -> tuple[dict[str, Any], list[Any], d
         except httpx.HTTPStatusError as exc:
             status = exc.response.status_code
             why = "wrong token (--token)" if status == 401 else f"HTTP {status}"
+            with contextlib.suppress(ValueError, KeyError, TypeError):  # its envelope says why
+                why += f": {exc.response.json()['error']['message']}"
             raise _Fatal(f"the emulator at {args.url} refused: {why}") from None
         except httpx.HTTPError as exc:
             raise _Fatal(f"cannot reach an emulator at {args.url}: {exc}") from None

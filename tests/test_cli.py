@@ -170,6 +170,11 @@ def test_serve_with_faults_then_inspect_by_url(served: str) -> None:
     shown = cli("inspect", "--url", served, "--token", "t0k3n", "--events", "1")
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.startswith("bank_churn/bank_churn: 5,000 events, 5,000 distinct ids")
+    mistyped = cli(
+        "inspect", "--url", served, "--token", "t0k3n", "--model", "typo", "--events", "1"
+    )
+    assert mistyped.returncode == 2
+    assert "refused: HTTP 404: no model bank_churn/typo" in mistyped.stderr
 
 
 def test_rows_the_server_would_refuse_are_refused_one_by_one(
