@@ -276,6 +276,11 @@ class Publisher:
             self._handoff_dropped = self._handoff_dropped_settled = 0
             self._drain_scheduled = False
             if self._closed:
+                # The parent's loop is not here to ask, nor to finish a close it had begun.
+                self._loop = None
+                if self._closing is not None and not self._closing.is_set():
+                    self._close_result = FlushResult()
+                    self._closing.set()
                 return
             # The AsyncPublisher reset itself at the fork (its queue is the parent's).
             self._start()

@@ -3,6 +3,7 @@ loop thread of its own (asyncio or trio); a bounded flush at interpreter exit; s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -356,3 +357,35 @@ def test_a_close_inside_a_publish_leaves_that_publish_honest(
     published = 2 if when == "after" else 1
     assert (stats.accepted, stats.delivered, fiddler.count()) == (published,) * 3
     assert not pub._handoff
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # forking with threads is the point
+@pytest.mark.parametrize("first", ["stats", "publish"])
+def test_a_child_forked_while_the_parent_closes_does_not_wait_for_it(
+    fiddler: Emulator, first: str
+) -> None:
+    """The parent's loop thread is not in the child: neither stats() nor close() there may
+    wait for it, whatever the child called first."""
+    pub = sync_publisher(fiddler, "asyncio")
+    pub.publish_event("bank_churn", "bank_churn", bank_event(0))
+    fiddler.set_faults(script=["hang"])  # the parent's close waits on its last request
+    closing = threading.Thread(target=pub.close, args=(2.0,))
+    closing.start()
+    while pub._closing is None:
+        time.sleep(0.001)
+    pid = os.fork()
+    if pid == 0:  # the child: never return into the test runner
+        code = 1
+        try:
+            signal.alarm(20)  # a wait that never ends kills the child: the test fails
+            if first == "publish":
+                with contextlib.suppress(PublisherClosedError):
+                    pub.publish_event("bank_churn", "bank_churn", bank_event(1))
+            pub.stats()
+            code = 0 if pub.close(1).complete else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    closing.join(30)
+    assert os.waitstatus_to_exitcode(status) == 0

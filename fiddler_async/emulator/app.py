@@ -63,8 +63,8 @@ class EmulatorState:
 
     def close(self, wait: float = 30.0) -> None:
         """Close the store once the file jobs still running have ended (at most ``wait``
-        seconds): a job that did not end by then (its task was cancelled before it ran) is
-        saved as failed, not left pending for the next emulator on the same file."""
+        seconds): a job that did not end by then (its task cancelled before it ran, or still
+        working) is saved as failed, not left pending for the next emulator on the file."""
         with self.jobs_ended:
             self.jobs_ended.wait_for(lambda: not self.running_jobs, wait)
             unfinished, self.running_jobs = self.running_jobs, set()
@@ -72,7 +72,7 @@ class EmulatorState:
             job = self.store.job(job_id)
             if job is not None and job["status"] == "PENDING":
                 reason = {"error_reason": "EmulatorStopped", "status": "FAILURE"}
-                message = "the emulator stopped before this job ran"
+                message = "the emulator stopped before this job ended"
                 self.store.save_job({**job, **reason, "error_message": message})
         self.store.close()
 
@@ -390,6 +390,9 @@ class _Api:
                         status="FAILURE", error_message=problems[0], error_reason="ValidationError"
                     )
                 else:
+                    with state.jobs_ended:
+                        if job["id"] not in state.running_jobs:
+                            return  # the emulator stopped meanwhile: store nothing more
                     self._store(model, env_type, env_name, rows, update)
                     job["info"]["events"] = len(rows)
                     job.update(status="SUCCESS", progress=100.0)
