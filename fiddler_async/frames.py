@@ -175,7 +175,7 @@ def _placed(
             )
             if not text_or_integer or (id_texts == "").any():
                 if as_file:
-                    _refuse_id_column(id_col, id_type)
+                    _refuse_id_column(id_col, id_type if not text_or_integer else None)
                 return None  # the row way refuses each such id by its row
             ids = id_texts.to_list()
         elif update:
@@ -199,10 +199,11 @@ def _placed(
     return df, ids, pl
 
 
-def _refuse_id_column(id_col: str, id_type: Any) -> NoReturn:
-    raise EventError(
-        f"the id column {id_col!r} must hold text or integers, none of them empty, not {id_type}"
-    )
+def _refuse_id_column(id_col: str, wrong_type: Any) -> NoReturn:
+    """``wrong_type`` the column's type when it is not text or integers; None: an id is empty."""
+    if wrong_type is None:
+        raise EventError(f"the id column {id_col!r} holds an empty id")
+    raise EventError(f"the id column {id_col!r} must hold text or integers, not {wrong_type}")
 
 
 def _datetime_text(pl: Any, name: str, *, aware: bool) -> Any:

@@ -51,10 +51,9 @@ class Faults:
 
     def __post_init__(self) -> None:
         # The same checks as a change through the admin API (the serve command's flags too).
-        known = {f.name for f in fields(self) if not f.name.startswith("_")}
-        for f in fields(self):
-            if not f.name.startswith("_"):
-                setattr(self, f.name, _parse(f.name, getattr(self, f.name), known))
+        known = self._names()
+        for name in known:
+            setattr(self, name, _parse(name, getattr(self, name), known))
         self._rng = random.Random(self.seed)
 
     def update(self, changes: Any) -> None:
@@ -62,7 +61,7 @@ class Faults:
         invalid, none; ``outage_seconds`` starts an outage from now."""
         if not isinstance(changes, dict):
             raise TypeError("faults are a JSON object of name: value")
-        known = {f.name for f in fields(self) if not f.name.startswith("_")} | {"outage_seconds"}
+        known = self._names() | {"outage_seconds"}
         parsed = {key: _parse(key, value, known) for key, value in changes.items()}
         for key, value in parsed.items():
             if key == "outage_seconds":
@@ -71,6 +70,9 @@ class Faults:
                 setattr(self, key, value)
             if key == "seed":
                 self._rng = random.Random(value)
+
+    def _names(self) -> set[str]:
+        return {f.name for f in fields(self) if not f.name.startswith("_")}
 
     def snapshot(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if not k.startswith("_")}
