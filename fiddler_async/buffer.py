@@ -80,7 +80,7 @@ class Lane:
         "spooled",
     )
 
-    def __init__(self, dest: Destination, after: Lane | None = None) -> None:
+    def __init__(self, dest: Destination, after: list[Lane] | None = None) -> None:
         self.dest = dest
         self.bodies: deque[bytes] = deque()
         self.seqs = array("q")
@@ -94,9 +94,10 @@ class Lane:
         self.in_flight: list[int] = []
         """The first sequence number of each batch of this lane being sent."""
         self.after = after
-        """For an update lane, the insert lane of the same model and environment: an update
-        is not sent while an insert accepted before it is still queued or in flight, so that
-        it never reaches the server ahead of the event it joins."""
+        """For an update lane, the insert lanes of its environment (a list shared with the
+        buffer, which adds new ones): an update is not sent while an insert accepted before it
+        for the same model (:meth:`ModelRef.may_be`) is still queued or in flight, so that it
+        never reaches the server ahead of the event it joins."""
         self.spooled = 0
         """For an insert lane: its events this process put in the spool and has not replayed
         yet. While there are some, this model's updates go to the spool too, behind them."""
@@ -151,7 +152,19 @@ class Lane:
         return bool(self.bodies and self.first() < seq) or any(s < seq for s in self.in_flight)
 
     def blocked(self) -> bool:
-        return self.after is not None and self.after.holds_before(self.first())
+        if self.after is None:
+            return False
+        first, model = self.first(), self.dest.model
+        return any(
+            lane.holds_before(first) and lane.dest.model.may_be(model) for lane in self.after
+        )
+
+    def follows_spooled(self) -> bool:
+        """For an update lane: whether inserts of its model may be in the spool, not sent yet."""
+        model = self.dest.model
+        return self.after is not None and any(
+            lane.spooled and lane.dest.model.may_be(model) for lane in self.after
+        )
 
 
 class EventBuffer:
@@ -167,6 +180,8 @@ class EventBuffer:
         self._warn = warn
         self._spill = spill
         self._lanes: dict[tuple[int, str, str | None, bool], Lane] = {}
+        self._inserts: dict[tuple[str, str | None], list[Lane]] = {}
+        """The insert lanes of each environment: what its update lanes wait for."""
         self._busy: dict[Lane, None] = {}
         """The lanes holding events (an ordered set): eviction looks only at these."""
         self.events = 0
@@ -188,10 +203,10 @@ class EventBuffer:
         key = (id(dest.model), dest.env_type, dest.env_name, dest.update)
         lane = self._lanes.get(key)
         if lane is None:
-            inserts = None
-            if dest.update:
-                inserts = self.lane(Destination(dest.model, dest.env_type, dest.env_name, False))
-            lane = self._lanes[key] = Lane(dest, after=inserts)
+            inserts = self._inserts.setdefault((dest.env_type, dest.env_name), [])
+            lane = self._lanes[key] = Lane(dest, after=inserts if dest.update else None)
+            if not dest.update:
+                inserts.append(lane)
         return lane
 
     # The caller's side

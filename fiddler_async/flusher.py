@@ -133,6 +133,7 @@ class Flusher:
     async def _look_up(self, ref: ModelRef) -> None:
         with contextlib.suppress(Exception):  # a failure shows when the first batch is sent
             await self._exporter.resolve(ref)
+            self._buffer.wake()  # updates held for inserts that may have been this model's
 
     def begin_flush(self) -> None:
         """Send partial batches at once until :meth:`end_flush`."""
@@ -170,7 +171,7 @@ class Flusher:
             self._slots.release()
             return
         batch = buffer.take_batch(lane)
-        if self._spill is not None and lane.after is not None and lane.after.spooled:
+        if self._spill is not None and lane.follows_spooled():
             # Updates whose inserts may be in the spool follow them there, so that the
             # replay, oldest first, sends each insert before the updates that join it.
             self._spill(lane.dest, batch)

@@ -284,13 +284,18 @@ async def test_a_slow_disk_at_the_close_deadline_loses_nothing(
     assert_adds_up(pub)
 
 
-async def test_an_update_follows_its_spilled_insert(fiddler: Emulator, tmp_path: Path) -> None:
+@pytest.mark.parametrize("update_by_uuid", [False, True])
+async def test_an_update_follows_its_spilled_insert(
+    fiddler: Emulator, tmp_path: Path, update_by_uuid: bool
+) -> None:
     async with loopback_publisher(fiddler, spool_dir=tmp_path, **SPILL_SOON) as pub:
-        await pub.resolve("bank_churn", "bank_churn")
+        uuid = (await pub.resolve("bank_churn", "bank_churn")).id
+        model = uuid if update_by_uuid else "bank_churn"  # the same model, named either way
+        await pub.resolve("bank_churn", model)
         fiddler.set_faults(script=["drop", "drop"])  # the insert's two attempts
         pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(1), event_id="u1")
         pub.publish_event_nowait(
-            "bank_churn", "bank_churn", {"predicted_churn": 0.9}, event_id="u1", update_event=True
+            "bank_churn", model, {"predicted_churn": 0.9}, event_id="u1", update_event=True
         )
         await pub.flush(10)
         assert pub.stats().spooled == 2  # the update went to the spool behind its insert
