@@ -147,17 +147,45 @@ class Lane:
             del self.seqs[:head]  # amortised: drops at least as many as it moves
             self.head = 0
 
-    def holds_before(self, seq: int) -> bool:
-        """Whether an event accepted before ``seq`` is still queued or in flight here."""
-        return bool(self.bodies and self.first() < seq) or any(s < seq for s in self.in_flight)
+    def oldest_unsent(self) -> int | None:
+        """The sequence number of the oldest event queued or in flight here; None if none."""
+        oldest = min(self.in_flight, default=None)
+        if self.bodies and (oldest is None or self.first() < oldest):
+            oldest = self.first()
+        return oldest
+
+    def _inserts_unsent(self) -> int | None:
+        """For an update lane: the oldest insert, of a model this lane's may be, that is still
+        queued or in flight. The updates accepted after it wait."""
+        model, oldest = self.dest.model, None
+        for lane in self.after or ():
+            seq = lane.oldest_unsent()
+            if (
+                seq is not None
+                and (oldest is None or seq < oldest)
+                and lane.dest.model.may_be(model)
+            ):
+                oldest = seq
+        return oldest
 
     def blocked(self) -> bool:
+        """An update lane waits while its oldest update may join an insert not sent yet, and
+        while a batch of it is in flight: two updates of one id must not swap places (the
+        later value would be overwritten by the earlier one)."""
         if self.after is None:
             return False
-        first, model = self.first(), self.dest.model
-        return any(
-            lane.holds_before(first) and lane.dest.model.may_be(model) for lane in self.after
-        )
+        if self.in_flight:
+            return True
+        inserts = self._inserts_unsent()
+        return inserts is not None and inserts < self.first()
+
+    def sendable(self, count: int) -> int:
+        """Of the ``count`` oldest queued events, how many may go in one request: for an update
+        lane, those accepted before every insert it waits for (see :meth:`blocked`)."""
+        inserts = None if self.after is None else self._inserts_unsent()
+        if inserts is None or self.seqs[self.head + count - 1] < inserts:
+            return count
+        return bisect_right(self.seqs, inserts, self.head, self.head + count) - self.head
 
     def follows_spooled(self) -> bool:
         """For an update lane: whether inserts of its model may be in the spool, not sent yet."""
@@ -465,6 +493,7 @@ class EventBuffer:
         count = min(len(bodies), self._batch_events)
         if not count:
             return []
+        count = lane.sendable(count)
         # A request holds the events and a comma each. Sizes are summed in C (accumulate),
         # and only when the whole lane is not known to fit.
         limit = self._batch_bytes

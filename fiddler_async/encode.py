@@ -121,7 +121,15 @@ def _explain(event: Mapping[Any, Any], exc: TypeError) -> EventEncodeError:
 
 def _find_bad_value(value: Any, path: str, within: set[int]) -> tuple[str | None, str]:
     """The path of the first value that cannot be encoded, and why. ``within`` holds the
-    containers on the way down to ``value``: one found again is a cycle, not infinite depth."""
+    containers on the way down to ``value``: one found again is a cycle, not infinite depth.
+    A container whose items all encode is itself the value (a namedtuple, which orjson
+    refuses whole)."""
+    try:
+        _dumps(value, default=encode_default, option=ENCODE_OPTIONS)
+    except TypeError as exc:
+        reason = str(exc.__cause__ or exc)
+    else:
+        return None, ""
     if isinstance(value, (Mapping, list, tuple)):
         if id(value) in within:
             return path or "(the event)", "it contains itself (a circular reference)"
@@ -140,13 +148,7 @@ def _find_bad_value(value: Any, path: str, within: set[int]) -> tuple[str | None
             if found[0] is not None:
                 return found
         within.discard(id(value))
-        return None, ""
-    try:
-        _dumps(value, default=encode_default, option=ENCODE_OPTIONS)
-    except TypeError as exc:
-        cause = exc.__cause__ or exc
-        return path, str(cause)
-    return None, ""
+    return path or None, reason
 
 
 def compact(body: bytes) -> bytes:

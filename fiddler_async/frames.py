@@ -146,12 +146,12 @@ def _placed(
     except ImportError:
         return None
     id_col, ts_col = info.event_id_col, info.event_ts_col
-    if _pandas_only_types(frame):
+    if _types_polars_cannot_take(frame):
         return None
     try:
         df = _to_polars(frame, pl)
-        if any(isinstance(t, pl.Object | pl.Binary | pl.Duration | pl.Decimal) for t in df.dtypes):
-            return None  # the row way refuses the first three, and writes decimals exactly
+        if any(isinstance(t, _row_way_types(pl)) for t in df.dtypes):
+            return None
         if not as_file and df is not frame and any("Struct" in str(t) for t in df.dtypes):
             # Python dicts in a pandas column: polars gives every row every key (null where
             # a row's dict lacks it); the row way sends each dict as it is.
@@ -223,11 +223,28 @@ def _datetime_text(pl: Any, name: str, *, aware: bool) -> Any:
     )
 
 
-def _pandas_only_types(frame: Any) -> bool:
-    """pandas columns polars would turn into something else (a Period into its ordinal)."""
-    if type(frame).__module__.partition(".")[0] != "pandas":
+def _types_polars_cannot_take(frame: Any) -> bool:
+    """Columns polars would turn into something else (a pandas Period into its ordinal), or
+    cannot read at all (a 256-bit decimal makes it panic, which no ``except Exception``
+    catches)."""
+    module = type(frame).__module__.partition(".")[0]
+    if module == "pandas":
+        kinds = [str(t) for t in frame.dtypes]
+    elif module == "pyarrow":
+        kinds = [str(field.type) for field in frame.schema]
+    else:
         return False
-    return any(str(t).startswith(("period", "interval", "complex")) for t in frame.dtypes)
+    return any(
+        kind.startswith(("period", "interval", "complex")) or "decimal256" in kind for kind in kinds
+    )
+
+
+def _row_way_types(pl: Any) -> tuple[type, ...]:
+    """polars types whose rows go one by one: the row way refuses objects, bytes and
+    durations (naming the field), writes decimals exactly, and refuses integers past 64 bits
+    (naming the field), where polars would write them as floats."""
+    names = ("Object", "Binary", "Duration", "Decimal", "Int128", "UInt128")
+    return tuple(getattr(pl, name) for name in names if hasattr(pl, name))
 
 
 def _new_ids(count: int, pl: Any) -> Any:

@@ -7,6 +7,8 @@ cannot be read or typed is reported with its line and column, never silently ski
 from __future__ import annotations
 
 import csv
+import datetime as dt
+import decimal
 import io
 import json
 import math
@@ -126,15 +128,22 @@ def _parquet_rows(stream: IO[bytes]) -> Iterator[tuple[int, dict[str, Any] | Row
 
 
 def _from_text(data_type: str, text: str) -> Any:
-    if data_type in ("int", "float"):
+    if data_type == "float":
         try:
-            number = float(text)
+            return float(text)
         except ValueError:
             raise ValueError(f"{text!r} is not a number") from None
-        if data_type == "float":
-            return number
-        if not number.is_integer():
+    if data_type == "int":
+        # Read exactly ("38", "38.0", "1e3"): through a float, digits past 2**53 would change.
+        try:
+            number = decimal.Decimal(text)
+        except decimal.InvalidOperation:
+            raise ValueError(f"{text!r} is not a number") from None
+        if not number.is_finite() or number != number.to_integral_value():
             raise ValueError(f"{text!r} is not an integer")
+        # (adjusted() is the exponent of the first digit: int() of 1e1000000000 would hang)
+        if (number and number.adjusted() > 19) or not -(2**63) <= int(number) < 2**64:
+            raise ValueError(f"{text!r} is out of the 64-bit integer range")
         return int(number)
     if data_type == "bool":
         lowered = text.strip().lower()
@@ -159,7 +168,7 @@ _ACCEPTED: dict[str, tuple[type, ...]] = {
     "bool": (bool,),
     "str": (str,),
     "category": (str, int, bool, float),
-    "timestamp": (str, int, float),
+    "timestamp": (str, int, float, dt.date),  # a datetime from Parquet too
     "vector": (list,),
 }
 

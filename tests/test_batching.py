@@ -147,6 +147,50 @@ async def test_an_update_naming_the_model_otherwise_still_waits_for_its_insert(
     assert [e["churn"] for e in fiddler.events()] == ["yes"]
 
 
+async def test_an_update_batch_stops_at_an_insert_not_sent_yet(fiddler: Emulator) -> None:
+    """A label of an old event, then a prediction and its label: the batch of labels must not
+    carry the second one ahead of its prediction."""
+    async with loopback_publisher(fiddler, linger=0.2) as pub:
+        await pub.resolve("bank_churn", "bank_churn")
+        await pub.publish_event("bank_churn", "bank_churn", bank_event(0), event_id="a1")
+        assert (await pub.flush(10)).delivered == 1
+        label = {"churn": "yes"}
+        pub.publish_event_nowait(
+            "bank_churn", "bank_churn", label, event_id="a1", update_event=True
+        )
+        pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(1), event_id="b1")
+        pub.publish_event_nowait(
+            "bank_churn", "bank_churn", label, event_id="b1", update_event=True
+        )
+        assert (await pub.flush(10)).delivered == 3
+    assert fiddler.early_updates() == 0
+    sent = [(r["method"], r["events"]) for r in publishes(fiddler)]
+    assert sent == [("POST", 1), ("PATCH", 1), ("POST", 1), ("PATCH", 1)]
+    assert [e["churn"] for e in fiddler.events()] == ["yes", "yes"]
+
+
+async def test_two_updates_of_an_id_arrive_in_their_order(fiddler: Emulator) -> None:
+    """The first update's request is retried (its connection dropped) while the second is
+    ready: the second waits, or the earlier value would overwrite the later one."""
+    async with loopback_publisher(
+        fiddler,
+        linger=0,
+        max_batch_events=1,
+        max_in_flight=4,
+        retry_backoff_initial=0.2,
+        retry_backoff_max=0.2,
+    ) as pub:
+        await pub.publish_event("bank_churn", "bank_churn", bank_event(1), event_id="e1")
+        assert (await pub.flush(10)).delivered == 1
+        fiddler.set_faults(script=["drop"])  # the first update's first attempt
+        for churn in ("no", "yes"):
+            pub.publish_event_nowait(
+                "bank_churn", "bank_churn", {"churn": churn}, event_id="e1", update_event=True
+            )
+        assert (await pub.flush(10)).delivered == 2
+    assert [e["churn"] for e in fiddler.events()] == ["yes"]
+
+
 async def test_an_update_does_not_wait_for_another_model(fiddler: Emulator) -> None:
     async with loopback_publisher(fiddler, linger=0, max_in_flight=8) as pub:
         await pub.resolve("bank_churn", "bank_churn")
