@@ -13,6 +13,7 @@ timestamp columns placed as ``publish_events_batch`` would, so the ids are retur
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from typing import Any
 import anyio
 
 from .destination import Destination, ModelInfo
-from .exceptions import FileJobError
+from .exceptions import FileJobError, FileJobTimeoutError
 from .frames import frame_to_parquet, is_frame
 from .wire import FiddlerV3Exporter
 
@@ -33,6 +34,9 @@ ProgressCallback = Callable[[str, float], None]
 """Called with a stage (``"upload"``, then ``"job"``) and how far it is, from 0.0 to 1.0."""
 
 FILE_SUFFIXES = (".csv", ".parquet", ".jsonl")
+MAX_UPLOAD_BYTES = 100 * 1024 * 1024
+"""Fiddler takes a file under 100 MB in one upload; larger ones go in parts
+(``/v3/files/multipart-init``), which this library does not do yet."""
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,9 @@ async def publish_file(
     timeout: float,
 ) -> FileJob:
     report = progress or (lambda stage, done: None)
-    with anyio.fail_after(timeout):  # the upload, the publish and the job's run
+    file_id = job_id = None
+    status = "not started"
+    with anyio.move_on_after(timeout) as deadline:  # the upload, the publish and the job's run
         info = await exporter.resolve(dest.model)
         stamp = int(time.time() * 1000) if stamp_publish_time and not dest.update else None
         name, data, ids = await _file_of(source, info, dest.update, event_ids, stamp)
@@ -82,6 +88,18 @@ async def publish_file(
                     reason=str(job.get("error_reason") or ""),
                 )
             await anyio.sleep(poll_interval)
+    assert deadline.cancelled_caught  # the loop above ends only by returning or raising
+    if job_id is not None:
+        where = f"job {job_id} was {status}: it may still finish (GET /v3/jobs/{job_id})"
+    elif file_id is not None:
+        where = f"file {file_id} was uploaded; its job may or may not have been started"
+    else:
+        where = "nothing was published"
+    raise FileJobTimeoutError(
+        f"publish_file to {dest.describe()} ran past its timeout ({timeout} s): {where}",
+        job_id=job_id,
+        file_id=file_id,
+    )
 
 
 async def _file_of(
@@ -89,16 +107,40 @@ async def _file_of(
 ) -> tuple[str, bytes, list[str]]:
     """The file to upload: (name, content, the ids placed in it when known)."""
     if is_frame(source):
-        data, ids = frame_to_parquet(
-            source, info, update=update, event_ids=event_ids, stamp_millis=stamp
+        # On a worker thread: for millions of rows this takes a second (polars lets go of
+        # the GIL while it writes). The caller awaits, so the frame is not changed meanwhile.
+        data, ids = await anyio.to_thread.run_sync(
+            functools.partial(
+                frame_to_parquet,
+                source,
+                info,
+                update=update,
+                event_ids=event_ids,
+                stamp_millis=stamp,
+            )
         )
+        _check_size("the DataFrame as Parquet", len(data))
         return "events.parquet", data, ids
     if isinstance(source, str | os.PathLike):
         path = Path(source)
         if path.suffix.lower() not in FILE_SUFFIXES:
             raise ValueError(f"{path}: a file to publish is one of {', '.join(FILE_SUFFIXES)}")
+        if event_ids is not None:
+            raise ValueError(
+                "event_ids= places ids in a DataFrame's rows; a file is sent as it is: put "
+                "the ids in the file's id column"
+            )
+        _check_size(str(path), (await anyio.Path(path).stat()).st_size)
         return path.name, await anyio.Path(path).read_bytes(), []
     raise TypeError(
         f"source must be a DataFrame, an Arrow table or a file path, "
         f"got {type(source).__qualname__!r}"
     )
+
+
+def _check_size(what: str, size: int) -> None:
+    if size >= MAX_UPLOAD_BYTES:
+        raise ValueError(
+            f"{what} is {size / 1024**2:.0f} MB: Fiddler takes files under 100 MB in one "
+            "upload, and the upload in parts is not supported yet: publish it in smaller files"
+        )

@@ -14,7 +14,9 @@ What is encoded, and how (the official client crashes on several of these):
 - ``float('nan')``, infinities, ``pandas.NA``, ``pandas.NaT``: ``null``;
 - ``datetime``, ``date``, ``time``, ``pandas.Timestamp``: ``str(value)``, as the official
   client sends them (``"2024-01-02 03:04:05.678000"``);
-- ``Decimal``: an exact JSON number; ``UUID``: its string; sets: lists.
+- ``Decimal``: an exact JSON number (NaN and infinities ``null``; one past a double's range
+  cannot be read as a number by Fiddler, or by orjson: refused); ``UUID``: its string; sets:
+  lists.
 
 Anything else raises :class:`EventEncodeError` naming the field.
 """
@@ -27,6 +29,7 @@ import itertools
 import math
 import numbers
 import os
+import sys
 import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -49,6 +52,7 @@ __all__ = [
 
 # What encode_event passes to orjson. Public for the publish hot paths, which call orjson with
 # them directly (one Python call fewer per event) and fall back to encode_event for its error.
+_LARGEST_DOUBLE = decimal.Decimal(sys.float_info.max)
 ENCODE_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_PASSTHROUGH_DATETIME
 # encode_event's second try, after orjson's numpy support refused a value (a datetime64 NaT):
 # every numpy value then goes through encode_default.
@@ -62,7 +66,11 @@ def encode_default(value: Any) -> Any:
         # pandas.NaT is a datetime that is not equal to itself.
         return None if value != value else str(value)  # noqa: PLR0124
     if isinstance(value, decimal.Decimal):
-        return orjson.Fragment(str(value).encode()) if value.is_finite() else None
+        if not value.is_finite():
+            return None
+        if abs(value) > _LARGEST_DOUBLE:
+            raise TypeError(f"the Decimal {value} is past the range of a double")
+        return orjson.Fragment(str(value).encode())
     module = type(value).__module__
     if module == "numpy":
         if getattr(value, "dtype", None) is not None and value.dtype.kind == "M":

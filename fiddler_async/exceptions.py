@@ -12,6 +12,7 @@ The tree::
     │   ├── SchemaMismatchError   the event does not fit the model (e.g. no event id column)
     │   └── EventBatchError       some events of a publish_events_batch call are invalid
     ├── FileJobError              the server's job publishing an uploaded file failed
+    ├── FileJobTimeoutError       (also TimeoutError) publish_file ran past its timeout
     ├── TransportError            never got an answer from the server
     │   ├── ConnectError          could not connect, or the connection dropped
     │   └── RequestTimeoutError   no answer within the configured timeout
@@ -50,6 +51,7 @@ __all__ = [
     "EventTooLargeError",
     "FiddlerError",
     "FileJobError",
+    "FileJobTimeoutError",
     "NotFoundError",
     "PayloadTooLargeError",
     "PermissionDeniedError",
@@ -87,6 +89,17 @@ class FileJobError(FiddlerError):
         super().__init__(message)
         self.job_id = job_id
         self.reason = reason
+
+
+class FileJobTimeoutError(FiddlerError, TimeoutError):
+    """``publish_file`` ran past its ``timeout``. ``job_id`` is the server's job when it was
+    started (it may still finish: do not publish the file again before looking), and
+    ``file_id`` the uploaded file's; None for what did not happen."""
+
+    def __init__(self, message: str, *, job_id: str | None, file_id: str | None) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+        self.file_id = file_id
 
 
 class EventError(FiddlerError, ValueError):

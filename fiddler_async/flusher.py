@@ -74,7 +74,10 @@ class DeliveryFailure:
             if fixup is not None:
                 ids.append(fixup[0])
             elif id_col is not None:
-                value = orjson.loads(body).get(id_col)
+                try:  # what we encoded reads back; should it not, the report still goes
+                    value = orjson.loads(body).get(id_col)
+                except orjson.JSONDecodeError:
+                    value = None
                 ids.append(None if value is None else str(value))
             else:
                 ids.append(None)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
 import orjson
 
@@ -116,12 +116,7 @@ def frame_to_parquet(
     struct (each row with every key)."""
     check_columns(frame)
     placed = _placed(frame, info, update, event_ids, stamp_millis, as_file=True)
-    if placed is None:
-        raise EventError(
-            "this DataFrame cannot be uploaded as a file (polars is missing, a column holds "
-            "Python objects, or ids are null or missing for an update); publish it with "
-            "publish_events_batch, which names what is wrong"
-        )
+    assert placed is not None  # as a file: what cannot go raises instead
     df, ids, _ = placed
     out = io.BytesIO()
     df.write_parquet(out)
@@ -139,71 +134,94 @@ def _placed(
 ) -> tuple[Any, list[str], Any] | None:
     """The frame in polars with the model's id and time columns placed first, its ids, and
     the polars module; None to go row by row. ``as_file``: for a Parquet file, which has no
-    row way: the frame's values go as they are, and an id column that cannot be sent raises
-    EventError."""
+    row way: the frame's values go as they are, and what cannot go raises EventError, saying
+    why (where the row way would have named it)."""
+    try:
+        return _place(frame, info, update, event_ids, stamp_millis, as_file=as_file)
+    except EventError:
+        raise
+    except Exception as exc:  # _RowWay; and e.g. mixed Python objects (polars, pyarrow errors)
+        if as_file:
+            why = exc if isinstance(exc, _RowWay) else f"polars cannot take it: {exc}"
+            raise EventError(f"this DataFrame cannot be uploaded as a file: {why}") from None
+        return None
+
+
+def _place(
+    frame: Any,
+    info: ModelInfo,
+    update: bool,
+    event_ids: list[str] | None,
+    stamp_millis: int | None,
+    *,
+    as_file: bool,
+) -> tuple[Any, list[str], Any]:
+    """:func:`_placed`'s work: _RowWay (or an error of polars or pyarrow) when the rows must
+    go one by one."""
     try:
         import polars as pl  # noqa: PLC0415  (an optional extra)
     except ImportError:
-        return None
-    id_col, ts_col = info.event_id_col, info.event_ts_col
-    if _types_polars_cannot_take(frame):
-        return None
-    try:
-        df = _to_polars(frame, pl)
-        if any(isinstance(t, _row_way_types(pl)) for t in df.dtypes):
-            return None
-        if not as_file and df is not frame and any("Struct" in str(t) for t in df.dtypes):
-            # Python dicts in a pandas column: polars gives every row every key (null where
-            # a row's dict lacks it); the row way sends each dict as it is.
-            return None
-        first: list[Any] = []  # columns placed first, as place_columns does
-        if id_col is None:
-            if update or event_ids is not None:
-                return None  # the row way raises SchemaMismatchError for each
-            ids = [""] * df.height
-        elif event_ids is not None:
-            ids = [str(event_id) for event_id in event_ids]
-            df = df.drop(id_col, strict=False)
-            first.append(pl.Series(id_col, ids, dtype=pl.String))
-        elif id_col in df.columns:
-            id_type = df[id_col].dtype
-            if df[id_col].null_count():
-                return None  # a null id is replaced by a generated one, row by row
-            id_texts = df[id_col].cast(pl.String)
-            text_or_integer = id_type.is_integer() or isinstance(
-                id_type, pl.String | pl.Categorical
-            )
-            if not text_or_integer or (id_texts == "").any():
-                if as_file:
-                    _refuse_id_column(id_col, id_type if not text_or_integer else None)
-                return None  # the row way refuses each such id by its row
-            ids = id_texts.to_list()
-        elif update:
-            return None  # an update needs an id: the row way says so for each
-        else:
-            generated = _new_ids(df.height, pl)
-            ids = generated.to_list()
-            first.append(generated.alias(id_col))
-        if stamp_millis is not None and ts_col is not None and not update:
-            if ts_col not in df.columns:
-                stamp = orjson.loads(info.timestamp_json(stamp_millis))
-                first.append(pl.lit(stamp).alias(ts_col))
-            elif df[ts_col].null_count() and not as_file:
-                return None  # a null time is replaced by the publish time, row by row
-        if first:
-            df = df.select(*first, *(pl.col(name) for name in df.columns))
-    except EventError:
-        raise
-    except Exception:  # e.g. pandas columns of mixed Python objects (polars, pyarrow errors)
-        return None
+        raise _RowWay("it is written to Parquet by polars: pip install '.[dataframes]'") from None
+    ts_col = info.event_ts_col
+    foreign = _types_polars_cannot_take(frame)
+    if foreign:
+        raise _RowWay(f"polars cannot read the column {foreign[0]!r} of type {foreign[1]}")
+    df = _to_polars(frame, pl)
+    kept_out = _NOT_IN_FILES if as_file else _ROW_WAY
+    for name, dtype in df.schema.items():
+        if type(dtype).__name__ in kept_out:
+            raise _RowWay(f"the column {name!r} holds {dtype} values")
+    if not as_file and df is not frame and any("Struct" in str(t) for t in df.dtypes):
+        # Python dicts in a pandas column: polars gives every row every key (null where
+        # a row's dict lacks it); the row way sends each dict as it is.
+        raise _RowWay("a column holds dicts")
+    df, ids, first = _place_ids(df, pl, info, update, event_ids)
+    if stamp_millis is not None and ts_col is not None and not update:
+        if ts_col not in df.columns:
+            stamp = orjson.loads(info.timestamp_json(stamp_millis))
+            first.append(pl.lit(stamp).alias(ts_col))
+        elif df[ts_col].null_count() and not as_file:
+            raise _RowWay("a null time is replaced by the publish time, row by row")
+    if first:
+        df = df.select(*first, *(pl.col(name) for name in df.columns))
     return df, ids, pl
 
 
-def _refuse_id_column(id_col: str, wrong_type: Any) -> NoReturn:
-    """``wrong_type`` the column's type when it is not text or integers; None: an id is empty."""
-    if wrong_type is None:
-        raise EventError(f"the id column {id_col!r} holds an empty id")
-    raise EventError(f"the id column {id_col!r} must hold text or integers, not {wrong_type}")
+def _place_ids(
+    df: Any, pl: Any, info: ModelInfo, update: bool, event_ids: list[str] | None
+) -> tuple[Any, list[str], list[Any]]:
+    """The frame's ids: the frame (without an id column replaced by ``event_ids``), the ids,
+    and the columns to place first (the id column, when given or generated)."""
+    id_col = info.event_id_col
+    first: list[Any] = []  # columns placed first, as place_columns does
+    if id_col is None:
+        if update or event_ids is not None:  # the row way raises SchemaMismatchError
+            raise _RowWay(f"model {info.name!r} has no event id column")
+        ids = [""] * df.height
+    elif event_ids is not None:
+        if len(event_ids) != df.height:
+            raise _RowWay(f"event_ids has {len(event_ids)} values for {df.height} rows")
+        ids = [str(event_id) for event_id in event_ids]
+        df = df.drop(id_col, strict=False)
+        first.append(pl.Series(id_col, ids, dtype=pl.String))
+    elif id_col in df.columns:
+        id_type = df[id_col].dtype
+        if df[id_col].null_count():  # the row way replaces a null id by a new one
+            raise _RowWay(f"the id column {id_col!r} holds nulls")
+        id_texts = df[id_col].cast(pl.String)
+        text_or_integer = id_type.is_integer() or isinstance(id_type, pl.String | pl.Categorical)
+        if not text_or_integer:  # the row way refuses each such id by its row
+            raise _RowWay(f"the id column {id_col!r} must hold text or integers, not {id_type}")
+        if (id_texts == "").any():
+            raise _RowWay(f"the id column {id_col!r} holds an empty id")
+        ids = id_texts.to_list()
+    elif update:  # the row way says so for each
+        raise _RowWay(f"an update needs the id column {id_col!r}")
+    else:
+        generated = _new_ids(df.height, pl)
+        ids = generated.to_list()
+        first.append(generated.alias(id_col))
+    return df, ids, first
 
 
 def _datetime_text(pl: Any, name: str, *, aware: bool) -> Any:
@@ -223,28 +241,33 @@ def _datetime_text(pl: Any, name: str, *, aware: bool) -> Any:
     )
 
 
-def _types_polars_cannot_take(frame: Any) -> bool:
-    """Columns polars would turn into something else (a pandas Period into its ordinal), or
-    cannot read at all (a 256-bit decimal makes it panic, which no ``except Exception``
-    catches)."""
+def _types_polars_cannot_take(frame: Any) -> tuple[str, str] | None:
+    """A column (name, type) polars would turn into something else (a pandas Period into its
+    ordinal), or cannot read at all (a 256-bit decimal makes it panic, which no ``except
+    Exception`` catches); None if none."""
     module = type(frame).__module__.partition(".")[0]
     if module == "pandas":
-        kinds = [str(t) for t in frame.dtypes]
+        columns = [(name, str(kind)) for name, kind in frame.dtypes.items()]
     elif module == "pyarrow":
-        kinds = [str(field.type) for field in frame.schema]
+        columns = [(field.name, str(field.type)) for field in frame.schema]
     else:
-        return False
-    return any(
-        kind.startswith(("period", "interval", "complex")) or "decimal256" in kind for kind in kinds
-    )
+        return None
+    for name, kind in columns:
+        if kind.startswith(("period", "interval", "complex")) or "decimal256" in kind:
+            return name, kind
+    return None
 
 
-def _row_way_types(pl: Any) -> tuple[type, ...]:
-    """polars types whose rows go one by one: the row way refuses objects, bytes and
-    durations (naming the field), writes decimals exactly, and refuses integers past 64 bits
-    (naming the field), where polars would write them as floats."""
-    names = ("Object", "Binary", "Duration", "Decimal", "Int128", "UInt128")
-    return tuple(getattr(pl, name) for name in names if hasattr(pl, name))
+class _RowWay(Exception):
+    """The frame's rows must go one by one (for a file, which has no row way: why not)."""
+
+
+# polars types whose rows go one by one: the row way refuses objects, bytes and durations
+# (naming the field), writes decimals exactly, and refuses integers past 64 bits (naming the
+# field), where polars would write them as floats. A Parquet file holds decimals exactly; the
+# others, refused by the row way, are refused for a file too (Fiddler has no type for them).
+_ROW_WAY = ("Object", "Binary", "Duration", "Decimal", "Int128", "UInt128")
+_NOT_IN_FILES = ("Object", "Binary", "Duration", "Int128", "UInt128")
 
 
 def _new_ids(count: int, pl: Any) -> Any:

@@ -93,6 +93,11 @@ class _Instruments:
             explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
         )
 
+    def forget(self, gone: weakref.ref[Any]) -> None:
+        """A publisher was collected: stop reporting it (short-lived publishers add up)."""
+        for entry in [entry for entry in self.publishers if entry[0] is gone]:
+            self.publishers.remove(entry)  # one by one: an instrument() may run meanwhile
+
     def _observe(
         self, observations: Callable[[Any, dict[str, Any]], list[Observation]]
     ) -> Callable[[CallbackOptions], Iterable[Observation]]:
@@ -146,7 +151,7 @@ def instrument(publisher: Any, meter_provider: metrics.MeterProvider | None = No
         "otel.component.type": "fiddler_async.publisher",
         "otel.component.name": f"fiddler_async.publisher/{next(_numbers)}",
     }
-    instruments.publishers.append((weakref.ref(publisher), component))
+    instruments.publishers.append((weakref.ref(publisher, instruments.forget), component))
     by_answer: dict[str, dict[str, Any]] = {}  # attributes per status or error kind
     histogram = instruments.duration
 

@@ -747,7 +747,8 @@ class AsyncPublisher:
         (sent as Parquet, ids placed as by :meth:`publish_events_batch`; needs the
         ``dataframes`` extra) or a ``.csv``/``.parquet``/``.jsonl`` path. ``progress`` is
         called with a stage (``"upload"``, ``"job"``) and a fraction. Returns once the job
-        succeeded; FileJobError if it failed, TimeoutError after ``timeout`` seconds. See
+        succeeded; FileJobError if it failed, FileJobTimeoutError (a TimeoutError, with the job's
+        id) after ``timeout`` seconds. See
         :mod:`fiddler_async.backfill`."""
         if self._state is not _State.OPEN:
             raise self._not_open()

@@ -4,15 +4,26 @@ as for streamed events."""
 from __future__ import annotations
 
 import csv
+import datetime as dt
+import decimal
 from pathlib import Path
 
+import httpx
 import pandas as pd
 import pytest
 
-from fiddler_async import ConnectError, EventError, FileJobError
+from fiddler_async import (
+    AsyncPublisher,
+    ConnectError,
+    EventError,
+    FileJobError,
+    FileJobTimeoutError,
+    backfill,
+)
 from fiddler_async.emulator import Emulator
 
-from .conftest import bank_event, loopback_publisher, publishes
+from .conftest import bank_event, config, loopback_publisher, publishes
+from .in_process import TOKEN, InProcessFiddler
 
 pytest.importorskip("polars")
 pytestmark = pytest.mark.anyio
@@ -94,3 +105,69 @@ async def test_a_lost_answer_does_not_start_a_second_job(fiddler: Emulator) -> N
         await pub.publish_file("bank_churn", "bank_churn", frame)
     assert fiddler.count() == 200  # once for each call, never twice for one
     assert fiddler.duplicates() == {}
+
+
+async def test_times_and_decimals_of_a_frame_or_a_parquet_file(
+    fiddler: Emulator, tmp_path: Path
+) -> None:
+    """A backfill's own times (a datetime column, as Parquet carries it) and exact decimals."""
+    frame = pd.DataFrame(
+        {
+            "event_id": ["t0", "t1"],
+            "timestamp": [dt.datetime(2024, 1, 1, 10), dt.datetime(2024, 1, 2, 11, 0, 0, 500)],
+            "price": [decimal.Decimal("0.10"), decimal.Decimal("12345678901234567.25")],
+        }
+    )
+    path = tmp_path / "history.parquet"
+    frame.assign(event_id=["p0", "p1"]).to_parquet(path)
+    async with loopback_publisher(fiddler) as pub:
+        await pub.publish_file("bank_churn", "bank_churn", frame)
+        await pub.publish_file("bank_churn", "bank_churn", path)
+    stored = {e["event_id"]: e for e in fiddler.events()}
+    assert [stored[i]["timestamp"] for i in ("t0", "t1", "p0", "p1")] == [
+        "2024-01-01 10:00:00",
+        "2024-01-02 11:00:00.000500",
+    ] * 2
+    assert stored["t1"]["price"] == stored["p1"]["price"] == 12345678901234567.25
+
+
+async def test_what_cannot_go_as_a_file_is_refused_at_the_call(
+    fiddler: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    frame = pd.DataFrame([bank_event(i) for i in range(2)])
+    waits = frame.assign(wait=[dt.timedelta(seconds=1), dt.timedelta(0)])
+    path = tmp_path / "events.csv"
+    frame.to_csv(path, index=False)
+    async with loopback_publisher(fiddler) as pub:
+        with pytest.raises(EventError, match="event_ids has 1 values for 2 rows"):
+            await pub.publish_file("bank_churn", "bank_churn", frame, event_ids=["a"])
+        with pytest.raises(EventError, match="the column 'wait' holds Duration"):
+            await pub.publish_file("bank_churn", "bank_churn", waits)
+        with pytest.raises(ValueError, match="event_ids= places ids in a DataFrame"):
+            await pub.publish_file("bank_churn", "bank_churn", path, event_ids=["a", "b"])
+        monkeypatch.setattr(backfill, "MAX_UPLOAD_BYTES", 100)  # the file is bigger
+        with pytest.raises(ValueError, match="under 100 MB"):
+            await pub.publish_file("bank_churn", "bank_churn", path)
+    assert not [r for r in fiddler.requests() if r["path"] == "/v3/files/upload"]
+
+
+async def test_a_job_past_the_timeout_is_named(inproc: InProcessFiddler) -> None:
+    """The job keeps running on the server: the error says which, so that the file is not
+    published twice by a caller who tries again."""
+    emulator = inproc.transport()
+
+    async def never_done(request: httpx.Request) -> httpx.Response:
+        if request.url.path.startswith("/v3/jobs/"):
+            running = {"id": request.url.path.rpartition("/")[2], "status": "STARTED"}
+            return httpx.Response(200, json={"data": running, "kind": "NORMAL"})
+        return await emulator.handle_async_request(request)
+
+    frame = pd.DataFrame([bank_event(i) for i in range(3)])
+    transport = httpx.MockTransport(never_done)
+    async with AsyncPublisher("https://f.test", TOKEN, config=config(), transport=transport) as pub:
+        with pytest.raises(FileJobTimeoutError) as caught:
+            await pub.publish_file("bank_churn", "bank_churn", frame, poll_interval=0.01, timeout=2)
+    error = caught.value
+    assert isinstance(error, TimeoutError)
+    assert error.job_id is not None
+    assert f"job {error.job_id} was STARTED: it may still finish" in str(error)

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from fiddler_async.emulator import Emulator, Store, emulator_process
+from fiddler_async.rows import RowError, coerce_row
 
 from .in_process import TOKEN
 
@@ -319,3 +320,15 @@ def test_serve_stops_while_a_request_hangs() -> None:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{url}/v3/events", json={}, headers=headers, timeout=0.5)
     # Leaving the block terminated the server and waited for it (10 s at most): it stopped.
+
+
+def test_file_integers_are_read_exactly() -> None:
+    """Text of an int column, read exactly (through a float, 2**53 + 1 would become 2**53);
+    past 64 bits, no JSON reader takes it: an error naming the column."""
+    types = {"n": "int"}
+    assert coerce_row(1, {"n": "9007199254740993"}, types) == {"n": 9007199254740993}
+    assert coerce_row(1, {"n": " 38.0 "}, types) == {"n": 38}
+    assert coerce_row(1, {"n": "1e3"}, types) == {"n": 1000}
+    for text in ("18446744073709551616", "1e1000000000", "1.5"):
+        with pytest.raises(RowError, match="column 'n'"):
+            coerce_row(7, {"n": text}, types)

@@ -8,7 +8,7 @@ import enum
 import json
 import math
 import uuid
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -117,6 +117,11 @@ class Opaque:
     pass
 
 
+class Point(NamedTuple):
+    x: int
+    y: int
+
+
 @pytest.mark.parametrize(
     ("event", "field"),
     [
@@ -125,6 +130,8 @@ class Opaque:
         ({"blob": b"bytes are ambiguous"}, "blob"),
         ({"big": 2**70}, "big"),
         ({"m": {1: "x"}}, "m[1]"),
+        ({"d": decimal.Decimal("1E+400")}, "d"),  # no double holds it: Fiddler cannot read it
+        ({"p": Point(1, 2)}, "p"),  # orjson refuses a namedtuple whole, its items one by one
     ],
 )
 def test_unencodable_value_names_the_field(event: dict[str, Any], field: str) -> None:

@@ -176,7 +176,16 @@ async def test_values_polars_would_change_go_row_by_row(fiddler: Emulator) -> No
         with pytest.raises(EventBatchError) as caught:  # a Period is no JSON value
             await pub.publish_events_batch("bank_churn", "bank_churn", periods)
         assert caught.value.errors[0].field == "month"  # type: ignore[attr-defined]
-        assert (await pub.flush(10)).delivered == 1
+        # A 256-bit decimal makes polars panic (not an Exception): the rows go as dicts do.
+        wide = pa.table({"age": [2], "price": pa.array([exact], type=pa.decimal256(40, 20))})
+        await pub.publish_events_batch("bank_churn", "bank_churn", wide)
+        # polars would write a 128-bit integer as a float: refused as a dict's would be.
+        huge = pl.DataFrame({"age": [3], "count": pl.Series([2**100 + 1], dtype=pl.Int128)})
+        with pytest.raises(EventBatchError) as caught:
+            await pub.publish_events_batch("bank_churn", "bank_churn", huge)
+        assert caught.value.errors[0].field == "count"  # type: ignore[attr-defined]
+        assert (await pub.flush(10)).delivered == 2
+    assert [e["price"] for e in fiddler.events()] == [float(exact)] * 2
 
 
 async def test_what_polars_cannot_write_goes_row_by_row(fiddler: Emulator) -> None:

@@ -3,6 +3,7 @@ processors and exporters, read through the OpenTelemetry SDK's in-memory reader.
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import pytest
@@ -15,7 +16,8 @@ pytest.importorskip("opentelemetry.sdk")
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from fiddler_async.otel import instrument
+from fiddler_async import AsyncPublisher, __version__
+from fiddler_async.otel import _by_meter, instrument
 
 pytestmark = pytest.mark.anyio
 
@@ -107,3 +109,17 @@ async def test_publishers_sharing_a_provider_and_a_close_with_requests_in_flight
     assert all(after[name] >= count for name, count in before.items())  # never goes down
     shutdown = value(found, "fiddler_async.exporter.exported", **{"error.type": "shutdown"})
     assert shutdown.value == 10
+
+
+def test_publishers_that_are_gone_are_forgotten() -> None:
+    """Short-lived publishers, each instrumented: a provider does not keep one entry each."""
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    kept = AsyncPublisher("http://127.0.0.1:9", "t")
+    instrument(kept, provider)
+    for _ in range(50):
+        instrument(AsyncPublisher("http://127.0.0.1:9", "t"), provider)
+    gc.collect()
+    meter, instruments = _by_meter[id(provider.get_meter("fiddler_async", __version__))]
+    assert meter is provider.get_meter("fiddler_async", __version__)
+    assert [ref() for ref, _ in instruments.publishers] == [kept]

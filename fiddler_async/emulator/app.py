@@ -30,7 +30,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..backfill import MAX_UPLOAD_BYTES
 from ..destination import ENV_TYPES
+from ..encode import encode_event
+from ..exceptions import EventEncodeError
 from ..rows import RowError, coerce_row, file_format, read_rows, type_problem
 from .catalog import ORGANIZATION, USER, Catalog, ModelDef
 from .faults import Faults
@@ -41,8 +44,6 @@ __all__ = ["EmulatorState", "create_app"]
 
 SERVER_VERSION = "25.2.0"
 MAX_EVENTS = 1000
-MAX_UPLOAD_BYTES = 100 * 1024 * 1024
-"""Fiddler takes a file under 100 MB in one upload; larger ones go in parts (not emulated)."""
 
 
 @dataclass
@@ -255,7 +256,12 @@ def _file_rows(
         try:
             if isinstance(row, RowError):
                 raise row
-            rows.append(coerce_row(line, row, model.types))
+            typed = coerce_row(line, row, model.types)
+            try:
+                encode_event(typed)  # what the store cannot hold, Fiddler cannot take either
+            except EventEncodeError as exc:
+                raise RowError(line, str(exc)) from None
+            rows.append(typed)
         except RowError as exc:
             problems.append(str(exc))
     return rows, problems

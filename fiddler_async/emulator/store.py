@@ -25,6 +25,8 @@ from typing import Any
 
 import orjson
 
+from ..encode import encode_event
+
 __all__ = ["Store"]
 
 # The rows of one event: same model, environment and id.
@@ -319,7 +321,8 @@ class Store:
 
 
 def _json(event: Mapping[str, Any]) -> str:
-    return orjson.dumps(event).decode()
+    """An event as stored: as JSON, the values of a file's rows (decimals, times) included."""
+    return encode_event(event).decode()
 
 
 def _id_of(event: Mapping[str, Any], id_col: str | None) -> str | None:
