@@ -99,8 +99,8 @@ class Lane:
         for the same model (:meth:`ModelRef.may_be`) is still queued or in flight, so that it
         never reaches the server ahead of the event it joins."""
         self.spooled = 0
-        """For an insert lane: its events this process put in the spool and has not replayed
-        yet. While there are some, this model's updates go to the spool too, behind them."""
+        """Its events this process put in the spool and has not replayed yet. While there are
+        some, this model's updates go to the spool too, behind them."""
 
     def first(self) -> int:
         """The sequence number of the oldest queued event (the lane must hold one)."""
@@ -154,7 +154,7 @@ class Lane:
             oldest = self.first()
         return oldest
 
-    def _inserts_unsent(self) -> int | None:
+    def inserts_unsent(self) -> int | None:
         """For an update lane: the oldest insert, of a model this lane's may be, that is still
         queued or in flight. The updates accepted after it wait."""
         model, oldest = self.dest.model, None
@@ -176,22 +176,24 @@ class Lane:
             return False
         if self.in_flight:
             return True
-        inserts = self._inserts_unsent()
+        inserts = self.inserts_unsent()
         return inserts is not None and inserts < self.first()
 
     def sendable(self, count: int) -> int:
         """Of the ``count`` oldest queued events, how many may go in one request: for an update
         lane, those accepted before every insert it waits for (see :meth:`blocked`)."""
-        inserts = None if self.after is None else self._inserts_unsent()
+        inserts = None if self.after is None else self.inserts_unsent()
         if inserts is None or self.seqs[self.head + count - 1] < inserts:
             return count
         return bisect_right(self.seqs, inserts, self.head, self.head + count) - self.head
 
     def follows_spooled(self) -> bool:
-        """For an update lane: whether inserts of its model may be in the spool, not sent yet."""
+        """For an update lane: whether updates of it, or inserts of its model, may be in the
+        spool, not sent yet (then its updates follow them there)."""
         model = self.dest.model
-        return self.after is not None and any(
-            lane.spooled and lane.dest.model.may_be(model) for lane in self.after
+        return self.after is not None and (
+            self.spooled > 0
+            or any(lane.spooled and lane.dest.model.may_be(model) for lane in self.after)
         )
 
 
@@ -407,9 +409,25 @@ class EventBuffer:
 
     def _drop(self, lane: Lane, items: list[Item], reason: str) -> None:
         if self._spill is not None:
+            if lane.after is not None:
+                self._spill_inserts_before(lane, items[-1][0])
             self._spill(lane.dest, items)
             return
         self._count_dropped(items, reason)
+
+    def _spill_inserts_before(self, updates: Lane, seq: int) -> None:
+        """``drop_newest`` spills a new update to the spool: the inserts it may join, still
+        queued, go there first, so that the spool replays them before it. (``drop_oldest``
+        evicts them first anyway, being older.)"""
+        model = updates.dest.model
+        for lane in updates.after or ():
+            if not lane.bodies or lane.first() > seq or not lane.dest.model.may_be(model):
+                continue
+            count = bisect_right(lane.seqs, seq, lane.head) - lane.head
+            seqs, run = lane.pop(count)
+            self._forget(lane, count, sum(map(len, run)))
+            assert self._spill is not None
+            self._spill(lane.dest, list(map(unpack, seqs, run)))
 
     def _count_dropped(self, items: Sequence[tuple[Any, ...]], reason: str) -> None:
         """Settle ``items`` (their sequence number first) as dropped, and warn (the message

@@ -12,6 +12,8 @@ beyond that (a disk slower than the incoming events) an event is dropped, reason
 from __future__ import annotations
 
 import datetime as dt
+import math
+from bisect import insort
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -65,6 +67,8 @@ class SpoolWriter:
     def offer(self, dest: Destination, items: list[Item]) -> None:
         """Spill ``items`` (never waits). Without room in transit they are dropped, reason
         ``spool_behind``, unless closing (then :meth:`drain` writes them all)."""
+        if not items:
+            return
         size = sum(len(item[1]) for item in items)
         if not self.closing and self.transit_bytes + size > self._limit:
             self._ledger.settle(items, "dropped", "spool_behind")
@@ -76,33 +80,59 @@ class SpoolWriter:
             return
         self.transit_bytes += size
         self.transit_events += len(items)
-        if not dest.update:  # from now on, its updates must follow it through the spool
-            self._buffer.lane(dest).spooled += len(items)
+        # From now on, the model's updates must follow these through the spool.
+        self._buffer.lane(dest).spooled += len(items)
         if self.drained:  # a delivery cancelled after the close drained the rest
             self._write_and_settle(dest, items)
             return
-        self._chunks.append((dest, items))
+        # In the order the events were accepted (a batch that failed in flight comes after
+        # later ones that overflowed): the files, and so the replay, keep that order.
+        insort(self._chunks, (dest, items), key=_first_seq)
         if self._wakeup is not None:
             self._wakeup.set()
 
-    def _take(self) -> tuple[Destination, list[Item]]:
-        """The oldest chunk, joined with the next ones of the same destination (one file)."""
-        dest, items = self._chunks.popleft()
+    def _take(self, *, all_free: bool = False) -> tuple[Destination, list[Item]] | None:
+        """The oldest chunk free to be written, joined with the next ones of the same
+        destination (one file); None while every chunk waits. A chunk of updates waits while
+        an insert accepted before it is still queued or in flight (``all_free``: none waits):
+        should that insert fail and be spilled, its file must come first."""
+        free = [
+            i for i, (dest, items) in enumerate(self._chunks) if all_free or self._free(dest, items)
+        ]
+        if not free:
+            return None
+        dest, items = self._chunks[free[0]]
+        del self._chunks[free[0]]
         items = list(items)
-        while self._chunks and self._chunks[0][0] is dest:
-            if len(items) + len(self._chunks[0][1]) > self._batch_events:
+        at = free[0]
+        while at < len(self._chunks) and self._chunks[at][0] is dest:
+            following = self._chunks[at][1]
+            if len(items) + len(following) > self._batch_events or not (
+                all_free or self._free(dest, following)
+            ):
                 break
-            items.extend(self._chunks.popleft()[1])
+            items.extend(following)
+            del self._chunks[at]
         return dest, items
+
+    def _free(self, dest: Destination, items: list[Item]) -> bool:
+        if not dest.update:
+            return True
+        inserts = self._buffer.lane(dest).inserts_unsent()
+        return inserts is None or inserts > items[-1][0]
 
     async def run(self) -> None:
         while True:
-            if not self._chunks:
+            taken = self._take() if self._chunks else None
+            if taken is None:
+                # Nothing, or updates waiting for their inserts: the buffer wakes only the
+                # flusher, so look again soon while some wait.
                 self._wakeup = anyio.Event()
-                await self._wakeup.wait()
+                with anyio.move_on_after(0.05 if self._chunks else math.inf):
+                    await self._wakeup.wait()
                 self._wakeup = None
                 continue
-            dest, items = self._take()
+            dest, items = taken
             outcome: list[BaseException | None] = []
             try:
                 await anyio.to_thread.run_sync(self._write, dest, items, outcome)
@@ -117,7 +147,9 @@ class SpoolWriter:
     def drain(self) -> None:
         """Write every chunk still waiting now, blocking (at close, after the tasks end)."""
         while self._chunks:
-            self._write_and_settle(*self._take())
+            taken = self._take(all_free=True)
+            assert taken is not None
+            self._write_and_settle(*taken)
         self.drained = True
 
     def _write_and_settle(self, dest: Destination, items: list[Item]) -> None:
@@ -143,9 +175,8 @@ class SpoolWriter:
             self.written.set()
             self.written = anyio.Event()
             return
-        if not dest.update:
-            lane = self._buffer.lane(dest)
-            lane.spooled = max(0, lane.spooled - len(items))
+        lane = self._buffer.lane(dest)
+        lane.spooled = max(0, lane.spooled - len(items))
         reason = "spool_full" if isinstance(error, SpoolFullError) else "spool_error"
         self._ledger.settle(items, "dropped", reason)
         self._log.error(
@@ -284,15 +315,15 @@ class Replayer:
             # Report first: a crash before the file goes repeats a dead letter, never loses one.
             for failure in DeliveryFailure.grouped(dest, given_up):
                 await self._report(failure)
-            # Only this process's own inserts count down: replaying an earlier process's
-            # file must not let updates go live while this one's inserts are still on disk.
+            # Only this process's own files count down: replaying an earlier process's file
+            # must not let updates go live while this one's events are still on disk.
             own = path.name in spool.written_here
             if not kept:
                 await anyio.to_thread.run_sync(spool.remove, path)
             elif len(kept) < len(batch.items):
                 await anyio.to_thread.run_sync(spool.rewrite, path, batch.key, kept)
             settled = len(batch.items) - len(kept)
-            if own and not dest.update:
+            if own:
                 lane = self._buffer.lane(dest)
                 lane.spooled = max(0, lane.spooled - settled)
             replayed += settled - len(given_up)
@@ -302,6 +333,10 @@ class Replayer:
                 error = next(error for _, error in failed if not _refused(error))
                 return ReplayResult(replayed, refused, len(paths) - index, error)
         return ReplayResult(replayed, refused)
+
+
+def _first_seq(chunk: tuple[Destination, list[Item]]) -> int:
+    return chunk[1][0][0]
 
 
 def dead_letter_lines(failure: DeliveryFailure) -> list[bytes]:

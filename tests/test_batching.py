@@ -140,7 +140,7 @@ async def test_an_update_naming_the_model_otherwise_still_waits_for_its_insert(
         pub.publish_event_nowait(*update_to, {"churn": "yes"}, event_id=eid, update_event=True)
         await anyio.wait_all_tasks_blocked()  # the flusher would have sent the update by now
         held = pub.stats()
-        fiddler.set_faults()
+        fiddler.set_faults(latency=0)
         assert (await pub.flush(30)).complete
     assert (held.queued_events, held.in_flight_requests) == (1, 1)  # the update was held
     assert fiddler.early_updates() == 0
@@ -204,7 +204,7 @@ async def test_an_update_does_not_wait_for_another_model(fiddler: Emulator) -> N
             "bank_churn", "bank_churn", {"churn": "yes"}, event_id=eid, update_event=True
         )
         await eventually(lambda: pub.stats().in_flight_requests == 2)  # the two side by side
-        fiddler.set_faults()
+        fiddler.set_faults(latency=0)
         assert (await pub.flush(30)).complete
     assert fiddler.early_updates() == 0
 

@@ -333,6 +333,88 @@ async def test_an_earlier_process_files_do_not_release_this_one_updates(
     assert fiddler.early_updates() == 0
 
 
+async def test_at_the_close_deadline_an_insert_in_flight_is_spooled_before_its_update(
+    fiddler: Emulator, tmp_path: Path
+) -> None:
+    async with loopback_publisher(fiddler, spool_dir=tmp_path, linger=0.01) as pub:
+        await pub.resolve("bank_churn", "bank_churn")
+        fiddler.set_faults(script=["hang"])  # the insert's request
+        pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(1), event_id="e1")
+        await eventually(lambda: pub.stats().in_flight_events == 1)
+        label = {"churn": "yes"}
+        pub.publish_event_nowait(
+            "bank_churn", "bank_churn", label, event_id="e1", update_event=True
+        )
+        closed = await pub.aclose(0.3)
+    assert closed.spooled == 2
+    spool = Spool(tmp_path, 10**6, fsync=False)
+    assert [spool.read(path).key.update for path in spool.batches()] == [False, True]
+
+
+@pytest.mark.parametrize("overflow", ["drop_newest", "drop_oldest"])
+async def test_an_update_spilled_by_a_full_queue_stays_behind_its_insert(
+    fiddler: Emulator, tmp_path: Path, overflow: str
+) -> None:
+    """The queue overflows into the spool while the insert is queued (``drop_newest`` spills
+    the new update) or in flight (``drop_oldest`` evicts the held update): the replay must
+    not send the update first."""
+    publisher = loopback_publisher(
+        fiddler, spool_dir=tmp_path, overflow=overflow, max_queue_events=2, linger=3600
+    )
+    async with publisher as pub, anyio.create_task_group() as tasks:
+        await pub.resolve("bank_churn", "bank_churn")
+        await pub.resolve("bank_churn", "bank_churn_v2")
+        pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(1), event_id="e1")
+        label = {"churn": "yes"}
+        if overflow == "drop_oldest":  # the insert goes, and takes a while
+            fiddler.set_faults(latency=1)
+            tasks.start_soon(pub.flush, 10)
+            await eventually(lambda: pub.stats().in_flight_events == 1)
+            pub.publish_event_nowait(
+                "bank_churn", "bank_churn", label, event_id="e1", update_event=True
+            )
+            # Another model's events: the queue overflows, and evicts the (held) update.
+            for i in range(2):
+                pub.publish_event_nowait("bank_churn", "bank_churn_v2", {"customer_id": f"v{i}"})
+        else:  # another model's event fills the queue: the update is spilled at once
+            pub.publish_event_nowait("bank_churn", "bank_churn_v2", {"customer_id": "v0"})
+            pub.publish_event_nowait(
+                "bank_churn", "bank_churn", label, event_id="e1", update_event=True
+            )
+            # ...and its insert, queued, goes to the spool before it.
+            assert pub.stats().spooled + pub.stats().spilling_events == 2
+        assert pub.stats().spooled + pub.stats().spilling_events >= 1
+        fiddler.set_faults(latency=0)
+        await pub.flush(10)
+        await eventually(lambda: pub.stats().replayed == pub.stats().spooled)
+    assert fiddler.early_updates() == 0
+    assert [e["churn"] for e in fiddler.events("bank_churn", "bank_churn")] == ["yes"]
+
+
+async def test_an_update_spooled_holds_back_the_next_of_its_id(
+    fiddler: Emulator, tmp_path: Path
+) -> None:
+    """The first label of an id runs out of retries and is spooled: the second follows it
+    there, or the replay of the first would overwrite it."""
+    async with loopback_publisher(fiddler, spool_dir=tmp_path, **SPILL_SOON) as pub:
+        await pub.publish_event("bank_churn", "bank_churn", bank_event(1), event_id="e1")
+        assert (await pub.flush(10)).delivered == 1
+        fiddler.set_faults(outage_seconds=1000)
+        label = {"churn": "no"}
+        pub.publish_event_nowait(
+            "bank_churn", "bank_churn", label, event_id="e1", update_event=True
+        )
+        assert (await pub.flush(10)).spooled == 1
+        fiddler.set_faults(outage_seconds=0)  # back, before the spool is replayed
+        label = {"churn": "yes"}
+        pub.publish_event_nowait(
+            "bank_churn", "bank_churn", label, event_id="e1", update_event=True
+        )
+        assert (await pub.flush(10)).spooled == 1
+        await pub.replay_spool()
+    assert [e["churn"] for e in fiddler.events()] == ["yes"]
+
+
 async def test_a_request_level_refusal_keeps_the_spool(fiddler: Emulator, tmp_path: Path) -> None:
     """A wrong token (401) at replay is no reason to give the events up: only events the
     server refuses for what they hold become dead letters."""
