@@ -25,7 +25,13 @@ import anyio
 import uvicorn
 from fastapi import FastAPI, Request
 
-from fiddler_async import AsyncPublisher, NotFoundError, PublisherConfig
+from fiddler_async import (
+    AsyncPublisher,
+    AuthenticationError,
+    NotFoundError,
+    PermissionDeniedError,
+    PublisherConfig,
+)
 
 PROJECT, MODEL = "bank_churn", "bank_churn"
 log = logging.getLogger("fastapi_app")
@@ -42,14 +48,16 @@ def churn_score(features: dict[str, Any]) -> float:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     config = PublisherConfig(close_timeout=5.0)
     async with AsyncPublisher(config=config) as publisher:
-        # A wrong model name stops the app here; an unreachable Fiddler does not.
-        with anyio.move_on_after(5.0):
+        # A wrong model name or token stops the app here; an unreachable Fiddler does not.
+        with anyio.move_on_after(5.0) as waited:
             try:
                 await publisher.resolve(PROJECT, MODEL)
-            except NotFoundError:
-                raise
+            except (NotFoundError, AuthenticationError, PermissionDeniedError):
+                raise  # Fiddler answered: every event would fail
             except Exception as exc:  # the backend's trouble: events wait in the queue
                 log.warning("Fiddler not reachable at startup (%s); publishing anyway", exc)
+        if waited.cancelled_caught:
+            log.warning("Fiddler did not answer within 5 s at startup; publishing anyway")
         app.state.fiddler = publisher
         yield
     # Leaving the block flushed and closed the publisher.

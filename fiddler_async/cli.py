@@ -35,6 +35,7 @@ from .exceptions import EventError, FiddlerError, NotFoundError
 from .flusher import DeliveryFailure
 from .publisher import AsyncPublisher
 from .rows import RowError, coerce_row, count_rows, file_format, read_rows
+from .spooler import ReplayResult
 from .stats import StatsSnapshot
 
 if TYPE_CHECKING:
@@ -54,7 +55,10 @@ def _console() -> tuple[Console, Console]:
     try:
         from rich.console import Console  # noqa: PLC0415
     except ImportError:  # pragma: no cover
-        raise _Fatal("this command needs the cli extra: pip install 'fiddler-async[cli]'") from None
+        raise _Fatal(
+            "this command needs the cli extra: pip install 'fiddler-async[cli]' "
+            "(from a clone: '.[cli]')"
+        ) from None
     return Console(soft_wrap=True), Console(stderr=True, soft_wrap=True)
 
 
@@ -63,7 +67,8 @@ def _emulator_module() -> Any:
         from . import emulator  # noqa: PLC0415
     except ImportError:
         raise _Fatal(
-            "the emulator needs the server extra: pip install 'fiddler-async[server]'"
+            "the emulator needs the server extra: pip install 'fiddler-async[server]' "
+            "(from a clone: '.[server]')"
         ) from None
     return emulator
 
@@ -81,7 +86,10 @@ async def _publish(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise _Fatal(str(exc)) from None
     if fmt == "parquet" and importlib.util.find_spec("pyarrow") is None:
-        raise _Fatal("Parquet files need pyarrow: pip install 'fiddler-async[parquet]'")
+        raise _Fatal(
+            "Parquet files need pyarrow: pip install 'fiddler-async[parquet]' "
+            "(from a clone: '.[parquet]')"
+        )
     url = args.url or os.environ.get("FIDDLER_URL")
     token = args.token or os.environ.get("FIDDLER_TOKEN")
     async with contextlib.AsyncExitStack() as stack:
@@ -273,10 +281,20 @@ async def _replay(args: argparse.Namespace) -> int:
     token = args.token or os.environ.get("FIDDLER_TOKEN")
     if not url or not token:
         raise _Fatal("replay needs a server: pass --url and --token (or FIDDLER_URL/_TOKEN)")
-    config = PublisherConfig(spool_dir=directory, log_interval=5, retry_max_elapsed=args.timeout)
+    # --timeout bounds the whole command: no request, retry or close may outlast it.
+    config = PublisherConfig(
+        spool_dir=directory,
+        log_interval=5,
+        retry_max_elapsed=args.timeout,
+        request_timeout=min(30.0, args.timeout),
+        connect_timeout=min(5.0, args.timeout),
+        close_timeout=1.0,  # nothing is queued: the close only ends the replay
+    )
     refused: list[DeliveryFailure] = []
     async with AsyncPublisher(url, token, config=config, on_error=refused.append) as pub:
-        result = await pub.replay_spool()
+        result = ReplayResult(error=TimeoutError(f"no answer in {args.timeout:g} s"))
+        with anyio.move_on_after(args.timeout):
+            result = await pub.replay_spool()
         replayed = pub.stats().replayed  # the background may have sent some first
     out.print(f"replayed {replayed:,} event(s) from {directory} to {url}", highlight=False)
     for failure in refused:
@@ -291,7 +309,7 @@ async def _replay(args: argparse.Namespace) -> int:
     if result.error is not None:
         err.print(
             f"stopped: {type(result.error).__name__}: {result.error}; "
-            f"{result.remaining} batch file(s) still wait in {directory}",
+            f"the rest still waits in {directory}",
             highlight=False,
         )
         return 1
@@ -434,6 +452,9 @@ def _inspect_url(args: argparse.Namespace) -> tuple[dict[str, Any], list[Any], d
     with httpx.Client(base_url=args.url, headers={"Authorization": f"Bearer {token}"}) as client:
         try:
             summary = client.get("/_emulator/summary").raise_for_status().json()
+            served = [(m["project"], m["model"]) for m in summary.get("models", [])]
+            if not (args.project or args.model) and served and tuple(params.values()) not in served:
+                params = dict(zip(("project", "model"), served[0], strict=True))  # as with --db
             events = (
                 client.get("/_emulator/events", params={**params, "limit": args.events})
                 .raise_for_status()

@@ -30,6 +30,9 @@ def fiddler_emulator() -> Iterator[Emulator]:
     try:
         from .emulator import running_emulator  # noqa: PLC0415
     except ImportError as exc:  # pragma: no cover
-        pytest.fail(f"fiddler_emulator needs: pip install 'fiddler-async[server]' ({exc})")
+        pytest.fail(
+            "fiddler_emulator needs the server extra: pip install 'fiddler-async[server]' "
+            f"(from a clone: '.[server]'): {exc}"
+        )
     with running_emulator() as emulator:
         yield emulator

@@ -332,3 +332,24 @@ def test_file_integers_are_read_exactly() -> None:
     for text in ("18446744073709551616", "1e1000000000", "1.5"):
         with pytest.raises(RowError, match="column 'n'"):
             coerce_row(7, {"n": text}, types)
+
+
+def test_inspect_by_url_shows_the_model_served_when_none_is_named(tmp_path: Path) -> None:
+    models = tmp_path / "models.toml"
+    models.write_text(
+        '[[models]]\nproject = "fraud"\nname = "detector"\nevent_id_col = "event_id"\n'
+        '[models.columns]\nevent_id = "str"\namount = "float"\n'
+    )
+    with emulator_process("--models", str(models), token="t0k3n") as url:
+        with httpx.Client(base_url=url, headers={"Authorization": "Bearer t0k3n"}) as client:
+            model_id = client.get("/v3/models").json()["data"]["items"][0]["id"]
+            body = {
+                "source": {"type": "EVENTS", "events": [{"event_id": "f1", "amount": 9.5}]},
+                "model_id": model_id,
+                "env_type": "PRODUCTION",
+                "env_name": None,
+            }
+            assert client.post("/v3/events", json=body).is_success
+        shown = cli("inspect", "--url", url, "--token", "t0k3n", "--events", "1")
+    assert shown.returncode == 0, shown.stderr
+    assert '"event_id": "f1"' in shown.stdout

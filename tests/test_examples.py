@@ -119,3 +119,24 @@ def test_sigterm_sends_what_is_queued(
     _, stderr = process.communicate(timeout=60)
     assert_closed_cleanly(process, stderr)
     assert set(ids) <= stored(fiddler)
+
+
+@pytest.mark.parametrize("token", [TOKEN, "wrong-token"])
+def test_the_fastapi_app_does_not_start_with_a_wrong_token(fiddler: Emulator, token: str) -> None:
+    """Fiddler answered that the token is wrong: every event would fail, so the app stops at
+    startup, as for a wrong model name (the right token, the control, serves)."""
+    pytest.importorskip("fastapi")
+    port = free_port()
+    env = {**os.environ, "FIDDLER_URL": fiddler.url, "FIDDLER_TOKEN": token, "PORT": str(port)}
+    command = [sys.executable, str(EXAMPLES / "fastapi_app.py")]
+    with subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True) as process:
+        try:
+            if token == TOKEN:
+                wait_until_serving(f"http://127.0.0.1:{port}", process)
+            else:
+                _, stderr = process.communicate(timeout=30)
+                assert process.returncode != 0
+                assert "AuthenticationError" in stderr
+        finally:
+            if process.poll() is None:
+                process.kill()

@@ -260,6 +260,20 @@ def test_a_process_killed_mid_stream_loses_nothing_it_synced(
     assert batch_files(spool_dir) == []
 
 
+def test_replay_on_the_command_line_keeps_to_its_timeout(fiddler: Emulator, tmp_path: Path) -> None:
+    """A server that takes the request and never answers: the command stops at --timeout
+    (not after the request's own 30 s timeout, the retries and the close), keeping the file."""
+    key = SpoolKey("bank_churn", "bank_churn", "PRODUCTION", None, False)
+    Spool(tmp_path, 10**6, fsync=False).write(key, [(0, orjson.dumps(bank_event(1)), None)])
+    fiddler.set_faults(script=["hang"])
+    command = [sys.executable, "-m", "fiddler_async.cli", "replay", str(tmp_path)]
+    command += ["--url", fiddler.url, "--token", TOKEN, "--timeout", "1"]
+    replay = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+    assert replay.returncode == 1
+    assert "no answer in 1 s" in replay.stderr
+    assert len(batch_files(tmp_path)) == 1
+
+
 async def test_a_slow_disk_at_the_close_deadline_loses_nothing(
     fiddler: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
