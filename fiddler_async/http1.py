@@ -474,14 +474,15 @@ def _describe(exc: BaseException) -> str:
 
 
 def transport_for(
-    url: str, *, verify: bool, max_connections: int
+    url: str, *, verify: bool, max_connections: int, direct: bool = False
 ) -> httpx.AsyncBaseTransport | None:
     """This transport for ``url``, or None where httpx's own must do: a proxy is configured
-    (httpx follows those settings, with their exceptions; this does not). The TLS context of
-    an https URL is made now, so that a CA file that cannot be read fails here."""
+    (httpx follows those settings, with their exceptions; this does not), unless ``direct``.
+    The TLS context of an https URL is made now, so that a CA file that cannot be read fails
+    here."""
     scheme = httpx.URL(url).scheme
     proxies = urllib.request.getproxies()
-    if scheme in proxies or "all" in proxies:
+    if not direct and (scheme in proxies or "all" in proxies):
         return None
     return HTTP1Transport(
         verify=tls_context(verify) if scheme == "https" else verify,

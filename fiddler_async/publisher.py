@@ -236,11 +236,15 @@ class AsyncPublisher:
             raise PublisherClosedError(f"start() on a publisher that is {self._state.value}")
         config = self._config
         slots = config.max_in_flight + 2  # and room for name lookups beside the publishes
+        # A loopback URL names this machine: never through a proxy of the environment, which
+        # would carry the token in clear text over the network (http is allowed only there).
+        direct = _is_loopback(httpx.URL(self._url).host)
         try:  # first: TLS that cannot be set up (an unreadable SSL_CERT_FILE) stops start() here
             transport = self._transport or transport_for(
-                self._url, verify=config.tls_verify, max_connections=slots
+                self._url, verify=config.tls_verify, max_connections=slots, direct=direct
             )
             client = httpx.AsyncClient(  # with httpx's transport too, where a proxy is set
+                trust_env=not direct,
                 base_url=self._url,
                 headers=client_headers(self._token),
                 timeout=httpx.Timeout(config.request_timeout, connect=config.connect_timeout),

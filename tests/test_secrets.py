@@ -12,6 +12,7 @@ from fiddler_async import AsyncPublisher, ConfigurationError, DeliveryFailure, P
 from fiddler_async.emulator import Emulator
 
 from .conftest import bank_event, config
+from .in_process import TOKEN
 
 SECRET = "s3cr3t-T0K3N-do-not-print"
 
@@ -31,6 +32,20 @@ def test_plain_http_to_another_machine_needs_consent() -> None:
     AsyncPublisher(
         "http://fiddler.internal", SECRET, config=PublisherConfig(allow_insecure_http=True)
     )
+
+
+@pytest.mark.anyio
+async def test_a_loopback_url_never_goes_through_a_proxy(
+    fiddler: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An HTTP proxy in the environment (common in companies) would get the token in clear
+    text: a loopback URL, the one plain-http case allowed, goes to this machine directly."""
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{closed_port()}")  # would refuse all
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    async with AsyncPublisher(fiddler.url, TOKEN, config=config()) as pub:
+        pub.publish_event_nowait("bank_churn", "bank_churn", bank_event())
+        assert (await pub.flush(10)).delivered == 1
 
 
 def closed_port() -> int:
