@@ -167,9 +167,10 @@ class Publisher:
         # loop in _drain), so that no update of either is lost without a shared lock.
         self._handoff_bytes_in = 0
         self._handoff_bytes_out = 0
-        self._handoff_dropped = 0
-        """Events the hand-off itself dropped (it was full); _drain counts them settled."""
-        self._handoff_dropped_settled = 0
+        self._handoff_dropped = {"queue_full": 0, "queue_bytes": 0}
+        """Events the hand-off itself dropped (it was full), by reason; _drain counts them
+        settled (and remembers how many in the next)."""
+        self._handoff_dropped_settled = dict.fromkeys(self._handoff_dropped, 0)
         self._drain_scheduled = False
         self._closing: threading.Event | None = None
         self._close_result = FlushResult()
@@ -260,10 +261,11 @@ class Publisher:
                 break
             self._handoff_bytes_out += len(prepared[1])
             offer(*prepared)
-        dropped = self._handoff_dropped - self._handoff_dropped_settled
-        if dropped:
-            self._handoff_dropped_settled += dropped
-            self._publisher._count_dropped(dropped, "queue_full")
+        for reason, count in self._handoff_dropped.items():
+            dropped = count - self._handoff_dropped_settled[reason]
+            if dropped:
+                self._handoff_dropped_settled[reason] += dropped
+                self._publisher._count_dropped(dropped, reason)
 
     def _restart_in_child(self) -> None:
         """In a forked child: the loop thread stayed in the parent. Start ours."""
@@ -273,7 +275,8 @@ class Publisher:
             self._pid = os.getpid()
             self._handoff.clear()  # the parent's, and the parent sends them
             self._handoff_bytes_in = self._handoff_bytes_out = 0
-            self._handoff_dropped = self._handoff_dropped_settled = 0
+            self._handoff_dropped = dict.fromkeys(self._handoff_dropped, 0)
+            self._handoff_dropped_settled = dict.fromkeys(self._handoff_dropped, 0)
             self._drain_scheduled = False
             if self._closed:
                 # The parent's loop is not here to ask, nor to finish a close it had begun.
@@ -408,18 +411,24 @@ class Publisher:
         loop is busy (a slow on_error, a big batch), memory stays bounded all the same, and
         what the drop policy pushes out is counted."""
         config = self._publisher.config
-        handoff = self._handoff
+        handoff, dropped = self._handoff, self._handoff_dropped
         size = len(prepared[1])
-        if (
-            len(handoff) >= config.max_queue_events
-            or self._handoff_bytes_in - self._handoff_bytes_out + size > config.max_queue_bytes
-        ):
+        while handoff:
+            if len(handoff) >= config.max_queue_events:
+                reason = "queue_full"
+            elif self._handoff_bytes_in - self._handoff_bytes_out + size > config.max_queue_bytes:
+                reason = "queue_bytes"
+            else:
+                break
             if config.overflow == "drop_newest":
-                self._handoff_dropped += 1
+                dropped[reason] += 1
                 return
-            with contextlib.suppress(IndexError):  # the loop may have taken it meanwhile
-                self._handoff_bytes_in -= len(handoff.popleft()[1])
-                self._handoff_dropped += 1
+            try:  # drop_oldest: until both bounds hold (a big event may push out many)
+                oldest = handoff.popleft()
+            except IndexError:  # the loop took the rest meanwhile
+                break
+            self._handoff_bytes_in -= len(oldest[1])
+            dropped[reason] += 1
         handoff.append(prepared)
         self._handoff_bytes_in += size
 

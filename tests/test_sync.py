@@ -223,6 +223,32 @@ def test_a_busy_loop_keeps_the_hand_off_bounded(fiddler: Emulator, backend: str)
     assert stats.accepted == stats.delivered + stats.failed + stats.dropped_total
 
 
+def test_a_busy_loop_keeps_the_hand_off_within_its_bytes(fiddler: Emulator, backend: str) -> None:
+    """Big events after small ones, the loop's thread held: each big one pushes out as many
+    old ones as it takes to keep the byte bound, not one for one."""
+    holding = threading.Event()
+
+    def slow_on_error(failure: DeliveryFailure) -> None:
+        holding.set()
+        time.sleep(1.0)
+
+    limit = 8192
+    pub = sync_publisher(
+        fiddler, backend, max_queue_bytes=limit, max_batch_bytes=4096, on_error=slow_on_error
+    )
+    with pub:
+        pub.publish_event("bank_churn", "bank_churn", {**bank_event(0), "age": "forty"})
+        assert holding.wait(10)
+        for i in range(200):
+            big = {**bank_event(i), "customer_id": "x" * (3000 if i >= 100 else 10)}
+            pub.publish_event("bank_churn", "bank_churn", big)
+            assert sum(len(body) for _, body, _ in pub._handoff) <= limit
+        pub.flush(30)
+        stats = pub.stats()
+    assert stats.dropped["queue_bytes"] > 0
+    assert stats.accepted == stats.delivered + stats.failed + stats.dropped_total
+
+
 SIGNAL_CHILD = """
 import signal, sys
 from fiddler_async import Publisher
