@@ -106,8 +106,9 @@ class _LoopThread:
                 await portal.sleep_until_stopped()
 
         def main() -> None:
+            options = {"loop_factory": _asyncio_loop} if backend == "asyncio" else {}
             try:
-                anyio.run(serve, backend=backend)
+                anyio.run(serve, backend=backend, backend_options=options)
             except BaseException as exc:  # e.g. trio asked for but not installed
                 failure.append(exc)
                 ready.set()
@@ -125,6 +126,39 @@ class _LoopThread:
             with contextlib.suppress(RuntimeError):  # the loop has already ended
                 self.portal.call(self.portal.stop, True)
         self.thread.join(5.0)
+
+
+class _DaemonExecutor(concurrent.futures.ThreadPoolExecutor):  # asyncio wants that kind
+    """The loop thread's default executor under asyncio, which resolves host names in it:
+    each call on a daemon thread of its own, never waited for. A lookup that hangs (a
+    resolver that does not answer: glibc takes 20 s) then holds neither ``close()``, when the
+    loop ends and asyncio shuts its executor down, nor the interpreter's exit, which joins the
+    threads of every ``ThreadPoolExecutor`` it started (this one starts none of its own)."""
+
+    def submit(
+        self, fn: Callable[..., T], /, *args: Any, **kwargs: Any
+    ) -> concurrent.futures.Future[T]:
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def run() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as exc:  # handed to the waiting coroutine, as an executor does
+                future.set_exception(exc)
+
+        threading.Thread(target=run, name="fiddler_async-executor", daemon=True).start()
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Nothing to wait for: the threads end with their calls, or with the process."""
+
+
+def _asyncio_loop() -> asyncio.AbstractEventLoop:
+    loop = asyncio.new_event_loop()
+    loop.set_default_executor(_DaemonExecutor())
+    return loop
 
 
 def _never(fn: Callable[[], object]) -> None:

@@ -249,6 +249,46 @@ def test_a_busy_loop_keeps_the_hand_off_within_its_bytes(fiddler: Emulator, back
     assert stats.accepted == stats.delivered + stats.failed + stats.dropped_total
 
 
+HUNG_RESOLVER_CHILD = """
+import socket, sys, time
+real = socket.getaddrinfo
+def hung(host, port=None, family=0, type=0, proto=0, flags=0):
+    # A resolver that does not answer (glibc gives up after 20 s). Whether the name is an
+    # address is answered at once: trio asks that on its loop's own thread.
+    name = host.decode() if isinstance(host, bytes) else host
+    if name == "fiddler.example.com" and not flags & socket.AI_NUMERICHOST:
+        time.sleep(60)
+    return real(host, port, family, type, proto, flags)
+socket.getaddrinfo = hung
+from fiddler_async import Publisher
+closed_by = sys.argv[2]
+pub = Publisher("https://fiddler.example.com", "t", backend=sys.argv[1], exit_timeout=0.5)
+for i in range(10):
+    pub.publish_event("p", "11111111-2222-3333-4444-555555555555", {"x": i})
+time.sleep(0.3)  # the lookup of the host name is under way, and hangs
+if closed_by == "close":
+    print(pub.close(0.5).dropped)
+"""
+
+
+@pytest.mark.parametrize("closed_by", ["close", "exit"])
+def test_a_hung_host_name_lookup_holds_neither_close_nor_exit(backend: str, closed_by: str) -> None:
+    """The lookup's thread is left to end on its own: the close keeps its deadline, and the
+    process ends (it would wait a minute for the thread otherwise)."""
+    child = subprocess.run(
+        [sys.executable, "-c", HUNG_RESOLVER_CHILD, backend, closed_by],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert child.returncode == 0, child.stderr
+    if closed_by == "close":
+        assert child.stdout.split() == ["10"]
+    else:
+        assert "10 dropped at the deadline" in child.stderr
+
+
 SIGNAL_CHILD = """
 import signal, sys
 from fiddler_async import Publisher
