@@ -24,6 +24,7 @@ by row, which writes decimals exactly and names any value that cannot be sent.
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +34,14 @@ from .destination import ModelInfo
 from .encode import new_event_id
 from .exceptions import EventError
 
-__all__ = ["EncodedFrame", "check_columns", "encode_frame", "frame_to_parquet", "is_frame"]
+__all__ = [
+    "EncodedFrame",
+    "check_columns",
+    "encode_frame",
+    "frame_to_parquet",
+    "is_frame",
+    "polars_rows",
+]
 
 _FRAME_TYPES = {("pandas", "DataFrame"), ("polars", "DataFrame"), ("pyarrow", "Table")}
 
@@ -222,6 +230,20 @@ def _place_ids(
         ids = generated.to_list()
         first.append(generated.alias(id_col))
     return df, ids, first
+
+
+def polars_rows(frame: Any) -> list[Mapping[str, Any]]:
+    """A polars frame's rows as dicts (the row way), its nanosecond datetime columns as text
+    first: a Python datetime holds microseconds, and pandas' and Arrow's rows keep them."""
+    import polars as pl  # noqa: PLC0415  (a polars frame: polars is there)
+
+    as_text = [
+        _datetime_text(pl, name, aware=dtype.time_zone is not None)
+        for name, dtype in frame.schema.items()
+        if isinstance(dtype, pl.Datetime) and dtype.time_unit == "ns"
+    ]
+    rows: list[Mapping[str, Any]] = (frame.with_columns(as_text) if as_text else frame).to_dicts()
+    return rows
 
 
 def _datetime_text(pl: Any, name: str, *, aware: bool) -> Any:

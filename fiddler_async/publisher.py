@@ -50,7 +50,7 @@ from .exceptions import (
     SchemaMismatchError,
 )
 from .flusher import DeliveryFailure, Flusher
-from .frames import check_columns, encode_frame, is_frame
+from .frames import check_columns, encode_frame, is_frame, polars_rows
 from .gate import Gate
 from .http1 import transport_for
 from .retry import RetryPolicy, is_retryable
@@ -1258,7 +1258,7 @@ def _rows(events: Any) -> list[Mapping[str, Any]]:
         if module == "pandas":
             records: list[Mapping[str, Any]] = events.to_dict(orient="records")
         elif module == "polars":
-            records = events.to_dicts()
+            records = polars_rows(events)
         else:
             records = events.to_pylist()
         return records

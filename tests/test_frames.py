@@ -240,3 +240,25 @@ async def test_a_frame_goes_as_its_rows_would_or_not_at_all(fiddler: Emulator) -
         (1, {"a": 1}),
         (2, {"b": 2}),
     ]
+
+
+async def test_nanoseconds_are_kept_on_the_row_way_too(fiddler: Emulator) -> None:
+    """A null id sends the frame row by row: its nanoseconds still go, for every frame kind."""
+    ns = [1704114000000000001, 1704114000000000002]
+    frames = {
+        "polars": pl.DataFrame(
+            {"event_id": ["a", None], "seen": pl.Series(ns, dtype=pl.Datetime("ns"))}
+        ),
+        "pandas": pd.DataFrame({"event_id": ["b", None], "seen": pd.to_datetime(ns)}),
+        "pyarrow": pa.table(
+            {"event_id": ["c", None], "seen": pa.array(ns, type=pa.timestamp("ns"))}
+        ),
+    }
+    async with loopback_publisher(fiddler) as pub:
+        for frame in frames.values():
+            await pub.publish_events_batch("bank_churn", "bank_churn", frame)
+        assert (await pub.flush(10)).delivered == 6
+    assert (
+        sorted(e["seen"] for e in fiddler.events())
+        == ["2024-01-01 13:00:00.000000001"] * 3 + ["2024-01-01 13:00:00.000000002"] * 3
+    )
