@@ -80,7 +80,7 @@ class Lane:
         "spooled",
     )
 
-    def __init__(self, dest: Destination, after: list[Lane] | None = None) -> None:
+    def __init__(self, dest: Destination, after: Lane | None = None) -> None:
         self.dest = dest
         self.bodies: deque[bytes] = deque()
         self.seqs = array("q")
@@ -94,10 +94,9 @@ class Lane:
         self.in_flight: list[int] = []
         """The first sequence number of each batch of this lane being sent."""
         self.after = after
-        """For an update lane, the insert lanes of its environment (a list shared with the
-        buffer, which adds new ones): an update is not sent while an insert accepted before it
-        for the same model (:meth:`ModelRef.may_be`) is still queued or in flight, so that it
-        never reaches the server ahead of the event it joins."""
+        """For an update lane, the insert lane of the same model and environment: an update
+        is not sent while an insert accepted before it is still queued or in flight, so that
+        it never reaches the server ahead of the event it joins."""
         self.spooled = 0
         """Its events this process put in the spool and has not replayed yet. While there are
         some, this model's updates go to the spool too, behind them."""
@@ -155,34 +154,28 @@ class Lane:
         return oldest
 
     def inserts_unsent(self) -> int | None:
-        """For an update lane: the oldest insert, of a model this lane's may be, that is still
-        queued or in flight. The updates accepted after it wait."""
-        model, oldest = self.dest.model, None
-        for lane in self.after or ():
-            seq = lane.oldest_unsent()
-            if (
-                seq is not None
-                and (oldest is None or seq < oldest)
-                and lane.dest.model.may_be(model)
-            ):
-                oldest = seq
-        return oldest
+        """For an update lane: the oldest insert still queued or in flight, that the updates
+        accepted after it wait for."""
+        return None if self.after is None else self.after.oldest_unsent()
 
     def blocked(self) -> bool:
         """An update lane waits while its oldest update may join an insert not sent yet, and
         while a batch of it is in flight: two updates of one id must not swap places (the
         later value would be overwritten by the earlier one)."""
-        if self.after is None:
+        inserts = self.after
+        if inserts is None:
             return False
         if self.in_flight:
             return True
-        inserts = self.inserts_unsent()
-        return inserts is not None and inserts < self.first()
+        first = self.seqs[self.head]  # inlined: the flusher asks this of every busy lane
+        return bool(inserts.bodies and inserts.seqs[inserts.head] < first) or any(
+            seq < first for seq in inserts.in_flight
+        )
 
     def sendable(self, count: int) -> int:
         """Of the ``count`` oldest queued events, how many may go in one request: for an update
         lane, those accepted before every insert it waits for (see :meth:`blocked`)."""
-        inserts = None if self.after is None else self.inserts_unsent()
+        inserts = self.inserts_unsent()
         if inserts is None or self.seqs[self.head + count - 1] < inserts:
             return count
         return bisect_right(self.seqs, inserts, self.head, self.head + count) - self.head
@@ -190,11 +183,7 @@ class Lane:
     def follows_spooled(self) -> bool:
         """For an update lane: whether updates of it, or inserts of its model, may be in the
         spool, not sent yet (then its updates follow them there)."""
-        model = self.dest.model
-        return self.after is not None and (
-            self.spooled > 0
-            or any(lane.spooled and lane.dest.model.may_be(model) for lane in self.after)
-        )
+        return self.after is not None and (self.spooled > 0 or self.after.spooled > 0)
 
 
 class EventBuffer:
@@ -210,8 +199,6 @@ class EventBuffer:
         self._warn = warn
         self._spill = spill
         self._lanes: dict[tuple[int, str, str | None, bool], Lane] = {}
-        self._inserts: dict[tuple[str, str | None], list[Lane]] = {}
-        """The insert lanes of each environment: what its update lanes wait for."""
         self._busy: dict[Lane, None] = {}
         """The lanes holding events (an ordered set): eviction looks only at these."""
         self.events = 0
@@ -233,10 +220,10 @@ class EventBuffer:
         key = (id(dest.model), dest.env_type, dest.env_name, dest.update)
         lane = self._lanes.get(key)
         if lane is None:
-            inserts = self._inserts.setdefault((dest.env_type, dest.env_name), [])
-            lane = self._lanes[key] = Lane(dest, after=inserts if dest.update else None)
-            if not dest.update:
-                inserts.append(lane)
+            inserts = None
+            if dest.update:
+                inserts = self.lane(Destination(dest.model, dest.env_type, dest.env_name, False))
+            lane = self._lanes[key] = Lane(dest, after=inserts)
         return lane
 
     # The caller's side
@@ -409,25 +396,24 @@ class EventBuffer:
 
     def _drop(self, lane: Lane, items: list[Item], reason: str) -> None:
         if self._spill is not None:
-            if lane.after is not None:
-                self._spill_inserts_before(lane, items[-1][0])
+            if lane.after is not None:  # an update: what it must follow goes to the spool first
+                self._spill_before(lane.after, items[0][0])
+                self._spill_before(lane, items[0][0])
             self._spill(lane.dest, items)
             return
         self._count_dropped(items, reason)
 
-    def _spill_inserts_before(self, updates: Lane, seq: int) -> None:
-        """``drop_newest`` spills a new update to the spool: the inserts it may join, still
-        queued, go there first, so that the spool replays them before it. (``drop_oldest``
-        evicts them first anyway, being older.)"""
-        model = updates.dest.model
-        for lane in updates.after or ():
-            if not lane.bodies or lane.first() > seq or not lane.dest.model.may_be(model):
-                continue
-            count = bisect_right(lane.seqs, seq, lane.head) - lane.head
-            seqs, run = lane.pop(count)
-            self._forget(lane, count, sum(map(len, run)))
-            assert self._spill is not None
-            self._spill(lane.dest, list(map(unpack, seqs, run)))
+    def _spill_before(self, lane: Lane, seq: int) -> None:
+        """``drop_newest`` spills a new update: the inserts it may join and the earlier updates
+        of its lane, still queued, go to the spool before it, which replays them in that
+        order. (``drop_oldest`` evicts them first anyway, being older.)"""
+        if not lane.bodies or lane.first() > seq:
+            return
+        count = bisect_right(lane.seqs, seq, lane.head) - lane.head
+        seqs, run = lane.pop(count)
+        self._forget(lane, count, sum(map(len, run)))
+        assert self._spill is not None
+        self._spill(lane.dest, list(map(unpack, seqs, run)))
 
     def _count_dropped(self, items: Sequence[tuple[Any, ...]], reason: str) -> None:
         """Settle ``items`` (their sequence number first) as dropped, and warn (the message

@@ -87,15 +87,6 @@ class ModelRef:
     def label(self) -> str:
         return f"{self.project}/{self.model}"
 
-    def may_be(self, other: ModelRef) -> bool:
-        """Whether ``other`` may name the same model: it is this ref, or either is not resolved
-        yet (a model may be named by its name and by its UUID), or both resolve to one id."""
-        if other is self:
-            return True
-        if self.info is None or other.info is None:
-            return True
-        return self.info.id == other.info.id
-
 
 @dataclass(frozen=True, eq=False)
 class Destination:

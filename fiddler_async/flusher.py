@@ -136,7 +136,6 @@ class Flusher:
     async def _look_up(self, ref: ModelRef) -> None:
         with contextlib.suppress(Exception):  # a failure shows when the first batch is sent
             await self._exporter.resolve(ref)
-            self._buffer.wake()  # updates held for inserts that may have been this model's
 
     def begin_flush(self) -> None:
         """Send partial batches at once until :meth:`end_flush`."""

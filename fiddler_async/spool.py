@@ -105,9 +105,10 @@ class Spool:
         self._counter = 0
         self._lock_file: IO[bytes] | None = None
         self.used_bytes = 0
-        self.written_here: set[str] = set()
-        """The names of the batch files this object wrote that are still on disk: the
-        others in the directory are earlier or other processes'."""
+        self.written_here: dict[str, tuple[int, int]] = {}
+        """The batch files this object wrote that are still on disk, by name: the sequence
+        numbers of their first and last events. The others in the directory are earlier or
+        other processes'."""
 
     def open(self) -> None:
         """Create the directory (owner only), remove temporaries of killed writers, and count
@@ -150,14 +151,14 @@ class Spool:
             self._counter += 1
             name = f"{time.time_ns():023d}-{os.getpid()}-{self._counter:06d}{SUFFIX}"
             # Known as ours before it is on disk: a replay may send it before this returns.
-            self.written_here.add(name)
+            self.written_here[name] = (items[0][0], items[-1][0])
         path = self.directory / name
         try:
             self._write_atomically(path, data)
         except BaseException:
             with self._lock:
                 self.used_bytes -= len(data)
-                self.written_here.discard(name)
+                self.written_here.pop(name, None)
             raise
         return path
 
@@ -194,13 +195,18 @@ class Spool:
             os.close(fd)
 
     def batches(self) -> list[Path]:
-        """The batch files waiting, oldest first."""
+        """The batch files waiting, oldest first: the other processes' in the order they were
+        written, then this one's in the order their events were accepted (a batch that failed
+        in flight is written after later events that overflowed meanwhile)."""
         names = sorted(
             name
             for name in os.listdir(self.directory)
             if name.endswith(SUFFIX) and not name.startswith(".")
         )
-        return [self.directory / name for name in names]
+        own = self.written_here
+        ordered = [n for n in names if n not in own]
+        ordered += sorted((n for n in names if n in own), key=lambda n: own.get(n, (0, 0)))
+        return [self.directory / name for name in ordered]
 
     def read(self, path: Path) -> SpooledBatch:
         data = path.read_bytes()
@@ -212,7 +218,7 @@ class Spool:
             path.unlink()
         except FileNotFoundError:
             return
-        self.written_here.discard(path.name)
+        self.written_here.pop(path.name, None)
         with self._lock:
             self.used_bytes -= size
             if self.used_bytes < 0:  # it was another process's file

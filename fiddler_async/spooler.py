@@ -12,8 +12,6 @@ beyond that (a disk slower than the incoming events) an event is dropped, reason
 from __future__ import annotations
 
 import datetime as dt
-import math
-from bisect import insort
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -85,54 +83,28 @@ class SpoolWriter:
         if self.drained:  # a delivery cancelled after the close drained the rest
             self._write_and_settle(dest, items)
             return
-        # In the order the events were accepted (a batch that failed in flight comes after
-        # later ones that overflowed): the files, and so the replay, keep that order.
-        insort(self._chunks, (dest, items), key=_first_seq)
+        self._chunks.append((dest, items))
         if self._wakeup is not None:
             self._wakeup.set()
 
-    def _take(self, *, all_free: bool = False) -> tuple[Destination, list[Item]] | None:
-        """The oldest chunk free to be written, joined with the next ones of the same
-        destination (one file); None while every chunk waits. A chunk of updates waits while
-        an insert accepted before it is still queued or in flight (``all_free``: none waits):
-        should that insert fail and be spilled, its file must come first."""
-        free = [
-            i for i, (dest, items) in enumerate(self._chunks) if all_free or self._free(dest, items)
-        ]
-        if not free:
-            return None
-        dest, items = self._chunks[free[0]]
-        del self._chunks[free[0]]
+    def _take(self) -> tuple[Destination, list[Item]]:
+        """The oldest chunk, joined with the next ones of the same destination (one file)."""
+        dest, items = self._chunks.popleft()
         items = list(items)
-        at = free[0]
-        while at < len(self._chunks) and self._chunks[at][0] is dest:
-            following = self._chunks[at][1]
-            if len(items) + len(following) > self._batch_events or not (
-                all_free or self._free(dest, following)
-            ):
+        while self._chunks and self._chunks[0][0] is dest:
+            if len(items) + len(self._chunks[0][1]) > self._batch_events:
                 break
-            items.extend(following)
-            del self._chunks[at]
+            items.extend(self._chunks.popleft()[1])
         return dest, items
-
-    def _free(self, dest: Destination, items: list[Item]) -> bool:
-        if not dest.update:
-            return True
-        inserts = self._buffer.lane(dest).inserts_unsent()
-        return inserts is None or inserts > items[-1][0]
 
     async def run(self) -> None:
         while True:
-            taken = self._take() if self._chunks else None
-            if taken is None:
-                # Nothing, or updates waiting for their inserts: the buffer wakes only the
-                # flusher, so look again soon while some wait.
+            if not self._chunks:
                 self._wakeup = anyio.Event()
-                with anyio.move_on_after(0.05 if self._chunks else math.inf):
-                    await self._wakeup.wait()
+                await self._wakeup.wait()
                 self._wakeup = None
                 continue
-            dest, items = taken
+            dest, items = self._take()
             outcome: list[BaseException | None] = []
             try:
                 await anyio.to_thread.run_sync(self._write, dest, items, outcome)
@@ -146,10 +118,11 @@ class SpoolWriter:
 
     def drain(self) -> None:
         """Write every chunk still waiting now, blocking (at close, after the tasks end)."""
+        # In the order the events were accepted: the batches in flight at the deadline were
+        # handed over after the queued ones, which may hold their updates.
+        self._chunks = deque(sorted(self._chunks, key=_first_seq))
         while self._chunks:
-            taken = self._take(all_free=True)
-            assert taken is not None
-            self._write_and_settle(*taken)
+            self._write_and_settle(*self._take())
         self.drained = True
 
     def _write_and_settle(self, dest: Destination, items: list[Item]) -> None:
@@ -291,48 +264,70 @@ class Replayer:
             paths = await anyio.to_thread.run_sync(spool.batches)
             return ReplayResult(remaining=len(paths), locked=True)
         replayed = refused = 0
-        paths = await anyio.to_thread.run_sync(spool.batches)
-        for index, path in enumerate(paths):
-            if self.stopped:
-                return ReplayResult(replayed, refused, len(paths) - index)
-            try:
-                batch = await anyio.to_thread.run_sync(spool.read, path)
-                dest = self._route(batch.key)
-            except FileNotFoundError:
-                continue
-            except (SpoolCorruptError, ValueError, IsADirectoryError) as exc:
-                moved = await anyio.to_thread.run_sync(spool.quarantine, path)
-                logger.error(
-                    "fiddler_async: spool file set aside as %s: %s",
-                    moved,
-                    exc,
-                    extra=event("spool-corrupt"),
-                )
-                continue
-            failed = await self._exporter.export(dest, batch.items)
-            given_up = [(item, error) for item, error in failed if _refused(error)]
-            kept = [item for item, error in failed if not _refused(error)]
-            # Report first: a crash before the file goes repeats a dead letter, never loses one.
-            for failure in DeliveryFailure.grouped(dest, given_up):
-                await self._report(failure)
-            # Only this process's own files count down: replaying an earlier process's file
-            # must not let updates go live while this one's events are still on disk.
-            own = path.name in spool.written_here
-            if not kept:
-                await anyio.to_thread.run_sync(spool.remove, path)
-            elif len(kept) < len(batch.items):
-                await anyio.to_thread.run_sync(spool.rewrite, path, batch.key, kept)
-            settled = len(batch.items) - len(kept)
-            if own:
-                lane = self._buffer.lane(dest)
-                lane.spooled = max(0, lane.spooled - settled)
-            replayed += settled - len(given_up)
-            self.replayed += settled - len(given_up)
-            refused += len(given_up)
-            if kept:
-                error = next(error for _, error in failed if not _refused(error))
-                return ReplayResult(replayed, refused, len(paths) - index, error)
-        return ReplayResult(replayed, refused)
+        while True:
+            paths = await anyio.to_thread.run_sync(spool.batches)
+            for index, path in enumerate(paths):
+                if self.stopped:
+                    return ReplayResult(replayed, refused, len(paths) - index)
+                try:
+                    batch = await anyio.to_thread.run_sync(spool.read, path)
+                    dest = self._route(batch.key)
+                except FileNotFoundError:
+                    continue
+                except (SpoolCorruptError, ValueError, IsADirectoryError) as exc:
+                    moved = await anyio.to_thread.run_sync(spool.quarantine, path)
+                    logger.error(
+                        "fiddler_async: spool file set aside as %s: %s",
+                        moved,
+                        exc,
+                        extra=event("spool-corrupt"),
+                    )
+                    continue
+                if await self._waited_for_earlier(path.name, dest):
+                    break  # what was accepted before this file's events may be spooled now
+                failed = await self._exporter.export(dest, batch.items)
+                given_up = [(item, error) for item, error in failed if _refused(error)]
+                kept = [item for item, error in failed if not _refused(error)]
+                # Report first: a crash before the file goes repeats a dead letter, never loses one.
+                for failure in DeliveryFailure.grouped(dest, given_up):
+                    await self._report(failure)
+                # Only this process's own files count down: replaying an earlier process's file
+                # must not let updates go live while this one's events are still on disk.
+                own = path.name in spool.written_here
+                if not kept:
+                    await anyio.to_thread.run_sync(spool.remove, path)
+                elif len(kept) < len(batch.items):
+                    await anyio.to_thread.run_sync(spool.rewrite, path, batch.key, kept)
+                settled = len(batch.items) - len(kept)
+                if own:
+                    lane = self._buffer.lane(dest)
+                    lane.spooled = max(0, lane.spooled - settled)
+                replayed += settled - len(given_up)
+                self.replayed += settled - len(given_up)
+                refused += len(given_up)
+                if kept:
+                    error = next(error for _, error in failed if not _refused(error))
+                    return ReplayResult(replayed, refused, len(paths) - index, error)
+            else:
+                return ReplayResult(replayed, refused)
+
+    async def _waited_for_earlier(self, name: str, dest: Destination) -> bool:
+        """Before a file of updates this process spilled: wait while an insert or update
+        accepted before its last event is still queued or in flight here (it would be sent,
+        or spooled, after; the updates must not go first). Whether it waited: the spool may
+        then hold more, to replay before this file."""
+        seqs = self._spool.written_here.get(name)
+        if seqs is None or not dest.update:
+            return False
+        updates = self._buffer.lane(dest)
+        waited = False
+        while not self.stopped:
+            earlier = [updates.oldest_unsent(), updates.inserts_unsent()]
+            if all(seq is None or seq > seqs[1] for seq in earlier):
+                break
+            waited = True
+            await anyio.sleep(0.05)  # the buffer wakes only the flusher: look again soon
+        return waited
 
 
 def _first_seq(chunk: tuple[Destination, list[Item]]) -> int:

@@ -124,29 +124,6 @@ async def test_updates_never_overtake_their_inserts(fiddler: Emulator) -> None:
     assert all(e["churn"] == "yes" for e in stored)
 
 
-@pytest.mark.parametrize("update_by_uuid", [True, False])
-async def test_an_update_naming_the_model_otherwise_still_waits_for_its_insert(
-    fiddler: Emulator, update_by_uuid: bool
-) -> None:
-    """One model named two ways, by its name and by its UUID: the update waits all the same."""
-    async with loopback_publisher(fiddler, linger=0, max_in_flight=8) as pub:
-        uuid = (await pub.resolve("bank_churn", "bank_churn")).id
-        await pub.resolve("bank_churn", uuid)
-        by_name, by_uuid = ("bank_churn", "bank_churn"), ("bank_churn", uuid)
-        insert_to, update_to = (by_name, by_uuid) if update_by_uuid else (by_uuid, by_name)
-        fiddler.set_faults(latency=1)  # the insert is in flight for a while
-        eid = pub.publish_event_nowait(*insert_to, bank_event(1))
-        await eventually(lambda: pub.stats().in_flight_requests == 1)
-        pub.publish_event_nowait(*update_to, {"churn": "yes"}, event_id=eid, update_event=True)
-        await anyio.wait_all_tasks_blocked()  # the flusher would have sent the update by now
-        held = pub.stats()
-        fiddler.set_faults(latency=0)
-        assert (await pub.flush(30)).complete
-    assert (held.queued_events, held.in_flight_requests) == (1, 1)  # the update was held
-    assert fiddler.early_updates() == 0
-    assert [e["churn"] for e in fiddler.events()] == ["yes"]
-
-
 async def test_an_update_batch_stops_at_an_insert_not_sent_yet(fiddler: Emulator) -> None:
     """A label of an old event, then a prediction and its label: the batch of labels must not
     carry the second one ahead of its prediction."""

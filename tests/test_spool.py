@@ -298,18 +298,13 @@ async def test_a_slow_disk_at_the_close_deadline_loses_nothing(
     assert_adds_up(pub)
 
 
-@pytest.mark.parametrize("update_by_uuid", [False, True])
-async def test_an_update_follows_its_spilled_insert(
-    fiddler: Emulator, tmp_path: Path, update_by_uuid: bool
-) -> None:
+async def test_an_update_follows_its_spilled_insert(fiddler: Emulator, tmp_path: Path) -> None:
     async with loopback_publisher(fiddler, spool_dir=tmp_path, **SPILL_SOON) as pub:
-        uuid = (await pub.resolve("bank_churn", "bank_churn")).id
-        model = uuid if update_by_uuid else "bank_churn"  # the same model, named either way
-        await pub.resolve("bank_churn", model)
+        await pub.resolve("bank_churn", "bank_churn")
         fiddler.set_faults(script=["drop", "drop"])  # the insert's two attempts
         pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(1), event_id="u1")
         pub.publish_event_nowait(
-            "bank_churn", model, {"predicted_churn": 0.9}, event_id="u1", update_event=True
+            "bank_churn", "bank_churn", {"predicted_churn": 0.9}, event_id="u1", update_event=True
         )
         await pub.flush(10)
         assert pub.stats().spooled == 2  # the update went to the spool behind its insert
@@ -427,6 +422,41 @@ async def test_an_update_spooled_holds_back_the_next_of_its_id(
         assert (await pub.flush(10)).spooled == 1
         await pub.replay_spool()
     assert [e["churn"] for e in fiddler.events()] == ["yes"]
+
+
+@pytest.mark.parametrize("older", ["queued", "in flight"])
+async def test_two_labels_of_an_id_keep_their_order_through_a_full_queue(
+    fiddler: Emulator, tmp_path: Path, older: str
+) -> None:
+    """The newer label is spilled by ``drop_newest`` while the older one is still queued, or
+    in flight in an outage (then spooled too): the replay must send the older one first."""
+    async with loopback_publisher(
+        fiddler,
+        spool_dir=tmp_path,
+        overflow="drop_newest",
+        max_queue_events=1 if older == "in flight" else 2,
+        linger=0 if older == "in flight" else 3600,
+        **{k: v for k, v in SPILL_SOON.items() if k != "linger"},
+    ) as pub:
+        await pub.resolve("bank_churn", "bank_churn_v2")
+        await pub.publish_event("bank_churn", "bank_churn", bank_event(1), event_id="e1")
+        assert (await pub.flush(10)).delivered == 1
+        if older == "in flight":
+            fiddler.set_faults(outage_seconds=1)
+        label = {"churn": "no"}
+        pub.publish_event_nowait(
+            "bank_churn", "bank_churn", label, event_id="e1", update_event=True
+        )
+        if older == "in flight":
+            await eventually(lambda: pub.stats().in_flight_events == 1)
+        pub.publish_event_nowait("bank_churn", "bank_churn_v2", {"age": 1})  # fills the queue
+        label = {"churn": "yes"}  # the queue is full: spilled
+        pub.publish_event_nowait(
+            "bank_churn", "bank_churn", label, event_id="e1", update_event=True
+        )
+        await pub.flush(10)
+        await eventually(lambda: pub.stats().replayed == pub.stats().spooled, timeout=20)
+    assert [e["churn"] for e in fiddler.events("bank_churn", "bank_churn")] == ["yes"]
 
 
 async def test_a_request_level_refusal_keeps_the_spool(fiddler: Emulator, tmp_path: Path) -> None:
