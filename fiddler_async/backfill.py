@@ -64,12 +64,17 @@ async def publish_file(
     timeout: float,
 ) -> FileJob:
     report = progress or (lambda stage, done: None)
+    path = await _path_of(source, event_ids)  # what needs no server is checked first
     file_id = job_id = None
     status = "not started"
     with anyio.move_on_after(timeout) as deadline:  # the upload, the publish and the job's run
         info = await exporter.resolve(dest.model)
         stamp = int(time.time() * 1000) if stamp_publish_time and not dest.update else None
-        name, data, ids = await _file_of(source, info, dest.update, event_ids, stamp)
+        ids: list[str] = []  # known when the rows are ours to place (a frame)
+        if path is not None:
+            name, data = path.name, await anyio.Path(path).read_bytes()
+        else:
+            name, data, ids = await _frame_file(source, info, dest.update, event_ids, stamp)
         report("upload", 0.0)
         file_id = await exporter.upload_file(name, data)
         report("upload", 1.0)
@@ -102,40 +107,40 @@ async def publish_file(
     )
 
 
-async def _file_of(
-    source: Any, info: ModelInfo, update: bool, event_ids: list[str] | None, stamp: int | None
-) -> tuple[str, bytes, list[str]]:
-    """The file to upload: (name, content, the ids placed in it when known)."""
+async def _path_of(source: Any, event_ids: list[str] | None) -> Path | None:
+    """The file to send as it is, checked; None for a DataFrame or Arrow table."""
     if is_frame(source):
-        # On a worker thread: for millions of rows this takes a second (polars lets go of
-        # the GIL while it writes). The caller awaits, so the frame is not changed meanwhile.
-        data, ids = await anyio.to_thread.run_sync(
-            functools.partial(
-                frame_to_parquet,
-                source,
-                info,
-                update=update,
-                event_ids=event_ids,
-                stamp_millis=stamp,
-            )
+        return None
+    if not isinstance(source, str | os.PathLike):
+        raise TypeError(
+            f"source must be a DataFrame, an Arrow table or a file path, "
+            f"got {type(source).__qualname__!r}"
         )
-        _check_size("the DataFrame as Parquet", len(data))
-        return "events.parquet", data, ids
-    if isinstance(source, str | os.PathLike):
-        path = Path(source)
-        if path.suffix.lower() not in FILE_SUFFIXES:
-            raise ValueError(f"{path}: a file to publish is one of {', '.join(FILE_SUFFIXES)}")
-        if event_ids is not None:
-            raise ValueError(
-                "event_ids= places ids in a DataFrame's rows; a file is sent as it is: put "
-                "the ids in the file's id column"
-            )
-        _check_size(str(path), (await anyio.Path(path).stat()).st_size)
-        return path.name, await anyio.Path(path).read_bytes(), []
-    raise TypeError(
-        f"source must be a DataFrame, an Arrow table or a file path, "
-        f"got {type(source).__qualname__!r}"
+    path = Path(source)
+    if path.suffix.lower() not in FILE_SUFFIXES:
+        raise ValueError(f"{path}: a file to publish is one of {', '.join(FILE_SUFFIXES)}")
+    if event_ids is not None:
+        raise ValueError(
+            "event_ids= places ids in a DataFrame's rows; a file is sent as it is: put "
+            "the ids in the file's id column"
+        )
+    _check_size(str(path), (await anyio.Path(path).stat()).st_size)
+    return path
+
+
+async def _frame_file(
+    frame: Any, info: ModelInfo, update: bool, event_ids: list[str] | None, stamp: int | None
+) -> tuple[str, bytes, list[str]]:
+    """The frame as a Parquet file to upload: (name, content, the ids placed in it)."""
+    # On a worker thread: for millions of rows this takes a second (polars lets go of the
+    # GIL while it writes). The caller awaits, so the frame is not changed meanwhile.
+    data, ids = await anyio.to_thread.run_sync(
+        functools.partial(
+            frame_to_parquet, frame, info, update=update, event_ids=event_ids, stamp_millis=stamp
+        )
     )
+    _check_size("the DataFrame as Parquet", len(data))
+    return "events.parquet", data, ids
 
 
 def _check_size(what: str, size: int) -> None:

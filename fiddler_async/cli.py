@@ -33,7 +33,7 @@ from ._version import __version__
 from .config import PublisherConfig
 from .exceptions import EventError, FiddlerError, NotFoundError
 from .flusher import DeliveryFailure
-from .publisher import AsyncPublisher
+from .publisher import AsyncPublisher, _is_loopback
 from .rows import RowError, coerce_row, count_rows, file_format, read_rows
 from .spooler import ReplayResult
 from .stats import StatsSnapshot
@@ -292,9 +292,12 @@ async def _replay(args: argparse.Namespace) -> int:
     )
     refused: list[DeliveryFailure] = []
     async with AsyncPublisher(url, token, config=config, on_error=refused.append) as pub:
-        result = ReplayResult(error=TimeoutError(f"no answer in {args.timeout:g} s"))
-        with anyio.move_on_after(args.timeout):
-            result = await pub.replay_spool()
+        result = ReplayResult(error=TimeoutError(f"no progress in {args.timeout:g} s"))
+        with anyio.CancelScope(deadline=anyio.current_time() + args.timeout) as scope:
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(_extend_while_sending, pub, scope, args.timeout)
+                result = await pub.replay_spool()
+                tasks.cancel_scope.cancel()
         replayed = pub.stats().replayed  # the background may have sent some first
     out.print(f"replayed {replayed:,} event(s) from {directory} to {url}", highlight=False)
     for failure in refused:
@@ -314,6 +317,24 @@ async def _replay(args: argparse.Namespace) -> int:
         )
         return 1
     return 1 if refused else 0
+
+
+async def _extend_while_sending(
+    pub: AsyncPublisher, scope: anyio.CancelScope, seconds: float
+) -> None:
+    """Push the replay's deadline on while events go: --timeout bounds a silence of the
+    server, not a long spool it is taking."""
+
+    def settled() -> int:
+        stats = pub.stats()
+        return stats.replayed + stats.failed
+
+    seen = settled()
+    while True:
+        await anyio.sleep(0.05)
+        if settled() != seen:
+            seen = settled()
+            scope.deadline = anyio.current_time() + seconds
 
 
 # serve
@@ -449,7 +470,9 @@ def _inspect_url(args: argparse.Namespace) -> tuple[dict[str, Any], list[Any], d
 
     token = args.token or os.environ.get("FIDDLER_TOKEN") or "emulator-token"
     params = {"project": args.project or "bank_churn", "model": args.model or "bank_churn"}
-    with httpx.Client(base_url=args.url, headers={"Authorization": f"Bearer {token}"}) as client:
+    headers = {"Authorization": f"Bearer {token}"}
+    direct = _is_loopback(httpx.URL(args.url).host)  # never the token via a proxy in clear
+    with httpx.Client(base_url=args.url, headers=headers, trust_env=not direct) as client:
         try:
             summary = client.get("/_emulator/summary").raise_for_status().json()
             served = [(m["project"], m["model"]) for m in summary.get("models", [])]

@@ -68,7 +68,8 @@ def encode_default(value: Any) -> Any:
     if isinstance(value, decimal.Decimal):
         if not value.is_finite():
             return None
-        if abs(value) > _LARGEST_DOUBLE:
+        # adjusted(): the exponent, a cheap first look (abs() would round, and overflow)
+        if value.adjusted() >= 308 and value.copy_abs() > _LARGEST_DOUBLE:
             raise TypeError(f"the Decimal {value} is past the range of a double")
         return orjson.Fragment(str(value).encode())
     module = type(value).__module__

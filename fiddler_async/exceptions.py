@@ -85,7 +85,9 @@ class QueueFullError(FiddlerError):
 class FileJobError(FiddlerError):
     """The server's job that publishes an uploaded file ended in failure (``publish_file``)."""
 
-    def __init__(self, message: str, *, job_id: str, reason: str) -> None:
+    def __init__(self, message: str, *, job_id: str = "", reason: str = "") -> None:
+        # (Defaults: an exception is rebuilt from its message alone when unpickled, its
+        # attributes then restored.)
         super().__init__(message)
         self.job_id = job_id
         self.reason = reason
@@ -96,7 +98,9 @@ class FileJobTimeoutError(FiddlerError, TimeoutError):
     started (it may still finish: do not publish the file again before looking), and
     ``file_id`` the uploaded file's; None for what did not happen."""
 
-    def __init__(self, message: str, *, job_id: str | None, file_id: str | None) -> None:
+    def __init__(
+        self, message: str, *, job_id: str | None = None, file_id: str | None = None
+    ) -> None:  # (defaults: see FileJobError)
         super().__init__(message)
         self.job_id = job_id
         self.file_id = file_id

@@ -148,7 +148,11 @@ def _placed(
         return _place(frame, info, update, event_ids, stamp_millis, as_file=as_file)
     except EventError:
         raise
-    except Exception as exc:  # _RowWay; and e.g. mixed Python objects (polars, pyarrow errors)
+    except BaseException as exc:  # _RowWay; and e.g. mixed Python objects (polars, pyarrow)
+        # A panic in polars' Rust (decimals of more than 38 digits in a column of objects)
+        # is no Exception; anything else that is not one (a cancellation) goes on.
+        if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
+            raise
         if as_file:
             why = exc if isinstance(exc, _RowWay) else f"polars cannot take it: {exc}"
             raise EventError(f"this DataFrame cannot be uploaded as a file: {why}") from None

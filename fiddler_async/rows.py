@@ -139,7 +139,7 @@ def _from_text(data_type: str, text: str) -> Any:
             number = decimal.Decimal(text)
         except decimal.InvalidOperation:
             raise ValueError(f"{text!r} is not a number") from None
-        if not number.is_finite() or number != number.to_integral_value():
+        if not _integral_decimal(number):
             raise ValueError(f"{text!r} is not an integer")
         # (adjusted() is the exponent of the first digit: int() of 1e1000000000 would hang)
         if (number and number.adjusted() > 19) or not -(2**63) <= int(number) < 2**64:
@@ -164,7 +164,7 @@ def _from_text(data_type: str, text: str) -> Any:
 
 
 _ACCEPTED: dict[str, tuple[type, ...]] = {
-    "float": (int, float),
+    "float": (int, float, decimal.Decimal),  # a Parquet decimal column
     "bool": (bool,),
     "str": (str,),
     "category": (str, int, bool, float),
@@ -179,7 +179,11 @@ def type_problem(data_type: str, value: Any) -> str | None:
     if value is None:
         return None
     if data_type == "int":  # JSON has one number type: 38.0 is an integer value too
-        integral = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        integral = (
+            isinstance(value, int)
+            or (isinstance(value, float) and value.is_integer())
+            or (isinstance(value, decimal.Decimal) and _integral_decimal(value))
+        )
         if isinstance(value, bool) or not integral:
             return f"expected int, got {type(value).__name__} {value!r}"
         return None
@@ -188,6 +192,10 @@ def type_problem(data_type: str, value: Any) -> str | None:
     if not isinstance(value, _ACCEPTED.get(data_type, (object,))):
         return f"expected {data_type}, got {type(value).__name__} {value!r}"
     return None
+
+
+def _integral_decimal(value: decimal.Decimal) -> bool:
+    return value.is_finite() and value == value.to_integral_value()
 
 
 def coerce_row(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import decimal
+import pickle
 from pathlib import Path
 
 import httpx
@@ -116,6 +117,7 @@ async def test_times_and_decimals_of_a_frame_or_a_parquet_file(
             "event_id": ["t0", "t1"],
             "timestamp": [dt.datetime(2024, 1, 1, 10), dt.datetime(2024, 1, 2, 11, 0, 0, 500)],
             "price": [decimal.Decimal("0.10"), decimal.Decimal("12345678901234567.25")],
+            "balance": [decimal.Decimal("1000.50"), decimal.Decimal("2")],  # a float column
         }
     )
     path = tmp_path / "history.parquet"
@@ -129,6 +131,7 @@ async def test_times_and_decimals_of_a_frame_or_a_parquet_file(
         "2024-01-02 11:00:00.000500",
     ] * 2
     assert stored["t1"]["price"] == stored["p1"]["price"] == 12345678901234567.25
+    assert stored["t0"]["balance"] == stored["p0"]["balance"] == 1000.5
 
 
 async def test_what_cannot_go_as_a_file_is_refused_at_the_call(
@@ -169,5 +172,19 @@ async def test_a_job_past_the_timeout_is_named(inproc: InProcessFiddler) -> None
             await pub.publish_file("bank_churn", "bank_churn", frame, poll_interval=0.01, timeout=2)
     error = caught.value
     assert isinstance(error, TimeoutError)
+    assert pickle.loads(pickle.dumps(error)).job_id == error.job_id  # e.g. from a worker process
     assert error.job_id is not None
     assert f"job {error.job_id} was STARTED: it may still finish" in str(error)
+
+
+async def test_a_wrong_argument_is_said_before_any_request(tmp_path: Path) -> None:
+    """No server answers here: the mistake in the call is what the caller hears of."""
+    path = tmp_path / "events.csv"
+    path.write_text("age\n1\n")
+    async with AsyncPublisher("http://127.0.0.1:9", TOKEN, config=config()) as pub:
+        with pytest.raises(ValueError, match="event_ids= places ids"):
+            await pub.publish_file("bank_churn", "bank_churn", path, event_ids=["a"])
+        with pytest.raises(ValueError, match="a file to publish is one of"):
+            await pub.publish_file("bank_churn", "bank_churn", tmp_path / "events.txt")
+        with pytest.raises(TypeError, match="source must be"):
+            await pub.publish_file("bank_churn", "bank_churn", [{"age": 1}])

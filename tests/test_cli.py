@@ -334,7 +334,9 @@ def test_file_integers_are_read_exactly() -> None:
             coerce_row(7, {"n": text}, types)
 
 
-def test_inspect_by_url_shows_the_model_served_when_none_is_named(tmp_path: Path) -> None:
+def test_inspect_by_url_shows_the_model_served_when_none_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     models = tmp_path / "models.toml"
     models.write_text(
         '[[models]]\nproject = "fraud"\nname = "detector"\nevent_id_col = "event_id"\n'
@@ -350,6 +352,8 @@ def test_inspect_by_url_shows_the_model_served_when_none_is_named(tmp_path: Path
                 "env_name": None,
             }
             assert client.post("/v3/events", json=body).is_success
+        # (A proxy in the environment is not used for a loopback URL: the token stays here.)
+        monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # nothing listens there
         shown = cli("inspect", "--url", url, "--token", "t0k3n", "--events", "1")
     assert shown.returncode == 0, shown.stderr
     assert '"event_id": "f1"' in shown.stdout

@@ -179,13 +179,16 @@ async def test_values_polars_would_change_go_row_by_row(fiddler: Emulator) -> No
         # A 256-bit decimal makes polars panic (not an Exception): the rows go as dicts do.
         wide = pa.table({"age": [2], "price": pa.array([exact], type=pa.decimal256(40, 20))})
         await pub.publish_events_batch("bank_churn", "bank_churn", wide)
+        # Python Decimals of more than 38 digits: pyarrow makes them 256-bit on the way.
+        long = pd.DataFrame({"age": [3], "price": [decimal.Decimal("1" * 45)]})
+        await pub.publish_events_batch("bank_churn", "bank_churn", long)
         # polars would write a 128-bit integer as a float: refused as a dict's would be.
         huge = pl.DataFrame({"age": [3], "count": pl.Series([2**100 + 1], dtype=pl.Int128)})
         with pytest.raises(EventBatchError) as caught:
             await pub.publish_events_batch("bank_churn", "bank_churn", huge)
         assert caught.value.errors[0].field == "count"  # type: ignore[attr-defined]
-        assert (await pub.flush(10)).delivered == 2
-    assert [e["price"] for e in fiddler.events()] == [float(exact)] * 2
+        assert (await pub.flush(10)).delivered == 3
+    assert [e["price"] for e in fiddler.events()] == [float(exact)] * 2 + [float("1" * 45)]
 
 
 async def test_what_polars_cannot_write_goes_row_by_row(fiddler: Emulator) -> None:
