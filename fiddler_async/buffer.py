@@ -98,8 +98,8 @@ class Lane:
         is not sent while an insert accepted before it is still queued or in flight, so that
         it never reaches the server ahead of the event it joins."""
         self.spooled = 0
-        """Its events this process put in the spool and has not replayed yet. While there are
-        some, this model's updates go to the spool too, behind them."""
+        """For an insert lane: its events this process put in the spool and has not replayed
+        yet. While there are some, this model's updates go to the spool too, behind them."""
 
     def first(self) -> int:
         """The sequence number of the oldest queued event (the lane must hold one)."""
@@ -181,9 +181,9 @@ class Lane:
         return bisect_right(self.seqs, inserts, self.head, self.head + count) - self.head
 
     def follows_spooled(self) -> bool:
-        """For an update lane: whether updates of it, or inserts of its model, may be in the
-        spool, not sent yet (then its updates follow them there)."""
-        return self.after is not None and (self.spooled > 0 or self.after.spooled > 0)
+        """For an update lane: whether inserts of its model may be in the spool, not sent yet
+        (then its updates follow them there)."""
+        return self.after is not None and self.after.spooled > 0
 
 
 class EventBuffer:

@@ -52,6 +52,7 @@ __all__ = [
     "SpoolKey",
     "SpooledBatch",
     "iter_dead_letters",
+    "replay_key",
 ]
 
 MAGIC = b"FIDDLER-SPOOL 1"
@@ -60,6 +61,14 @@ DEAD_LETTERS = "dead-letters.jsonl"
 LOCK = ".replay.lock"
 STALE_TEMP_SECONDS = 600.0
 """A temporary file lives for one write; one older than this was left by a killed process."""
+
+
+def replay_key(update: bool, first: int, last: int) -> int:
+    """Where a batch of this process goes in the replay, from the sequence numbers of its
+    events: inserts by their first, updates by their last. So an update goes after every
+    insert accepted before it, even one spooled in a later file (an update batch may span
+    an insert that failed on its own), and two updates of one id keep their order."""
+    return last if update else first
 
 
 class SpoolFullError(Exception):
@@ -106,9 +115,9 @@ class Spool:
         self._lock_file: IO[bytes] | None = None
         self.used_bytes = 0
         self.written_here: dict[str, tuple[int, int]] = {}
-        """The batch files this object wrote that are still on disk, by name: the sequence
-        numbers of their first and last events. The others in the directory are earlier or
-        other processes'."""
+        """The batch files this object wrote that are still on disk, by name: their place in
+        the replay (:func:`replay_key`) and the sequence number of their last event. The
+        others in the directory are earlier or other processes'."""
 
     def open(self) -> None:
         """Create the directory (owner only), remove temporaries of killed writers, and count
@@ -151,7 +160,8 @@ class Spool:
             self._counter += 1
             name = f"{time.time_ns():023d}-{os.getpid()}-{self._counter:06d}{SUFFIX}"
             # Known as ours before it is on disk: a replay may send it before this returns.
-            self.written_here[name] = (items[0][0], items[-1][0])
+            seqs = [item[0] for item in items]
+            self.written_here[name] = (replay_key(key.update, min(seqs), max(seqs)), max(seqs))
         path = self.directory / name
         try:
             self._write_atomically(path, data)
@@ -196,8 +206,8 @@ class Spool:
 
     def batches(self) -> list[Path]:
         """The batch files waiting, oldest first: the other processes' in the order they were
-        written, then this one's in the order their events were accepted (a batch that failed
-        in flight is written after later events that overflowed meanwhile)."""
+        written, then this one's by :func:`replay_key` (a batch that failed in flight is
+        written after later events that overflowed meanwhile)."""
         names = sorted(
             name
             for name in os.listdir(self.directory)

@@ -25,7 +25,7 @@ from .config import PublisherConfig
 from .destination import Destination
 from .exceptions import APIError, EventError, PublisherClosedError
 from .flusher import DeliveryFailure, Exporter
-from .spool import Spool, SpoolCorruptError, SpoolFullError, SpoolKey
+from .spool import Spool, SpoolCorruptError, SpoolFullError, SpoolKey, replay_key
 from .stats import Ledger
 from .wire import POISON_STATUSES
 
@@ -78,8 +78,8 @@ class SpoolWriter:
             return
         self.transit_bytes += size
         self.transit_events += len(items)
-        # From now on, the model's updates must follow these through the spool.
-        self._buffer.lane(dest).spooled += len(items)
+        if not dest.update:  # from now on, its updates must follow it through the spool
+            self._buffer.lane(dest).spooled += len(items)
         if self.drained:  # a delivery cancelled after the close drained the rest
             self._write_and_settle(dest, items)
             return
@@ -95,6 +95,9 @@ class SpoolWriter:
             if len(items) + len(self._chunks[0][1]) > self._batch_events:
                 break
             items.extend(self._chunks.popleft()[1])
+        # In acceptance order (a batch that failed in flight came after later ones): two
+        # updates of one id in one request go in the order they were published.
+        items.sort(key=lambda item: item[0])
         return dest, items
 
     async def run(self) -> None:
@@ -118,9 +121,9 @@ class SpoolWriter:
 
     def drain(self) -> None:
         """Write every chunk still waiting now, blocking (at close, after the tasks end)."""
-        # In the order the events were accepted: the batches in flight at the deadline were
-        # handed over after the queued ones, which may hold their updates.
-        self._chunks = deque(sorted(self._chunks, key=_first_seq))
+        # In replay order (see replay_key): the batches in flight at the deadline were handed
+        # over after the queued ones, which may hold their updates.
+        self._chunks = deque(sorted(self._chunks, key=_replay_key))
         while self._chunks:
             self._write_and_settle(*self._take())
         self.drained = True
@@ -148,8 +151,9 @@ class SpoolWriter:
             self.written.set()
             self.written = anyio.Event()
             return
-        lane = self._buffer.lane(dest)
-        lane.spooled = max(0, lane.spooled - len(items))
+        if not dest.update:
+            lane = self._buffer.lane(dest)
+            lane.spooled = max(0, lane.spooled - len(items))
         reason = "spool_full" if isinstance(error, SpoolFullError) else "spool_error"
         self._ledger.settle(items, "dropped", reason)
         self._log.error(
@@ -291,15 +295,15 @@ class Replayer:
                 # Report first: a crash before the file goes repeats a dead letter, never loses one.
                 for failure in DeliveryFailure.grouped(dest, given_up):
                     await self._report(failure)
-                # Only this process's own files count down: replaying an earlier process's file
-                # must not let updates go live while this one's events are still on disk.
+                # Only this process's own inserts count down: replaying an earlier process's
+                # file must not let updates go live while this one's inserts are still on disk.
                 own = path.name in spool.written_here
                 if not kept:
                     await anyio.to_thread.run_sync(spool.remove, path)
                 elif len(kept) < len(batch.items):
                     await anyio.to_thread.run_sync(spool.rewrite, path, batch.key, kept)
                 settled = len(batch.items) - len(kept)
-                if own:
+                if own and not dest.update:
                     lane = self._buffer.lane(dest)
                     lane.spooled = max(0, lane.spooled - settled)
                 replayed += settled - len(given_up)
@@ -330,8 +334,9 @@ class Replayer:
         return waited
 
 
-def _first_seq(chunk: tuple[Destination, list[Item]]) -> int:
-    return chunk[1][0][0]
+def _replay_key(chunk: tuple[Destination, list[Item]]) -> int:
+    dest, items = chunk
+    return replay_key(dest.update, min(item[0] for item in items), max(item[0] for item in items))
 
 
 def dead_letter_lines(failure: DeliveryFailure) -> list[bytes]:

@@ -354,19 +354,25 @@ async def test_an_earlier_process_files_do_not_release_this_one_updates(
 async def test_at_the_close_deadline_an_insert_in_flight_is_spooled_before_its_update(
     fiddler: Emulator, tmp_path: Path
 ) -> None:
-    async with loopback_publisher(fiddler, spool_dir=tmp_path, linger=0.01) as pub:
+    """The next process replays in the order the files were written: each update after the
+    insert it joins, though the updates queued (of e1, e2) span the insert of e2."""
+    async with loopback_publisher(fiddler, spool_dir=tmp_path, linger=0.01, max_in_flight=1) as pub:
         await pub.resolve("bank_churn", "bank_churn")
-        fiddler.set_faults(script=["hang"])  # the insert's request
+        fiddler.set_faults(script=["hang"])  # the first insert's request
         pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(1), event_id="e1")
         await eventually(lambda: pub.stats().in_flight_events == 1)
         label = {"churn": "yes"}
-        pub.publish_event_nowait(
-            "bank_churn", "bank_churn", label, event_id="e1", update_event=True
-        )
+        for eid in ("e1", "e2"):
+            if eid == "e2":
+                pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(2), event_id=eid)
+            pub.publish_event_nowait(
+                "bank_churn", "bank_churn", label, event_id=eid, update_event=True
+            )
         closed = await pub.aclose(0.3)
-    assert closed.spooled == 2
-    spool = Spool(tmp_path, 10**6, fsync=False)
-    assert [spool.read(path).key.update for path in spool.batches()] == [False, True]
+    assert closed.spooled == 4
+    spool = Spool(tmp_path, 10**6, fsync=False)  # as the next process sees it
+    batches = [spool.read(path) for path in spool.batches()]
+    assert [(b.key.update, len(b.items)) for b in batches] == [(False, 2), (True, 2)]
 
 
 @pytest.mark.parametrize("overflow", ["drop_newest", "drop_oldest"])
@@ -409,28 +415,27 @@ async def test_an_update_spilled_by_a_full_queue_stays_behind_its_insert(
     assert [e["churn"] for e in fiddler.events("bank_churn", "bank_churn")] == ["yes"]
 
 
-async def test_an_update_spooled_holds_back_the_next_of_its_id(
+async def test_an_update_file_spanning_an_insert_is_replayed_after_it(
     fiddler: Emulator, tmp_path: Path
 ) -> None:
-    """The first label of an id runs out of retries and is spooled: the second follows it
-    there, or the replay of the first would overwrite it."""
-    async with loopback_publisher(fiddler, spool_dir=tmp_path, **SPILL_SOON) as pub:
-        await pub.publish_event("bank_churn", "bank_churn", bank_event(1), event_id="e1")
+    """A full queue spills the new label of b, the queued insert of b, and the queued label
+    of a before it: the labels make one file whose events span the insert's. The replay
+    sends the insert first."""
+    async with loopback_publisher(
+        fiddler, spool_dir=tmp_path, overflow="drop_newest", max_queue_events=2, linger=3600
+    ) as pub:
+        await pub.publish_event("bank_churn", "bank_churn", bank_event(1), event_id="a")
         assert (await pub.flush(10)).delivered == 1
-        fiddler.set_faults(outage_seconds=1000)
-        label = {"churn": "no"}
-        pub.publish_event_nowait(
-            "bank_churn", "bank_churn", label, event_id="e1", update_event=True
-        )
-        assert (await pub.flush(10)).spooled == 1
-        fiddler.set_faults(outage_seconds=0)  # back, before the spool is replayed
+        fiddler.set_faults(outage_seconds=1000)  # the files wait in the spool
         label = {"churn": "yes"}
-        pub.publish_event_nowait(
-            "bank_churn", "bank_churn", label, event_id="e1", update_event=True
-        )
-        assert (await pub.flush(10)).spooled == 1
+        pub.publish_event_nowait("bank_churn", "bank_churn", label, event_id="a", update_event=True)
+        pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(2), event_id="b")
+        pub.publish_event_nowait("bank_churn", "bank_churn", label, event_id="b", update_event=True)
+        await eventually(lambda: pub.stats().spooled == 3)
+        fiddler.set_faults(outage_seconds=0)
         await pub.replay_spool()
-    assert [e["churn"] for e in fiddler.events()] == ["yes"]
+        await eventually(lambda: pub.stats().replayed == 3)
+    assert fiddler.early_updates() == 0
 
 
 @pytest.mark.parametrize("older", ["queued", "in flight"])
