@@ -20,7 +20,7 @@ import anyio
 import orjson
 
 from ._logging import RateLimitedLog, event, logger
-from .buffer import EventBuffer, Item
+from .buffer import EventBuffer, Item, Lane
 from .config import PublisherConfig
 from .destination import Destination
 from .exceptions import APIError, EventError, PublisherClosedError
@@ -61,6 +61,15 @@ class SpoolWriter:
         self._wakeup: anyio.Event | None = None
         self.written = anyio.Event()
         """Set (and replaced) whenever a batch file is written: the replayer's cue."""
+        self._writing: tuple[Destination, list[Item]] | None = None
+
+    def holds_before(self, lane: Lane, seq: int) -> bool:
+        """Whether an event of ``lane`` accepted before ``seq`` is on its way to the disk: not
+        in memory any more, not in a file yet (what the replayer must wait for too)."""
+        chunks = [*self._chunks, self._writing] if self._writing else self._chunks
+        return any(
+            self._buffer.lane(dest) is lane and items[0][0] < seq for dest, items in chunks if items
+        )
 
     def offer(self, dest: Destination, items: list[Item]) -> None:
         """Spill ``items`` (never waits). Without room in transit they are dropped, reason
@@ -107,11 +116,12 @@ class SpoolWriter:
                 await self._wakeup.wait()
                 self._wakeup = None
                 continue
-            dest, items = self._take()
+            dest, items = self._writing = self._take()
             outcome: list[BaseException | None] = []
             try:
                 await anyio.to_thread.run_sync(self._write, dest, items, outcome)
             finally:
+                self._writing = None
                 # Even when cancelled: a write that ran has finished by now, so settle it;
                 # one that never started (cancelled on the way) goes back for drain().
                 if outcome:
@@ -206,8 +216,10 @@ class Replayer:
         route: Callable[[SpoolKey], Destination],
         report: Callable[[DeliveryFailure], Awaitable[None]],
         config: PublisherConfig,
+        writer: SpoolWriter | None = None,
     ) -> None:
         self._spool = spool
+        self._writer = writer
         self._exporter = exporter
         self._buffer = buffer
         self._route = route
@@ -317,17 +329,21 @@ class Replayer:
 
     async def _waited_for_earlier(self, name: str, dest: Destination) -> bool:
         """Before a file of updates this process spilled: wait while an insert or update
-        accepted before its last event is still queued or in flight here (it would be sent,
-        or spooled, after; the updates must not go first). Whether it waited: the spool may
-        then hold more, to replay before this file."""
+        accepted before its last event is still queued or in flight here, or on its way to the
+        disk (it would be sent, or spooled, after; the updates must not go first). Whether it
+        waited: the spool may then hold more, to replay before this file."""
         seqs = self._spool.written_here.get(name)
         if seqs is None or not dest.update:
             return False
         updates = self._buffer.lane(dest)
+        assert updates.after is not None
+        lanes, writer = (updates.after, updates), self._writer
         waited = False
         while not self.stopped:
-            earlier = [updates.oldest_unsent(), updates.inserts_unsent()]
-            if all(seq is None or seq > seqs[1] for seq in earlier):
+            earlier = [lane.oldest_unsent() for lane in lanes]
+            if all(seq is None or seq > seqs[1] for seq in earlier) and not (
+                writer is not None and any(writer.holds_before(lane, seqs[1]) for lane in lanes)
+            ):
                 break
             waited = True
             await anyio.sleep(0.05)  # the buffer wakes only the flusher: look again soon

@@ -438,6 +438,44 @@ async def test_an_update_file_spanning_an_insert_is_replayed_after_it(
     assert fiddler.early_updates() == 0
 
 
+async def test_a_spooled_update_waits_for_its_insert_on_the_way_to_the_disk(
+    fiddler: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The update is evicted to the spool while its insert is in flight; the insert then
+    fails and goes to the spool too, slowly (a slow disk). Between the two, it is neither in
+    memory nor in a file: the replay must still wait for it."""
+    write = Spool._write_atomically
+
+    def slow_write(self: Spool, path: Path, data: bytes) -> None:
+        time.sleep(0.3)
+        write(self, path, data)
+
+    monkeypatch.setattr(Spool, "_write_atomically", slow_write)
+    async with loopback_publisher(
+        fiddler,
+        spool_dir=tmp_path,
+        overflow="drop_oldest",
+        max_queue_events=1,
+        linger=0,
+        retry_max_attempts=1,
+        breaker_probe_interval=0.02,
+    ) as pub:
+        await pub.resolve("bank_churn", "bank_churn")
+        await pub.resolve("bank_churn", "bank_churn_v2")
+        fiddler.set_faults(latency=1)  # the insert's answer comes after a second
+        pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(1), event_id="e1")
+        await eventually(lambda: pub.stats().in_flight_events == 1)
+        fiddler.set_faults(latency=0, script=["ok", "503"])  # the other model's; the insert's
+        label = {"churn": "yes"}
+        pub.publish_event_nowait(
+            "bank_churn", "bank_churn", label, event_id="e1", update_event=True
+        )
+        pub.publish_event_nowait("bank_churn", "bank_churn_v2", {"age": 1})  # evicts the label
+        await pub.flush(10)
+        await eventually(lambda: pub.stats().replayed == pub.stats().spooled == 2, timeout=20)
+    assert fiddler.early_updates() == 0
+
+
 @pytest.mark.parametrize("older", ["queued", "in flight"])
 async def test_two_labels_of_an_id_keep_their_order_through_a_full_queue(
     fiddler: Emulator, tmp_path: Path, older: str
