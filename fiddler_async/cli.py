@@ -33,7 +33,8 @@ from ._version import __version__
 from .config import PublisherConfig
 from .exceptions import EventError, FiddlerError, NotFoundError
 from .flusher import DeliveryFailure
-from .publisher import AsyncPublisher, _is_loopback
+from .http1 import is_loopback
+from .publisher import AsyncPublisher
 from .rows import RowError, coerce_row, count_rows, file_format, read_rows
 from .spooler import ReplayResult
 from .stats import StatsSnapshot
@@ -281,7 +282,8 @@ async def _replay(args: argparse.Namespace) -> int:
     token = args.token or os.environ.get("FIDDLER_TOKEN")
     if not url or not token:
         raise _Fatal("replay needs a server: pass --url and --token (or FIDDLER_URL/_TOKEN)")
-    # --timeout bounds the whole command: no request, retry or close may outlast it.
+    # No request, retry or close may outlast --timeout, which bounds a silence of the server
+    # (see _extend_while_sending).
     config = PublisherConfig(
         spool_dir=directory,
         log_interval=5,
@@ -471,7 +473,7 @@ def _inspect_url(args: argparse.Namespace) -> tuple[dict[str, Any], list[Any], d
     token = args.token or os.environ.get("FIDDLER_TOKEN") or "emulator-token"
     params = {"project": args.project or "bank_churn", "model": args.model or "bank_churn"}
     headers = {"Authorization": f"Bearer {token}"}
-    direct = _is_loopback(httpx.URL(args.url).host)  # never the token via a proxy in clear
+    direct = is_loopback(httpx.URL(args.url).host)  # never the token via a proxy in clear
     with httpx.Client(base_url=args.url, headers=headers, trust_env=not direct) as client:
         try:
             summary = client.get("/_emulator/summary").raise_for_status().json()

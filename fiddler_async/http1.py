@@ -19,6 +19,7 @@ httpx's transport when a proxy is configured, and a caller who wants httpx's any
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import select
@@ -471,6 +472,16 @@ _TIMEOUTS: dict[type[httpx.TimeoutException], str] = {
 
 def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine (plain http is allowed there, and no proxy)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def transport_for(

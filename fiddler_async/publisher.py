@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import inspect
-import ipaddress
 import os
 import sys
 import time
@@ -52,7 +51,7 @@ from .exceptions import (
 from .flusher import DeliveryFailure, Flusher
 from .frames import check_columns, encode_frame, is_frame, polars_rows
 from .gate import Gate
-from .http1 import transport_for
+from .http1 import is_loopback, transport_for
 from .retry import RetryPolicy, is_retryable
 from .spool import Spool, SpoolKey
 from .spooler import Replayer, ReplayResult, SpoolWriter, dead_letter_lines
@@ -180,7 +179,7 @@ class AsyncPublisher:
             raise ConfigurationError(f"url {url!r} must be an http:// or https:// URL with a host")
         self._config = config if config is not None else PublisherConfig()
         if parsed.scheme == "http" and not (
-            _is_loopback(parsed.host) or self._config.allow_insecure_http
+            is_loopback(parsed.host) or self._config.allow_insecure_http
         ):
             raise ConfigurationError(
                 f"url {url!r}: plain http would send the token in clear text; use https, or "
@@ -238,7 +237,7 @@ class AsyncPublisher:
         slots = config.max_in_flight + 2  # and room for name lookups beside the publishes
         # A loopback URL names this machine: never through a proxy of the environment, which
         # would carry the token in clear text over the network (http is allowed only there).
-        direct = _is_loopback(httpx.URL(self._url).host)
+        direct = is_loopback(httpx.URL(self._url).host)
         try:  # first: TLS that cannot be set up (an unreadable SSL_CERT_FILE) stops start() here
             transport = self._transport or transport_for(
                 self._url, verify=config.tls_verify, max_connections=slots, direct=direct
@@ -1241,15 +1240,6 @@ class AsyncPublisher:
             outcome = self._on_error(failure)
             if inspect.isawaitable(outcome):
                 await outcome
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def _rows(events: Any) -> list[Mapping[str, Any]]:
