@@ -313,8 +313,8 @@ async def _replay(args: argparse.Namespace) -> int:
         return 1
     if result.error is not None:
         err.print(
-            f"stopped: {type(result.error).__name__}: {result.error}; "
-            f"the rest still waits in {directory}",
+            f"not sent: {type(result.error).__name__}: {result.error}; "
+            f"{result.remaining} file(s) still wait in {directory}",
             highlight=False,
         )
         return 1

@@ -293,6 +293,7 @@ class AsyncPublisher:
                 route=self._spool_route,
                 report=self._report_failure,
                 config=config,
+                log=self._log,
                 writer=self._writer,
             )
         _spawn_detached(self._run, self._flusher, self._runner_scope)

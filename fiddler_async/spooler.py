@@ -23,7 +23,13 @@ from ._logging import RateLimitedLog, event, logger
 from .buffer import EventBuffer, Item, Lane
 from .config import PublisherConfig
 from .destination import Destination
-from .exceptions import APIError, EventError, PublisherClosedError
+from .exceptions import (
+    APIError,
+    EventError,
+    NotFoundError,
+    PermissionDeniedError,
+    PublisherClosedError,
+)
 from .flusher import DeliveryFailure, Exporter
 from .spool import Spool, SpoolCorruptError, SpoolFullError, SpoolKey, replay_key
 from .stats import Ledger
@@ -203,8 +209,10 @@ class Replayer:
     Only the process holding the spool's replay lock replays; the others leave their spilled
     files to it (and take over when it ends). A batch file is removed once every event of it
     is settled: delivered, or refused for what it holds and reported as a dead letter. Any
-    other failure (the backend, the token, the model) stops the pass and keeps the file
-    (rewritten without the events already delivered) for the next pass.
+    other failure keeps the file (rewritten without the events already delivered) for the
+    next pass: one about the backend or the token stops the pass; one about the file's model
+    (not found, not allowed) holds back that model's later files only, so that a misspelt
+    name does not stop the others' delivery.
     """
 
     def __init__(
@@ -216,9 +224,11 @@ class Replayer:
         route: Callable[[SpoolKey], Destination],
         report: Callable[[DeliveryFailure], Awaitable[None]],
         config: PublisherConfig,
+        log: RateLimitedLog,
         writer: SpoolWriter | None = None,
     ) -> None:
         self._spool = spool
+        self._log = log
         self._writer = writer
         self._exporter = exporter
         self._buffer = buffer
@@ -280,13 +290,18 @@ class Replayer:
             paths = await anyio.to_thread.run_sync(spool.batches)
             return ReplayResult(remaining=len(paths), locked=True)
         replayed = refused = 0
+        held: dict[tuple[str, str], Exception] = {}  # models whose files wait for a later pass
         while True:
             paths = await anyio.to_thread.run_sync(spool.batches)
+            skipped = 0
             for index, path in enumerate(paths):
                 if self.stopped:
                     return ReplayResult(replayed, refused, len(paths) - index)
                 try:
                     batch = await anyio.to_thread.run_sync(spool.read, path)
+                    if (batch.key.project, batch.key.model) in held:
+                        skipped += 1  # behind an earlier file of its model: order holds
+                        continue
                     dest = self._route(batch.key)
                 except FileNotFoundError:
                     continue
@@ -323,9 +338,21 @@ class Replayer:
                 refused += len(given_up)
                 if kept:
                     error = next(error for _, error in failed if not _refused(error))
-                    return ReplayResult(replayed, refused, len(paths) - index, error)
+                    if not isinstance(error, NotFoundError | PermissionDeniedError):
+                        return ReplayResult(replayed, refused, len(paths) - index, error)
+                    held[batch.key.project, batch.key.model] = error
+                    skipped += 1
+                    self._log.warning(
+                        f"spool-held:{batch.key.project}/{batch.key.model}",
+                        "spooled events for %s/%s wait for a later replay: %s: %s",
+                        batch.key.project,
+                        batch.key.model,
+                        type(error).__name__,
+                        error,
+                    )
             else:
-                return ReplayResult(replayed, refused)
+                first = next(iter(held.values()), None)
+                return ReplayResult(replayed, refused, skipped, first)
 
     async def _waited_for_earlier(self, name: str, dest: Destination) -> bool:
         """Before a file of updates this process spilled: wait while an insert or update

@@ -17,7 +17,7 @@ import anyio
 import orjson
 import pytest
 
-from fiddler_async import AsyncPublisher, AuthenticationError, DeliveryFailure
+from fiddler_async import AsyncPublisher, AuthenticationError, DeliveryFailure, NotFoundError
 from fiddler_async.emulator import Emulator
 from fiddler_async.spool import (
     Spool,
@@ -527,6 +527,38 @@ async def test_a_request_level_refusal_keeps_the_spool(fiddler: Emulator, tmp_pa
     assert result.remaining == 1
     assert len(batch_files(tmp_path)) == 1
     assert list(iter_dead_letters(tmp_path)) == []
+
+
+async def test_a_missing_model_holds_back_only_its_own_files(
+    fiddler: Emulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A spooled file for a model the server does not know (a misspelt name, a model not
+    created yet) stays for later passes, and its updates behind it; the other models' files
+    are delivered meanwhile."""
+    earlier = Spool(tmp_path, 10**6, fsync=False)  # a process before this one spilled these
+    earlier.open()
+    body = orjson.dumps({"event_id": "lost-1", "timestamp": 1700000000000, **bank_event(0)})
+    earlier.write(
+        SpoolKey("bank_churn", "no_such_model", "PRODUCTION", None, False), [(1, body, None)]
+    )
+    label = orjson.dumps({"event_id": "lost-1", "churn": "yes"})
+    earlier.write(
+        SpoolKey("bank_churn", "no_such_model", "PRODUCTION", None, True), [(2, label, None)]
+    )
+    good = orjson.dumps({"event_id": "kept-1", "timestamp": 1700000000000, **bank_event(1)})
+    earlier.write(
+        SpoolKey("bank_churn", "bank_churn", "PRODUCTION", None, False), [(3, good, None)]
+    )
+    async with loopback_publisher(fiddler, spool_dir=tmp_path) as pub:
+        result = await pub.replay_spool()
+    assert stored_ids(fiddler) == ["kept-1"]
+    assert isinstance(result.error, NotFoundError)
+    assert "no_such_model" in str(result.error)
+    assert (pub.stats().replayed, result.remaining) == (1, 2)
+    assert len(batch_files(tmp_path)) == 2  # both kept, in order, for the next pass
+    assert list(iter_dead_letters(tmp_path)) == []
+    held = [r for r in caplog.records if getattr(r, "fiddler_event", "") == "spool-held"]
+    assert held and "bank_churn/no_such_model" in held[0].getMessage()
 
 
 async def test_a_stray_entry_in_the_spool_does_not_stop_delivery(
