@@ -462,8 +462,16 @@ def _inspect_db(args: argparse.Namespace) -> tuple[dict[str, Any], list[Any], di
         ]
         events = store.events(chosen.id, limit=args.events) if args.events else []
         duplicates = store.duplicates(chosen.id) if args.duplicates else {}
+        # Events of models the catalog does not name (served with another --models file).
+        unnamed = store.count() - sum(m["events"] for m in models)
     finally:
         store.close()
+    if unnamed:
+        _console()[1].print(
+            f"{db} also holds {unnamed:,} events of models not in "
+            f"{args.models or 'the built-in models'}: pass the --models file they were served with",
+            highlight=False,
+        )
     return {"models": models}, events, duplicates
 
 

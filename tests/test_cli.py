@@ -357,3 +357,13 @@ def test_inspect_by_url_shows_the_model_served_when_none_is_named(
         shown = cli("inspect", "--url", url, "--token", "t0k3n", "--events", "1")
     assert shown.returncode == 0, shown.stderr
     assert '"event_id": "f1"' in shown.stdout
+    db = tmp_path / "served.db"  # the same model's events in a database, looked at by path
+    store = Store(str(db))
+    store.insert(model_id, "PRODUCTION", None, "event_id", [{"event_id": "f1", "amount": 9.5}])
+    store.close()
+    unnamed = cli("inspect", "--db", str(db))  # without --models: not in the built-in ones
+    assert unnamed.returncode == 0, unnamed.stderr
+    assert "also holds 1 events of models not in the built-in models" in unnamed.stderr
+    named = cli("inspect", "--db", str(db), "--models", str(models), "--events", "1")
+    assert "fraud/detector: 1 events" in named.stdout
+    assert "also holds" not in named.stderr

@@ -558,7 +558,8 @@ async def test_a_missing_model_holds_back_only_its_own_files(
     assert len(batch_files(tmp_path)) == 2  # both kept, in order, for the next pass
     assert list(iter_dead_letters(tmp_path)) == []
     held = [r for r in caplog.records if getattr(r, "fiddler_event", "") == "spool-held"]
-    assert held and "bank_churn/no_such_model" in held[0].getMessage()
+    assert held
+    assert "bank_churn/no_such_model" in held[0].getMessage()
 
 
 async def test_a_stray_entry_in_the_spool_does_not_stop_delivery(
