@@ -309,5 +309,11 @@ def _to_polars(frame: Any, pl: Any) -> Any:
     if module == "polars":
         return frame
     if module == "pyarrow":
-        return pl.from_arrow(frame)
-    return pl.from_pandas(frame)  # the index is left out, as to_dict(orient="records") does
+        df = pl.from_arrow(frame)
+        types = [(field.name, str(field.type)) for field in frame.schema]
+    else:
+        df = pl.from_pandas(frame)  # the index is left out, as to_dict(orient="records") does
+        types = [(name, str(kind)) for name, kind in frame.dtypes.items()]
+    # polars reads Arrow's 64-bit dates as datetimes: they are dates, as their rows say.
+    dates = [name for name, kind in types if kind.startswith("date64")]
+    return df.with_columns(pl.col(dates).cast(pl.Date)) if dates else df

@@ -265,3 +265,26 @@ async def test_nanoseconds_are_kept_on_the_row_way_too(fiddler: Emulator) -> Non
         sorted(e["seen"] for e in fiddler.events())
         == ["2024-01-01 13:00:00.000000001"] * 3 + ["2024-01-01 13:00:00.000000002"] * 3
     )
+
+
+async def test_an_arrow_date_column_is_sent_as_a_date(fiddler: Emulator) -> None:
+    """Arrow has two date types; polars reads the 64-bit one as a datetime. Both go as the
+    dates they are, as their rows would."""
+    days = [dt.date(2024, 1, 2), None, dt.date(1999, 12, 31)]
+    table = pa.table(
+        {
+            "customer_id": ["d0", "d1", "d2"],
+            "day32": pa.array(days, type=pa.date32()),
+            "day64": pa.array(days, type=pa.date64()),
+        }
+    )
+    async with loopback_publisher(fiddler) as pub:
+        await pub.publish_events_batch("bank_churn", "bank_churn", table)
+        await pub.publish_events_batch(
+            "bank_churn", "bank_churn", table.to_pandas(types_mapper=pd.ArrowDtype)
+        )
+        await pub.flush(10)
+    sent = fiddler.events()
+    expected = ["2024-01-02", None, "1999-12-31"] * 2
+    assert [e["day64"] for e in sent] == expected
+    assert [e["day32"] for e in sent] == expected
