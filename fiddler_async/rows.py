@@ -65,37 +65,58 @@ def count_rows(path: str | Path) -> int:
     return max(0, lines - 1) if fmt == "csv" else lines
 
 
+# A CSV field may be as large as an event (csv's default bound is 128 KiB). The bound is the
+# csv module's, for the whole process: only ever raised here, never lowered.
+_CSV_FIELD_LIMIT = 4 * 1024 * 1024
+
+
 def _csv_rows(stream: IO[bytes]) -> Iterator[tuple[int, dict[str, Any] | RowError]]:
     # utf-8-sig: a byte-order mark (Excel's) is not part of the first column's name;
     # surrogateescape: a row that is not UTF-8 is reported alone (by coerce_row), not the file.
     text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
-    reader = csv.DictReader(text, strict=True)  # strict: a stray quote is an error, not data
+    if csv.field_size_limit() < _CSV_FIELD_LIMIT:
+        csv.field_size_limit(_CSV_FIELD_LIMIT)
+    # A plain reader, not a DictReader: blank lines must count in the line numbers, and a
+    # name twice in the header must not keep only its last value. strict: a stray quote is an
+    # error, not data.
+    reader = csv.reader(text, strict=True)
     try:
-        names = len(reader.fieldnames or [])
+        names: list[str] | None = []
+        while names == []:  # the header: the first line that is not blank
+            names = next(reader, None)
+        if names is None:
+            return  # nothing but blank lines
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            line = reader.line_num
+            yield line, RowError(line, f"the header names {twice} more than once")
+            return
         ended = reader.line_num  # the line the previous row ended on
         while True:
             line = ended + 1
             try:
-                row = next(reader)
+                fields = next(reader)
             except StopIteration:
                 return
             except csv.Error as exc:  # the reader goes on after the bad row
-                row, problem = None, f"malformed CSV: {exc}"
+                fields, problem = None, f"malformed CSV: {exc}"
             spans, ended = reader.line_num - line, max(ended, reader.line_num)
             hint = (
                 f" (a quoted value runs on to line {ended}: a missing quote?)" if spans > 0 else ""
             )
-            if row is None:
+            if fields is None:
                 if problem.endswith("unexpected end of data"):
                     hint = " (a quote opened in this row never closes)"
                 yield line, RowError(line, f"{problem}{hint}")
-            elif None in row:  # more fields than the header names
-                yield line, RowError(line, f"more fields than the header's {names}{hint}")
-            elif any(value is None for value in row.values()):
-                missing = [k for k, v in row.items() if v is None]
+            elif not fields:
+                continue  # a blank line
+            elif len(fields) > len(names):
+                yield line, RowError(line, f"more fields than the header's {len(names)}{hint}")
+            elif len(fields) < len(names):
+                missing = names[len(fields) :]
                 yield line, RowError(line, f"too few fields: no value for {missing}{hint}")
             else:
-                yield line, dict(row)
+                yield line, dict(zip(names, fields, strict=True))
     except (csv.Error, UnicodeDecodeError) as exc:  # the header itself
         yield reader.line_num, RowError(reader.line_num, f"malformed CSV: {exc}")
     finally:

@@ -107,6 +107,28 @@ def test_an_unterminated_quote_is_traced_to_its_line(tmp_path: Path, fiddler: Em
     assert [e["row_id"] for e in fiddler.events("p", "m")] == ["e1", "e3"]
 
 
+def test_csv_lines_are_counted_as_a_reader_sees_them(tmp_path: Path, fiddler: Emulator) -> None:
+    """Blank lines count in the line numbers; a field may be as large as an event; a name twice
+    in the header stops the file (each row would keep one of its values only)."""
+    rows = tmp_path / "events.csv"
+    large = "y" * 300_000
+    rows.write_text(f"row_id,x\ne1,1\n\n\ne2,zz\ne3\ne4,4\n\ne5,{large}\n")
+    done = cli("publish", str(rows), "--project", "p", "--model", "m", *to(fiddler))
+    assert done.returncode == 1
+    assert "line 5, column 'x': 'zz' is not a number" in done.stderr
+    assert "line 6: too few fields: no value for ['x']" in done.stderr
+    assert "a missing quote" not in done.stderr
+    assert "line 9, column 'x'" in done.stderr  # typed like any value, not refused as large
+    assert "field limit" not in done.stderr
+    assert [e["row_id"] for e in fiddler.events("p", "m")] == ["e1", "e4"]
+    twice = tmp_path / "twice.csv"
+    twice.write_text("row_id,x,x\nr1,1,2\n")
+    done = cli("publish", str(twice), "--project", "p", "--model", "m", *to(fiddler))
+    assert done.returncode == 1
+    assert "line 1: the header names ['x'] more than once" in done.stderr
+    assert [e["row_id"] for e in fiddler.events("p", "m")] == ["e1", "e4"]
+
+
 def test_a_wrong_name_or_file_stops_with_a_clear_message(tmp_path: Path, fiddler: Emulator) -> None:
     wrong = cli("publish", str(EXAMPLE), "--project", "bank_churn", "--model", "nope", *to(fiddler))
     assert wrong.returncode == 2
