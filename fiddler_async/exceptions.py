@@ -250,6 +250,6 @@ _BY_STATUS: dict[int, type[APIError]] = {
 
 def api_error_class(status: int) -> type[APIError]:
     """The most specific :class:`APIError` subclass for an HTTP status."""
-    if status >= 500:
+    if 500 <= status <= 599:  # past 599 is no status HTTP defines: not retried as a 5xx
         return ServerError
     return _BY_STATUS.get(status, APIError)

@@ -37,6 +37,7 @@ from anyio.streams.tls import TLSAttribute
 __all__ = ["HTTP1Transport", "transport_for"]
 
 MAX_HEAD_BYTES = 64 * 1024
+MAX_ANSWER_BYTES = 64 * 1024 * 1024
 """Largest status line and headers of an answer; a server sending more is broken."""
 _HEAD_SEARCH = MAX_HEAD_BYTES + 4  # the head and the blank line that ends it
 _RECEIVE_BYTES = 256 * 1024
@@ -62,7 +63,7 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
         verify: ssl.SSLContext | bool = True,
         max_connections: int = 10,
         keepalive_expiry: float = 5.0,
-        max_answer_bytes: int = 64 * 1024 * 1024,
+        max_answer_bytes: int = MAX_ANSWER_BYTES,
     ) -> None:
         self._ssl_context = verify if isinstance(verify, ssl.SSLContext) else None
         self._verify = verify is not False  # made into a context on the first https request
@@ -103,11 +104,14 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
                 await connection.aclose()
         finally:
             self._slots.release()
+        extensions: dict[str, Any] = {"http_version": b"HTTP/1.1", "reason_phrase": answer.reason}
+        if answer.broken is not None:
+            extensions[BROKEN_BODY] = answer.broken
         return httpx.Response(
             answer.status,
             headers=answer.headers,
             stream=httpx.ByteStream(answer.body),
-            extensions={"http_version": b"HTTP/1.1", "reason_phrase": answer.reason},
+            extensions=extensions,
         )
 
     async def _reusable(self, origin: Origin) -> _Connection | None:
@@ -184,6 +188,17 @@ class _Answer(NamedTuple):
     headers: list[tuple[bytes, bytes]]
     body: bytes
     reusable: bool
+    broken: str | None = None
+    """Why the body is missing: the head came, the rest did not (the status stands)."""
+
+
+HEAD_IS_ENOUGH = "fiddler_async.head_is_enough"
+"""A request extension: True when a 2xx status is all its sender needs of the answer (the
+events of a POST are stored once the server says 2xx; the body only lists their ids). Such
+an answer whose body then fails to arrive is returned without it, rather than raised: a
+sender retrying it would store the events twice."""
+BROKEN_BODY = "fiddler_async.broken_body"
+"""The response extension that says why such an answer has no body."""
 
 
 class _Connection:
@@ -196,6 +211,8 @@ class _Connection:
         self._socket = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
         self._tls = stream.extra(TLSAttribute.ssl_object, None)
         self.idle_since = 0.0
+        self._head: tuple[int, bytes, list[tuple[bytes, bytes]]] | None = None
+        """The head of the answer being read, once it has come."""
 
     def is_open(self) -> bool:
         """Whether the server left this idle connection as it was: nothing has come since
@@ -219,8 +236,13 @@ class _Connection:
         self, request: httpx.Request, head: bytes, body: bytes, timeouts: dict[str, Any]
     ) -> _Answer:
         """Sends one request and reads its whole answer. Any failure, cancellation included,
-        closes the connection: what is left in it is unknown."""
+        closes the connection: what is left in it is unknown. Two failures still give the
+        answer, not reusable: one the server sent before it stopped reading the request (a
+        413 from a proxy, say), and a 2xx whose body did not come, for a request that says
+        :data:`HEAD_IS_ENOUGH` (without the body, ``broken`` saying why)."""
+        self._head = None
         try:
+            unsent = None
             with _raising(httpx.WriteTimeout, request, timeouts.get("write")):
                 try:
                     if len(body) < _JOIN_BELOW:
@@ -229,12 +251,23 @@ class _Connection:
                         await self._stream.send(head)
                         await self._stream.send(body)
                 except (*_CONNECTION_ERRORS, anyio.ClosedResourceError) as exc:
-                    raise httpx.WriteError(_describe(exc), request=request) from exc
-            with _raising(httpx.ReadTimeout, request, timeouts.get("read")):
-                return await self._read_answer(request)
+                    unsent = httpx.WriteError(_describe(exc), request=request)
+                    unsent.__cause__ = exc
+            try:
+                with _raising(httpx.ReadTimeout, request, timeouts.get("read")):
+                    answer = await self._read_answer(request)
+            except httpx.HTTPError as exc:
+                if self._head is None:
+                    raise unsent or exc  # noqa: B904  (the write's failure, when it failed)
+                status, reason, headers = self._head
+                if not (200 <= status < 300 and request.extensions.get(HEAD_IS_ENOUGH)):
+                    raise
+                await self.aclose()
+                return _Answer(status, reason, headers, b"", False, _describe(exc))
         except BaseException:
             await self.aclose()
             raise
+        return answer if unsent is None else answer._replace(reusable=False)
 
     async def _read_answer(self, request: httpx.Request) -> _Answer:
         def broken(message: str) -> NoReturn:
@@ -254,6 +287,7 @@ class _Connection:
             status, reason, headers, keep_alive = _parse_head(bytes(buffer[:end]), broken)
             del buffer[: end + 4]
             if status >= 200:
+                self._head = (status, reason, headers)
                 break
             if status == 101:
                 broken("the server switched protocols, which was not asked for")

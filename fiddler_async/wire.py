@@ -14,6 +14,7 @@ import math
 import platform
 import time
 import uuid
+import zlib
 from collections.abc import Mapping, Sequence
 from operator import itemgetter
 from typing import Any
@@ -42,6 +43,7 @@ from .exceptions import (
     api_error_class,
 )
 from .gate import Gate
+from .http1 import HEAD_IS_ENOUGH, MAX_ANSWER_BYTES
 from .retry import RetryPolicy
 from .stats import Ledger
 
@@ -61,6 +63,9 @@ def client_headers(token: str) -> dict[str, str]:
     """The headers of every request, as the official client sends them, with our own name."""
     return {
         "Authorization": f"Bearer {token}",
+        # Answers uncompressed: they are small, and a compressed one could inflate to any
+        # size (see _read_body).
+        "Accept-Encoding": "identity",
         "X-Fiddler-Client-Name": CLIENT_NAME,
         "X-Fiddler-Client-Version": __version__,
         "X-Fiddler-Python-Version": platform.python_version(),
@@ -168,9 +173,11 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
-def error_from_response(response: httpx.Response, body: bytes | None) -> APIError:
+def error_from_response(response: httpx.Response, body: bytes | None, secret: str = "") -> APIError:
     """The exception for an error answer, from Fiddler's error envelope where there is one;
-    ``body`` None when it could not be decoded (then from the status alone)."""
+    ``body`` None when it could not be decoded (then from the status alone). ``secret`` (the
+    token) is blotted out of what the server wrote: an error page may echo the request's
+    headers, and this text goes to logs, ``on_error`` and the stats."""
     status = response.status_code
     code, message = status, response.reason_phrase or f"HTTP {status}"
     reasons: list[ErrorReason] = []
@@ -178,7 +185,7 @@ def error_from_response(response: httpx.Response, body: bytes | None) -> APIErro
         payload = orjson.loads(body or b"")
     except orjson.JSONDecodeError:
         payload = None
-        text = response.text.strip() if body else ""
+        text = body.decode("utf-8", "replace").strip() if body else ""
         if text:
             message = text[:300]
     error = payload.get("error") if isinstance(payload, dict) else None
@@ -191,18 +198,22 @@ def error_from_response(response: httpx.Response, body: bytes | None) -> APIErro
             if isinstance(item, dict):
                 reasons.append(
                     ErrorReason(
-                        reason=str(item.get("reason") or ""),
-                        message=str(item.get("message") or ""),
-                        help=str(item.get("help") or ""),
+                        reason=_blot(str(item.get("reason") or ""), secret),
+                        message=_blot(str(item.get("message") or ""), secret),
+                        help=_blot(str(item.get("help") or ""), secret),
                     )
                 )
     return api_error_class(status)(
-        message,
+        _blot(message, secret),
         status=status,
         code=code,
         reasons=reasons,
         retry_after=parse_retry_after(response.headers.get("retry-after")),
     )
+
+
+def _blot(text: str, secret: str) -> str:
+    return text.replace(secret, "[token]") if secret else text
 
 
 def parse_model(data: Mapping[str, Any]) -> ModelInfo:
@@ -281,13 +292,21 @@ class FiddlerV3Exporter:
         content: bytes | None = None,
         params: Mapping[str, str | int] | None = None,
         files: Mapping[str, tuple[str, bytes]] | None = None,
+        answer_needed: bool = True,
     ) -> bytes:
         """One attempt, through the gate (shared pause, circuit breaker); returns the body of
-        a 2xx answer."""
+        a 2xx answer. Without ``answer_needed``, a 2xx whose body did not arrive is success
+        (b""): the server took the request, and sending it again would store it twice."""
         probe = await self._gate.enter()
         try:
             body = await self._attempt(
-                method, path, retry, content=content, params=params, files=files
+                method,
+                path,
+                retry,
+                content=content,
+                params=params,
+                files=files,
+                answer_needed=answer_needed,
             )
         except FiddlerError as exc:
             self._gate.failed(exc, probe)
@@ -307,9 +326,12 @@ class FiddlerV3Exporter:
         content: bytes | None,
         params: Mapping[str, str | int] | None,
         files: Mapping[str, tuple[str, bytes]] | None,
+        answer_needed: bool,
     ) -> bytes:
-        """One request. An answer counts only once it has arrived whole: a connection dropped
-        after the status line is a ConnectError (retried)."""
+        """One request. A 2xx counts once it has arrived whole, or once its head has when
+        its body is not ``answer_needed`` (over our own transport: :data:`HEAD_IS_ENOUGH`): a
+        connection dropped (or timed out) after the status line is otherwise a ConnectError
+        (retried)."""
         if retry:
             self._ledger.retries += 1
         self._ledger.requests += 1
@@ -322,14 +344,13 @@ class FiddlerV3Exporter:
             )
         if retry:
             request.headers["X-Fiddler-Client-Retry"] = str(retry)
+        if not answer_needed:
+            request.extensions[HEAD_IS_ENOUGH] = True
         started = time.perf_counter()
         try:
             response = await self._transmit(request)
-            body: bytes | None
             try:
-                body = await response.aread()
-            except httpx.DecodingError:
-                body = None  # arrived whole but undecodable: the status alone tells
+                body = await _read_body(response)
             finally:
                 await response.aclose()
         except httpx.TimeoutException as exc:
@@ -346,7 +367,8 @@ class FiddlerV3Exporter:
             raise
         self._ledger.record_response(str(response.status_code), time.perf_counter() - started)
         if not response.is_success:
-            raise self._failed(None, error_from_response(response, body))
+            secret = self._client.headers.get("Authorization", "").partition(" ")[2]
+            raise self._failed(None, error_from_response(response, body, secret))
         return body or b""
 
     def _json_request(self, method: str, path: str, content: bytes) -> httpx.Request:
@@ -508,6 +530,18 @@ class FiddlerV3Exporter:
         return self._lookup_failures.get(id(ref), (0.0, None))[1]
 
     async def _lookup(self, ref: ModelRef, retry: int) -> ModelInfo:
+        try:
+            return await self._find_model(ref, retry)
+        except FiddlerError:
+            raise
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
+            # An answer of another shape than Fiddler's (a proxy's page, another API).
+            error = APIError(
+                f"looking up {ref.project}/{ref.model}: unexpected answer ({exc!r})", status=200
+            )
+            raise self._failed(None, error) from exc
+
+    async def _find_model(self, ref: ModelRef, retry: int) -> ModelInfo:
         if _is_uuid(ref.model):
             return parse_model(await self._get_data(f"/v3/models/{ref.model}", retry))
         projects = await self._get_data(
@@ -625,9 +659,33 @@ class FiddlerV3Exporter:
         parts[-1] += tail
         payload = b",".join(parts)
         await self._retry.call(
-            lambda retry: self._request(dest.method, EVENTS_PATH, retry=retry, content=payload),
+            lambda retry: self._request(
+                dest.method, EVENTS_PATH, retry=retry, content=payload, answer_needed=False
+            ),
             what=dest.describe(),
         )
+
+
+async def _read_body(response: httpx.Response) -> bytes | None:
+    """The answer's body; None when it cannot be undone: a compression other than gzip or
+    deflate, a damaged one, or one that would inflate past MAX_ANSWER_BYTES. The requests ask
+    for none; httpx would undo one a server sends anyway without a bound, on the event loop
+    (a megabyte of gzip can hold a gigabyte)."""
+    if response.is_stream_consumed:  # read by the transport (httpx.MockTransport does)
+        return response.content
+    raw = b"".join([chunk async for chunk in response.aiter_raw()])
+    coding = response.headers.get("Content-Encoding", "").strip().lower()
+    if coding in ("", "identity"):
+        return raw
+    # zlib's window bits: gzip's framing; deflate in zlib's framing, or bare as some send it.
+    for window in {"gzip": (31,), "x-gzip": (31,), "deflate": (15, -15)}.get(coding, ()):
+        inflater = zlib.decompressobj(window)
+        try:
+            body = inflater.decompress(raw, MAX_ANSWER_BYTES)
+        except zlib.error:
+            continue
+        return None if inflater.unconsumed_tail else body
+    return None
 
 
 class _Body(httpx.AsyncByteStream):

@@ -22,7 +22,13 @@ from anyio.streams.tls import TLSListener
 
 from fiddler_async import AsyncPublisher, ConfigurationError
 from fiddler_async.emulator import running_emulator
-from fiddler_async.http1 import MAX_HEAD_BYTES, HTTP1Transport, transport_for
+from fiddler_async.http1 import (
+    BROKEN_BODY,
+    HEAD_IS_ENOUGH,
+    MAX_HEAD_BYTES,
+    HTTP1Transport,
+    transport_for,
+)
 
 from .conftest import MODELS, TOKEN, bank_event, config, eventually
 
@@ -594,6 +600,64 @@ async def test_answers_are_read_up_to_the_limit_and_refused_past_it(
 
 
 @pytest.mark.parametrize(
+    "answer",
+    [
+        Close(b"HTTP/1.1 202 Accepted\r\nContent-Length: 10\r\n\r\nshort"),
+        CHUNKED + b"0x3\r\nabc\r\n0\r\n\r\n",
+        b"HTTP/1.1 202 Accepted\r\nContent-Length: 101\r\n\r\n",
+        [b"HTTP/1.1 202 Accepted\r\nContent-Length: 10\r\n\r\n", b"short"],  # then silence
+    ],
+    ids=["cut", "bad-chunk", "too-long", "silent"],
+)
+async def test_a_2xx_whose_head_is_enough_stands_without_its_body(answer: Any) -> None:
+    """Events are stored once the server says 2xx; a body that then fails to come must not
+    make the publisher send them again. Only a request that says so gets such an answer."""
+    server = StrictServer(answer, answer, OK)
+    async with serving(server):
+        transport = HTTP1Transport(max_answer_bytes=100)
+        options: dict[str, Any] = {"timeout": {**SHORT, "read": 0.2}}
+        with pytest.raises(httpx.HTTPError):
+            await send(transport, server.url, **options)
+        enough = {"extensions": {"timeout": options["timeout"], HEAD_IS_ENOUGH: True}}
+        request = httpx.Request("POST", server.url, **enough)
+        response = await transport.handle_async_request(request)
+        assert response.is_success
+        assert await response.aread() == b""
+        assert response.extensions[BROKEN_BODY]
+        assert (await send(transport, server.url)).content == b"ok"  # on a new connection
+        await transport.aclose()
+    assert server.connections == 3
+
+
+# On asyncio the answer is lost, as with httpx's own transport: a failed write closes the
+# asyncio transport, which then reads nothing more of what the kernel holds.
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_an_answer_sent_before_the_request_was_read_is_not_lost() -> None:
+    """A server (a proxy's size limit) that answers 413 to the head and stops reading,
+    closing the connection: the publisher gets the 413 (and splits the batch) rather than
+    a broken connection (retried, then failed whole)."""
+
+    async def refuse(stream: anyio.abc.ByteStream) -> None:
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += await stream.receive()
+        await stream.send(
+            b"HTTP/1.1 413 Too Large\r\nContent-Length: 2\r\nConnection: close\r\n\r\nno"
+        )
+        await stream.aclose()  # the body unread: the kernel resets the connection
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, refuse)
+        transport = HTTP1Transport()
+        answer = await send(transport, f"http://127.0.0.1:{port}", content=bytes(8 << 20))
+        await transport.aclose()
+        tg.cancel_scope.cancel()
+    assert (answer.status_code, answer.content) == (413, b"no")
+
+
+@pytest.mark.parametrize(
     ("options", "message"),
     [
         ({"headers": {"Content-Length": "3"}, "content": b"abcdef"}, "Content-Length"),
@@ -619,6 +683,22 @@ async def test_a_request_that_could_be_read_as_two_is_refused(
 
 
 # In the publisher
+
+
+async def test_the_publisher_sends_events_once_when_their_2xx_is_cut_short() -> None:
+    model_id = "6f1c2c9e-1a2b-4c3d-9e8f-0123456789ab"
+    model = b'{"data":{"id":"%s","name":"m","event_id_col":"id"}}' % model_id.encode()
+    lookup = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(model), model)
+    cut = Close(b'HTTP/1.1 202 Accepted\r\nContent-Length: 99\r\n\r\n{"data":')
+    server = StrictServer(lookup, cut, OK)
+    async with serving(server), AsyncPublisher(server.url, TOKEN, config=config()) as pub:
+        pub.publish_event_nowait("p", model_id, {"x": 1})
+        result = await pub.flush(5)
+    assert (result.delivered, result.failed) == (1, 0)
+    assert [request.target for request, _ in server.requests] == [
+        f"/v3/models/{model_id}".encode(),
+        b"/v3/events",
+    ]
 
 
 async def test_the_publisher_delivers_over_https_trusting_ssl_cert_file(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import email.utils
 import functools
+import gzip
 import platform
 import time
 from typing import Any
@@ -28,6 +29,7 @@ from fiddler_async import (
     SchemaMismatchError,
     ServerError,
 )
+from fiddler_async.retry import is_retryable
 from fiddler_async.wire import client_headers, error_from_response, parse_retry_after
 
 from .conftest import bank_event, config, eventually, mock_publisher
@@ -451,9 +453,6 @@ async def test_an_undecodable_success_body_still_counts_as_delivered(
     assert len(inproc.stored()) == 1
 
 
-# httpx leaves its reading generators unfinished when decoding fails, and trio warns when
-# the collector finds them: that is httpx's, and this test is about what the publisher does.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 async def test_an_undecodable_error_body_is_the_error_of_its_status(
     inproc: InProcessFiddler,
 ) -> None:
@@ -481,6 +480,106 @@ async def test_an_undecodable_error_body_is_the_error_of_its_status(
         result = await pub.flush(5)
     assert (result.delivered, result.failed, len(sent)) == (0, 1, 1)
     assert isinstance(failures[0].error, AuthenticationError)
+
+
+async def test_answers_come_uncompressed_or_are_undone_within_a_bound(
+    inproc: InProcessFiddler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The requests ask for no compression. A server that compresses anyway is undone up to
+    the answer bound (past it, a megabyte of gzip can hold a gigabyte): an events answer past
+    it still counts (its 2xx says the events are stored), a lookup's cannot be read."""
+    monkeypatch.setattr(fiddler_async.wire, "MAX_ANSWER_BYTES", 10_000)
+    transport = inproc.transport()
+    asked: list[str | None] = []
+
+    async def compress(request: httpx.Request) -> httpx.Response:
+        asked.append(request.headers.get("Accept-Encoding"))
+        response = await transport.handle_async_request(request)
+        body = await response.aread()
+        if request.url.path == "/v3/events":
+            body = bytes(20_000)  # inflates past the bound
+        elif "bomb" in str(request.url):
+            body = bytes(20_000)
+        headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+        stream = httpx.ByteStream(gzip.compress(body))
+        return httpx.Response(response.status_code, headers=headers, stream=stream)
+
+    class Unread(httpx.AsyncBaseTransport):  # as a network's: httpx.MockTransport reads it
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            return await compress(request)
+
+    async with fiddler_async.AsyncPublisher(
+        "https://fiddler.test", "test-token", transport=Unread()
+    ) as pub:
+        await pub.resolve("bank_churn", "bank_churn")  # compressed lookups, within the bound
+        pub.publish_event_nowait("bank_churn", "bank_churn", bank_event())
+        assert (await pub.flush(5)).delivered == 1
+        with pytest.raises(APIError, match="unexpected answer"):
+            await pub.resolve("bank_churn", "bomb")
+    assert len(inproc.stored()) == 1
+    assert set(asked) == {"identity"}
+
+
+async def test_the_token_is_blotted_out_of_what_the_server_writes(
+    inproc: InProcessFiddler, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An error page that echoes the request's headers must not carry the token into the
+    exception, ``on_error``, the stats or the log."""
+    transport = inproc.transport()
+
+    async def echo(request: httpx.Request) -> httpx.Response:
+        if request.url.path != "/v3/events":
+            return await transport.handle_async_request(request)
+        headers = f"Authorization: {request.headers['Authorization']}; Host: fiddler.test"
+        if request.method == "POST":
+            return httpx.Response(400, text=f"<html>Bad request. Your headers: {headers}</html>")
+        envelope = {"code": 422, "message": headers, "errors": [{"reason": headers}]}
+        return httpx.Response(422, json={"error": envelope})
+
+    failures: list[DeliveryFailure] = []
+    async with fiddler_async.AsyncPublisher(
+        "https://fiddler.test",
+        "test-token",
+        transport=httpx.MockTransport(echo),
+        on_error=failures.append,
+    ) as pub:
+        pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(), event_id="e1")
+        await pub.flush(5)
+        last_insert_error = pub.stats().last_error
+        pub.publish_event_nowait(
+            "bank_churn", "bank_churn", {"churn": "yes"}, event_id="e1", update_event=True
+        )
+        await pub.flush(5)
+        last_update_error = pub.stats().last_error
+    assert len(failures) == 2
+    assert "Authorization: Bearer [token]" in str(failures[0].error)
+    shown = [str(f.error) for f in failures] + [r.getMessage() for r in caplog.records]
+    shown += [str(last_insert_error), str(last_update_error), repr(failures[1].error.reasons)]
+    assert all("test-token" not in text for text in shown)
+
+
+async def test_a_lookup_answer_of_another_shape_is_an_api_error(
+    inproc: InProcessFiddler,
+) -> None:
+    transport = inproc.transport()
+
+    async def odd(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v3/models":
+            return httpx.Response(200, json={"data": {"items": [{"no": "id"}]}})
+        return await transport.handle_async_request(request)
+
+    async with fiddler_async.AsyncPublisher(
+        "https://fiddler.test", "test-token", transport=httpx.MockTransport(odd)
+    ) as pub:
+        with pytest.raises(APIError, match="unexpected answer") as raised:
+            await pub.resolve("bank_churn", "bank_churn")
+    assert raised.value.status == 200
+
+
+def test_a_status_past_599_is_no_server_error() -> None:
+    error = error_from_response(httpx.Response(999), b"")
+    assert type(error) is APIError
+    assert not is_retryable(error)
 
 
 async def test_an_impossible_timestamp_is_refused_at_the_caller(inproc: InProcessFiddler) -> None:
