@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import importlib.util
 import json
+import math
 import os
 import shutil
 import sqlite3
@@ -31,11 +32,12 @@ import anyio
 
 from ._version import __version__
 from .config import PublisherConfig
-from .exceptions import EventError, FiddlerError, NotFoundError
+from .exceptions import EventError, FiddlerError, NotFoundError, QueueFullError
 from .flusher import DeliveryFailure
 from .http1 import is_loopback
 from .publisher import AsyncPublisher
 from .rows import RowError, coerce_row, count_rows, file_format, read_rows
+from .spool import Spool
 from .spooler import ReplayResult
 from .stats import StatsSnapshot
 
@@ -111,6 +113,9 @@ async def _publish(args: argparse.Namespace) -> int:
             AsyncPublisher(url, token, config=config, on_error=job.failures.append)
         )
         await job.run(pub, url)
+        # --timeout was spent on the flush when it is incomplete: the close drops the rest
+        # (counted) at once rather than wait its own 10 s.
+        await pub.aclose(None if job.complete else 0)
         stats = pub.stats()
         holdings = _holdings(embedded, args) if embedded is not None else ""
     job.report(out, err, url, stats)
@@ -121,7 +126,9 @@ async def _publish(args: argparse.Namespace) -> int:
             f"Look at them:  {_program()} inspect --db {args.db} --events 5",
             highlight=False,
         )
-    complete = job.complete and not stats.failed and not stats.dropped_total
+    complete = (
+        job.complete and job.stopped_at is None and not stats.failed and not stats.dropped_total
+    )
     return 0 if complete and not job.bad else 1
 
 
@@ -161,6 +168,10 @@ class _FileJob:
         self.seconds = 0.0
         self.complete = False
         self.id_col: str | None = None
+        self.stopped_at: int | None = None
+        """The row at which publishing stopped: the queue stayed full for --timeout."""
+        self.unread = 0
+        """Rows not published from there on."""
 
     async def run(self, pub: AsyncPublisher, url: str) -> None:
         args = self.args
@@ -170,7 +181,10 @@ class _FileJob:
         except NotFoundError as exc:
             raise _Fatal(f"{exc.message} at {url}") from None
         except (FiddlerError, TimeoutError) as exc:
-            why = str(exc) or f"no answer in {args.timeout:g} s"
+            why = str(exc)
+            if not why:  # the deadline: say what the server did meanwhile (503s, say)
+                last = pub.stats().last_error
+                why = f"no answer in {args.timeout:g} s" + (f" (last: {last})" if last else "")
             raise _Fatal(f"cannot use {url}: {why}") from None
         types = dict(info.columns)
         if args.update:
@@ -213,10 +227,11 @@ class _FileJob:
         stream = await anyio.to_thread.run_sync(self.path.open, "rb")
         rows = read_rows(stream, self.fmt)
         done, begun = 0, time.perf_counter()
-        with Progress(*columns, console=self.err) as progress, stream:
+        # The rows' reader ends before its file closes.
+        with Progress(*columns, console=self.err) as progress, stream, contextlib.closing(rows):
             task = progress.add_task("publish", total=total, rate="-")
             while chunk := await anyio.to_thread.run_sync(lambda: list(islice(rows, 1000))):
-                for line, row in chunk:
+                for index, (line, row) in enumerate(chunk):
                     try:
                         event = self._event(line, row, types, required)
                         t0 = clock()
@@ -228,6 +243,10 @@ class _FileJob:
                         self.bad.append(exc)
                     except EventError as exc:  # e.g. a value JSON cannot carry
                         self.bad.append(RowError(line, str(exc)))
+                    except QueueFullError:  # the server took nothing for --timeout seconds
+                        self.stopped_at = line
+                        self.unread = total - done - index
+                        return
                 done += len(chunk)
                 rate = done / max(time.perf_counter() - begun, 1e-9)
                 progress.update(task, completed=done, rate=f"{rate:,.0f}")
@@ -254,6 +273,13 @@ class _FileJob:
             err.print(f"... and {len(self.bad) - SHOWN_PROBLEMS} more bad rows")
         for failure in self.failures[:SHOWN_PROBLEMS]:
             err.print(f"[red]not delivered[/red] {len(failure.bodies)} event(s): {failure.error}")
+        if self.stopped_at is not None:
+            err.print(
+                f"[red]stopped[/red] at line {self.stopped_at}: the server took no events for "
+                f"{self.args.timeout:g} s (--timeout); {self.unread:,} row(s) from there on "
+                "not sent",
+                highlight=False,
+            )
         latencies = sorted(self.latencies)
         p99 = latencies[int(len(latencies) * 0.99)] / 1000 if latencies else 0.0
         rate = stats.delivered / max(self.seconds, 1e-9)
@@ -264,6 +290,7 @@ class _FileJob:
             ("failed", f"{stats.failed:,}"),
             ("dropped", f"{stats.dropped_total:,}"),
             ("bad rows", f"{len(self.bad):,}"),
+            *([("not sent", f"{self.unread:,}")] if self.stopped_at is not None else []),
             ("seconds", f"{self.seconds:.2f} ({rate:,.0f} events/s)"),
             ("p99 enqueue", f"{p99:.1f} µs"),
         ):
@@ -301,6 +328,9 @@ async def _replay(args: argparse.Namespace) -> int:
                 result = await pub.replay_spool()
                 tasks.cancel_scope.cancel()
         replayed = pub.stats().replayed  # the background may have sent some first
+    if scope.cancelled_caught:  # cut short: what waits is on disk
+        waiting = await anyio.to_thread.run_sync(Spool(directory, 0, fsync=False).batches)
+        result = ReplayResult(remaining=len(waiting), error=result.error)
     out.print(f"replayed {replayed:,} event(s) from {directory} to {url}", highlight=False)
     for failure in refused:
         err.print(
@@ -514,6 +544,17 @@ def _inspect_url(args: argparse.Namespace) -> tuple[dict[str, Any], list[Any], d
 # The parser
 
 
+def _seconds(text: str) -> float:
+    """A ``--timeout``: a positive, finite number of seconds."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (0 < seconds < math.inf):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return seconds
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fiddler-async", description="Publish events to Fiddler, or run a local emulator."
@@ -533,7 +574,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     publish.add_argument("--token", help="the API token (default: FIDDLER_TOKEN)")
     publish.add_argument("--db", default=DEFAULT_DB, help="the embedded emulator's database file")
-    publish.add_argument("--timeout", type=float, default=120.0, help="longest wait for delivery")
+    publish.add_argument(
+        "--timeout", type=_seconds, default=120.0, help="longest wait for delivery"
+    )
     publish.set_defaults(run=lambda a: anyio.run(_publish, a))
 
     serve = commands.add_parser("serve", help="run the Fiddler emulator")
@@ -572,7 +615,7 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--url", help="Fiddler's URL (default: FIDDLER_URL)")
     replay.add_argument("--token", help="the API token (default: FIDDLER_TOKEN)")
     replay.add_argument(
-        "--timeout", type=float, default=60.0, help="keep trying an unanswering server this long"
+        "--timeout", type=_seconds, default=60.0, help="keep trying an unanswering server this long"
     )
     replay.set_defaults(run=lambda a: anyio.run(_replay, a))
     return parser

@@ -12,7 +12,7 @@ import decimal
 import io
 import json
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -41,7 +41,9 @@ def file_format(path: str | Path) -> str:
     return fmt
 
 
-def read_rows(stream: IO[bytes], fmt: str) -> Iterator[tuple[int, dict[str, Any] | RowError]]:
+def read_rows(
+    stream: IO[bytes], fmt: str
+) -> Generator[tuple[int, dict[str, Any] | RowError], None, None]:
     """Yield (line, row) for each row, or (line, RowError) for one that cannot be read."""
     if fmt == "csv":
         yield from _csv_rows(stream)
@@ -124,9 +126,17 @@ def _csv_rows(stream: IO[bytes]) -> Iterator[tuple[int, dict[str, Any] | RowErro
 
 
 def _jsonl_rows(stream: IO[bytes]) -> Iterator[tuple[int, dict[str, Any] | RowError]]:
+    first = True
     for line, raw in enumerate(stream, start=1):
         if not raw.strip():
             continue
+        if first and raw.lstrip(b"\xef\xbb\xbf \t").startswith(b"["):  # a .json file, say
+            yield (
+                line,
+                RowError(line, "the file holds a JSON array, not JSON Lines (one object a line)"),
+            )
+            return
+        first = False
         try:
             row = json.loads(raw)
         except ValueError as exc:  # UnicodeDecodeError too

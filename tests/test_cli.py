@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import select
 import socket
 import sqlite3
@@ -11,12 +13,14 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from fiddler_async import cli as cli_module
 from fiddler_async.emulator import Emulator, Store, emulator_process
 from fiddler_async.rows import RowError, coerce_row
 
@@ -127,6 +131,49 @@ def test_csv_lines_are_counted_as_a_reader_sees_them(tmp_path: Path, fiddler: Em
     assert done.returncode == 1
     assert "line 1: the header names ['x'] more than once" in done.stderr
     assert [e["row_id"] for e in fiddler.events("p", "m")] == ["e1", "e4"]
+
+
+def test_a_server_that_takes_nothing_stops_the_publish_at_its_timeout(
+    tmp_path: Path, fiddler: Emulator, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """Run in this process, to give it a small queue. The lookups answer, the events
+    requests hang: publishing stops once the queue stays full for --timeout, and the summary
+    says what was not sent and what was dropped, without waiting the close's own 10 s."""
+    rows = tmp_path / "events.csv"
+    rows.write_text("row_id,x\n" + "".join(f"r{i},{i}\n" for i in range(1000)))
+    small = functools.partial(cli_module.PublisherConfig, max_queue_events=100, linger=0.01)
+    monkeypatch.setattr(cli_module, "PublisherConfig", small)
+    fiddler.set_faults(script=["hang"] * 20)  # the lookups answer, the events requests hang
+    code = cli_module.main(["publish", str(rows), "--project", "p", "--model", "m",
+                            *to(fiddler), "--timeout", "1"])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "Traceback" not in err
+    stopped = re.search(r"stopped at line (\d+): .*; ([\d,]+) row\(s\) from there on not sent", err)
+    assert stopped is not None, err
+    line, unsent = int(stopped[1]), int(stopped[2].replace(",", ""))
+    assert unsent == 1000 - (line - 2)  # the rows from that line (the header is line 1)
+    assert re.search(rf"not sent\s+{unsent:,}", out)
+    dropped = int(re.search(r"dropped\s+([\d,]+)", out)[1].replace(",", ""))  # type: ignore[index]
+    assert dropped + unsent == 1000  # every row: in flight or queued, dropped at the close
+
+
+def test_timeouts_must_be_positive_numbers(tmp_path: Path) -> None:
+    for command in ("publish", "replay"):
+        for value in ("-1", "0", "nan", "inf", "soon"):
+            done = cli(command, str(tmp_path), "--timeout", value)
+            assert done.returncode == 2
+            assert f"'{value}' is not a positive number of seconds" in done.stderr
+            assert "Traceback" not in done.stderr
+
+
+def test_a_json_array_is_named_as_such(tmp_path: Path, fiddler: Emulator) -> None:
+    rows = tmp_path / "events.json"
+    rows.write_text(json.dumps([{"row_id": "r1", "x": 1}, {"row_id": "r2", "x": 2}], indent=2))
+    done = cli("publish", str(rows), "--project", "p", "--model", "m", *to(fiddler))
+    assert done.returncode == 1
+    assert "line 1: the file holds a JSON array, not JSON Lines" in done.stderr
+    assert "bad rows     1" in done.stdout
 
 
 def test_a_wrong_name_or_file_stops_with_a_clear_message(tmp_path: Path, fiddler: Emulator) -> None:

@@ -270,7 +270,7 @@ def test_replay_on_the_command_line_keeps_to_its_timeout(fiddler: Emulator, tmp_
     command += ["--url", fiddler.url, "--token", TOKEN, "--timeout", "1"]
     replay = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
     assert replay.returncode == 1
-    assert "no progress in 1 s" in replay.stderr
+    assert "no progress in 1 s; 1 file(s) still wait" in replay.stderr
     assert len(batch_files(tmp_path)) == 1
     # A slow server that takes every request: the timeout bounds a silence, not the replay,
     # which takes longer here (lookups and 13 requests of 0.3 s each).
