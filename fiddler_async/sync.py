@@ -13,6 +13,10 @@ call (and ``publish_event`` under ``block`` or ``raise``, whose answer depends o
 runs on the loop's thread through the portal, after the hand-off is drained, so it sees every
 event published before it.
 
+A plain ``on_error`` function runs on a daemon thread of its own, one failure at a time: one
+that blocks (a post to an alerting service) holds up neither delivery nor the deadlines of
+``flush`` and ``close``, nor ``stats``, nor the interpreter's exit.
+
 The thread is a daemon: a script that ends without ``close()`` does not hang. Instead, at
 interpreter exit every publisher still open is closed, waiting at most ``exit_timeout`` seconds
 (default ``config.close_timeout``) for its events; with a spool, what is left by then goes to
@@ -27,7 +31,9 @@ import atexit
 import concurrent.futures
 import concurrent.futures.thread  # registers its exit hook before ours
 import contextlib
+import inspect
 import os
+import queue
 import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -43,6 +49,7 @@ from .buffer import Fixup, Lane
 from .config import PublisherConfig
 from .destination import ModelInfo
 from .exceptions import PublisherClosedError
+from .flusher import DeliveryFailure
 from .publisher import AsyncPublisher, ErrorCallback, _EventTime
 from .spooler import ReplayResult
 from .stats import FlushResult, StatsSnapshot
@@ -165,6 +172,33 @@ def _never(fn: Callable[[], object]) -> None:
     raise PublisherClosedError("the publisher's loop is not running")
 
 
+class _CallbackThread:
+    """Runs jobs (the ``on_error`` calls) one at a time, in order, on a daemon thread."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(
+            target=self._work, name="fiddler_async-on_error", daemon=True
+        )
+        self.thread.start()
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            job()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._jobs.put(job)
+
+    def stop(self) -> None:
+        """The thread ends once the jobs submitted before are done."""
+        self._jobs.put(None)
+
+
+def _is_async(fn: object) -> bool:
+    """A coroutine function, or an object whose ``__call__`` is one."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)
+
+
 class Publisher:
     """Publishes Fiddler events from synchronous code without waiting on the network.
 
@@ -172,7 +206,9 @@ class Publisher:
     ``"asyncio"`` or ``"trio"``) and ``exit_timeout`` (the longest wait for events at
     interpreter exit; default ``config.close_timeout``). It starts at once; use it as a context
     manager, or call :meth:`close` on shutdown (else it is closed at interpreter exit).
-    ``on_error`` is called on the background thread.
+    ``on_error``, a plain function, is called on a thread of its own, one failure at a time
+    (a coroutine function runs on the background loop); ``flush`` and ``close`` wait for it
+    within their deadline, as for :class:`AsyncPublisher`.
     """
 
     def __init__(
@@ -186,6 +222,9 @@ class Publisher:
         backend: Literal["asyncio", "trio"] = "asyncio",
         exit_timeout: float | None = None,
     ) -> None:
+        self._callbacks: _CallbackThread | None = None
+        if on_error is not None and not _is_async(on_error):
+            on_error = self._off_loop(on_error)
         # Bad arguments raise here, before any thread starts.
         self._publisher = AsyncPublisher(
             url, token, config=config, transport=transport, on_error=on_error
@@ -247,9 +286,51 @@ class Publisher:
         return loop.portal
 
     def _on_loop_thread(self) -> bool:
-        """Whether we run on the loop's own thread (an ``on_error`` callback does)."""
+        """Whether we run on the loop's own thread (an async ``on_error`` callback does)."""
         loop = self._loop
         return loop is not None and threading.current_thread() is loop.thread
+
+    def _waits_for_itself(self, what: str) -> RuntimeError | None:
+        """The error for a call that would wait for the thread it runs on: the loop's, or the
+        ``on_error`` callbacks' (``flush`` and ``close`` wait for the callbacks)."""
+        callbacks = self._callbacks
+        if self._on_loop_thread() or (
+            callbacks is not None and threading.current_thread() is callbacks.thread
+        ):
+            return RuntimeError(
+                f"{what}() waits on the thread where this code runs (an on_error "
+                "callback?): it would wait for itself"
+            )
+        return None
+
+    def _off_loop(self, callback: Callable[[DeliveryFailure], object]) -> ErrorCallback:
+        """``on_error`` as the async publisher calls it, running ``callback`` on the
+        callbacks' thread. Waiting for it can be cancelled (at a deadline): the thread goes
+        on with it, and the callbacks after it, on its own."""
+
+        async def report(failure: DeliveryFailure) -> None:
+            loop = self._loop
+            assert loop is not None
+            if self._callbacks is None:
+                self._callbacks = _CallbackThread()
+            done = anyio.Event()
+            raised: list[BaseException] = []
+
+            def run() -> None:
+                try:
+                    callback(failure)
+                except BaseException as exc:  # the publisher logs it, as for an inline call
+                    raised.append(exc)
+                finally:
+                    with contextlib.suppress(Exception):  # the loop has ended meanwhile
+                        loop.call_soon(done.set)
+
+            self._callbacks.submit(run)
+            await done.wait()
+            if raised:
+                raise raised[0]
+
+        return report
 
     def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn`` on the loop's thread, after the hand-off; its result or its error."""
@@ -269,11 +350,9 @@ class Publisher:
             self._drain()
             return await fn(*args, **kwargs)
 
-        if self._on_loop_thread():
-            raise RuntimeError(
-                f"{getattr(fn, '__name__', fn)}() waits on the publisher's own thread, where "
-                "this code runs (an on_error callback?): it would wait for itself"
-            )
+        error = self._waits_for_itself(getattr(fn, "__name__", "this"))
+        if error is not None:
+            raise error
         try:
             return self._portal().call(run)
         except concurrent.futures.CancelledError:  # the publisher closed while it waited
@@ -306,7 +385,10 @@ class Publisher:
         with self._lock:
             if os.getpid() == self._pid:
                 return
-            self._pid = os.getpid()
+            # Until the child's loop runs, other threads must not see the pid as ours: they
+            # would take the parent's loop, which is not in this process (and wait forever).
+            # They wait for this lock instead.
+            self._callbacks = None  # its thread stayed in the parent too
             self._handoff.clear()  # the parent's, and the parent sends them
             self._handoff_bytes_in = self._handoff_bytes_out = 0
             self._handoff_dropped = dict.fromkeys(self._handoff_dropped, 0)
@@ -318,9 +400,11 @@ class Publisher:
                 if self._closing is not None and not self._closing.is_set():
                     self._close_result = FlushResult()
                     self._closing.set()
+                self._pid = os.getpid()
                 return
             # The AsyncPublisher reset itself at the fork (its queue is the parent's).
             self._start()
+            self._pid = os.getpid()
 
     # The calls of AsyncPublisher, without await
 
@@ -358,10 +442,15 @@ class Publisher:
                             if not self._drain_scheduled:
                                 self._drain_scheduled = True
                                 self._loop.call_soon(self._drain)
-                        except Exception:  # the loop has ended...
-                            if not self._closed:
+                        except BaseException as exc:
+                            # Not scheduled: the next call tries again. (A signal handler may
+                            # raise between the flag and the scheduling: Celery's time limit.)
+                            self._drain_scheduled = False
+                            if not isinstance(exc, Exception) or not self._closed:
                                 raise
-                        if self._closed:  # ...closed by a signal handler that interrupted us
+                            # Else the loop has ended: closed by a signal handler that
+                            # interrupted us.
+                        if self._closed:
                             self._closed_meanwhile(item)
                         return event_id
         kwargs = {
@@ -407,7 +496,10 @@ class Publisher:
         return self._await(self._publisher.publish_file, project_id, model_id, source, **options)
 
     def flush(self, timeout: float | None = None) -> FlushResult:
-        """Send what is queued and wait for it, at most ``timeout`` seconds."""
+        """Send what is queued and wait for it, at most ``timeout`` seconds. Once closed,
+        what is still pending, as :meth:`AsyncPublisher.flush` says."""
+        if self._closed:
+            return FlushResult(pending=self.stats().pending)
         return self._await(self._publisher.flush, timeout)
 
     def resolve(self, project_id: str, model_id: str) -> ModelInfo:
@@ -420,7 +512,10 @@ class Publisher:
         """A snapshot of the counters (taken on the loop's thread, so it adds up)."""
         closing = self._closing
         if closing is None:
-            return self._call(self._publisher.stats)
+            try:
+                return self._call(self._publisher.stats)
+            except PublisherClosedError:  # closed by another thread meanwhile
+                return self._publisher.stats()
         if os.getpid() != self._pid:  # forked while closing: the child has no loop to ask
             return self._publisher.stats()
         loop = self._loop
@@ -471,11 +566,9 @@ class Publisher:
         then stop the background thread. Safe to call again, and from several threads (the
         later calls wait for the first, up to their own timeout)."""
         timeout = self.config.close_timeout if timeout is None else timeout
-        if self._on_loop_thread():
-            raise RuntimeError(
-                "close() waits on the publisher's own thread, where this code runs (an "
-                "on_error callback?): it would wait for itself"
-            )
+        error = self._waits_for_itself("close")
+        if error is not None:
+            raise error
         with self._lock:
             closing = self._closing
             first = closing is None
@@ -485,7 +578,13 @@ class Publisher:
         if not first:
             if os.getpid() != self._pid:  # forked while the parent closed: nothing of ours
                 return FlushResult()
-            if closing.wait(timeout):
+            loop = self._loop
+            if not closing.is_set() and loop is not None and loop.portal is not None:
+                # Through the loop, which ends the close whoever began it: the first call may
+                # be on this very thread, interrupted by a signal handler making this one.
+                with contextlib.suppress(RuntimeError, concurrent.futures.CancelledError):
+                    return loop.portal.call(self._publisher.aclose, timeout)
+            if closing.wait(timeout):  # the loop has ended: the first call is finishing
                 return self._close_result
             return FlushResult(pending=self.stats().pending)  # still closing, as aclose says
         _open_publishers.discard(self)
@@ -497,6 +596,8 @@ class Publisher:
                 finally:
                     loop.stop()
         finally:
+            if self._callbacks is not None:
+                self._callbacks.stop()
             closing.set()
         return self._close_result
 

@@ -4,6 +4,7 @@ loop thread of its own (asyncio or trio); a bounded flush at interpreter exit; s
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import os
 import signal
 import socket
@@ -24,6 +25,7 @@ from fiddler_async import (
     QueueFullError,
 )
 from fiddler_async.emulator import Emulator
+from fiddler_async.stats import FlushResult
 
 from .conftest import bank_event, config
 from .in_process import TOKEN
@@ -195,50 +197,71 @@ def test_the_exit_flush_reaches_every_publisher(fiddler: Emulator, case: str) ->
     assert fiddler.count() == 1000, child.stderr
 
 
-def test_a_busy_loop_keeps_the_hand_off_bounded(fiddler: Emulator, backend: str) -> None:
-    """The loop's thread is held (a slow on_error): publishers keep going, memory does not
-    grow past the queue's bound, and what the drop policy pushes out is counted."""
-    calls: list[str] = []
+def hold_the_loop(pub: Publisher, seconds: float) -> None:
+    """Keep the publisher's loop thread busy for ``seconds`` (a big batch, say) from now."""
     holding = threading.Event()
 
-    def slow_on_error(failure: DeliveryFailure) -> None:
+    def hold() -> None:
         holding.set()
-        calls.append(type(pub.stats()).__name__)  # stats() works from the callback
-        with pytest.raises(RuntimeError, match="own thread"):
-            pub.flush(1)  # waiting for itself would never end: a clear error instead
-        time.sleep(1.0)
+        time.sleep(seconds)
 
-    pub = sync_publisher(fiddler, backend, max_queue_events=100, on_error=slow_on_error)
-    with pub:
-        pub.publish_event("bank_churn", "bank_churn", {**bank_event(0), "age": "forty"})
-        assert holding.wait(10)  # refused: on_error runs, and holds the loop for a second
+    assert pub._loop is not None
+    pub._loop.call_soon(hold)
+    assert holding.wait(10)
+
+
+def test_a_busy_loop_keeps_the_hand_off_bounded(fiddler: Emulator, backend: str) -> None:
+    """The loop's thread is held: publishers keep going, memory does not grow past the
+    queue's bound, and what the drop policy pushes out is counted."""
+    with sync_publisher(fiddler, backend, max_queue_events=100) as pub:
+        hold_the_loop(pub, 1.0)
         for i in range(5000):
             pub.publish_event("bank_churn", "bank_churn", bank_event(i))
             assert len(pub._handoff) <= 100
         pub.flush(30)
         stats = pub.stats()
-    assert calls == ["StatsSnapshot"]
-    assert stats.accepted == 5001
+    assert stats.accepted == 5000
     assert stats.dropped["queue_full"] > 0
     assert stats.accepted == stats.delivered + stats.failed + stats.dropped_total
+
+
+def test_a_blocking_on_error_holds_up_nothing_else(fiddler: Emulator, backend: str) -> None:
+    """A plain on_error runs on a thread of its own: while one blocks, other events are
+    delivered, stats() answers, and close() keeps its deadline; from the callback, stats()
+    works and flush() (which waits for the callbacks) is a clear error."""
+    entered, release = threading.Event(), threading.Event()
+    seen: list[object] = []
+
+    def blocking_on_error(failure: DeliveryFailure) -> None:
+        seen.append(type(pub.stats()).__name__)
+        with pytest.raises(RuntimeError, match="wait for itself"):
+            pub.flush(1)
+        seen.append("flush refused")
+        entered.set()
+        release.wait(30)
+
+    pub = sync_publisher(fiddler, backend, on_error=blocking_on_error)
+    try:
+        pub.publish_event("bank_churn", "bank_churn", {**bank_event(0), "age": "forty"})
+        assert entered.wait(10)  # refused: the callback runs, and blocks
+        ids = [pub.publish_event("bank_churn", "bank_churn", bank_event(i)) for i in range(50)]
+        deadline = time.monotonic() + 10
+        while pub.stats().delivered < 50 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert {e["event_id"] for e in fiddler.events()} == set(ids)  # the others went
+        pub.close(0.5)
+        assert not release.is_set()  # closed with the callback still blocked
+    finally:
+        release.set()
+    assert seen == ["StatsSnapshot", "flush refused"]
 
 
 def test_a_busy_loop_keeps_the_hand_off_within_its_bytes(fiddler: Emulator, backend: str) -> None:
     """Big events after small ones, the loop's thread held: each big one pushes out as many
     old ones as it takes to keep the byte bound, not one for one."""
-    holding = threading.Event()
-
-    def slow_on_error(failure: DeliveryFailure) -> None:
-        holding.set()
-        time.sleep(1.0)
-
     limit = 8192
-    pub = sync_publisher(
-        fiddler, backend, max_queue_bytes=limit, max_batch_bytes=4096, on_error=slow_on_error
-    )
-    with pub:
-        pub.publish_event("bank_churn", "bank_churn", {**bank_event(0), "age": "forty"})
-        assert holding.wait(10)
+    with sync_publisher(fiddler, backend, max_queue_bytes=limit, max_batch_bytes=4096) as pub:
+        hold_the_loop(pub, 1.0)
         for i in range(200):
             big = {**bank_event(i), "customer_id": "x" * (3000 if i >= 100 else 10)}
             pub.publish_event("bank_churn", "bank_churn", big)
@@ -459,3 +482,104 @@ def test_a_child_forked_while_the_parent_closes_does_not_wait_for_it(
     _, status = os.waitpid(pid, 0)
     closing.join(30)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # forking with threads is the point
+def test_threads_of_a_forked_child_share_one_fresh_loop(fiddler: Emulator, backend: str) -> None:
+    """gunicorn --preload with threaded workers: in the child, several threads make their
+    first calls at once. None may take the parent's loop (not in the child: it would wait
+    for good); all share the one the first starts."""
+    pub = sync_publisher(fiddler, backend)
+    pub.publish_event("bank_churn", "bank_churn", bank_event(0))
+    pub.flush(10)
+    pid = os.fork()
+    if pid == 0:  # the child: never return into the test runner
+        code = 1
+        try:
+            faulthandler.dump_traceback_later(60, exit=True)  # a hang fails, not blocks
+            start = threading.Barrier(8)
+
+            def work(n: int) -> None:
+                start.wait()
+                for i in range(200):
+                    pub.publish_event("bank_churn", "bank_churn", bank_event(1000 * n + i))
+
+            threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            loops = [t for t in threading.enumerate() if t.name == "fiddler_async"]
+            pub.close(10)
+            stats = pub.stats()
+            code = 0 if (stats.accepted, stats.delivered, len(loops)) == (1600, 1600, 1) else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    pub.close(10)
+    assert fiddler.count() == 1601
+
+
+def test_a_handoff_whose_wakeup_was_interrupted_is_still_sent(
+    fiddler: Emulator, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A signal handler that raises (Celery's soft time limit) inside publish_event, as it
+    schedules the loop's wake-up: the caller gets the exception, and the later events still
+    go in the background, with no flush or stats to move them."""
+
+    class SoftTimeLimit(Exception):
+        pass
+
+    with sync_publisher(fiddler, backend, linger=0.01) as pub:
+        pub.publish_event("bank_churn", "bank_churn", bank_event(0))  # the route known
+        pub.flush(10)
+        assert pub._loop is not None
+        schedule = pub._loop.call_soon
+
+        def interrupted(fn: Any) -> None:
+            monkeypatch.setattr(pub._loop, "call_soon", schedule)
+            raise SoftTimeLimit
+
+        monkeypatch.setattr(pub._loop, "call_soon", interrupted)
+        with pytest.raises(SoftTimeLimit):
+            pub.publish_event("bank_churn", "bank_churn", bank_event(1))
+        for i in range(2, 12):
+            pub.publish_event("bank_churn", "bank_churn", bank_event(i))
+        deadline = time.monotonic() + 10
+        while fiddler.count() < 12 and time.monotonic() < deadline:
+            time.sleep(0.01)  # the background's doing only: nothing here drains the hand-off
+        assert fiddler.count() == 12
+
+
+def test_a_close_interrupting_a_close_on_its_thread_ends_with_it(fiddler: Emulator) -> None:
+    """A signal handler's close() that lands while its thread is already in close(): it
+    ends the close through the loop, and says what it delivered, rather than wait for the
+    interrupted call (which cannot go on until the handler returns) up to its timeout."""
+    pub = sync_publisher(fiddler, "asyncio", linger=3600)
+    for i in range(10):
+        pub.publish_event("bank_churn", "bank_churn", bank_event(i))
+    fiddler.set_faults(latency=0.3)  # the close's request takes a while: the signal comes first
+    handled: list[Any] = []
+    previous = signal.signal(signal.SIGUSR1, lambda *_: handled.append(pub.close(30)))
+    try:
+        timer = threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGUSR1))
+        timer.start()
+        first = pub.close(30)
+        timer.join()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert len(handled) == 1
+    assert handled[0].delivered == first.delivered == 10
+    assert fiddler.count() == 10
+
+
+def test_flush_and_stats_after_close_say_what_is_left(fiddler: Emulator, backend: str) -> None:
+    """As AsyncPublisher's: a flush after close is no error (an atexit hook of the user's
+    runs after ours), it says what is pending."""
+    pub = sync_publisher(fiddler, backend)
+    pub.publish_event("bank_churn", "bank_churn", bank_event(0))
+    pub.close(10)
+    assert pub.flush(1) == FlushResult()
+    assert pub.stats().delivered == 1
