@@ -196,7 +196,8 @@ class _FileJob:
         self.id_col = info.event_id_col if args.update else None
         started = time.perf_counter()
         await self._publish_rows(pub, types, required)
-        self.complete = (await pub.flush(args.timeout)).complete
+        if self.stopped_at is None:  # else --timeout is spent: the close drops what is left
+            self.complete = (await pub.flush(args.timeout)).complete
         self.seconds = time.perf_counter() - started
 
     async def _publish_rows(
@@ -245,7 +246,8 @@ class _FileJob:
                         self.bad.append(RowError(line, str(exc)))
                     except QueueFullError:  # the server took nothing for --timeout seconds
                         self.stopped_at = line
-                        self.unread = total - done - index
+                        rest = await anyio.to_thread.run_sync(lambda: sum(1 for _ in rows))
+                        self.unread = len(chunk) - index + rest
                         return
                 done += len(chunk)
                 rate = done / max(time.perf_counter() - begun, 1e-9)

@@ -37,8 +37,9 @@ from anyio.streams.tls import TLSAttribute
 __all__ = ["HTTP1Transport", "transport_for"]
 
 MAX_HEAD_BYTES = 64 * 1024
-MAX_ANSWER_BYTES = 64 * 1024 * 1024
 """Largest status line and headers of an answer; a server sending more is broken."""
+MAX_ANSWER_BYTES = 64 * 1024 * 1024
+"""The default bound of an answer's body (and of what a compressed one inflates to)."""
 _HEAD_SEARCH = MAX_HEAD_BYTES + 4  # the head and the blank line that ends it
 _RECEIVE_BYTES = 256 * 1024
 _JOIN_BELOW = 16 * 1024

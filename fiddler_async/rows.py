@@ -88,7 +88,8 @@ def _csv_rows(stream: IO[bytes]) -> Iterator[tuple[int, dict[str, Any] | RowErro
             names = next(reader, None)
         if names is None:
             return  # nothing but blank lines
-        twice = sorted({name for name in names if names.count(name) > 1})
+        # Empty names (a spreadsheet's trailing commas) are no columns anyone meant.
+        twice = sorted({name for name in names if name and names.count(name) > 1})
         if twice:
             line = reader.line_num
             yield line, RowError(line, f"the header names {twice} more than once")
@@ -130,19 +131,17 @@ def _jsonl_rows(stream: IO[bytes]) -> Iterator[tuple[int, dict[str, Any] | RowEr
     for line, raw in enumerate(stream, start=1):
         if not raw.strip():
             continue
-        if first and raw.lstrip(b"\xef\xbb\xbf \t").startswith(b"["):  # a .json file, say
-            yield (
-                line,
-                RowError(line, "the file holds a JSON array, not JSON Lines (one object a line)"),
-            )
-            return
-        first = False
         try:
             row = json.loads(raw)
         except ValueError as exc:  # UnicodeDecodeError too
-            yield line, RowError(line, f"malformed JSON: {exc}")
-            continue
-        if isinstance(row, dict):
+            if first and raw.lstrip(b"\xef\xbb\xbf \t").startswith(b"["):
+                # The start of an array spread over lines: a .json file, not JSON Lines.
+                problem = "the file holds a JSON array, not JSON Lines (one object a line)"
+                yield line, RowError(line, problem)
+                return
+            row = RowError(line, f"malformed JSON: {exc}")
+        first = False
+        if isinstance(row, dict | RowError):
             yield line, row
         else:
             yield line, RowError(line, f"a line must hold a JSON object, not {type(row).__name__}")

@@ -296,7 +296,7 @@ class Replayer:
             skipped = 0
             for index, path in enumerate(paths):
                 if self.stopped:
-                    return ReplayResult(replayed, refused, len(paths) - index)
+                    return ReplayResult(replayed, refused, skipped + len(paths) - index)
                 try:
                     batch = await anyio.to_thread.run_sync(spool.read, path)
                     if (batch.key.project, batch.key.model) in held:
@@ -339,7 +339,8 @@ class Replayer:
                 if kept:
                     error = next(error for _, error in failed if not _refused(error))
                     if not isinstance(error, NotFoundError | PermissionDeniedError):
-                        return ReplayResult(replayed, refused, len(paths) - index, error)
+                        left = skipped + len(paths) - index
+                        return ReplayResult(replayed, refused, left, error)
                     held[batch.key.project, batch.key.model] = error
                     skipped += 1
                     self._log.warning(

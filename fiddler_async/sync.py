@@ -314,11 +314,12 @@ class Publisher:
             if self._callbacks is None:
                 self._callbacks = _CallbackThread()
             done = anyio.Event()
+            outcome: list[object] = []
             raised: list[BaseException] = []
 
             def run() -> None:
                 try:
-                    callback(failure)
+                    outcome.append(callback(failure))
                 except BaseException as exc:  # the publisher logs it, as for an inline call
                     raised.append(exc)
                 finally:
@@ -329,6 +330,8 @@ class Publisher:
             await done.wait()
             if raised:
                 raise raised[0]
+            if outcome and inspect.isawaitable(outcome[0]):  # a lambda calling an async def
+                await outcome[0]
 
         return report
 
@@ -514,8 +517,8 @@ class Publisher:
         if closing is None:
             try:
                 return self._call(self._publisher.stats)
-            except PublisherClosedError:  # closed by another thread meanwhile
-                return self._publisher.stats()
+            except PublisherClosedError:  # closed by another thread meanwhile: as closing
+                return self.stats()
         if os.getpid() != self._pid:  # forked while closing: the child has no loop to ask
             return self._publisher.stats()
         loop = self._loop

@@ -185,7 +185,8 @@ def error_from_response(response: httpx.Response, body: bytes | None, secret: st
         payload = orjson.loads(body or b"")
     except orjson.JSONDecodeError:
         payload = None
-        text = body.decode("utf-8", "replace").strip() if body else ""
+        # Blotted before it is cut: a token the cut splits would no longer match whole.
+        text = _blot(body.decode("utf-8", "replace"), secret).strip() if body else ""
         if text:
             message = text[:300]
     error = payload.get("error") if isinstance(payload, dict) else None
@@ -685,7 +686,7 @@ async def _read_body(response: httpx.Response) -> bytes | None:
             body = inflater.decompress(raw, MAX_ANSWER_BYTES)
         except zlib.error:
             continue
-        return None if inflater.unconsumed_tail else body
+        return body if inflater.eof and not inflater.unconsumed_tail else None  # whole, bounded
     return None
 
 

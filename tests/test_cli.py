@@ -125,12 +125,17 @@ def test_csv_lines_are_counted_as_a_reader_sees_them(tmp_path: Path, fiddler: Em
     assert "line 9, column 'x'" in done.stderr  # typed like any value, not refused as large
     assert "field limit" not in done.stderr
     assert [e["row_id"] for e in fiddler.events("p", "m")] == ["e1", "e4"]
+    trailing = tmp_path / "trailing.csv"  # a spreadsheet's trailing commas: no columns
+    trailing.write_text("row_id,x,,\ne6,6,,\n")
+    done = cli("publish", str(trailing), "--project", "p", "--model", "m", *to(fiddler))
+    assert done.returncode == 0, done.stderr
+    assert [e["row_id"] for e in fiddler.events("p", "m")] == ["e1", "e4", "e6"]
     twice = tmp_path / "twice.csv"
     twice.write_text("row_id,x,x\nr1,1,2\n")
     done = cli("publish", str(twice), "--project", "p", "--model", "m", *to(fiddler))
     assert done.returncode == 1
     assert "line 1: the header names ['x'] more than once" in done.stderr
-    assert [e["row_id"] for e in fiddler.events("p", "m")] == ["e1", "e4"]
+    assert [e["row_id"] for e in fiddler.events("p", "m")] == ["e1", "e4", "e6"]
 
 
 def test_a_server_that_takes_nothing_stops_the_publish_at_its_timeout(
@@ -139,8 +144,8 @@ def test_a_server_that_takes_nothing_stops_the_publish_at_its_timeout(
     """Run in this process, to give it a small queue. The lookups answer, the events
     requests hang: publishing stops once the queue stays full for --timeout, and the summary
     says what was not sent and what was dropped, without waiting the close's own 10 s."""
-    rows = tmp_path / "events.csv"
-    rows.write_text("row_id,x\n" + "".join(f"r{i},{i}\n" for i in range(1000)))
+    rows = tmp_path / "events.csv"  # each row on two lines: rows are counted, not lines
+    rows.write_text("row_id,x\n" + "".join(f'"r{i}\nz",{i}\n' for i in range(1000)))
     small = functools.partial(cli_module.PublisherConfig, max_queue_events=100, linger=0.01)
     monkeypatch.setattr(cli_module, "PublisherConfig", small)
     fiddler.set_faults(script=["hang"] * 20)  # the lookups answer, the events requests hang
@@ -152,7 +157,7 @@ def test_a_server_that_takes_nothing_stops_the_publish_at_its_timeout(
     stopped = re.search(r"stopped at line (\d+): .*; ([\d,]+) row\(s\) from there on not sent", err)
     assert stopped is not None, err
     line, unsent = int(stopped[1]), int(stopped[2].replace(",", ""))
-    assert unsent == 1000 - (line - 2)  # the rows from that line (the header is line 1)
+    assert unsent == 1000 - (line - 2) // 2  # the rows from that line (the header is line 1)
     assert re.search(rf"not sent\s+{unsent:,}", out)
     dropped = int(re.search(r"dropped\s+([\d,]+)", out)[1].replace(",", ""))  # type: ignore[index]
     assert dropped + unsent == 1000  # every row: in flight or queued, dropped at the close
@@ -174,6 +179,11 @@ def test_a_json_array_is_named_as_such(tmp_path: Path, fiddler: Emulator) -> Non
     assert done.returncode == 1
     assert "line 1: the file holds a JSON array, not JSON Lines" in done.stderr
     assert "bad rows     1" in done.stdout
+    lines = tmp_path / "events.jsonl"  # a first line that is an array, whole: one bad row
+    lines.write_text('[1, 2]\n{"row_id": "r3", "x": 3}\n')
+    done = cli("publish", str(lines), "--project", "p", "--model", "m", *to(fiddler))
+    assert "line 1: a line must hold a JSON object, not list" in done.stderr
+    assert [e["row_id"] for e in fiddler.events("p", "m")] == ["r3"]
 
 
 def test_a_wrong_name_or_file_stops_with_a_clear_message(tmp_path: Path, fiddler: Emulator) -> None:

@@ -549,13 +549,20 @@ async def test_a_missing_model_holds_back_only_its_own_files(
     earlier.write(
         SpoolKey("bank_churn", "bank_churn", "PRODUCTION", None, False), [(3, good, None)]
     )
-    async with loopback_publisher(fiddler, spool_dir=tmp_path) as pub:
+    async with loopback_publisher(fiddler, spool_dir=tmp_path, **SPILL_SOON) as pub:
         result = await pub.replay_spool()
-    assert stored_ids(fiddler) == ["kept-1"]
-    assert isinstance(result.error, NotFoundError)
-    assert "no_such_model" in str(result.error)
-    assert (pub.stats().replayed, result.remaining) == (1, 2)
-    assert len(batch_files(tmp_path)) == 2  # both kept, in order, for the next pass
+        assert stored_ids(fiddler) == ["kept-1"]
+        assert isinstance(result.error, NotFoundError)
+        assert "no_such_model" in str(result.error)
+        assert (pub.stats().replayed, result.remaining) == (1, 2)
+        assert len(batch_files(tmp_path)) == 2  # both kept, in order, for the next pass
+        # Then the events requests fail: the pass stops there, and counts every file left.
+        fiddler.set_faults(script=["503"] * 10, retry_after=0.05)
+        earlier.write(
+            SpoolKey("bank_churn", "bank_churn", "PRODUCTION", None, False), [(4, good, None)]
+        )
+        result = await pub.replay_spool()
+        assert (type(result.error).__name__, result.remaining) == ("ServerError", 3)
     assert list(iter_dead_letters(tmp_path)) == []
     held = [r for r in caplog.records if getattr(r, "fiddler_event", "") == "spool-held"]
     assert held

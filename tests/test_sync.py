@@ -583,3 +583,17 @@ def test_flush_and_stats_after_close_say_what_is_left(fiddler: Emulator, backend
     pub.close(10)
     assert pub.flush(1) == FlushResult()
     assert pub.stats().delivered == 1
+
+
+def test_an_on_error_returning_a_coroutine_has_it_awaited(fiddler: Emulator, backend: str) -> None:
+    """``on_error=lambda f: alert(f)`` with ``alert`` async: the coroutine it returns is
+    awaited (on the loop), as AsyncPublisher does."""
+    alerted: list[str] = []
+
+    async def alert(failure: DeliveryFailure) -> None:
+        alerted.append(type(failure.error).__name__)
+
+    with sync_publisher(fiddler, backend, on_error=lambda failure: alert(failure)) as pub:  # noqa: PLW0108  (the point)
+        pub.publish_event("bank_churn", "bank_churn", {**bank_event(0), "age": "forty"})
+        pub.flush(10)
+    assert alerted == ["BadRequestError"]
