@@ -544,8 +544,8 @@ class FiddlerV3Exporter:
 
     async def _find_model(self, ref: ModelRef, retry: int) -> ModelInfo:
         if _is_uuid(ref.model):  # written as the server does (lower case, with hyphens)
-            model_id = uuid.UUID(ref.model)
-            return parse_model(await self._get_data(f"/v3/models/{model_id}", retry))
+            given = uuid.UUID(ref.model)
+            return parse_model(await self._get_data(f"/v3/models/{given}", retry))
         projects = await self._get_data(
             "/v3/projects", retry, filter=_name_filter(name=ref.project)
         )
