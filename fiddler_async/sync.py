@@ -246,6 +246,8 @@ class Publisher:
         self._handoff_dropped_settled = dict.fromkeys(self._handoff_dropped, 0)
         self._drain_scheduled = False
         self._closing: threading.Event | None = None
+        self._closing_thread: int | None = None
+        """The thread of the first ``close()``."""
         self._close_result = FlushResult()
         self._fast = self._publisher.config.overflow in ("drop_oldest", "drop_newest")
         self._loop: _LoopThread | None = None
@@ -577,17 +579,23 @@ class Publisher:
             first = closing is None
             if closing is None:
                 self._closing = closing = threading.Event()
+                self._closing_thread = threading.get_ident()
                 self._closed = True
         if not first:
             if os.getpid() != self._pid:  # forked while the parent closed: nothing of ours
                 return FlushResult()
             loop = self._loop
-            if not closing.is_set() and loop is not None and loop.portal is not None:
-                # Through the loop, which ends the close whoever began it: the first call may
-                # be on this very thread, interrupted by a signal handler making this one.
+            if (
+                self._closing_thread == threading.get_ident()
+                and not closing.is_set()
+                and loop is not None
+                and loop.portal is not None
+            ):
+                # The first call is on this very thread, interrupted by a signal handler
+                # making this one: it cannot finish until we return. Close through the loop.
                 with contextlib.suppress(RuntimeError, concurrent.futures.CancelledError):
-                    return loop.portal.call(self._publisher.aclose, timeout)
-            if closing.wait(timeout):  # the loop has ended: the first call is finishing
+                    return loop.portal.call(self._close_on_loop, timeout)
+            if closing.wait(timeout):
                 return self._close_result
             return FlushResult(pending=self.stats().pending)  # still closing, as aclose says
         _open_publishers.discard(self)
