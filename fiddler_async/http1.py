@@ -268,7 +268,11 @@ class _Connection:
         except BaseException:
             await self.aclose()
             raise
-        return answer if unsent is None else answer._replace(reusable=False)
+        if unsent is None:
+            return answer
+        if 200 <= answer.status < 300:  # it did not read all the request: no telling what
+            raise unsent  # it kept of it, the write's failure stands
+        return answer._replace(reusable=False)
 
     async def _read_answer(self, request: httpx.Request) -> _Answer:
         def broken(message: str) -> NoReturn:

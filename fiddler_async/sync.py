@@ -331,6 +331,9 @@ class Publisher:
             self._callbacks.submit(run)
             await done.wait()
             if raised:
+                if isinstance(raised[0], anyio.get_cancelled_exc_class()):
+                    # Nothing cancelled this task: raised as such, it would end the flusher.
+                    raise RuntimeError("on_error raised a cancellation") from raised[0]
                 raise raised[0]
             if outcome and inspect.isawaitable(outcome[0]):  # a lambda calling an async def
                 await outcome[0]

@@ -597,3 +597,30 @@ def test_an_on_error_returning_a_coroutine_has_it_awaited(fiddler: Emulator, bac
         pub.publish_event("bank_churn", "bank_churn", {**bank_event(0), "age": "forty"})
         pub.flush(10)
     assert alerted == ["BadRequestError"]
+
+
+@pytest.mark.parametrize("kind", ["asyncio", "trio"])
+def test_an_on_error_raising_a_cancellation_stops_nothing(
+    fiddler: Emulator, backend: str, kind: str
+) -> None:
+    """A callback that raises its own event loop's cancellation (an ``asyncio.run`` inside it,
+    cancelled): nothing cancelled the publisher, whose delivery goes on."""
+    import asyncio
+
+    import trio
+
+    # (trio makes its Cancelled only through this private constructor.)
+    cancellation = asyncio.CancelledError if kind == "asyncio" else trio.Cancelled._create
+    calls: list[str] = []
+
+    def on_error(failure: DeliveryFailure) -> None:
+        calls.append(failure.event_ids[0])
+        raise cancellation()
+
+    with sync_publisher(fiddler, backend, on_error=on_error) as pub:
+        pub.publish_event("bank_churn", "bank_churn", {**bank_event(0), "age": "forty"})
+        pub.flush(10)
+        for i in range(1, 11):
+            pub.publish_event("bank_churn", "bank_churn", bank_event(i))
+        result = pub.flush(10)
+    assert (result.delivered, len(calls), fiddler.count()) == (10, 1, 10)
