@@ -258,13 +258,13 @@ class _Connection:
                 with _raising(httpx.ReadTimeout, request, timeouts.get("read")):
                     answer = await self._read_answer(request)
             except httpx.HTTPError as exc:
-                if self._head is None:
+                answered = self._head
+                if unsent is not None or answered is None:
                     raise unsent or exc  # noqa: B904  (the write's failure, when it failed)
-                status, reason, headers = self._head
-                if not (200 <= status < 300 and request.extensions.get(HEAD_IS_ENOUGH)):
+                if not (200 <= answered[0] < 300 and request.extensions.get(HEAD_IS_ENOUGH)):
                     raise
                 await self.aclose()
-                return _Answer(status, reason, headers, b"", False, _describe(exc))
+                return _Answer(*answered, b"", False, _describe(exc))
         except BaseException:
             await self.aclose()
             raise
