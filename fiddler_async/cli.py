@@ -113,8 +113,8 @@ async def _publish(args: argparse.Namespace) -> int:
             AsyncPublisher(url, token, config=config, on_error=job.failures.append)
         )
         await job.run(pub, url)
-        # --timeout was spent on the flush when it is incomplete: the close drops the rest
-        # (counted) at once rather than wait its own 10 s.
+        # Incomplete, --timeout is spent (publishing stopped, or the flush ran out): the
+        # close drops the rest (counted) at once rather than wait its own 10 s.
         await pub.aclose(None if job.complete else 0)
         stats = pub.stats()
         holdings = _holdings(embedded, args) if embedded is not None else ""

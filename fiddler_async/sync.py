@@ -523,7 +523,7 @@ class Publisher:
             try:
                 return self._call(self._publisher.stats)
             except PublisherClosedError:  # closed by another thread meanwhile: as closing
-                return self.stats()
+                return self.stats() if self._closing is not None else self._publisher.stats()
         if os.getpid() != self._pid:  # forked while closing: the child has no loop to ask
             return self._publisher.stats()
         loop = self._loop
