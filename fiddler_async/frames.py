@@ -271,17 +271,20 @@ def _types_polars_cannot_take(frame: Any) -> tuple[str, str] | None:
     """A column (name, type) polars would turn into something else (a pandas Period into its
     ordinal), or cannot read at all (a 256-bit decimal makes it panic, which no ``except
     Exception`` catches); None if none."""
-    module = type(frame).__module__.partition(".")[0]
-    if module == "pandas":
-        columns = [(name, str(kind)) for name, kind in frame.dtypes.items()]
-    elif module == "pyarrow":
-        columns = [(field.name, str(field.type)) for field in frame.schema]
-    else:
-        return None
-    for name, kind in columns:
+    for name, kind in _source_types(frame):
         if kind.startswith(("period", "interval", "complex")) or "decimal256" in kind:
             return name, kind
     return None
+
+
+def _source_types(frame: Any) -> list[tuple[str, str]]:
+    """A pandas frame's or Arrow table's columns (name, type as text); none for polars."""
+    module = type(frame).__module__.partition(".")[0]
+    if module == "pandas":
+        return [(name, str(kind)) for name, kind in frame.dtypes.items()]
+    if module == "pyarrow":
+        return [(field.name, str(field.type)) for field in frame.schema]
+    return []
 
 
 class _RowWay(Exception):
@@ -308,12 +311,8 @@ def _to_polars(frame: Any, pl: Any) -> Any:
     module = type(frame).__module__.partition(".")[0]
     if module == "polars":
         return frame
-    if module == "pyarrow":
-        df = pl.from_arrow(frame)
-        types = [(field.name, str(field.type)) for field in frame.schema]
-    else:
-        df = pl.from_pandas(frame)  # the index is left out, as to_dict(orient="records") does
-        types = [(name, str(kind)) for name, kind in frame.dtypes.items()]
+    # From pandas, the index is left out, as to_dict(orient="records") does.
+    df = pl.from_arrow(frame) if module == "pyarrow" else pl.from_pandas(frame)
     # polars reads Arrow's 64-bit dates as datetimes: they are dates, as their rows say.
-    dates = [name for name, kind in types if kind.startswith("date64")]
+    dates = [name for name, kind in _source_types(frame) if kind.startswith("date64")]
     return df.with_columns(pl.col(dates).cast(pl.Date)) if dates else df
