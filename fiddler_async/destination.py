@@ -8,14 +8,25 @@ of one model share a :class:`ModelRef`, which holds the model's schema once it i
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from dataclasses import dataclass
 from functools import cached_property
 
 import orjson
 
-__all__ = ["ENV_TYPES", "Destination", "ModelInfo", "ModelRef"]
+__all__ = ["ENV_TYPES", "Destination", "ModelInfo", "ModelRef", "model_key"]
 
 ENV_TYPES: tuple[str, ...] = ("PRODUCTION", "PRE_PRODUCTION")
+
+
+def model_key(model: str) -> str:
+    """A model as publishers tell models apart: its UUID as the server writes it (lower case,
+    with hyphens) however the caller wrote it, so that two spellings of one model share its
+    ordering; a name as it is."""
+    try:
+        return str(uuid.UUID(model))
+    except ValueError:
+        return model
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from ._logging import RateLimitedLog, event, logger
 from .backfill import FileJob, ProgressCallback, publish_file
 from .buffer import EventBuffer, Fixup, Item, Lane, pack
 from .config import PublisherConfig
-from .destination import ENV_TYPES, Destination, ModelInfo, ModelRef
+from .destination import ENV_TYPES, Destination, ModelInfo, ModelRef, model_key
 from .encode import (
     ENCODE_OPTIONS,
     compact,
@@ -894,9 +894,13 @@ class AsyncPublisher:
             for name, value in (("project_id", project_id), ("model_id", model_id)):
                 if not isinstance(value, str) or not value:
                     raise ConfigurationError(f"{name} must be a non-empty string, got {value!r}")
-            ref = self._models[key] = ModelRef(project_id, model_id)
-            if self._flusher is not None:
-                self._flusher.look_up_soon(ref)
+            same = (project_id, model_key(model_id))  # another spelling of a UUID: one model
+            ref = self._models.get(same)
+            if ref is None:
+                ref = self._models[same] = ModelRef(*same)
+                if self._flusher is not None:
+                    self._flusher.look_up_soon(ref)
+            self._models[key] = ref
         return ref
 
     def _route(

@@ -543,9 +543,8 @@ class FiddlerV3Exporter:
             raise self._failed(None, error) from exc
 
     async def _find_model(self, ref: ModelRef, retry: int) -> ModelInfo:
-        if _is_uuid(ref.model):  # written as the server does (lower case, with hyphens)
-            given = uuid.UUID(ref.model)
-            return parse_model(await self._get_data(f"/v3/models/{given}", retry))
+        if _is_uuid(ref.model):  # written as the server does (see model_key)
+            return parse_model(await self._get_data(f"/v3/models/{ref.model}", retry))
         projects = await self._get_data(
             "/v3/projects", retry, filter=_name_filter(name=ref.project)
         )

@@ -186,6 +186,28 @@ async def test_an_update_does_not_wait_for_another_model(fiddler: Emulator) -> N
     assert fiddler.early_updates() == 0
 
 
+async def test_a_model_uuid_however_written_is_one_destination(fiddler: Emulator) -> None:
+    """An insert addressed by the model's UUID in capitals and its update by the UUID as the
+    server writes it: one model, so the update waits for the insert (here held back by a
+    503 and its retry)."""
+    model_id = fiddler.model().id
+    shouting = model_id.upper()
+    async with loopback_publisher(
+        fiddler, linger=0, retry_backoff_initial=0.3, retry_backoff_max=0.3
+    ) as pub:
+        await pub.resolve("bank_churn", model_id)
+        await pub.resolve("bank_churn", shouting)
+        fiddler.set_faults(script=["503"])  # the insert's first attempt
+        pub.publish_event_nowait("bank_churn", shouting, bank_event(1), event_id="e1")
+        await eventually(lambda: len(publishes(fiddler)) == 1)  # turned away, to be retried
+        pub.publish_event_nowait(
+            "bank_churn", model_id, {"churn": "yes"}, event_id="e1", update_event=True
+        )
+        assert (await pub.flush(10)).delivered == 2
+    assert fiddler.early_updates() == 0
+    assert [e["churn"] for e in fiddler.events()] == ["yes"]
+
+
 async def test_a_burst_of_100k_events_loses_nothing_with_defaults(fiddler: Emulator) -> None:
     async with loopback_publisher(fiddler) as pub:
         event = bank_event(1)
