@@ -10,7 +10,8 @@ Rows: ``fiddler_async`` (``publish_event_nowait`` and ``await publish_event``); 
 ``BatchLogRecordProcessor`` with the OTLP/HTTP log exporter, each with its defaults but a batch
 size of 1000 (ours); and a naive ``await httpx.AsyncClient.post`` per event. The peers are
 benchmark-only dependencies (the ``peers`` dependency group). One more row is not a peer but a
-yardstick, ``floor`` (see :class:`Floor`): the bulk rows' bare work, healthy sink only.
+yardstick, ``floor`` (see :class:`Floor`): the bulk rows' bare work, healthy sink only; and
+one more, ``ceiling`` (see :class:`Ceiling`): the sink's own limit.
 
 The sink is the emulator in count-only mode in another process (``fiddler-async serve
 --count-only``, on httptools): it answers Fiddler's v3 lookups and each peer's ingestion
@@ -67,6 +68,7 @@ ROWS = {
     "otel": "OpenTelemetry `BatchLogRecordProcessor` + OTLP/HTTP (`max_export_batch_size=1000`)",
     "naive httpx": "naive `await httpx.AsyncClient.post` per event",
     "floor": "reference, not a peer: the bulk rows' bare work (our encode, raw HTTP/1.1)",
+    "ceiling": "reference, not a peer: the sink's limit (the floor's requests, encoded once)",
 }
 PER_CALL_NETWORK = {"fiddler-client stream", "naive httpx"}
 SYNC_EVENTS = 2000
@@ -75,7 +77,7 @@ CALL_TIMEOUT = 20.0
 """A call that blocks longer ends its row, reported as blocked."""
 BULK = {"fiddler-client chunks", "fiddler_async batch"}
 OURS = ("fiddler_async nowait", "fiddler_async await", "fiddler_async batch")
-REFERENCE = {"floor"}
+REFERENCE = {"floor", "ceiling"}
 """Rows that are not peers: in the table, but in no comparison of the bars; run healthy only."""
 
 
@@ -377,6 +379,23 @@ class Floor(Row):
             task.cancel()
 
 
+class Ceiling(Floor):
+    """The floor's requests with the encoding taken out: one call's events encoded once, at
+    start, then queued again for every call. The client does next to nothing, so its
+    events/s is what the sink can take in: a row near it is held back by the sink."""
+
+    async def start(self) -> None:
+        await super().start()
+        event = {"customer_id": "c0", **{k: v for k, v in EVENT.items() if k != "customer_id"}}
+        self.encoded = [
+            b"".join((self.head, b"%012x" % i, self.between, self.dumps(event)[1:]))
+            for i in range(self.batch)
+        ]
+
+    def publish(self, events: list[dict[str, Any]]) -> None:
+        self.queue.put_nowait(self.encoded[: len(events)])  # sliced: a copy, which send changes
+
+
 def make_row(name: str, url: str) -> Row:
     if name in OURS:
         return FiddlerAsync(url, call=name.rpartition(" ")[2])
@@ -389,6 +408,7 @@ def make_row(name: str, url: str) -> Row:
         "otel": Otel,
         "naive httpx": Naive,
         "floor": Floor,
+        "ceiling": Ceiling,
     }
     return rows[name](url)
 
@@ -642,14 +662,15 @@ def bars(results: dict[str, dict[str, dict[str, Any]]]) -> str:
             ratio = ours_rates[mine] / among[best]
             label = f"events/s, {short} vs the best {what} ({best})"
             bar(label, "≥ 5x", ratio, ratio >= 5, "x")
-    floor = results.get("floor", {}).get("healthy", {}).get("events_per_s")
-    if floor and bulk and not results["floor"]["healthy"].get("dropped"):
-        # what the bulk bar asks, against what this machine allows at all
-        best = max(bulk, key=lambda name: bulk[name])
-        lines.append(
-            f"| events/s, the floor row (not ours, for scale) vs the best bulk peer ({best}) "
-            f"| - | {floor / bulk[best]:,.2f}x | - |"
-        )
+    for reference, what in (("floor", "the floor row"), ("ceiling", "the sink's limit")):
+        rate = results.get(reference, {}).get("healthy", {}).get("events_per_s")
+        if rate and bulk and not results[reference]["healthy"].get("dropped"):
+            # what the bulk bar asks, against what this machine allows at all
+            best = max(bulk, key=lambda name: bulk[name])
+            lines.append(
+                f"| events/s, {what} (not ours, for scale) vs the best bulk peer ({best}) "
+                f"| - | {rate / bulk[best]:,.2f}x | - |"
+            )
     cpu = healthy["cpu_us_per_event"]
     bar("client CPU per delivered event", "≤ 8 µs", cpu, cpu <= 8, " µs")
     if "bytes_per_buffered" in down:

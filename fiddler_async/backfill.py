@@ -14,6 +14,8 @@ timestamp columns placed as ``publish_events_batch`` would, so the ids are retur
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 import os
 import time
 from collections.abc import Callable
@@ -24,9 +26,9 @@ from typing import Any
 import anyio
 
 from .destination import Destination, ModelInfo
-from .exceptions import FileJobError, FileJobTimeoutError
+from .exceptions import FileJobError, FileJobTimeoutError, ServerError, TransportError
 from .frames import frame_to_parquet, is_frame
-from .wire import FiddlerV3Exporter
+from .wire import FiddlerV3Exporter, not_acted_on
 
 __all__ = ["FileJob", "ProgressCallback", "publish_file"]
 
@@ -57,16 +59,19 @@ async def publish_file(
     dest: Destination,
     source: Any,
     *,
-    event_ids: list[str] | None,
+    event_ids: list[str | None] | None,
     stamp_publish_time: bool,
     progress: ProgressCallback | None,
     poll_interval: float,
     timeout: float,
 ) -> FileJob:
+    _check_seconds("poll_interval", poll_interval, infinite=False)
+    _check_seconds("timeout", timeout, infinite=True)
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress must be a callable or None, got {type(progress).__qualname__!r}")
     report = progress or (lambda stage, done: None)
     path = await _path_of(source, event_ids)  # what needs no server is checked first
-    file_id = job_id = None
-    status = "not started"
+    file_id = job_id = status = None
     with anyio.move_on_after(timeout) as deadline:  # the upload, the publish and the job's run
         info = await exporter.resolve(dest.model)
         stamp = int(time.time() * 1000) if stamp_publish_time and not dest.update else None
@@ -78,7 +83,18 @@ async def publish_file(
         report("upload", 0.0)
         file_id = await exporter.upload_file(name, data)
         report("upload", 1.0)
-        job_id = await exporter.publish_file(info, dest, file_id)
+        try:
+            job_id = await exporter.publish_file(info, dest, file_id)
+        except (TransportError, ServerError) as exc:
+            if not_acted_on(exc):
+                raise
+            raise FileJobError(
+                f"publishing file {file_id} to {dest.describe()}: the answer was lost "
+                f"({str(exc).rstrip('.')}), and the server may have started its job: look "
+                "(GET /v3/jobs) before publishing the file again",
+                file_id=file_id,
+                reason=type(exc).__name__,
+            ) from exc
         while True:
             job = await exporter.job(job_id)
             status = str(job.get("status", "")).upper()
@@ -91,11 +107,13 @@ async def publish_file(
                     f"{job.get('error_reason') or status}: {job.get('error_message') or ''}",
                     job_id=job_id,
                     reason=str(job.get("error_reason") or ""),
+                    file_id=file_id,
                 )
             await anyio.sleep(poll_interval)
     assert deadline.cancelled_caught  # the loop above ends only by returning or raising
     if job_id is not None:
-        where = f"job {job_id} was {status}: it may still finish (GET /v3/jobs/{job_id})"
+        state = f"was {status}" if status else "was started, its state not known yet"
+        where = f"job {job_id} {state}: it may still finish (GET /v3/jobs/{job_id})"
     elif file_id is not None:
         where = f"file {file_id} was uploaded; its job may or may not have been started"
     else:
@@ -107,7 +125,7 @@ async def publish_file(
     )
 
 
-async def _path_of(source: Any, event_ids: list[str] | None) -> Path | None:
+async def _path_of(source: Any, event_ids: list[str | None] | None) -> Path | None:
     """The file to send as it is, checked; None for a DataFrame or Arrow table."""
     if is_frame(source):
         return None
@@ -129,7 +147,7 @@ async def _path_of(source: Any, event_ids: list[str] | None) -> Path | None:
 
 
 async def _frame_file(
-    frame: Any, info: ModelInfo, update: bool, event_ids: list[str] | None, stamp: int | None
+    frame: Any, info: ModelInfo, update: bool, event_ids: list[str | None] | None, stamp: int | None
 ) -> tuple[str, bytes, list[str]]:
     """The frame as a Parquet file to upload: (name, content, the ids placed in it)."""
     # On a worker thread: for millions of rows this takes a second (polars lets go of the
@@ -141,6 +159,14 @@ async def _frame_file(
     )
     _check_size("the DataFrame as Parquet", len(data))
     return "events.parquet", data, ids
+
+
+def _check_seconds(name: str, value: object, *, infinite: bool) -> None:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number of seconds, got {type(value).__qualname__!r}")
+    seconds = float(value)
+    if not seconds > 0 or (math.isinf(seconds) and not infinite):  # (NaN is not > 0)
+        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
 
 
 def _check_size(what: str, size: int) -> None:

@@ -83,14 +83,19 @@ class QueueFullError(FiddlerError):
 
 
 class FileJobError(FiddlerError):
-    """The server's job that publishes an uploaded file ended in failure (``publish_file``)."""
+    """The server's job that publishes an uploaded file ended in failure (``publish_file``);
+    or whether it started is not known: the answer to the request starting it was lost
+    (``job_id`` empty, ``reason`` the error's kind). ``file_id`` is the uploaded file's."""
 
-    def __init__(self, message: str, *, job_id: str = "", reason: str = "") -> None:
+    def __init__(
+        self, message: str, *, job_id: str = "", reason: str = "", file_id: str = ""
+    ) -> None:
         # (Defaults: an exception is rebuilt from its message alone when unpickled, its
         # attributes then restored.)
         super().__init__(message)
         self.job_id = job_id
         self.reason = reason
+        self.file_id = file_id
 
 
 class FileJobTimeoutError(FiddlerError, TimeoutError):

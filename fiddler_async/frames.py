@@ -84,7 +84,7 @@ def encode_frame(
     info: ModelInfo,
     *,
     update: bool,
-    event_ids: list[str] | None,
+    event_ids: list[str | None] | None,
     stamp_millis: int | None,
 ) -> EncodedFrame | None:
     """Encode ``frame``'s rows for a model whose schema is ``info``, placing ids and times as
@@ -115,7 +115,7 @@ def frame_to_parquet(
     info: ModelInfo,
     *,
     update: bool,
-    event_ids: list[str] | None,
+    event_ids: list[str | None] | None,
     stamp_millis: int | None,
 ) -> tuple[bytes, list[str]]:
     """``frame`` as a Parquet file for the v3 file upload, with ids and times placed as by
@@ -135,7 +135,7 @@ def _placed(
     frame: Any,
     info: ModelInfo,
     update: bool,
-    event_ids: list[str] | None,
+    event_ids: list[str | None] | None,
     stamp_millis: int | None,
     *,
     as_file: bool = False,
@@ -163,7 +163,7 @@ def _place(
     frame: Any,
     info: ModelInfo,
     update: bool,
-    event_ids: list[str] | None,
+    event_ids: list[str | None] | None,
     stamp_millis: int | None,
     *,
     as_file: bool,
@@ -200,7 +200,7 @@ def _place(
 
 
 def _place_ids(
-    df: Any, pl: Any, info: ModelInfo, update: bool, event_ids: list[str] | None
+    df: Any, pl: Any, info: ModelInfo, update: bool, event_ids: list[str | None] | None
 ) -> tuple[Any, list[str], list[Any]]:
     """The frame's ids: the frame (without an id column replaced by ``event_ids``), the ids,
     and the columns to place first (the id column, when given or generated)."""
@@ -213,7 +213,9 @@ def _place_ids(
     elif event_ids is not None:
         if len(event_ids) != df.height:
             raise _RowWay(f"event_ids has {len(event_ids)} values for {df.height} rows")
-        ids = [str(event_id) for event_id in event_ids]
+        missing = sum(event_id is None for event_id in event_ids)  # None: an id to make
+        made = iter(_new_ids(missing, pl).to_list() if missing else ())
+        ids = [next(made) if event_id is None else event_id for event_id in event_ids]
         df = df.drop(id_col, strict=False)
         first.append(pl.Series(id_col, ids, dtype=pl.String))
     elif id_col in df.columns:

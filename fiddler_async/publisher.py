@@ -599,10 +599,8 @@ class AsyncPublisher:
         dest, lane = self._route(project_id, model_id, env_type, env_name, update_event)
         if is_frame(events):
             check_columns(events)
-        if event_ids is not None:
-            event_ids = list(event_ids)
-        if event_timestamps is not None:
-            event_timestamps = list(event_timestamps)
+        event_ids = _listed(event_ids, "event_ids")
+        event_timestamps = _listed(event_timestamps, "event_timestamps")
         if dest.model.info is None:
             # Rows of an update without an id of their own are keyed by the id column.
             keyed = update_event and (event_ids is None or None in event_ids)
@@ -677,22 +675,12 @@ class AsyncPublisher:
             raise failure
 
     async def _queue_frame(
-        self, dest: Destination, lane: Lane, frame: Any, event_ids: list[str] | None
+        self, dest: Destination, lane: Lane, frame: Any, given: list[Any] | None
     ) -> list[str] | None:
         """Queue a DataFrame's rows, encoded all at once; None if they must go row by row."""
         info = dest.model.info
         assert info is not None
-        if event_ids is not None:
-            if any(event_id is None for event_id in event_ids):
-                return None  # a None id is a generated one: row by row
-            errors: dict[int, EventError] = {}
-            for index, event_id in enumerate(event_ids):
-                try:
-                    event_ids[index] = event_id_text(event_id)
-                except EventError as exc:
-                    errors[index] = exc
-            if errors:
-                raise EventBatchError(errors)
+        event_ids = None if given is None else _id_texts(given)
         stamp = None
         if self._config.stamp_publish_time and not dest.update:
             stamp = int(time.time() * 1000)  # one publish time for the batch
@@ -702,7 +690,7 @@ class AsyncPublisher:
         if encoded is None:
             return None
         _aligned(event_ids, len(encoded.bodies), "event_ids")
-        errors = {}
+        errors: dict[int, EventError] = {}
         for index, body in enumerate(encoded.bodies):
             try:
                 self._check_size(body)
@@ -759,11 +747,12 @@ class AsyncPublisher:
             raise self._not_open()
         assert self._exporter is not None
         dest, _ = self._route(project_id, model_id, env_type, env_name, update_event)
+        ids = _listed(event_ids, "event_ids")
         return await publish_file(
             self._exporter,
             dest,
             source,
-            event_ids=None if event_ids is None else list(event_ids),
+            event_ids=None if ids is None else _id_texts(ids),
             stamp_publish_time=self._config.stamp_publish_time,
             progress=progress,
             poll_interval=poll_interval,
@@ -1264,6 +1253,33 @@ def _rows(events: Any) -> list[Mapping[str, Any]]:
             f"{type(events).__qualname__!r}"
         )
     return list(events)
+
+
+def _listed(values: Iterable[Any] | None, name: str) -> list[Any] | None:
+    """A batch call's ``event_ids`` or ``event_timestamps``, one for each event, as a list."""
+    if values is None:
+        return None
+    if isinstance(values, str | bytes) or not isinstance(values, Iterable):
+        raise EventError(
+            f"{name} must be an iterable of one value for each event, got "
+            f"{type(values).__qualname__!r}"
+        )
+    return list(values)
+
+
+def _id_texts(event_ids: list[Any]) -> list[str | None]:
+    """Ids given for the events as the text each is sent as (None stays: an id to make);
+    EventBatchError names each bad one by its position."""
+    texts: list[str | None] = []
+    errors: dict[int, EventError] = {}
+    for index, event_id in enumerate(event_ids):
+        try:
+            texts.append(None if event_id is None else event_id_text(event_id))
+        except EventError as exc:
+            errors[index] = exc
+    if errors:
+        raise EventBatchError(errors)
+    return texts
 
 
 def _aligned(values: Iterable[Any] | None, count: int, name: str) -> list[Any]:

@@ -47,7 +47,7 @@ from .http1 import HEAD_IS_ENOUGH, MAX_ANSWER_BYTES
 from .retry import RetryPolicy
 from .stats import Ledger
 
-__all__ = ["CLIENT_NAME", "FiddlerV3Exporter", "client_headers", "place_columns"]
+__all__ = ["CLIENT_NAME", "FiddlerV3Exporter", "client_headers", "not_acted_on", "place_columns"]
 
 CLIENT_NAME = "fiddler-async"
 EVENTS_PATH = "/v3/events"
@@ -459,7 +459,7 @@ class FiddlerV3Exporter:
         body = await self._retry.call(
             lambda retry: self._request(dest.method, EVENTS_PATH, retry=retry, content=payload),
             what=f"{dest.describe()} from file {file_id}",
-            retryable=_not_acted_on,
+            retryable=not_acted_on,
         )
         return str(self._data(dest.method, EVENTS_PATH, body)["job"]["id"])
 
@@ -707,7 +707,7 @@ class _Body(httpx.AsyncByteStream):
         return data
 
 
-def _not_acted_on(error: BaseException) -> bool:
+def not_acted_on(error: BaseException) -> bool:
     """A failure after which the server surely did nothing: the request never left, or the
     server turned it away (429, 503)."""
     if isinstance(error, TransportError):

@@ -154,6 +154,12 @@ async def test_a_batch_with_bad_events_names_each_and_queues_nothing(
             )
         with pytest.raises(fiddler_async.EventError, match="'NoneType'"):
             await pub.publish_events_batch("bank_churn", "bank_churn", None)
+        with pytest.raises(fiddler_async.EventError, match="event_ids must be an iterable"):
+            # (three events, and three letters: not three ids)
+            await pub.publish_events_batch(
+                "bank_churn", "bank_churn", [bank_event()] * 3, event_ids="abc"
+            )
+        assert pub.stats().accepted == 0
 
 
 @anyio

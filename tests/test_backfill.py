@@ -7,8 +7,10 @@ import csv
 import datetime as dt
 import decimal
 import pickle
+import uuid
 from pathlib import Path
 
+import anyio
 import httpx
 import pandas as pd
 import pytest
@@ -16,6 +18,7 @@ import pytest
 from fiddler_async import (
     AsyncPublisher,
     ConnectError,
+    EventBatchError,
     EventError,
     FileJobError,
     FileJobTimeoutError,
@@ -96,12 +99,17 @@ async def test_a_failed_job_raises_with_the_servers_reason(fiddler: Emulator) ->
 
 async def test_a_lost_answer_does_not_start_a_second_job(fiddler: Emulator) -> None:
     """The publish request of a file is stored, then its answer lost: retrying it would
-    publish the file twice. It is not retried; the error says what happened."""
+    publish the file twice. It is not retried; the error says what happened, and which file."""
     frame = pd.DataFrame([bank_event(i) for i in range(100)])
     fiddler.set_faults(script=["lose"])
     async with loopback_publisher(fiddler) as pub:
-        with pytest.raises(ConnectError):
+        with pytest.raises(FileJobError, match="the server may have started its job") as caught:
             await pub.publish_file("bank_churn", "bank_churn", frame)
+        assert isinstance(caught.value.__cause__, ConnectError)
+        uploads = [r for r in fiddler.requests() if r["path"] == "/v3/files/upload"]
+        assert len(uploads) == 1
+        assert caught.value.file_id
+        assert caught.value.file_id in str(caught.value)
         fiddler.set_faults(script=["503"])  # turned away: nothing done, so retried
         await pub.publish_file("bank_churn", "bank_churn", frame)
     assert fiddler.count() == 200  # once for each call, never twice for one
@@ -177,6 +185,24 @@ async def test_a_job_past_the_timeout_is_named(inproc: InProcessFiddler) -> None
     assert f"job {error.job_id} was STARTED: it may still finish" in str(error)
 
 
+async def test_a_job_not_answered_for_before_the_timeout_is_not_called_unstarted(
+    inproc: InProcessFiddler,
+) -> None:
+    emulator = inproc.transport()
+
+    async def silent_jobs(request: httpx.Request) -> httpx.Response:
+        if request.url.path.startswith("/v3/jobs/"):
+            await anyio.sleep(30)
+        return await emulator.handle_async_request(request)
+
+    frame = pd.DataFrame([bank_event(i) for i in range(3)])
+    transport = httpx.MockTransport(silent_jobs)
+    async with AsyncPublisher("https://f.test", TOKEN, config=config(), transport=transport) as pub:
+        with pytest.raises(FileJobTimeoutError) as caught:
+            await pub.publish_file("bank_churn", "bank_churn", frame, timeout=0.5)
+    assert f"job {caught.value.job_id} was started, its state not known yet" in str(caught.value)
+
+
 async def test_a_wrong_argument_is_said_before_any_request(tmp_path: Path) -> None:
     """No server answers here: the mistake in the call is what the caller hears of."""
     path = tmp_path / "events.csv"
@@ -188,3 +214,31 @@ async def test_a_wrong_argument_is_said_before_any_request(tmp_path: Path) -> No
             await pub.publish_file("bank_churn", "bank_churn", tmp_path / "events.txt")
         with pytest.raises(TypeError, match="source must be"):
             await pub.publish_file("bank_churn", "bank_churn", [{"age": 1}])
+        frame = pd.DataFrame([bank_event(i) for i in range(3)])
+        for wrong, error, said in [
+            ({"poll_interval": -1}, ValueError, "poll_interval must be a positive number"),
+            ({"poll_interval": float("inf")}, ValueError, "poll_interval must be a positive"),
+            ({"poll_interval": "1"}, TypeError, "poll_interval must be a number of seconds"),
+            ({"timeout": float("nan")}, ValueError, "timeout must be a positive number"),
+            ({"progress": 5}, TypeError, "progress must be a callable"),
+            ({"event_ids": "abc"}, EventError, "event_ids must be an iterable of one value"),
+            ({"event_ids": ["a", "", 1.5]}, EventBatchError, r"events\[1\].*must not be empty"),
+        ]:
+            with pytest.raises(error, match=said):
+                await pub.publish_file("bank_churn", "bank_churn", frame, **wrong)
+
+
+async def test_ids_given_for_a_frame_file_are_as_for_a_batch(fiddler: Emulator) -> None:
+    """None makes an id, as in publish_events_batch; integers and UUIDs go as their text."""
+    frame = pd.DataFrame([bank_event(i) for i in range(4)])
+    given = [None, 7, uuid.UUID(int=1), None]
+    async with loopback_publisher(fiddler) as pub:
+        job = await pub.publish_file("bank_churn", "bank_churn", frame, event_ids=given)
+        batch = await pub.publish_events_batch("bank_churn", "bank_churn", frame, event_ids=given)
+    for ids in (list(job.event_ids), batch):
+        assert ids[1:3] == ["7", "00000000-0000-0000-0000-000000000001"]
+        assert len(set(ids)) == 4
+        assert "None" not in ids
+    stored = {e["event_id"] for e in fiddler.events()}
+    assert set(job.event_ids) | set(batch) == stored  # 6 distinct ids: "7" and the UUID twice
+    assert len(stored) == 6
