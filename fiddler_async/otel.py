@@ -49,40 +49,53 @@ DURATION_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 _numbers = itertools.count()
 
 
+class _Reported:
+    """A publisher reported through a provider: its attributes, and the most events it was
+    seen to hand on. That count is a difference of figures the event loop changes while a
+    reader's thread reads them, and a counter that goes down reads as a reset."""
+
+    __slots__ = ("component", "handed_on", "ref")
+
+    def __init__(self, ref: weakref.ref[Any], component: dict[str, Any]) -> None:
+        self.ref = ref
+        self.component = component
+        self.handed_on = 0
+
+
 class _Instruments:
-    """One meter's instruments, reporting every publisher instrumented with that meter: an
-    SDK gives back the same instrument for the same name, so callbacks cannot be per
+    """One provider's instruments, reporting every publisher instrumented with it: an SDK
+    gives back the same instrument for the same name, so callbacks cannot be per
     publisher."""
 
     def __init__(self, meter: metrics.Meter) -> None:
-        self.publishers: list[tuple[weakref.ref[Any], dict[str, Any]]] = []
+        self.publishers: list[_Reported] = []
         meter.create_observable_gauge(
             "fiddler_async.processor.queue.size",
-            [self._observe(lambda p, c: [Observation(p.stats().queued_events, c)])],
+            [self._observe(lambda p, r: [Observation(p.stats().queued_events, r.component)])],
             unit="{event}",
             description="The number of events in the publisher's queue.",
         )
         meter.create_observable_gauge(
             "fiddler_async.processor.queue.capacity",
-            [self._observe(lambda p, c: [Observation(p.config.max_queue_events, c)])],
+            [self._observe(lambda p, r: [Observation(p.config.max_queue_events, r.component)])],
             unit="{event}",
             description="The most events the publisher's queue can hold.",
         )
         meter.create_observable_counter(
             "fiddler_async.processor.processed",
-            [self._observe(lambda p, c: _processed(p.stats(), c))],
+            [self._observe(_processed)],
             unit="{event}",
             description="Events that left the queue: handed on, or dropped by the queue.",
         )
         meter.create_observable_counter(
             "fiddler_async.exporter.exported",
-            [self._observe(lambda p, c: _exported(p.stats(), c))],
+            [self._observe(lambda p, r: _exported(p.stats(), r.component))],
             unit="{event}",
             description="Events whose delivery has finished, delivered or not.",
         )
         meter.create_observable_gauge(
             "fiddler_async.exporter.inflight",
-            [self._observe(lambda p, c: [Observation(p.stats().in_flight_events, c)])],
+            [self._observe(lambda p, r: [Observation(p.stats().in_flight_events, r.component)])],
             unit="{event}",
             description="Events in requests that have not been answered yet.",
         )
@@ -95,27 +108,31 @@ class _Instruments:
 
     def forget(self, gone: weakref.ref[Any]) -> None:
         """A publisher was collected: stop reporting it (short-lived publishers add up)."""
-        for entry in [entry for entry in self.publishers if entry[0] is gone]:
+        for entry in [entry for entry in self.publishers if entry.ref is gone]:
             self.publishers.remove(entry)  # one by one: an instrument() may run meanwhile
 
+    def reports(self, publisher: Any) -> bool:
+        return any(entry.ref() is publisher for entry in self.publishers)
+
     def _observe(
-        self, observations: Callable[[Any, dict[str, Any]], list[Observation]]
+        self, observations: Callable[[Any, _Reported], list[Observation]]
     ) -> Callable[[CallbackOptions], Iterable[Observation]]:
-        """A callback observing every live publisher of this meter."""
+        """A callback observing every live publisher of this provider."""
 
         def callback(options: CallbackOptions) -> Iterable[Observation]:
-            for ref, component in list(self.publishers):
-                publisher = ref()
+            for entry in list(self.publishers):
+                publisher = entry.ref()
                 if publisher is not None:
-                    yield from observations(publisher, component)
+                    yield from observations(publisher, entry)
 
         return callback
 
 
-def _processed(s: Any, component: dict[str, Any]) -> list[Observation]:
+def _processed(publisher: Any, entry: _Reported) -> list[Observation]:
+    s, component = publisher.stats(), entry.component
     dropped_here = sum(s.dropped.get(reason, 0) for reason in QUEUE_DROPS)
-    handed_on = s.accepted - s.queued_events - dropped_here
-    found = [Observation(handed_on, component)]
+    entry.handed_on = max(entry.handed_on, s.accepted - s.queued_events - dropped_here)
+    found = [Observation(entry.handed_on, component)]
     for reason in QUEUE_DROPS:
         if reason in s.dropped:
             found.append(Observation(s.dropped[reason], {**component, "error.type": reason}))
@@ -134,24 +151,45 @@ def _exported(s: Any, component: dict[str, Any]) -> list[Observation]:
     return found
 
 
-_by_meter: dict[int, tuple[metrics.Meter, _Instruments]] = {}
+_by_provider: weakref.WeakKeyDictionary[Any, _Instruments] = weakref.WeakKeyDictionary()
+"""The instruments of each provider given, for as long as the provider lives."""
+_global: _Instruments | None = None
+"""The global provider's: made once. Its meter, made before the application sets the SDK
+up, is a proxy that reports through the SDK's once it is (a new proxy each call would make a
+second set of instruments, which the SDK drops for having the same names)."""
 
 
 def instrument(publisher: Any, meter_provider: metrics.MeterProvider | None = None) -> None:
     """Report ``publisher``'s metrics (an ``AsyncPublisher`` or a ``Publisher``) through
-    ``meter_provider`` (default: the global one). Several publishers may share a provider;
-    each is told apart by ``otel.component.name``."""
-    inner = getattr(publisher, "_publisher", publisher)  # the sync Publisher's own
-    meter = metrics.get_meter("fiddler_async", __version__, meter_provider=meter_provider)
-    known = _by_meter.get(id(meter))
-    if known is None or known[0] is not meter:
-        known = _by_meter[id(meter)] = (meter, _Instruments(meter))
-    instruments = known[1]
+    ``meter_provider`` (default: the global one, set up before or after this call). Several
+    publishers may share a provider; each is told apart by ``otel.component.name``. Once
+    per publisher and provider: a second call does nothing."""
+    from .publisher import AsyncPublisher  # noqa: PLC0415  (no cycle at import time)
+    from .sync import Publisher  # noqa: PLC0415
+
+    if not isinstance(publisher, AsyncPublisher | Publisher):
+        raise TypeError(
+            "instrument() takes an AsyncPublisher or a Publisher, got "
+            f"{type(publisher).__qualname__!r}"
+        )
+    global _global  # noqa: PLW0603  (made once, on first use)
+    inner = publisher._publisher if isinstance(publisher, Publisher) else publisher
+    instruments = _global if meter_provider is None else _by_provider.get(meter_provider)
+    if instruments is None:
+        instruments = _Instruments(
+            metrics.get_meter("fiddler_async", __version__, meter_provider=meter_provider)
+        )
+        if meter_provider is None:
+            _global = instruments
+        else:
+            _by_provider[meter_provider] = instruments
+    if instruments.reports(publisher):
+        return
     component = {
         "otel.component.type": "fiddler_async.publisher",
         "otel.component.name": f"fiddler_async.publisher/{next(_numbers)}",
     }
-    instruments.publishers.append((weakref.ref(publisher, instruments.forget), component))
+    instruments.publishers.append(_Reported(weakref.ref(publisher, instruments.forget), component))
     by_answer: dict[str, dict[str, Any]] = {}  # attributes per status or error kind
     histogram = instruments.duration
 
@@ -168,9 +206,12 @@ def instrument(publisher: Any, meter_provider: metrics.MeterProvider | None = No
         histogram.record(seconds, attributes)
 
     previous = inner._ledger.on_response
+    if previous is None:
+        inner._ledger.on_response = on_response
+        return
 
-    def both(key: str, seconds: float) -> None:  # instrumented more than once
+    def both(key: str, seconds: float) -> None:  # instrumented through another provider too
         previous(key, seconds)
         on_response(key, seconds)
 
-    inner._ledger.on_response = on_response if previous is None else both
+    inner._ledger.on_response = both

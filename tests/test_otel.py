@@ -3,7 +3,12 @@ processors and exporters, read through the OpenTelemetry SDK's in-memory reader.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
+import subprocess
+import sys
+import textwrap
+import weakref
 from typing import Any
 
 import pytest
@@ -16,8 +21,8 @@ pytest.importorskip("opentelemetry.sdk")
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from fiddler_async import AsyncPublisher, __version__
-from fiddler_async.otel import _by_meter, instrument
+from fiddler_async import AsyncPublisher
+from fiddler_async.otel import _by_provider, instrument
 
 pytestmark = pytest.mark.anyio
 
@@ -120,6 +125,103 @@ def test_publishers_that_are_gone_are_forgotten() -> None:
     for _ in range(50):
         instrument(AsyncPublisher("http://127.0.0.1:9", "t"), provider)
     gc.collect()
-    meter, instruments = _by_meter[id(provider.get_meter("fiddler_async", __version__))]
-    assert meter is provider.get_meter("fiddler_async", __version__)
-    assert [ref() for ref, _ in instruments.publishers] == [kept]
+    assert [entry.ref() for entry in _by_provider[provider].publishers] == [kept]
+
+
+def test_providers_that_are_gone_are_forgotten() -> None:
+    """Nor does the module keep a provider (one per test, or per tenant), its readers and
+    their data, once the provider and its publisher are gone."""
+    readers = []
+    for _ in range(3):
+        reader = InMemoryMetricReader()
+        readers.append(weakref.ref(reader))
+        provider = MeterProvider(metric_readers=[reader], shutdown_on_exit=False)
+        instrument(AsyncPublisher("http://127.0.0.1:9", "t"), provider)
+        provider.shutdown()
+    del reader, provider
+    gc.collect()
+    assert [ref() for ref in readers] == [None, None, None]
+
+
+async def test_a_publisher_is_reported_once_and_a_wrong_argument_breaks_nothing(
+    fiddler: Emulator,
+) -> None:
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    with pytest.raises(TypeError, match="takes an AsyncPublisher or a Publisher, got 'dict'"):
+        instrument({}, provider)
+    async with loopback_publisher(fiddler, linger=0) as pub:
+        instrument(pub, provider)
+        instrument(pub, provider)  # again: nothing more
+        await pub.publish_event("bank_churn", "bank_churn", bank_event(1))
+        await pub.flush(10)
+        found = points(reader)
+    assert len(found["fiddler_async.processor.queue.size"]) == 1
+    assert value(found, "fiddler_async.exporter.exported").value == 1
+    durations = found["fiddler_async.exporter.operation.duration"]
+    assert sum(point.count for point in durations) == pub.stats().requests
+
+
+async def test_events_handed_on_never_go_down(
+    fiddler: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader collects on its own thread while the loop changes the figures: a torn read
+    of them (here made on purpose) must not make the counter fall, which reads as a reset."""
+    reader = InMemoryMetricReader()
+    async with loopback_publisher(fiddler, linger=0) as pub:
+        instrument(pub, MeterProvider(metric_readers=[reader]))
+        await pub.publish_events_batch("bank_churn", "bank_churn", [bank_event(1)] * 10)
+        await pub.flush(10)
+        assert value(points(reader), "fiddler_async.processor.processed").value == 10
+        real = pub.stats()
+        monkeypatch.setattr(pub, "stats", lambda: dataclasses.replace(real, accepted=5))
+        assert value(points(reader), "fiddler_async.processor.processed").value == 10
+
+
+def test_publishers_instrumented_before_the_sdk_is_set_up_are_all_reported() -> None:
+    """The usual order in an application: the publishers are made, and instrumented, before
+    the OpenTelemetry SDK becomes the global provider. (In a process of its own: the global
+    provider is set once.)"""
+    script = textwrap.dedent(
+        """
+        import anyio
+        from opentelemetry import metrics
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+        from fiddler_async import AsyncPublisher, PublisherConfig
+        from fiddler_async.otel import instrument
+
+        async def main():
+            config = PublisherConfig(linger=3600)
+            a = AsyncPublisher("http://127.0.0.1:9", "t", config=config)
+            b = AsyncPublisher("http://127.0.0.1:9", "t", config=config)
+            instrument(a)
+            instrument(b)
+            reader = InMemoryMetricReader()
+            metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+            async with a, b:
+                for i in range(3):
+                    a.publish_event_nowait("p", "m", {"i": i})
+                for i in range(5):
+                    b.publish_event_nowait("p", "m", {"i": i})
+                data = reader.get_metrics_data()
+                sizes = sorted(
+                    point.value
+                    for resource in data.resource_metrics
+                    for scope in resource.scope_metrics
+                    for metric in scope.metrics
+                    if metric.name == "fiddler_async.processor.queue.size"
+                    for point in metric.data.data_points
+                )
+                print(sizes)
+                await a.aclose(0)
+                await b.aclose(0)
+
+        anyio.run(main)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[3, 5]"
