@@ -575,23 +575,33 @@ def _parser() -> argparse.ArgumentParser:
         "--url", help="Fiddler's URL (default: FIDDLER_URL, else an embedded emulator)"
     )
     publish.add_argument("--token", help="the API token (default: FIDDLER_TOKEN)")
-    publish.add_argument("--db", default=DEFAULT_DB, help="the embedded emulator's database file")
     publish.add_argument(
-        "--timeout", type=_seconds, default=120.0, help="longest wait for delivery"
+        "--db", default=DEFAULT_DB, help="the embedded emulator's database file (%(default)s)"
+    )
+    publish.add_argument(
+        "--timeout", type=_seconds, default=120.0, help="longest wait for delivery (%(default)s s)"
     )
     publish.set_defaults(run=lambda a: anyio.run(_publish, a))
 
     serve = commands.add_parser("serve", help="run the Fiddler emulator")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--token", default="emulator-token")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (%(default)s)")
+    serve.add_argument("--port", type=int, default=8080, help="port (%(default)s; 0: any free)")
+    serve.add_argument(
+        "--token", default="emulator-token", help="the token clients must send (%(default)s)"
+    )
     serve.add_argument("--db", default=":memory:", help="SQLite file (default: in memory)")
     serve.add_argument("--models", help="a TOML file of projects and models (default: bank_churn)")
     serve.add_argument("--count-only", action="store_true", help="count events, store nothing")
-    faults = serve.add_argument_group("faults")
+    faults = serve.add_argument_group(
+        "faults",
+        "what the emulator does wrong, from the start (none by default); answers lost after "
+        "the work ('lose') and scripted answers are set at run time: PUT /_emulator/faults",
+    )
     faults.add_argument("--error-503", type=float, default=0.0, help="fraction answered 503")
     faults.add_argument("--error-429", type=float, default=0.0, help="fraction answered 429")
-    faults.add_argument("--retry-after", type=float, default=1.0, help="Retry-After seconds")
+    faults.add_argument(
+        "--retry-after", type=float, default=1.0, help="Retry-After seconds (%(default)s)"
+    )
     faults.add_argument("--drop", type=float, default=0.0, help="fraction of connections dropped")
     faults.add_argument("--latency", type=float, default=0.0, help="seconds added to answers")
     faults.add_argument("--spike", type=float, default=0.0, help="fraction of latency spikes")
@@ -602,7 +612,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=_serve)
 
     inspect = commands.add_parser("inspect", help="what an emulator holds")
-    inspect.add_argument("--db", default=DEFAULT_DB, help="an emulator's database file")
+    inspect.add_argument(
+        "--db", default=DEFAULT_DB, help="an emulator's database file (%(default)s)"
+    )
     inspect.add_argument("--url", help="or a running emulator's URL")
     inspect.add_argument("--token", help="the running emulator's token")
     inspect.add_argument("--models", help="the models file the emulator was started with")
@@ -617,7 +629,10 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--url", help="Fiddler's URL (default: FIDDLER_URL)")
     replay.add_argument("--token", help="the API token (default: FIDDLER_TOKEN)")
     replay.add_argument(
-        "--timeout", type=_seconds, default=60.0, help="keep trying an unanswering server this long"
+        "--timeout",
+        type=_seconds,
+        default=60.0,
+        help="keep trying an unanswering server this long (%(default)s s)",
     )
     replay.set_defaults(run=lambda a: anyio.run(_replay, a))
     return parser

@@ -8,10 +8,13 @@ encoded events, whichever is reached first.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .exceptions import ConfigurationError
 
 __all__ = ["OverflowPolicy", "PublisherConfig"]
 
@@ -25,7 +28,8 @@ class PublisherConfig(BaseModel):
     """Configuration of :class:`~fiddler_async.AsyncPublisher`. Immutable; times are in seconds.
 
     Build one with keywords, e.g. ``PublisherConfig(linger=0.1, overflow="block")``, or derive a
-    variant with ``config.model_copy(update={...})``.
+    variant with ``config.model_copy(update={...})``. A setting out of its range, of the wrong
+    type or unknown raises ConfigurationError naming it.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -117,6 +121,23 @@ class PublisherConfig(BaseModel):
     log_interval: float = Field(30.0, ge=0)
     """Repeated warnings (drops, failed batches) are logged at most once per interval."""
 
+    if not TYPE_CHECKING:  # (to mypy, the constructor pydantic makes, with each setting)
+
+        def __init__(self, **settings: Any) -> None:
+            try:
+                super().__init__(**settings)
+            except ValidationError as exc:
+                raise ConfigurationError(_explain(exc)) from None
+
+    def model_copy(
+        self, *, update: Mapping[str, Any] | None = None, deep: bool = False
+    ) -> PublisherConfig:
+        """A copy with the settings in ``update`` changed, checked as the constructor checks
+        them (pydantic's own copy does not check them)."""
+        if update:
+            return type(self)(**{**dict(self), **update})
+        return super().model_copy(deep=deep)
+
     @model_validator(mode="after")
     def _check_bounds(self) -> PublisherConfig:
         if self.max_batch_bytes > self.max_queue_bytes:
@@ -127,3 +148,17 @@ class PublisherConfig(BaseModel):
         if self.retry_backoff_initial > self.retry_backoff_max:
             raise ValueError("retry_backoff_initial must not exceed retry_backoff_max")
         return self
+
+
+def _explain(error: ValidationError) -> str:
+    """pydantic's errors, one line: each setting named, with the value given."""
+    parts = []
+    for problem in error.errors():
+        reason = problem["msg"].removeprefix("Value error, ")
+        if problem["loc"]:
+            name = ".".join(map(str, problem["loc"]))
+            given = f" (got {problem['input']!r})" if problem["type"] != "missing" else ""
+            parts.append(f"{name}: {reason}{given}")
+        else:  # a rule between settings: the reason names them
+            parts.append(reason)
+    return "PublisherConfig: " + "; ".join(parts)

@@ -187,6 +187,15 @@ def _place(
         # Python dicts in a pandas column: polars gives every row every key (null where
         # a row's dict lacks it); the row way sends each dict as it is.
         raise _RowWay("a column holds dicts")
+    for name, kind in _source_types(frame):
+        if kind == "object" and isinstance(df.schema[name], pl.Datetime):
+            # Python datetimes pandas could not make one column of (zones that differ, naive
+            # and aware mixed): polars moves them all to one zone; the row way keeps each
+            # one's offset, as str() writes it.
+            raise _RowWay(
+                f"the column {name!r} holds datetimes of differing zones (one zone: "
+                "pandas.to_datetime(column, utc=True))"
+            )
     df, ids, first = _place_ids(df, pl, info, update, event_ids)
     if stamp_millis is not None and ts_col is not None and not update:
         if ts_col not in df.columns:

@@ -15,10 +15,11 @@ import inspect
 import os
 import sys
 import time
+import uuid
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, TypeAlias
 
 import anyio
 import httpx
@@ -64,6 +65,8 @@ ErrorCallback = Callable[[DeliveryFailure], Awaitable[None] | None]
 """Called with every delivery failure; may be a plain function or a coroutine function."""
 
 _EventTime = int | float | Any  # epoch milliseconds, or a datetime
+EventId: TypeAlias = str | int | uuid.UUID
+"""An id given for an event: sent and returned as text (see :func:`~.encode.event_id_text`)."""
 
 
 class _State(enum.Enum):
@@ -498,7 +501,7 @@ class AsyncPublisher:
         model_id: str,
         event: Mapping[str, Any],
         *,
-        event_id: str | None = None,
+        event_id: EventId | None = None,
         update_event: bool = False,
         event_timestamp: _EventTime | None = None,
         env_type: str = "PRODUCTION",
@@ -532,7 +535,7 @@ class AsyncPublisher:
         model_id: str,
         event: Mapping[str, Any],
         *,
-        event_id: str | None = None,
+        event_id: EventId | None = None,
         update_event: bool = False,
         event_timestamp: _EventTime | None = None,
         env_type: str = "PRODUCTION",
@@ -579,7 +582,7 @@ class AsyncPublisher:
         events: Iterable[Mapping[str, Any]] | Any,
         *,
         update_event: bool = False,
-        event_ids: Iterable[str] | None = None,
+        event_ids: Iterable[EventId | None] | None = None,
         event_timestamps: Iterable[_EventTime | None] | None = None,
         env_type: str = "PRODUCTION",
         env_name: str | None = None,
@@ -728,7 +731,7 @@ class AsyncPublisher:
         source: Any,
         *,
         update_event: bool = False,
-        event_ids: Iterable[str] | None = None,
+        event_ids: Iterable[EventId | None] | None = None,
         env_type: str = "PRODUCTION",
         env_name: str | None = None,
         progress: ProgressCallback | None = None,
@@ -810,7 +813,7 @@ class AsyncPublisher:
         model_id: str,
         event: Mapping[str, Any],
         *,
-        event_id: str | None,
+        event_id: EventId | None,
         update_event: bool,
         event_timestamp: _EventTime | None,
         env_type: str,

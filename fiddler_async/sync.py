@@ -50,7 +50,7 @@ from .config import PublisherConfig
 from .destination import ModelInfo
 from .exceptions import PublisherClosedError
 from .flusher import DeliveryFailure
-from .publisher import AsyncPublisher, ErrorCallback, _EventTime
+from .publisher import AsyncPublisher, ErrorCallback, EventId, _EventTime
 from .spooler import ReplayResult
 from .stats import FlushResult, StatsSnapshot
 
@@ -422,7 +422,7 @@ class Publisher:
         model_id: str,
         event: Mapping[str, Any],
         *,
-        event_id: str | None = None,
+        event_id: EventId | None = None,
         update_event: bool = False,
         event_timestamp: _EventTime | None = None,
         env_type: str = "PRODUCTION",
@@ -481,7 +481,7 @@ class Publisher:
         events: Iterable[Mapping[str, Any]] | Any,
         *,
         update_event: bool = False,
-        event_ids: Iterable[str] | None = None,
+        event_ids: Iterable[EventId | None] | None = None,
         event_timestamps: Iterable[_EventTime | None] | None = None,
         env_type: str = "PRODUCTION",
         env_name: str | None = None,

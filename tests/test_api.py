@@ -56,15 +56,19 @@ def test_config_is_frozen_validated_and_documented() -> None:
     config = PublisherConfig()
     with pytest.raises(pydantic.ValidationError):
         config.linger = 1.0  # type: ignore[misc]
-    with pytest.raises(pydantic.ValidationError, match="max_batch_events"):
+    # A wrong setting is a ConfigurationError (one root, FiddlerError), naming it and the value.
+    with pytest.raises(ConfigurationError, match=r"max_batch_events: .* 1000 \(got 1001\)"):
         PublisherConfig(max_batch_events=1001)
-    with pytest.raises(pydantic.ValidationError, match="overflow"):
+    with pytest.raises(ConfigurationError, match=r"overflow: .*got 'drop_everything'"):
         PublisherConfig(overflow="drop_everything")  # type: ignore[arg-type]
-    with pytest.raises(pydantic.ValidationError, match="max_queue_bytes"):
+    with pytest.raises(ConfigurationError, match="must not exceed max_queue_bytes"):
         PublisherConfig(max_batch_bytes=10_000, max_queue_bytes=5_000)
-    with pytest.raises(pydantic.ValidationError, match="lingr"):  # a typo is not ignored
+    with pytest.raises(ConfigurationError, match="lingr"):  # a typo is not ignored
         PublisherConfig(lingr=1.0)  # type: ignore[call-arg]
     assert config.model_copy(update={"linger": 2.0}).linger == 2.0
+    assert config.model_copy() == config
+    with pytest.raises(ConfigurationError, match=r"linger: .*\(got -1\)"):  # checked too
+        config.model_copy(update={"linger": -1})
     # The README's configuration table lists every knob with its default.
     readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
     for name in PublisherConfig.model_fields:

@@ -191,6 +191,32 @@ async def test_values_polars_would_change_go_row_by_row(fiddler: Emulator) -> No
     assert [e["price"] for e in fiddler.events()] == [float(exact)] * 2 + [float("1" * 45)]
 
 
+async def test_datetimes_of_differing_zones_keep_their_offsets(fiddler: Emulator) -> None:
+    """A pandas column of Python datetimes in several zones, or naive and aware mixed (pandas
+    keeps them as objects): each keeps its own offset, as in its row; polars would move them
+    all to one zone. A file cannot hold them: refused, saying how to make them one zone."""
+    paris = pd.Timestamp("2024-01-01 13:00", tz="Europe/Paris")
+    new_york = pd.Timestamp("2024-01-01 13:00", tz="America/New_York")
+    naive = dt.datetime(2024, 1, 1, 13, 0, 1, 500000)
+    frames = [
+        pd.DataFrame({"event_id": ["z0", "z1"], "seen": [paris, new_york]}),
+        pd.DataFrame({"event_id": ["z2", "z3"], "seen": [naive, paris]}),
+    ]
+    async with loopback_publisher(fiddler) as pub:
+        for frame in frames:
+            await pub.publish_events_batch("bank_churn", "bank_churn", frame)
+        with pytest.raises(EventError, match=r"differing zones .*utc=True"):
+            await pub.publish_file("bank_churn", "bank_churn", frames[0])
+        assert (await pub.flush(10)).delivered == 4
+    seen = {e["event_id"]: e["seen"] for e in fiddler.events()}
+    assert seen == {
+        "z0": "2024-01-01 13:00:00+01:00",
+        "z1": "2024-01-01 13:00:00-05:00",
+        "z2": "2024-01-01 13:00:01.500000",
+        "z3": "2024-01-01 13:00:00+01:00",
+    }
+
+
 async def test_what_polars_cannot_write_goes_row_by_row(fiddler: Emulator) -> None:
     frame = pd.DataFrame([bank_event(i) for i in range(3)])
     frame["blob"] = [1, object(), "x"]  # a Python object polars cannot write

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from pathlib import Path
 
 from fiddler_async import (
@@ -48,6 +49,10 @@ async def use() -> None:
             event_timestamp=dt.datetime.now(dt.timezone.utc),
         )
         ids: list[str] = await pub.publish_events_batch("p", "m", [{"x": 1}, {"x": 2}])
+        # Ids are text, integers or UUIDs (returned as text); None in a batch makes one.
+        await pub.publish_event("p", "m", {"x": 1}, event_id=7)
+        given = [uuid.UUID(int=1), None, "c"]
+        await pub.publish_events_batch("p", "m", [{"x": 1}] * 3, event_ids=given)
         info: ModelInfo = await pub.resolve("p", "m")
         result: FlushResult = await pub.flush(timeout=5)
         complete: bool = result.complete
