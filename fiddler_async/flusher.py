@@ -14,6 +14,7 @@ the close deadline, are spilled to it instead of failed or dropped.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -122,7 +123,9 @@ class Flusher:
         self._slots = anyio.Semaphore(config.max_in_flight)
         self._tasks: anyio.abc.TaskGroup | None = None
         self._flushing = 0
-        self._reporting = 0
+        self._reporting: list[int] = []
+        """For each failure being reported, the oldest event of its batch (its sequence
+        number): a flush waits for the reports of its own events, not for later ones."""
         self._reported: anyio.Event | None = None
         self.in_flight_requests = 0
         self.in_flight_events = 0
@@ -199,16 +202,19 @@ class Flusher:
         ledger, dest = self._ledger, lane.dest
         failures: list[DeliveryFailure] = []
         try:
-            failed = await self._exporter.export(dest, batch)
-        except anyio.get_cancelled_exc_class():
-            # Only aclose() cancels a delivery, at its deadline. The request may or may not
-            # have reached the server; we cannot know, so these are spilled (sent again from
-            # the spool: a duplicate at worst) or else count as dropped at shutdown.
-            if self._spill is not None:
-                self._spill(dest, batch)
-            else:
-                ledger.settle(batch, "dropped", "shutdown")
-            raise
+            try:
+                failed = await self._exporter.export(dest, batch)
+            except (anyio.get_cancelled_exc_class(), asyncio.CancelledError) as exc:
+                if not _honoured(exc):  # a transport of the caller's raised it: its failure
+                    raise RuntimeError(f"the export raised a cancellation: {exc!r}") from exc
+                # Only aclose() cancels a delivery, at its deadline. The request may or may
+                # not have reached the server; we cannot know, so these are spilled (sent
+                # again from the spool: a duplicate at worst) or else dropped at shutdown.
+                if self._spill is not None:
+                    self._spill(dest, batch)
+                else:
+                    ledger.settle(batch, "dropped", "shutdown")
+                raise
         except Exception as exc:
             ledger.settle(batch, "failed")
             ledger.last_error = f"{type(exc).__name__}: {exc}"
@@ -233,30 +239,52 @@ class Flusher:
             # Settled and no longer in flight in the same step, so stats always add up.
             self.in_flight_requests -= 1
             self.in_flight_events -= len(batch)
-            self._reporting += len(failures)  # in the same step, so flush() waits for them
+            # In the same step, so that a flush waits for them.
+            self._reporting += [batch[0][0]] * len(failures)
             self._buffer.sent(lane, batch)
             self._slots.release()
         for failure in failures:
-            await self._report(failure)
+            await self._report(failure, batch[0][0])
 
-    async def _report(self, failure: DeliveryFailure) -> None:
+    async def _report(self, failure: DeliveryFailure, oldest: int) -> None:
         try:
             await self._on_failure(failure)
-        except anyio.get_cancelled_exc_class():
-            raise
+        except (anyio.get_cancelled_exc_class(), asyncio.CancelledError) as exc:
+            if _honoured(exc):
+                raise
+            logger.exception(  # an on_error raising CancelledError itself (asyncio lets it)
+                "fiddler_async: reporting a delivery failure raised a cancellation",
+                extra=event("on-error-raised"),
+            )
         except BaseException:  # a callback's error, even SystemExit, must not end delivery
             logger.exception(
                 "fiddler_async: reporting a delivery failure raised", extra=event("on-error-raised")
             )
         finally:
-            self._reporting -= 1
-            if not self._reporting and self._reported is not None:
+            self._reporting.remove(oldest)
+            if self._reported is not None:  # the waiting flushes look again
                 self._reported.set()
                 self._reported = None
 
-    async def reports_done(self) -> None:
-        """Return once no failure is being reported (no on_error callback is running)."""
-        while self._reporting:
+    async def reports_done(self, up_to: int | None = None) -> None:
+        """Return once no failure of the events up to sequence number ``up_to`` (of any, when
+        None) is being reported: no on_error callback of theirs is running or due."""
+        while any(up_to is None or oldest <= up_to for oldest in self._reporting):
             if self._reported is None:
                 self._reported = anyio.Event()
             await self._reported.wait()
+
+
+def _honoured(exc: BaseException) -> bool:
+    """Whether a cancellation exception that reached the flusher cancels it (the close's
+    deadline, the event loop ending), or was raised by code it called (an ``on_error``, a
+    transport given): asyncio lets any code raise ``CancelledError``, and the task is then not
+    being cancelled (under trio it is never trio's). trio's ``Cancelled`` is only ever trio's.
+    Python 3.10's asyncio cannot tell the two apart: honoured."""
+    if not isinstance(exc, asyncio.CancelledError):
+        return True
+    if anyio.get_cancelled_exc_class() is not asyncio.CancelledError:
+        return False
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return cancelling is None or cancelling() > 0

@@ -487,7 +487,7 @@ class AsyncPublisher:
             with anyio.move_on_after(timeout):
                 await watch.done.wait()
                 if not _in_background.get():  # called by a report: do not wait for ourselves
-                    await self._flusher.reports_done()
+                    await self._flusher.reports_done(watch.last_seq)
         finally:
             self._flusher.end_flush()
             self._ledger.unwatch(watch)

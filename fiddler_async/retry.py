@@ -6,6 +6,9 @@
   over the whole interval is what keeps many clients from retrying in lockstep.
 - A ``Retry-After`` from the server replaces the backoff (capped at ``retry_after_max``), plus a
   little jitter so that every client told "10 s" does not come back in the same millisecond.
+  One of 0 (some proxies send it; a date already past) counts as none, and so does every one
+  when ``retry_after_max`` is 0: retried at once, a request would spend its whole budget of
+  attempts in a millisecond.
 - Stop: after ``retry_max_attempts`` attempts, or when the next attempt would start later than
   ``retry_max_elapsed`` after the first; the last error is raised as it was.
 """
@@ -48,9 +51,10 @@ class RetryPolicy:
     def backoff(self, retry_number: int, error: BaseException | None) -> float:
         """Seconds to wait before retry number ``retry_number`` (1 for the first retry)."""
         config = self._config
-        if isinstance(error, APIError) and error.retry_after is not None:
+        if isinstance(error, APIError) and error.retry_after:
             wait = min(error.retry_after, config.retry_after_max)
-            return wait + random.uniform(0, min(1.0, 0.1 * wait))
+            if wait > 0:
+                return wait + random.uniform(0, min(1.0, 0.1 * wait))
         # The exponent bounded: past ~1000 retries 2**n no longer fits a float.
         doubling = 2.0 ** min(retry_number - 1, 64)
         cap = min(config.retry_backoff_max, config.retry_backoff_initial * doubling)

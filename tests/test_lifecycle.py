@@ -14,6 +14,7 @@ import pytest
 
 from fiddler_async import AsyncPublisher, DeliveryFailure, PublisherClosedError, QueueFullError
 from fiddler_async.emulator import Emulator
+from fiddler_async.stats import FlushResult
 
 from .conftest import (
     assert_adds_up,
@@ -320,6 +321,42 @@ async def test_a_start_cancelled_midway_leaves_nothing_running(inproc: InProcess
     with pytest.raises(PublisherClosedError):
         pub.publish_event_nowait("bank_churn", "bank_churn", bank_event())
     assert (await pub.aclose(1)).complete
+
+
+async def test_flush_waits_for_the_reports_of_its_own_events_only(fiddler: Emulator) -> None:
+    """Failures reported steadily (a project the token cannot write to) must not hold every
+    flush to its timeout: a flush waits for the callbacks of the events it covers."""
+    started = {"early": anyio.Event(), "late": anyio.Event()}
+    go = {"early": anyio.Event(), "late": anyio.Event()}
+
+    async def on_error(failure: DeliveryFailure) -> None:
+        (which,) = failure.event_ids
+        assert which is not None
+        started[which].set()
+        await go[which].wait()
+
+    fiddler.set_faults(script=["400", "400"])
+    async with loopback_publisher(fiddler, linger=0, on_error=on_error) as pub:
+        await pub.resolve("bank_churn", "bank_churn")
+        pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(1), event_id="early")
+        results: list[FlushResult] = []
+        flushed = anyio.Event()
+
+        async def flush() -> None:
+            results.append(await pub.flush(60))
+            flushed.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(flush)
+            await started["early"].wait()
+            pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(2), event_id="late")
+            await started["late"].wait()  # a later event's report, under way
+            go["early"].set()
+            with anyio.fail_after(10):  # (60 s, the flush's timeout, before the fix)
+                await flushed.wait()
+            assert not go["late"].is_set()
+            go["late"].set()
+        assert (results[0].failed, results[0].complete) == (1, True)
 
 
 async def test_flush_and_close_wait_for_async_callbacks(fiddler: Emulator) -> None:

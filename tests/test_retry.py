@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import anyio
 import anyio.lowlevel
+import httpx
 import pytest
 
 from fiddler_async import (
+    AsyncPublisher,
     BadRequestError,
     ConnectError,
     DeliveryFailure,
@@ -20,7 +23,8 @@ from fiddler_async._logging import RateLimitedLog
 from fiddler_async.emulator import Emulator
 from fiddler_async.retry import RetryPolicy, is_retryable
 
-from .conftest import bank_event, loopback_publisher, publishes, retry_headers
+from .conftest import bank_event, config, loopback_publisher, publishes, retry_headers
+from .in_process import TOKEN, InProcessFiddler
 
 pytestmark = pytest.mark.anyio
 
@@ -51,9 +55,9 @@ async def test_dropped_connections_are_retried(fiddler: Emulator) -> None:
 
 
 async def test_429_waits_for_retry_after_instead_of_the_backoff(fiddler: Emulator) -> None:
-    # With a backoff of up to an hour, only honouring Retry-After (0 s) gets this delivered
+    # With a backoff of up to an hour, only honouring Retry-After (1 s) gets this delivered
     # within the test's deadline.
-    fiddler.set_faults(script=["429", "503"], retry_after=0)
+    fiddler.set_faults(script=["429", "503"], retry_after=1)
     async with loopback_publisher(
         fiddler, retry_backoff_initial=3600, retry_backoff_max=3600
     ) as pub:
@@ -127,6 +131,37 @@ async def test_a_raising_callback_does_not_stop_the_flusher(
     assert any("reporting a delivery failure raised" in r.getMessage() for r in caplog.records)
 
 
+async def test_a_callback_or_transport_raising_cancellation_does_not_stop_delivery(
+    inproc: InProcessFiddler, caplog: pytest.LogCaptureFixture
+) -> None:
+    """asyncio lets any code raise CancelledError (an awaited future another task
+    cancelled): from an async on_error, or a transport, it is their failure, not a
+    cancellation of the flusher, which would stop sending for good."""
+    emulator = inproc.transport()
+    calls = 0
+
+    async def cancelling_once(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        if request.url.path == "/v3/events":
+            calls += 1
+            if calls == 1:
+                raise asyncio.CancelledError
+        return await emulator.handle_async_request(request)
+
+    async def on_error(failure: DeliveryFailure) -> None:
+        raise asyncio.CancelledError
+
+    transport = httpx.MockTransport(cancelling_once)
+    async with AsyncPublisher(
+        "https://f.test", TOKEN, config=config(), transport=transport, on_error=on_error
+    ) as pub:
+        pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(1))
+        assert (await pub.flush(10)).failed == 1  # the transport's cancellation: its failure
+        pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(2))
+        assert (await pub.flush(10)).delivered == 1
+    assert any("raised a cancellation" in r.getMessage() for r in caplog.records)
+
+
 async def test_async_callbacks_are_awaited(fiddler: Emulator) -> None:
     seen: list[DeliveryFailure] = []
 
@@ -165,6 +200,17 @@ def test_backoff_is_full_jitter_capped_and_retry_after_is_capped() -> None:
     assert all(20.0 <= policy.backoff(1, too_long) <= 21.0 for _ in range(100))
     # Retrying until a time limit can pass a thousand retries: 2**n must not overflow.
     assert 0 <= policy.backoff(5000, None) <= 8.0
+    # "Retry-After: 0" (or a date past) is the backoff, not a retry at once, again and again;
+    # so is every Retry-After when retry_after_max is 0.
+    at_once = ServerError("x", status=503, retry_after=0.0)
+    draws = [policy.backoff(4, at_once) for _ in range(500)]
+    assert all(0 <= d <= 8.0 for d in draws)
+    assert max(draws) > 8.0 * 0.8
+    ignoring = RetryPolicy(
+        config.model_copy(update={"retry_after_max": 0}),
+        RateLimitedLog(0, logging.getLogger("test")),
+    )
+    assert max(ignoring.backoff(4, told) for _ in range(500)) > 8.0 * 0.8
 
 
 async def test_a_timed_out_request_is_retried(fiddler: Emulator) -> None:
