@@ -89,8 +89,8 @@ async def publish_file(
             if not_acted_on(exc):
                 raise
             raise FileJobError(
-                f"publishing file {file_id} to {dest.describe()}: the answer was lost "
-                f"({str(exc).rstrip('.')}), and the server may have started its job: look "
+                f"publishing file {file_id} to {dest.describe()} failed "
+                f"({str(exc).rstrip('.')}), but the server may have started its job: look "
                 "(GET /v3/jobs) before publishing the file again",
                 file_id=file_id,
                 reason=type(exc).__name__,
