@@ -5,20 +5,26 @@ polars, in Rust, in one call, with the model's event id and timestamp columns ad
 first (ids generated for the whole batch at once): the rows are then queued as they are. What
 the conversion gives, per column type:
 
-- integers (numpy, nullable ``Int64``), floats, booleans, strings: themselves; floats exactly
-  (shortest round-trip form);
+- integers (numpy, nullable ``Int64``), 64-bit floats, booleans, strings: themselves; floats
+  exactly (shortest round-trip form);
 - nulls (``None``, ``NaN``, ``NA``, ``NaT``), and infinities: ``null``, as for dict events;
 - categoricals and enums: their values;
 - datetimes: text, as ``str()`` writes them for dict events: ``2024-01-01 01:02:03.456789``
   (no fraction when it is zero), with the offset when the column has a time zone
   (``2024-01-01 01:02:03+00:00``); dates ``2024-01-01``;
-- lists and structs: JSON arrays and objects.
+- lists and structs of the plain values above (numbers, booleans, strings): JSON arrays and
+  objects.
 
-Without polars (the ``dataframes`` extra), for a frame polars cannot write as the dict path
-would (Python objects, durations, binary, decimals, pandas periods, intervals, complex
-numbers), with ``event_timestamps=`` given, or when the rows need the per-event rules' errors
-(null ids, an update without ids), :func:`encode_frame` returns None and the caller goes row
-by row, which writes decimals exactly and names any value that cannot be sent.
+Everything else goes row by row, where polars would write it otherwise than the dict path
+(compared over generated frames): without polars (the ``dataframes`` extra); Python objects
+of several kinds in one pandas column (dates and datetimes, integers and floats, zones that
+differ), durations, binary, decimals, 32- and 16-bit floats, times of day, 128-bit integers,
+pandas periods, intervals, complex numbers; dates, times and decimals inside lists and
+structs; datetimes past the year 9999, and zoned ones before 1972 or from 2100 on (polars'
+zone rules differ there); a name polars changes (an empty one); with ``event_timestamps=``
+given, or when the rows need the per-event rules' errors (null ids, an update without ids).
+:func:`encode_frame` returns None then, and the caller goes row by row, which writes
+decimals exactly and names any value that cannot be sent.
 """
 
 from __future__ import annotations
@@ -102,7 +108,9 @@ def encode_frame(
             if isinstance(dtype, pl.Datetime)
         ]
         text = (df.with_columns(as_text) if as_text else df).write_ndjson()
-    except Exception:  # anything polars cannot write: the row way names it
+    except BaseException as exc:  # anything polars cannot write: the row way names it
+        if not _failed_in_polars(exc):
+            raise
         return None
     bodies = text.encode().split(b"\n")
     if bodies and not bodies[-1]:
@@ -149,9 +157,7 @@ def _placed(
     except EventError:
         raise
     except BaseException as exc:  # _RowWay; and e.g. mixed Python objects (polars, pyarrow)
-        # A panic in polars' Rust (decimals of more than 38 digits in a column of objects)
-        # is no Exception; anything else that is not one (a cancellation) goes on.
-        if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
+        if not _failed_in_polars(exc):
             raise
         if as_file:
             why = exc if isinstance(exc, _RowWay) else f"polars cannot take it: {exc}"
@@ -179,29 +185,37 @@ def _place(
     if foreign:
         raise _RowWay(f"polars cannot read the column {foreign[0]!r} of type {foreign[1]}")
     df = _to_polars(frame, pl)
-    kept_out = _NOT_IN_FILES if as_file else _ROW_WAY
+    source = _source_types(frame)
+    if source and [name for name, _ in source] != df.columns:  # polars names "" column_0
+        raise _RowWay("polars renames a column (an empty name)")
     for name, dtype in df.schema.items():
-        if type(dtype).__name__ in kept_out:
+        if as_file and _holds(dtype, _NOT_IN_FILES):
             raise _RowWay(f"the column {name!r} holds {dtype} values")
-    if not as_file and df is not frame and any("Struct" in str(t) for t in df.dtypes):
-        # Python dicts in a pandas column: polars gives every row every key (null where
-        # a row's dict lacks it); the row way sends each dict as it is.
-        raise _RowWay("a column holds dicts")
-    for name, kind in _source_types(frame):
-        if kind == "object" and isinstance(df.schema[name], pl.Datetime):
-            # Python datetimes pandas could not make one column of (zones that differ, naive
-            # and aware mixed): polars moves them all to one zone; the row way keeps each
-            # one's offset, as str() writes it.
-            raise _RowWay(
-                f"the column {name!r} holds datetimes of differing zones (one zone: "
-                "pandas.to_datetime(column, utc=True))"
-            )
+        if not as_file and not _as_rows_would(dtype, nested=False):
+            raise _RowWay(f"the column {name!r} holds {dtype} values")
+    for name, kind in source:
+        made = type(df.schema[name]).__name__
+        if kind == "object" and made not in ("String", "Null"):
+            # Python objects of several kinds in a pandas column (dates and datetimes, zones
+            # that differ, integers and floats, lists, dicts): polars makes them one type,
+            # cutting a datetime to a date, moving times to one zone, ints to floats; the row
+            # way sends each as it is. A file keeps what polars made, unless times would
+            # change.
+            if not as_file:
+                raise _RowWay(f"the column {name!r} holds Python objects of several kinds")
+            if made in ("Date", "Datetime"):
+                raise _RowWay(
+                    f"the column {name!r} holds dates or datetimes of differing kinds or "
+                    "zones (one kind and zone: pandas.to_datetime(column, utc=True))"
+                )
+    if not as_file:
+        _check_times(df, pl)
     df, ids, first = _place_ids(df, pl, info, update, event_ids)
     if stamp_millis is not None and ts_col is not None and not update:
         if ts_col not in df.columns:
             stamp = orjson.loads(info.timestamp_json(stamp_millis))
             first.append(pl.lit(stamp).alias(ts_col))
-        elif df[ts_col].null_count() and not as_file:
+        elif not as_file and _has_nulls(df[ts_col]):
             raise _RowWay("a null time is replaced by the publish time, row by row")
     if first:
         df = df.select(*first, *(pl.col(name) for name in df.columns))
@@ -298,16 +312,72 @@ def _source_types(frame: Any) -> list[tuple[str, str]]:
     return []
 
 
+def _failed_in_polars(exc: BaseException) -> bool:
+    """An error of polars or pyarrow, or a panic in polars' Rust (decimals of more than 38
+    digits in a column of objects), which is no Exception; not a cancellation or an exit."""
+    return isinstance(exc, Exception) or type(exc).__name__ == "PanicException"
+
+
 class _RowWay(Exception):
     """The frame's rows must go one by one (for a file, which has no row way: why not)."""
 
 
-# polars types whose rows go one by one: the row way refuses objects, bytes and durations
-# (naming the field), writes decimals exactly, and refuses integers past 64 bits (naming the
-# field), where polars would write them as floats. A Parquet file holds decimals exactly; the
-# others, refused by the row way, are refused for a file too (Fiddler has no type for them).
-_ROW_WAY = ("Object", "Binary", "Duration", "Decimal", "Int128", "UInt128")
-_NOT_IN_FILES = ("Object", "Binary", "Duration", "Int128", "UInt128")
+# The polars types that polars writes as the row way writes their values; a column of any
+# other goes row by row. Left out: Float32 and Float16 (polars writes their shortest form,
+# the row way the double they are), times of day (polars' fraction differs), decimals (the
+# row way writes them exactly), durations, objects, bytes and 128-bit integers (the row way
+# refuses them, naming the field). Inside lists and structs, polars writes dates and times
+# its own way: only plain values there.
+_PLAIN = frozenset(
+    {"Int8", "Int16", "Int32", "Int64", "UInt8", "UInt16", "UInt32", "UInt64"}
+    | {"Float64", "Boolean", "String", "Null"}
+)
+_TOP_LEVEL = _PLAIN | {"Categorical", "Enum", "Date", "Datetime"}
+# What a Parquet file cannot carry for Fiddler, at any depth (the row way refuses them too).
+_NOT_IN_FILES = frozenset(("Object", "Binary", "Duration", "Int128", "UInt128"))
+
+
+def _as_rows_would(dtype: Any, *, nested: bool) -> bool:
+    """Whether polars writes a column of ``dtype`` as the row way writes its values."""
+    kind = type(dtype).__name__
+    if kind in ("List", "Array"):
+        return _as_rows_would(dtype.inner, nested=True)
+    if kind == "Struct":
+        return all(_as_rows_would(field.dtype, nested=True) for field in dtype.fields)
+    return kind in (_PLAIN if nested else _TOP_LEVEL)
+
+
+def _holds(dtype: Any, kinds: frozenset[str]) -> bool:
+    """Whether ``dtype`` is, or holds at any depth, one of ``kinds``."""
+    kind = type(dtype).__name__
+    if kind in ("List", "Array"):
+        return _holds(dtype.inner, kinds)
+    if kind == "Struct":
+        return any(_holds(field.dtype, kinds) for field in dtype.fields)
+    return kind in kinds
+
+
+def _check_times(df: Any, pl: Any) -> None:
+    """_RowWay for the datetimes polars would write otherwise than ``str()``: past the year
+    9999 (a sign, "+12000-..."), and in a time zone before 1972 or from 2100 on, where its
+    zone rules differ from Python's (seconds in old offsets, no summer time after 2099)."""
+    for name, dtype in df.schema.items():
+        if not isinstance(dtype, pl.Datetime):
+            continue
+        years = df[name].dt.year()
+        first, last = years.min(), years.max()
+        if first is None:
+            continue
+        if last > 9999:
+            raise _RowWay(f"the column {name!r} holds times past the year 9999")
+        zone = dtype.time_zone
+        if zone is not None and zone != "UTC" and (first < 1972 or last >= 2100):
+            raise _RowWay(f"the column {name!r} holds times in {zone} before 1972 or after 2099")
+
+
+def _has_nulls(column: Any) -> bool:
+    """Nulls, or NaN in a float column (which the row way takes as null too)."""
+    return bool(column.null_count()) or (column.dtype.is_float() and bool(column.is_nan().any()))
 
 
 def _new_ids(count: int, pl: Any) -> Any:
