@@ -154,6 +154,9 @@ async def test_what_cannot_go_as_a_file_is_refused_at_the_call(
             await pub.publish_file("bank_churn", "bank_churn", frame, event_ids=["a"])
         with pytest.raises(EventError, match="the column 'wait' holds Duration"):
             await pub.publish_file("bank_churn", "bank_churn", waits)
+        nested = frame.assign(waits=[[dt.timedelta(seconds=1)], []])  # at any depth
+        with pytest.raises(EventError, match=r"the column 'waits' holds List\(Duration"):
+            await pub.publish_file("bank_churn", "bank_churn", nested)
         with pytest.raises(ValueError, match="event_ids= places ids in a DataFrame"):
             await pub.publish_file("bank_churn", "bank_churn", path, event_ids=["a", "b"])
         monkeypatch.setattr(backfill, "MAX_UPLOAD_BYTES", 100)  # the file is bigger
