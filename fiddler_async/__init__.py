@@ -36,7 +36,7 @@ from .exceptions import (
     UnprocessableEntityError,
 )
 from .flusher import DeliveryFailure
-from .publisher import AsyncPublisher, ErrorCallback
+from .publisher import AsyncPublisher, ErrorCallback, EventId
 from .spooler import ReplayResult
 from .stats import FlushResult, StatsSnapshot
 from .sync import Publisher
@@ -55,6 +55,7 @@ __all__ = [
     "EventBatchError",
     "EventEncodeError",
     "EventError",
+    "EventId",
     "EventTooLargeError",
     "FiddlerError",
     "FileJob",

@@ -30,7 +30,7 @@ from .exceptions import FileJobError, FileJobTimeoutError, ServerError, Transpor
 from .frames import frame_to_parquet, is_frame
 from .wire import FiddlerV3Exporter, not_acted_on
 
-__all__ = ["FileJob", "ProgressCallback", "publish_file"]
+__all__ = ["FileJob", "ProgressCallback", "check_options", "publish_file"]
 
 ProgressCallback = Callable[[str, float], None]
 """Called with a stage (``"upload"``, then ``"job"``) and how far it is, from 0.0 to 1.0."""
@@ -65,10 +65,6 @@ async def publish_file(
     poll_interval: float,
     timeout: float,
 ) -> FileJob:
-    _check_seconds("poll_interval", poll_interval, infinite=False)
-    _check_seconds("timeout", timeout, infinite=True)
-    if progress is not None and not callable(progress):
-        raise TypeError(f"progress must be a callable or None, got {type(progress).__qualname__!r}")
     report = progress or (lambda stage, done: None)
     path = await _path_of(source, event_ids)  # what needs no server is checked first
     file_id = job_id = status = None
@@ -159,6 +155,15 @@ async def _frame_file(
     )
     _check_size("the DataFrame as Parquet", len(data))
     return "events.parquet", data, ids
+
+
+def check_options(progress: object, poll_interval: object, timeout: object) -> None:
+    """``publish_file``'s options, checked before anything is sent (a wrong one found after
+    the upload would leave a job started and no id of it)."""
+    _check_seconds("poll_interval", poll_interval, infinite=False)
+    _check_seconds("timeout", timeout, infinite=True)
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress must be a callable or None, got {type(progress).__qualname__!r}")
 
 
 def _check_seconds(name: str, value: object, *, infinite: bool) -> None:

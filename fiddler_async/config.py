@@ -8,7 +8,8 @@ encoded events, whichever is reached first.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -121,13 +122,23 @@ class PublisherConfig(BaseModel):
     log_interval: float = Field(30.0, ge=0)
     """Repeated warnings (drops, failed batches) are logged at most once per interval."""
 
-    if not TYPE_CHECKING:  # (to mypy, the constructor pydantic makes, with each setting)
+    if not TYPE_CHECKING:  # (to mypy, pydantic's own signatures)
 
         def __init__(self, **settings: Any) -> None:
-            try:
+            with _named_errors():
                 super().__init__(**settings)
-            except ValidationError as exc:
-                raise ConfigurationError(_explain(exc)) from None
+
+        # Settings read from a file or a mapping: the same error (pydantic wraps the one
+        # __init__ raises in its own).
+        @classmethod
+        def model_validate(cls, *args: Any, **options: Any) -> PublisherConfig:
+            with _named_errors():
+                return super().model_validate(*args, **options)
+
+        @classmethod
+        def model_validate_json(cls, *args: Any, **options: Any) -> PublisherConfig:
+            with _named_errors():
+                return super().model_validate_json(*args, **options)
 
     def model_copy(
         self, *, update: Mapping[str, Any] | None = None, deep: bool = False
@@ -135,7 +146,8 @@ class PublisherConfig(BaseModel):
         """A copy with the settings in ``update`` changed, checked as the constructor checks
         them (pydantic's own copy does not check them)."""
         if update:
-            return type(self)(**{**dict(self), **update})
+            given = {name: getattr(self, name) for name in self.model_fields_set}
+            return type(self)(**{**given, **update})
         return super().model_copy(deep=deep)
 
     @model_validator(mode="after")
@@ -150,11 +162,21 @@ class PublisherConfig(BaseModel):
         return self
 
 
+@contextlib.contextmanager
+def _named_errors() -> Iterator[None]:
+    """pydantic's ValidationError as a ConfigurationError (one root of our errors)."""
+    try:
+        yield
+    except ValidationError as exc:
+        raise ConfigurationError(_explain(exc)) from None
+
+
 def _explain(error: ValidationError) -> str:
     """pydantic's errors, one line: each setting named, with the value given."""
     parts = []
     for problem in error.errors():
-        reason = problem["msg"].removeprefix("Value error, ")
+        # (Through model_validate, pydantic wraps the error __init__ raised: its text once.)
+        reason = problem["msg"].removeprefix("Value error, ").removeprefix("PublisherConfig: ")
         if problem["loc"]:
             name = ".".join(map(str, problem["loc"]))
             given = f" (got {problem['input']!r})" if problem["type"] != "missing" else ""

@@ -14,19 +14,19 @@ from functools import cached_property
 
 import orjson
 
-__all__ = ["ENV_TYPES", "Destination", "ModelInfo", "ModelRef", "model_key"]
+__all__ = ["ENV_TYPES", "Destination", "ModelInfo", "ModelRef", "model_uuid"]
 
 ENV_TYPES: tuple[str, ...] = ("PRODUCTION", "PRE_PRODUCTION")
 
 
-def model_key(model: str) -> str:
-    """A model as publishers tell models apart: its UUID as the server writes it (lower case,
-    with hyphens) however the caller wrote it, so that two spellings of one model share its
-    ordering; a name as it is."""
+def model_uuid(model: str) -> str | None:
+    """A model given by its UUID: the UUID as the server writes it (lower case, with hyphens)
+    however the caller wrote it; None for a name. A UUID names one model whatever project is
+    given with it (the lookup does not use it)."""
     try:
         return str(uuid.UUID(model))
     except ValueError:
-        return model
+        return None
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ the close deadline, are spilled to it instead of failed or dropped.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import anyio
 import anyio.abc
 import orjson
 
+from ._cancel import cancellations, is_ours
 from ._logging import event, logger
 from .buffer import EventBuffer, Item, Lane
 from .config import PublisherConfig
@@ -202,19 +202,16 @@ class Flusher:
         ledger, dest = self._ledger, lane.dest
         failures: list[DeliveryFailure] = []
         try:
-            try:
-                failed = await self._exporter.export(dest, batch)
-            except (anyio.get_cancelled_exc_class(), asyncio.CancelledError) as exc:
-                if not _honoured(exc):  # a transport of the caller's raised it: its failure
-                    raise RuntimeError(f"the export raised a cancellation: {exc!r}") from exc
-                # Only aclose() cancels a delivery, at its deadline. The request may or may
-                # not have reached the server; we cannot know, so these are spilled (sent
-                # again from the spool: a duplicate at worst) or else dropped at shutdown.
-                if self._spill is not None:
-                    self._spill(dest, batch)
-                else:
-                    ledger.settle(batch, "dropped", "shutdown")
-                raise
+            failed = await self._exporter.export(dest, batch)
+        except anyio.get_cancelled_exc_class():
+            # Only aclose() cancels a delivery, at its deadline. The request may or may not
+            # have reached the server; we cannot know, so these are spilled (sent again from
+            # the spool: a duplicate at worst) or else count as dropped at shutdown.
+            if self._spill is not None:
+                self._spill(dest, batch)
+            else:
+                ledger.settle(batch, "dropped", "shutdown")
+            raise
         except Exception as exc:
             ledger.settle(batch, "failed")
             ledger.last_error = f"{type(exc).__name__}: {exc}"
@@ -249,8 +246,8 @@ class Flusher:
     async def _report(self, failure: DeliveryFailure, oldest: int) -> None:
         try:
             await self._on_failure(failure)
-        except (anyio.get_cancelled_exc_class(), asyncio.CancelledError) as exc:
-            if _honoured(exc):
+        except cancellations() as exc:
+            if is_ours(exc):
                 raise
             logger.exception(  # an on_error raising CancelledError itself (asyncio lets it)
                 "fiddler_async: reporting a delivery failure raised a cancellation",
@@ -273,18 +270,3 @@ class Flusher:
             if self._reported is None:
                 self._reported = anyio.Event()
             await self._reported.wait()
-
-
-def _honoured(exc: BaseException) -> bool:
-    """Whether a cancellation exception that reached the flusher cancels it (the close's
-    deadline, the event loop ending), or was raised by code it called (an ``on_error``, a
-    transport given): asyncio lets any code raise ``CancelledError``, and the task is then not
-    being cancelled (under trio it is never trio's). trio's ``Cancelled`` is only ever trio's.
-    Python 3.10's asyncio cannot tell the two apart: honoured."""
-    if not isinstance(exc, asyncio.CancelledError):
-        return True
-    if anyio.get_cancelled_exc_class() is not asyncio.CancelledError:
-        return False
-    task = asyncio.current_task()
-    cancelling = getattr(task, "cancelling", None)
-    return cancelling is None or cancelling() > 0

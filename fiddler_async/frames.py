@@ -29,6 +29,7 @@ decimals exactly and names any value that cannot be sent.
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -203,7 +204,7 @@ def _place(
             # change.
             if not as_file:
                 raise _RowWay(f"the column {name!r} holds Python objects of several kinds")
-            if made in ("Date", "Datetime"):
+            if made in ("Date", "Datetime") and not _one_kind_of_time(frame[name]):
                 raise _RowWay(
                     f"the column {name!r} holds dates or datetimes of differing kinds or "
                     "zones (one kind and zone: pandas.to_datetime(column, utc=True))"
@@ -237,6 +238,10 @@ def _place_ids(
         if len(event_ids) != df.height:
             raise _RowWay(f"event_ids has {len(event_ids)} values for {df.height} rows")
         missing = sum(event_id is None for event_id in event_ids)  # None: an id to make
+        if missing and (update or id_col in df.columns):
+            # The row way keys such an update by its row's id column, refuses one without,
+            # and takes a new event's own id from its column before it makes one.
+            raise _RowWay(f"event_ids has None for rows that may carry their {id_col!r}")
         made = iter(_new_ids(missing, pl).to_list() if missing else ())
         ids = [next(made) if event_id is None else event_id for event_id in event_ids]
         df = df.drop(id_col, strict=False)
@@ -373,6 +378,15 @@ def _check_times(df: Any, pl: Any) -> None:
         zone = dtype.time_zone
         if zone is not None and zone != "UTC" and (first < 1972 or last >= 2100):
             raise _RowWay(f"the column {name!r} holds times in {zone} before 1972 or after 2099")
+
+
+def _one_kind_of_time(column: Any) -> bool:
+    """Whether a pandas column of Python dates or datetimes holds one kind: all dates, or all
+    datetimes in one zone (or none)."""
+    kinds = {
+        (type(value) is dt.date, str(getattr(value, "tzinfo", None))) for value in column.dropna()
+    }
+    return len(kinds) <= 1
 
 
 def _has_nulls(column: Any) -> bool:

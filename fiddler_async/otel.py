@@ -174,6 +174,8 @@ def instrument(publisher: Any, meter_provider: metrics.MeterProvider | None = No
         )
     global _global  # noqa: PLW0603  (made once, on first use)
     inner = publisher._publisher if isinstance(publisher, Publisher) else publisher
+    if meter_provider is metrics.get_meter_provider():  # the global one, named
+        meter_provider = None
     instruments = _global if meter_provider is None else _by_provider.get(meter_provider)
     if instruments is None:
         instruments = _Instruments(

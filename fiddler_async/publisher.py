@@ -26,10 +26,10 @@ import httpx
 import orjson
 
 from ._logging import RateLimitedLog, event, logger
-from .backfill import FileJob, ProgressCallback, publish_file
+from .backfill import FileJob, ProgressCallback, check_options, publish_file
 from .buffer import EventBuffer, Fixup, Item, Lane, pack
 from .config import PublisherConfig
-from .destination import ENV_TYPES, Destination, ModelInfo, ModelRef, model_key
+from .destination import ENV_TYPES, Destination, ModelInfo, ModelRef, model_uuid
 from .encode import (
     ENCODE_OPTIONS,
     compact,
@@ -749,13 +749,15 @@ class AsyncPublisher:
         if self._state is not _State.OPEN:
             raise self._not_open()
         assert self._exporter is not None
+        check_options(progress, poll_interval, timeout)
+        listed = _listed(event_ids, "event_ids")
+        ids = None if listed is None else _id_texts(listed)
         dest, _ = self._route(project_id, model_id, env_type, env_name, update_event)
-        ids = _listed(event_ids, "event_ids")
         return await publish_file(
             self._exporter,
             dest,
             source,
-            event_ids=None if ids is None else _id_texts(ids),
+            event_ids=ids,
             stamp_publish_time=self._config.stamp_publish_time,
             progress=progress,
             poll_interval=poll_interval,
@@ -886,10 +888,13 @@ class AsyncPublisher:
             for name, value in (("project_id", project_id), ("model_id", model_id)):
                 if not isinstance(value, str) or not value:
                     raise ConfigurationError(f"{name} must be a non-empty string, got {value!r}")
-            same = (project_id, model_key(model_id))  # another spelling of a UUID: one model
+            # A model's UUID, however written and with whatever project, is one model (one
+            # ordering of its inserts and updates).
+            given_uuid = model_uuid(model_id)
+            same = ("", given_uuid) if given_uuid else key
             ref = self._models.get(same)
             if ref is None:
-                ref = self._models[same] = ModelRef(*same)
+                ref = self._models[same] = ModelRef(project_id, given_uuid or model_id)
                 if self._flusher is not None:
                     self._flusher.look_up_soon(ref)
             self._models[key] = ref

@@ -23,6 +23,7 @@ import anyio
 import httpx
 import orjson
 
+from ._cancel import cancellations, is_ours
 from ._version import __version__
 from .buffer import Item
 from .destination import Destination, ModelInfo, ModelRef
@@ -411,6 +412,12 @@ class FiddlerV3Exporter:
         except httpx.RequestError as exc:  # as httpx's client sets it: on_error may read it
             exc.request = request
             raise
+        except cancellations() as exc:
+            if is_ours(exc):
+                raise
+            # A transport given raised it (asyncio lets any code): a failure of this request,
+            # not a cancellation of the task sending it, which would end delivery.
+            raise RuntimeError(f"the transport raised {exc!r}") from exc
         response.request = request
         if "set-cookie" in response.headers:
             self._client.cookies.extract_cookies(response)
@@ -543,7 +550,7 @@ class FiddlerV3Exporter:
             raise self._failed(None, error) from exc
 
     async def _find_model(self, ref: ModelRef, retry: int) -> ModelInfo:
-        if _is_uuid(ref.model):  # written as the server does (see model_key)
+        if _is_uuid(ref.model):  # written as the server does (see model_uuid)
             return parse_model(await self._get_data(f"/v3/models/{ref.model}", retry))
         projects = await self._get_data(
             "/v3/projects", retry, filter=_name_filter(name=ref.project)

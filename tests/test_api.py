@@ -69,6 +69,13 @@ def test_config_is_frozen_validated_and_documented() -> None:
     assert config.model_copy() == config
     with pytest.raises(ConfigurationError, match=r"linger: .*\(got -1\)"):  # checked too
         config.model_copy(update={"linger": -1})
+    variant = PublisherConfig(linger=0.5).model_copy(update={"max_in_flight": 2})
+    assert variant.model_fields_set == {"linger", "max_in_flight"}  # as pydantic's copy says
+    # Settings read from a mapping or a file: the same error, said once.
+    with pytest.raises(ConfigurationError, match=r"^PublisherConfig: linger: .*\(got -1\)$"):
+        PublisherConfig.model_validate({"linger": -1})
+    with pytest.raises(ConfigurationError, match="max_in_flight"):
+        PublisherConfig.model_validate_json('{"max_in_flight": 0}')
     # The README's configuration table lists every knob with its default.
     readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
     for name in PublisherConfig.model_fields:

@@ -231,6 +231,17 @@ async def test_a_wrong_argument_is_said_before_any_request(tmp_path: Path) -> No
                 await pub.publish_file("bank_churn", "bank_churn", frame, **wrong)
 
 
+async def test_a_wrong_option_sends_nothing_at_all(fiddler: Emulator) -> None:
+    frame = pd.DataFrame([bank_event(i) for i in range(3)])
+    async with loopback_publisher(fiddler) as pub:
+        with pytest.raises(ValueError, match="poll_interval"):
+            await pub.publish_file("bank_churn", "bank_churn", frame, poll_interval=0)
+        with pytest.raises(EventBatchError):
+            await pub.publish_file("bank_churn", "bank_churn", frame, event_ids=["", "a", "b"])
+        await anyio.sleep(0.2)  # a lookup started in the background would have been made
+    assert fiddler.requests() == []
+
+
 async def test_ids_given_for_a_frame_file_are_as_for_a_batch(fiddler: Emulator) -> None:
     """None makes an id, as in publish_events_batch; integers and UUIDs go as their text."""
     frame = pd.DataFrame([bank_event(i) for i in range(4)])

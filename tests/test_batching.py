@@ -200,8 +200,8 @@ async def test_a_model_uuid_however_written_is_one_destination(fiddler: Emulator
         fiddler.set_faults(script=["503"])  # the insert's first attempt
         pub.publish_event_nowait("bank_churn", shouting, bank_event(1), event_id="e1")
         await eventually(lambda: len(publishes(fiddler)) == 1)  # turned away, to be retried
-        pub.publish_event_nowait(
-            "bank_churn", model_id, {"churn": "yes"}, event_id="e1", update_event=True
+        pub.publish_event_nowait(  # (with another project: a UUID names one model)
+            "BANK_CHURN", model_id, {"churn": "yes"}, event_id="e1", update_event=True
         )
         assert (await pub.flush(10)).delivered == 2
     assert fiddler.early_updates() == 0

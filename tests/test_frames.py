@@ -209,15 +209,21 @@ async def test_datetimes_of_differing_zones_keep_their_offsets(fiddler: Emulator
     async with loopback_publisher(fiddler) as pub:
         for frame in frames:
             await pub.publish_events_batch("bank_churn", "bank_churn", frame)
+        assert (await pub.flush(10)).delivered == 4
         with pytest.raises(EventError, match=r"differing kinds or zones .*utc=True"):
             await pub.publish_file("bank_churn", "bank_churn", frames[0])
-        assert (await pub.flush(10)).delivered == 4
+        one_zone = pd.Series([paris, paris + pd.Timedelta(hours=1)], dtype=object)
+        await pub.publish_file(  # Python objects, but of one zone: a file takes them
+            "bank_churn", "bank_churn", frames[0].assign(event_id=["z4", "z5"], seen=one_zone)
+        )
     seen = {e["event_id"]: e["seen"] for e in fiddler.events()}
     assert seen == {
         "z0": "2024-01-01 13:00:00+01:00",
         "z1": "2024-01-01 13:00:00-05:00",
         "z2": "2024-01-01 13:00:01.500000",
         "z3": "2024-01-01 13:00:00+01:00",
+        "z4": "2024-01-01 13:00:00+01:00",
+        "z5": "2024-01-01 14:00:00+01:00",
     }
 
 
@@ -405,3 +411,22 @@ def test_a_nan_time_gets_the_publish_time_as_in_its_row(library: str) -> None:
     frame: Any = (pl.DataFrame if library == "polars" else pa.table)({"x": [1, 2], "ts": times})
     info = ModelInfo(id="m", name="m", project_id="p", project_name="p", event_ts_col="ts")
     assert encode_frame(frame, info, update=False, event_ids=None, stamp_millis=5) is None
+
+
+async def test_a_none_in_event_ids_leaves_a_rows_own_id(fiddler: Emulator) -> None:
+    """As for dicts: None in ``event_ids`` takes the row's id column (an update is keyed by
+    it); only a row without one gets a new id."""
+    frame = pd.DataFrame([{**bank_event(i), "event_id": f"row{i}"} for i in range(2)])
+    labels = pd.DataFrame({"event_id": ["row0", "row1"], "churn": ["yes", "no"]})
+    async with loopback_publisher(fiddler) as pub:
+        await pub.resolve("bank_churn", "bank_churn")
+        ids = await pub.publish_events_batch(
+            "bank_churn", "bank_churn", frame, event_ids=[None, "given"]
+        )
+        assert ids == ["row0", "given"]
+        updated = await pub.publish_events_batch(
+            "bank_churn", "bank_churn", labels, update_event=True, event_ids=[None, "given"]
+        )
+        assert updated == ["row0", "given"]
+        assert (await pub.flush(10)).delivered == 4
+    assert {e["event_id"]: e["churn"] for e in fiddler.events()} == {"row0": "yes", "given": "no"}

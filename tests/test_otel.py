@@ -195,15 +195,19 @@ def test_publishers_instrumented_before_the_sdk_is_set_up_are_all_reported() -> 
             config = PublisherConfig(linger=3600)
             a = AsyncPublisher("http://127.0.0.1:9", "t", config=config)
             b = AsyncPublisher("http://127.0.0.1:9", "t", config=config)
+            c = AsyncPublisher("http://127.0.0.1:9", "t", config=config)
             instrument(a)
             instrument(b)
             reader = InMemoryMetricReader()
             metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
-            async with a, b:
+            instrument(c, metrics.get_meter_provider())  # the global one, named
+            async with a, b, c:
                 for i in range(3):
                     a.publish_event_nowait("p", "m", {"i": i})
                 for i in range(5):
                     b.publish_event_nowait("p", "m", {"i": i})
+                for i in range(7):
+                    c.publish_event_nowait("p", "m", {"i": i})
                 data = reader.get_metrics_data()
                 sizes = sorted(
                     point.value
@@ -214,8 +218,8 @@ def test_publishers_instrumented_before_the_sdk_is_set_up_are_all_reported() -> 
                     for point in metric.data.data_points
                 )
                 print(sizes)
-                await a.aclose(0)
-                await b.aclose(0)
+                for publisher in (a, b, c):
+                    await publisher.aclose(0)
 
         anyio.run(main)
         """
@@ -224,4 +228,4 @@ def test_publishers_instrumented_before_the_sdk_is_set_up_are_all_reported() -> 
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[3, 5]"
+    assert done.stdout.strip() == "[3, 5, 7]"
