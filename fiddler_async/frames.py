@@ -5,8 +5,8 @@ polars, in Rust, in one call, with the model's event id and timestamp columns ad
 first (ids generated for the whole batch at once): the rows are then queued as they are. What
 the conversion gives, per column type:
 
-- integers (numpy, nullable ``Int64``), 64-bit floats, booleans, strings: themselves; floats
-  exactly (shortest round-trip form);
+- integers (numpy, nullable ``Int64``), floats, booleans, strings: themselves; floats exactly
+  (shortest round-trip form; 32- and 16-bit ones as the doubles they are, as their rows);
 - nulls (``None``, ``NaN``, ``NA``, ``NaT``), and infinities: ``null``, as for dict events;
 - categoricals and enums: their values;
 - datetimes: text, as ``str()`` writes them for dict events: ``2024-01-01 01:02:03.456789``
@@ -18,7 +18,7 @@ the conversion gives, per column type:
 Everything else goes row by row, where polars would write it otherwise than the dict path
 (compared over generated frames): without polars (the ``dataframes`` extra); Python objects
 of several kinds in one pandas column (dates and datetimes, integers and floats, zones that
-differ), durations, binary, decimals, 32- and 16-bit floats, times of day, 128-bit integers,
+differ), durations, binary, decimals, times of day, 128-bit integers,
 pandas periods, intervals, complex numbers; dates, times and decimals inside lists and
 structs; datetimes past the year 9999, and zoned ones before 1972 or from 2100 on (polars'
 zone rules differ there); a name polars changes (an empty one); with ``event_timestamps=``
@@ -189,6 +189,8 @@ def _place(
     source = _source_types(frame)
     if source and [name for name, _ in source] != df.columns:  # polars names "" column_0
         raise _RowWay("polars renames a column (an empty name)")
+    if not as_file:
+        df = _widen_floats(df, pl)
     for name, dtype in df.schema.items():
         if as_file and _holds(dtype, _NOT_IN_FILES):
             raise _RowWay(f"the column {name!r} holds {dtype} values")
@@ -328,8 +330,8 @@ class _RowWay(Exception):
 
 
 # The polars types that polars writes as the row way writes their values; a column of any
-# other goes row by row. Left out: Float32 and Float16 (polars writes their shortest form,
-# the row way the double they are), times of day (polars' fraction differs), decimals (the
+# other goes row by row. Left out: Float32 and Float16 (widened first, at the top and in
+# lists: see _widen_floats), times of day (polars' fraction differs), decimals (the
 # row way writes them exactly), durations, objects, bytes and 128-bit integers (the row way
 # refuses them, naming the field). Inside lists and structs, polars writes dates and times
 # its own way: only plain values there.
@@ -350,6 +352,19 @@ def _as_rows_would(dtype: Any, *, nested: bool) -> bool:
     if kind == "Struct":
         return all(_as_rows_would(field.dtype, nested=True) for field in dtype.fields)
     return kind in (_PLAIN if nested else _TOP_LEVEL)
+
+
+def _widen_floats(df: Any, pl: Any) -> Any:
+    """32- and 16-bit float columns, and lists of them (embeddings), as 64-bit floats: the
+    row way sends each value as the double it is (``0.10000000149011612``), where polars
+    would write a float32's own shortest form (``0.1``)."""
+    narrow = (pl.Float32, pl.Float16) if hasattr(pl, "Float16") else (pl.Float32,)
+    widened = [
+        pl.col(name).cast(pl.List(pl.Float64) if isinstance(dtype, pl.List) else pl.Float64)
+        for name, dtype in df.schema.items()
+        if isinstance(dtype, narrow) or (isinstance(dtype, pl.List) and dtype.inner in narrow)
+    ]
+    return df.with_columns(widened) if widened else df
 
 
 def _holds(dtype: Any, kinds: frozenset[str]) -> bool:

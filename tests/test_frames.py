@@ -430,3 +430,16 @@ async def test_a_none_in_event_ids_leaves_a_rows_own_id(fiddler: Emulator) -> No
         assert updated == ["row0", "given"]
         assert (await pub.flush(10)).delivered == 4
     assert {e["event_id"]: e["churn"] for e in fiddler.events()} == {"row0": "yes", "given": "no"}
+
+
+def test_float32_columns_and_embeddings_go_in_one_pass_as_their_rows() -> None:
+    """Widened to the doubles the rows send (polars would write 0.1 for float32's 0.1)."""
+    info = ModelInfo(id="m", name="m", project_id="p", project_name="p")
+    frames = [
+        pd.DataFrame({"a": np.array([0.1, np.nan], dtype=np.float32)}),
+        pl.DataFrame({"embedding": pl.Series([[0.1, 0.2], None], dtype=pl.List(pl.Float32))}),
+    ]
+    for frame in frames:
+        encoded = encode_frame(frame, info, update=False, event_ids=None, stamp_millis=None)
+        assert encoded is not None
+        assert [typed(orjson.loads(body)) for body in encoded.bodies] == rows_of(frame)
