@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -192,9 +192,13 @@ def _place(
     if not as_file:
         df = _widen_floats(df, pl)
     for name, dtype in df.schema.items():
-        if as_file and _holds(dtype, _NOT_IN_FILES):
-            raise _RowWay(f"the column {name!r} holds {dtype} values")
-        if not as_file and not _as_rows_would(dtype, nested=False):
+        if as_file:
+            refused = any(kind in _NOT_IN_FILES for kind, _ in _kinds(dtype))
+        else:  # polars writes it as the rows would: a plain value at every depth
+            refused = not all(
+                kind in (_PLAIN if nested else _TOP_LEVEL) for kind, nested in _kinds(dtype)
+            )
+        if refused:
             raise _RowWay(f"the column {name!r} holds {dtype} values")
     for name, kind in source:
         made = type(df.schema[name]).__name__
@@ -344,14 +348,17 @@ _TOP_LEVEL = _PLAIN | {"Categorical", "Enum", "Date", "Datetime"}
 _NOT_IN_FILES = frozenset(("Object", "Binary", "Duration", "Int128", "UInt128"))
 
 
-def _as_rows_would(dtype: Any, *, nested: bool) -> bool:
-    """Whether polars writes a column of ``dtype`` as the row way writes its values."""
+def _kinds(dtype: Any, nested: bool = False) -> Iterator[tuple[str, bool]]:
+    """The kinds of value a column of ``dtype`` holds (the name of each polars type that is
+    no list, array or struct), each with whether it sits inside one."""
     kind = type(dtype).__name__
     if kind in ("List", "Array"):
-        return _as_rows_would(dtype.inner, nested=True)
-    if kind == "Struct":
-        return all(_as_rows_would(field.dtype, nested=True) for field in dtype.fields)
-    return kind in (_PLAIN if nested else _TOP_LEVEL)
+        yield from _kinds(dtype.inner, nested=True)
+    elif kind == "Struct":
+        for field in dtype.fields:
+            yield from _kinds(field.dtype, nested=True)
+    else:
+        yield kind, nested
 
 
 def _widen_floats(df: Any, pl: Any) -> Any:
@@ -365,16 +372,6 @@ def _widen_floats(df: Any, pl: Any) -> Any:
         if isinstance(dtype, narrow) or (isinstance(dtype, pl.List) and dtype.inner in narrow)
     ]
     return df.with_columns(widened) if widened else df
-
-
-def _holds(dtype: Any, kinds: frozenset[str]) -> bool:
-    """Whether ``dtype`` is, or holds at any depth, one of ``kinds``."""
-    kind = type(dtype).__name__
-    if kind in ("List", "Array"):
-        return _holds(dtype.inner, kinds)
-    if kind == "Struct":
-        return any(_holds(field.dtype, kinds) for field in dtype.fields)
-    return kind in kinds
 
 
 def _check_times(df: Any, pl: Any) -> None:
