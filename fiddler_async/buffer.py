@@ -254,13 +254,19 @@ class EventBuffer:
         self.events += 1
         self.bytes += size
         # Wake the flusher only when there is something new for it to decide: a lane that just
-        # got its first event (a linger timer to arm) or a batch that just became full.
+        # got its first event (a linger timer to arm), a batch that just became full, or a
+        # queue that is (see :meth:`full`).
         count = len(bodies)
         if count == 1:
             lane.since = self.clock()
             self._busy[lane] = None
             self.wake()
-        elif count == self._batch_events or (lane.bytes >= self._batch_bytes > lane.bytes - size):
+        elif (
+            count == self._batch_events
+            or (lane.bytes >= self._batch_bytes > lane.bytes - size)
+            or self.events >= self._max_events
+            or self.bytes + size > self._max_bytes
+        ):
             self.wake()
 
     def offer_all(
@@ -324,6 +330,7 @@ class EventBuffer:
                     raise PublisherClosedError("the publisher closed while waiting for room")
                 if self._room is None:
                     self._room = anyio.Event()
+                    self.wake()  # a queue with a caller waiting for room is full
                 await self._room.wait()
         if self.closed:
             raise PublisherClosedError("the publisher closed while waiting for room")
@@ -333,6 +340,19 @@ class EventBuffer:
                 f"queue full ({self.events} events, {self.bytes} bytes) after waiting "
                 f"{timeout:g} s for room for {events} event(s)"
             )
+
+    def full(self) -> bool:
+        """Whether the queue is at a bound: no room for one more event (by count, or by bytes
+        for one of the average size), or a caller waiting for room. Then the flusher sends at
+        once rather than after the linger time, so that a queue smaller than a batch, or than
+        what arrives within the linger time, does not drop, refuse or hold up events while the
+        server is there to take them."""
+        events = self.events
+        return (
+            events >= self._max_events
+            or (events > 0 and self.bytes + self.bytes // events > self._max_bytes)
+            or self._room is not None
+        )
 
     def fits(self, events: int, size: int) -> bool:
         """Whether ``events`` more events of ``size`` bytes in all fit without overflow."""
@@ -464,9 +484,11 @@ class EventBuffer:
 
     def next_lane(self, now: float, force: bool) -> Lane | None:
         """The lane to send a batch from now: of those with a full batch, a batch that has
-        lingered long enough, or (forced) any events, the one whose oldest event is oldest,
+        lingered long enough, or (forced, or the queue :meth:`full`) any events, the one whose
+        oldest event is oldest,
         so that a busy destination never starves a quiet one."""
         linger = self._config.linger
+        force = force or self.full()
         chosen: Lane | None = None
         for lane in self._busy:
             if lane.blocked():

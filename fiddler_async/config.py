@@ -62,7 +62,8 @@ class PublisherConfig(BaseModel):
     max_batch_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     """Bytes of events per request; a batch this large is sent at once. Also the largest event."""
     linger: float = Field(0.5, ge=0)
-    """Longest time an event waits for its batch to fill before the batch is sent anyway."""
+    """Longest time an event waits for its batch to fill before the batch is sent anyway; none
+    at all once the queue is full (a bound reached, or a caller waiting for room)."""
     max_in_flight: int = Field(4, ge=1, le=64)
     """Requests sent concurrently."""
 

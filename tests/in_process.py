@@ -1,17 +1,21 @@
 """The emulator in-process behind ``httpx.MockTransport``, for tests of protocol details.
 
 The same app as the loopback emulator (``fiddler_async.emulator``), called directly: every
-request is recorded whole (headers and body) and ``fail_next`` makes the next requests fail
-as a dropped connection would, with no network involved.
+request is recorded whole (headers and body), ``fail_next`` makes the next requests fail
+as a dropped connection would, and ``held()`` keeps publishes waiting for their answer, with
+no network involved.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 
 from fiddler_async.emulator import EmulatorState, Store, create_app, load_catalog
@@ -30,6 +34,7 @@ class InProcessFiddler:
     )
     requests: list[httpx.Request] = field(default_factory=list)
     fail_next: int = 0
+    gate: anyio.Event | None = None
 
     def transport(self) -> httpx.MockTransport:
         app = httpx.ASGITransport(app=create_app(self.state))
@@ -37,6 +42,8 @@ class InProcessFiddler:
         async def handler(request: httpx.Request) -> httpx.Response:
             await request.aread()
             self.requests.append(request)
+            if self.gate is not None and request.url.path == "/v3/events":
+                await self.gate.wait()
             if self.fail_next:
                 self.fail_next -= 1
                 raise httpx.ConnectError("injected: connection refused", request=request)
@@ -46,6 +53,17 @@ class InProcessFiddler:
                 raise httpx.RemoteProtocolError("injected: dropped", request=request) from None
 
         return httpx.MockTransport(handler)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Within: every publish request waits for its answer, as behind a server that has
+        stopped answering; on leaving, they are all answered."""
+        self.gate = anyio.Event()
+        try:
+            yield
+        finally:
+            gate, self.gate = self.gate, None
+            gate.set()
 
     # What the tests read
 

@@ -7,7 +7,7 @@ import tracemalloc
 import anyio
 import pytest
 
-from fiddler_async import EventTooLargeError, QueueFullError
+from fiddler_async import AsyncPublisher, EventTooLargeError, QueueFullError
 from fiddler_async.emulator import Emulator
 
 from .conftest import assert_adds_up, bank_event, eventually, loopback_publisher, mock_publisher
@@ -15,8 +15,20 @@ from .in_process import InProcessFiddler
 
 pytestmark = pytest.mark.anyio
 
-# With linger this long and batches larger than the queue, nothing leaves the queue on its own.
+# With linger this long and batches larger than the queue, nothing leaves the queue on its own
+# until it is full (or flushed): calls that never yield to the flusher meet a full queue.
 HELD = {"linger": 3600, "max_queue_events": 10, "max_batch_events": 1000}
+
+
+async def fill_behind_a_held_request(pub: AsyncPublisher) -> None:
+    """For a server holding its answers (``InProcessFiddler.held``) and one request allowed in
+    flight: c0-c9 fill the queue, which sends them at once as it is full; then c10-c19 fill
+    it again, and stay."""
+    for i in range(10):
+        pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(i))
+    await eventually(lambda: pub.stats().in_flight_requests == 1)
+    for i in range(10, 20):
+        pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(i))
 
 
 def customers(inproc: InProcessFiddler) -> list[str]:
@@ -89,20 +101,62 @@ async def test_drop_newest_keeps_the_oldest(inproc: InProcessFiddler) -> None:
 
 
 async def test_raise_refuses_at_the_caller(inproc: InProcessFiddler) -> None:
-    async with mock_publisher(inproc, overflow="raise", **HELD) as pub:
-        for i in range(10):
-            pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(i))
-        with pytest.raises(QueueFullError, match="bound hit: events"):
-            pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(10))
-        with pytest.raises(QueueFullError):
-            await pub.publish_event("bank_churn", "bank_churn", bank_event(11))
-        with pytest.raises(QueueFullError, match="none queued"):
-            await pub.publish_events_batch("bank_churn", "bank_churn", [bank_event(12)])
-        stats = pub.stats()
-        assert (stats.accepted, stats.rejected, stats.dropped) == (10, 3, {})
-        assert_adds_up(pub)
+    async with mock_publisher(inproc, overflow="raise", max_in_flight=1, **HELD) as pub:
+        with inproc.held():
+            await fill_behind_a_held_request(pub)
+            with pytest.raises(QueueFullError, match="bound hit: events"):
+                pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(20))
+            with pytest.raises(QueueFullError):
+                await pub.publish_event("bank_churn", "bank_churn", bank_event(21))
+            with pytest.raises(QueueFullError, match="none queued"):
+                await pub.publish_events_batch("bank_churn", "bank_churn", [bank_event(22)])
+            stats = pub.stats()
+            assert (stats.accepted, stats.rejected, stats.dropped) == (20, 3, {})
+            assert_adds_up(pub)
         await pub.flush(5)
-    assert customers(inproc) == [f"c{i}" for i in range(10)]
+    assert customers(inproc) == [f"c{i}" for i in range(20)]
+
+
+async def test_a_full_queue_is_sent_without_waiting_for_linger(fiddler: Emulator) -> None:
+    """A queue smaller than a batch: each time it fills, the flusher sends it at once, so a
+    healthy server sees every event (it used to wait out the linger time while the queue
+    dropped the oldest)."""
+    async with loopback_publisher(fiddler, linger=3600, max_queue_events=50) as pub:
+        for start in range(0, 250, 50):
+            for i in range(start, start + 50):
+                pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(i))
+            await eventually(lambda: pub.stats().queued_events == 0)
+        result = await pub.flush(5)
+        assert pub.stats().dropped == {}
+        assert_adds_up(pub)
+    assert result.complete
+    assert fiddler.count() == 250
+
+
+async def test_a_queue_full_in_bytes_is_sent_without_waiting_for_linger(
+    fiddler: Emulator,
+) -> None:
+    limit = 4096
+    async with loopback_publisher(
+        fiddler, linger=3600, max_queue_bytes=limit, max_batch_bytes=limit
+    ) as pub:
+        await pub.resolve("bank_churn", "bank_churn")
+
+        def event(i: int) -> dict[str, object]:  # all of one size
+            return {**bank_event(0), "customer_id": f"c{i:05d}"}
+
+        pub.publish_event_nowait("bank_churn", "bank_churn", event(0))
+        size = pub.stats().queued_bytes
+        fitting = limit // size  # then one more would not fit: the queue is full
+        sent = 1
+        for _ in range(5):
+            while pub.stats().queued_events < fitting:
+                pub.publish_event_nowait("bank_churn", "bank_churn", event(sent))
+                sent += 1
+            await eventually(lambda: pub.stats().queued_events == 0)
+        await pub.flush(5)
+        assert pub.stats().dropped == {}
+    assert fiddler.count() == sent
 
 
 async def test_the_byte_bound_applies_too(inproc: InProcessFiddler) -> None:
@@ -171,44 +225,45 @@ async def test_block_waits_for_room_then_times_out(fiddler: Emulator) -> None:
 
 async def test_block_proceeds_when_room_appears(inproc: InProcessFiddler) -> None:
     async with mock_publisher(
-        inproc, overflow="block", block_timeout=30, max_queue_events=5, linger=3600
+        inproc, overflow="block", block_timeout=30, max_in_flight=1, **HELD
     ) as pub:
-        for i in range(5):
-            await pub.publish_event("bank_churn", "bank_churn", bank_event(i))
+        done = anyio.Event()
+
+        async def blocked() -> None:
+            await pub.publish_event("bank_churn", "bank_churn", bank_event(20))
+            done.set()
+
         async with anyio.create_task_group() as tg:
-            done = anyio.Event()
-
-            async def blocked() -> None:
-                await pub.publish_event("bank_churn", "bank_churn", bank_event(5))
-                done.set()
-
-            tg.start_soon(blocked)
-            await anyio.sleep(0.05)
-            assert not done.is_set()  # waiting for room, not dropped
-            await pub.flush(5)  # drains the queue, making room
+            with inproc.held():
+                await fill_behind_a_held_request(pub)
+                tg.start_soon(blocked)
+                await anyio.sleep(0.05)
+                assert not done.is_set()  # waiting for room, not dropped
+            # The server answers: the flusher sends the full queue at once, making room
+            # (no flush, and the linger time is an hour).
             with anyio.fail_after(5):
                 await done.wait()
         await pub.flush(5)
         assert pub.stats().dropped == {}
-    assert customers(inproc) == [f"c{i}" for i in range(6)]
+    assert customers(inproc) == [f"c{i}" for i in range(21)]
 
 
 async def test_a_caller_cancelled_while_blocked_leaves_the_queue_intact(
     inproc: InProcessFiddler,
 ) -> None:
     async with mock_publisher(
-        inproc, overflow="block", block_timeout=30, max_queue_events=3, linger=3600
+        inproc, overflow="block", block_timeout=30, max_in_flight=1, **HELD
     ) as pub:
-        for i in range(3):
-            await pub.publish_event("bank_churn", "bank_churn", bank_event(i))
-        with anyio.move_on_after(0.05) as scope:
-            await pub.publish_event("bank_churn", "bank_churn", bank_event(99))
-        assert scope.cancelled_caught
-        stats = pub.stats()
-        assert (stats.accepted, stats.queued_events, stats.rejected) == (3, 3, 0)
-        assert_adds_up(pub)
+        with inproc.held():
+            await fill_behind_a_held_request(pub)
+            with anyio.move_on_after(0.05) as scope:
+                await pub.publish_event("bank_churn", "bank_churn", bank_event(99))
+            assert scope.cancelled_caught
+            stats = pub.stats()
+            assert (stats.accepted, stats.queued_events, stats.rejected) == (20, 10, 0)
+            assert_adds_up(pub)
         await pub.flush(5)
-    assert customers(inproc) == ["c0", "c1", "c2"]
+    assert customers(inproc) == [f"c{i}" for i in range(20)]
 
 
 async def test_drops_are_logged_once_per_interval(
@@ -224,22 +279,33 @@ async def test_drops_are_logged_once_per_interval(
 
 async def test_a_blocked_batch_is_queued_whole_or_not_at_all(inproc: InProcessFiddler) -> None:
     async with mock_publisher(
-        inproc, overflow="block", block_timeout=0.05, max_queue_events=5, linger=3600
+        inproc,
+        overflow="block",
+        block_timeout=0.5,
+        max_queue_events=5,
+        max_in_flight=1,
+        linger=3600,
     ) as pub:
-        await pub.publish_events_batch("bank_churn", "bank_churn", [bank_event(0)] * 3)
-        with pytest.raises(QueueFullError, match="after waiting"):
-            await pub.publish_events_batch("bank_churn", "bank_churn", [bank_event(1)] * 4)
-        with pytest.raises(QueueFullError, match="can never fit"):
-            await pub.publish_events_batch("bank_churn", "bank_churn", [bank_event(2)] * 6)
-        stats = pub.stats()
-        assert (stats.accepted, stats.rejected, stats.queued_events) == (3, 10, 3)
-        assert_adds_up(pub)
-        # Room appears while the batch waits: all of it goes in.
         async with anyio.create_task_group() as tg:
-            tg.start_soon(pub.flush, 5.0)
-            await pub.publish_events_batch("bank_churn", "bank_churn", [bank_event(3)] * 4)
+            with inproc.held():
+                # A full queue goes out at once, and is held; then 3 wait in the queue.
+                await pub.publish_events_batch("bank_churn", "bank_churn", [bank_event(9)] * 5)
+                await eventually(lambda: pub.stats().in_flight_requests == 1)
+                await pub.publish_events_batch("bank_churn", "bank_churn", [bank_event(0)] * 3)
+                with pytest.raises(QueueFullError, match="after waiting"):
+                    await pub.publish_events_batch("bank_churn", "bank_churn", [bank_event(1)] * 4)
+                with pytest.raises(QueueFullError, match="can never fit"):
+                    await pub.publish_events_batch("bank_churn", "bank_churn", [bank_event(2)] * 6)
+                stats = pub.stats()
+                assert (stats.accepted, stats.rejected, stats.queued_events) == (8, 10, 3)
+                assert_adds_up(pub)
+                # Room appears while the batch waits (the server answers): all of it goes in.
+                tg.start_soon(
+                    pub.publish_events_batch, "bank_churn", "bank_churn", [bank_event(3)] * 4
+                )
+                await anyio.sleep(0.05)
         await pub.flush(5)
-    assert customers(inproc) == ["c0"] * 3 + ["c3"] * 4
+    assert customers(inproc) == ["c9"] * 5 + ["c0"] * 3 + ["c3"] * 4
 
 
 async def test_drop_oldest_evicts_across_destinations_by_age(inproc: InProcessFiddler) -> None:
