@@ -157,6 +157,17 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
                 # refused, unreachable, unknown host, a certificate not trusted, a handshake
                 # the server cut short: nothing of the request has left
                 raise httpx.ConnectError(_describe(exc), request=request) from exc
+        # A context of the caller's may offer h2 too (httpx sets that on one it used for
+        # HTTP/2): this transport speaks HTTP/1.1 only, so a server that chose another
+        # protocol gets no request.
+        chosen = stream.extra(TLSAttribute.alpn_protocol, None) if context else None
+        if chosen not in (None, "http/1.1"):
+            await anyio.aclose_forcefully(stream)
+            raise httpx.ConnectError(
+                f"the server chose {chosen!r} in the TLS handshake; this transport speaks "
+                "HTTP/1.1 only (offer ALPN 'http/1.1' alone, or none)",
+                request=request,
+            )
         return _Connection(stream, self._max_answer_bytes)
 
     async def aclose(self) -> None:
@@ -271,7 +282,8 @@ class _Connection:
         if unsent is None:
             return answer
         if 200 <= answer.status < 300:  # it did not read all the request: no telling what
-            raise unsent  # it kept of it, the write's failure stands
+            await self.aclose()  # it kept of it, the write's failure stands
+            raise unsent
         return answer._replace(reusable=False)
 
     async def _read_answer(self, request: httpx.Request) -> _Answer:

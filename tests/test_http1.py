@@ -4,6 +4,7 @@ with scripted bytes, one over TLS, and the emulator over HTTP and HTTPS."""
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import ssl
@@ -547,6 +548,23 @@ async def test_tls_with_a_trusted_certificate(ca: trustme.CA) -> None:
     assert server.connections == 1
 
 
+async def test_tls_sends_no_http1_request_to_a_server_that_chose_h2(ca: trustme.CA) -> None:
+    """A context of the caller's that offers h2 (as httpx leaves one it used for HTTP/2):
+    a server that picks h2 gets no HTTP/1.1 request, and the failure is a connect error
+    (nothing sent, so safe to retry)."""
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    client.set_alpn_protocols(["h2", "http/1.1"])
+    server_context = _server_context(ca)
+    server_context.set_alpn_protocols(["h2"])
+    async with serving(StrictServer(OK), tls=server_context) as server:
+        transport = HTTP1Transport(verify=client)
+        with pytest.raises(httpx.ConnectError, match="chose 'h2'"):
+            await send(transport, server.url)
+        await transport.aclose()
+    assert server.requests == []
+
+
 async def test_tls_refuses_a_certificate_nobody_vouches_for(ca: trustme.CA) -> None:
     async with serving(StrictServer(OK), tls=_server_context(ca)) as server:
         transport = HTTP1Transport()  # the usual trust store, which does not know this CA
@@ -637,24 +655,48 @@ async def test_an_answer_sent_before_the_request_was_read_is_not_lost() -> None:
     closing the connection: the publisher gets the 413 (and splits the batch) rather than
     a broken connection (retried, then failed whole)."""
 
-    async def refuse(stream: anyio.abc.ByteStream) -> None:
+    refusal = b"HTTP/1.1 413 Too Large\r\nContent-Length: 2\r\nConnection: close\r\n\r\nno"
+    async with answering_the_head(refusal) as url:
+        transport = HTTP1Transport()
+        answer = await send(transport, url, content=bytes(8 << 20))
+        await transport.aclose()
+    assert (answer.status_code, answer.content) == (413, b"no")
+
+
+@asynccontextmanager
+async def answering_the_head(answer: bytes) -> AsyncIterator[str]:
+    """A server that answers once it has the head of a request, then closes with the body
+    unread (so the kernel resets the connection); its URL."""
+
+    async def early(stream: anyio.abc.ByteStream) -> None:
         received = b""
         while b"\r\n\r\n" not in received:
             received += await stream.receive()
-        await stream.send(
-            b"HTTP/1.1 413 Too Large\r\nContent-Length: 2\r\nConnection: close\r\n\r\nno"
-        )
-        await stream.aclose()  # the body unread: the kernel resets the connection
+        await stream.send(answer)
+        await stream.aclose()
 
     listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
     port = listener.extra(anyio.abc.SocketAttribute.local_port)
     async with listener, anyio.create_task_group() as tg:
-        tg.start_soon(listener.serve, refuse)
-        transport = HTTP1Transport()
-        answer = await send(transport, f"http://127.0.0.1:{port}", content=bytes(8 << 20))
-        await transport.aclose()
+        tg.start_soon(listener.serve, early)
+        yield f"http://127.0.0.1:{port}"
         tg.cancel_scope.cancel()
-    assert (answer.status_code, answer.content) == (413, b"no")
+
+
+async def test_a_2xx_to_a_request_not_sent_whole_closes_its_connection() -> None:
+    """A server that answers 200 to the head, then closes with the body unread: the write's
+    failure stands (no telling what the server kept), and the socket is closed then, not
+    left to the garbage collector. (On trio the early answer is read; on asyncio the reset
+    loses it first.)"""
+
+    async with answering_the_head(OK) as url:
+        transport = HTTP1Transport()
+        before = len(os.listdir("/proc/self/fd"))
+        with pytest.raises(httpx.WriteError) as failure:
+            await send(transport, url, content=bytes(8 << 20))
+        # The failure (held here, with its frames) must not hold an open socket.
+        assert len(os.listdir("/proc/self/fd")) == before, failure.value
+        await transport.aclose()
 
 
 @pytest.mark.parametrize(
