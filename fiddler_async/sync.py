@@ -32,6 +32,7 @@ import concurrent.futures
 import concurrent.futures.thread  # registers its exit hook before ours
 import contextlib
 import inspect
+import math
 import os
 import queue
 import threading
@@ -292,18 +293,18 @@ class Publisher:
         loop = self._loop
         return loop is not None and threading.current_thread() is loop.thread
 
-    def _waits_for_itself(self, what: str) -> RuntimeError | None:
-        """The error for a call that would wait for the thread it runs on: the loop's, or the
-        ``on_error`` callbacks' (``flush`` and ``close`` wait for the callbacks)."""
+    def _refuse_waiting_for_itself(self, what: str, reports: bool) -> None:
+        """RuntimeError for a call that would wait for the thread it runs on: the loop's, or,
+        for a call that waits for reports (``flush``, ``close``, ``replay_spool``), the
+        ``on_error`` callbacks'."""
         callbacks = self._callbacks
         if self._on_loop_thread() or (
-            callbacks is not None and threading.current_thread() is callbacks.thread
+            reports and callbacks is not None and threading.current_thread() is callbacks.thread
         ):
-            return RuntimeError(
+            raise RuntimeError(
                 f"{what}() waits on the thread where this code runs (an on_error "
                 "callback?): it would wait for itself"
             )
-        return None
 
     def _off_loop(self, callback: Callable[[DeliveryFailure], object]) -> ErrorCallback:
         """``on_error`` as the async publisher calls it, running ``callback`` on the
@@ -349,22 +350,35 @@ class Publisher:
 
         if self._on_loop_thread():
             return run()
-        return self._portal().call(run)
+        portal = self._portal()
+        try:
+            return portal.call(run)
+        except RuntimeError as exc:
+            raise self._closed_meanwhile_error(exc) from None
 
     def _await(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
-        """Await ``fn`` on the loop's thread, after the hand-off; its result or its error."""
+        """Await ``fn`` on the loop's thread, after the hand-off; its result or its error.
+        (A call that waits for reports checks first that it is not in a callback.)"""
 
         async def run() -> T:
             self._drain()
             return await fn(*args, **kwargs)
 
-        error = self._waits_for_itself(getattr(fn, "__name__", "this"))
-        if error is not None:
-            raise error
+        self._refuse_waiting_for_itself(getattr(fn, "__name__", "this"), reports=False)
+        portal = self._portal()
         try:
-            return self._portal().call(run)
+            return portal.call(run)
         except concurrent.futures.CancelledError:  # the publisher closed while it waited
             raise PublisherClosedError("the publisher closed") from None
+        except RuntimeError as exc:
+            raise self._closed_meanwhile_error(exc) from None
+
+    def _closed_meanwhile_error(self, exc: RuntimeError) -> Exception:
+        """What a RuntimeError from a portal call means: the publisher closed (its loop
+        ended) between the check in :meth:`_portal` and the call; else the error itself."""
+        if self._closed and "not running" in str(exc):  # anyio's words for a stopped portal
+            return PublisherClosedError("the publisher closed")
+        return exc
 
     def _drain(self) -> None:
         """On the loop's thread: move the handed-off events into the queue, in order.
@@ -506,14 +520,20 @@ class Publisher:
     def flush(self, timeout: float | None = None) -> FlushResult:
         """Send what is queued and wait for it, at most ``timeout`` seconds. Once closed,
         what is still pending, as :meth:`AsyncPublisher.flush` says."""
-        if self._closed:
-            return FlushResult(pending=self.stats().pending)
-        return self._await(self._publisher.flush, timeout)
+        self._refuse_waiting_for_itself("flush", reports=True)
+        if not self._closed:
+            try:
+                return self._await(self._publisher.flush, timeout)
+            except PublisherClosedError:
+                if not self._closed:
+                    raise
+        return FlushResult(pending=self.stats().pending)
 
     def resolve(self, project_id: str, model_id: str) -> ModelInfo:
         return self._await(self._publisher.resolve, project_id, model_id)
 
     def replay_spool(self) -> ReplayResult:
+        self._refuse_waiting_for_itself("replay_spool", reports=True)
         return self._await(self._publisher.replay_spool)
 
     def stats(self) -> StatsSnapshot:
@@ -574,9 +594,7 @@ class Publisher:
         then stop the background thread. Safe to call again, and from several threads (the
         later calls wait for the first, up to their own timeout)."""
         timeout = self.config.close_timeout if timeout is None else timeout
-        error = self._waits_for_itself("close")
-        if error is not None:
-            raise error
+        self._refuse_waiting_for_itself("close", reports=True)
         with self._lock:
             closing = self._closing
             first = closing is None
@@ -598,7 +616,7 @@ class Publisher:
                 # making this one: it cannot finish until we return. Close through the loop.
                 with contextlib.suppress(RuntimeError, concurrent.futures.CancelledError):
                     return loop.portal.call(self._close_on_loop, timeout)
-            if closing.wait(timeout):
+            if closing.wait(None if math.isinf(timeout) else timeout):
                 return self._close_result
             return FlushResult(pending=self.stats().pending)  # still closing, as aclose says
         _open_publishers.discard(self)
@@ -606,12 +624,16 @@ class Publisher:
         try:
             if loop is not None and loop.portal is not None and os.getpid() == self._pid:
                 try:
-                    self._close_result = loop.portal.call(self._close_on_loop, timeout)
+                    loop.portal.call(self._close_on_loop, timeout)
                 finally:
                     loop.stop()
         finally:
             if self._callbacks is not None:
                 self._callbacks.stop()
+            # Taken from the async publisher, not the call's return: a call interrupted
+            # (Ctrl-C) returns nothing, while the close it began ran on to its end or was cut
+            # short there, and the later calls must say what it settled.
+            self._close_result = self._publisher._close_result
             closing.set()
         return self._close_result
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
+import math
 import os
 import signal
 import socket
@@ -13,6 +14,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -90,12 +92,21 @@ def test_errors_reach_the_calling_thread(fiddler: Emulator, backend: str) -> Non
 
 
 def test_the_raise_policy_raises_in_the_caller(fiddler: Emulator, backend: str) -> None:
-    with sync_publisher(fiddler, backend, overflow="raise", max_queue_events=5, linger=3600) as pub:
-        for i in range(5):
+    fiddler.set_faults(script=["hang"])  # the one request allowed in flight is held
+    with sync_publisher(
+        fiddler, backend, overflow="raise", max_queue_events=5, max_in_flight=1, linger=3600
+    ) as pub:
+        for i in range(5):  # a full queue: sent at once, and held
+            pub.publish_event("bank_churn", "bank_churn", bank_event(i))
+        deadline = time.monotonic() + 10
+        while pub.stats().in_flight_requests != 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        for i in range(5, 10):  # full again, and it stays so
             pub.publish_event("bank_churn", "bank_churn", bank_event(i))
         with pytest.raises(QueueFullError):
-            pub.publish_event("bank_churn", "bank_churn", bank_event(5))
+            pub.publish_event("bank_churn", "bank_churn", bank_event(10))
         assert pub.stats().rejected == 1
+        pub.close(0.5)
 
 
 CHILD = """
@@ -254,6 +265,127 @@ def test_a_blocking_on_error_holds_up_nothing_else(fiddler: Emulator, backend: s
     finally:
         release.set()
     assert seen == ["StatsSnapshot", "flush refused"]
+
+
+def test_an_on_error_may_publish_and_look_up_but_not_wait_for_reports(
+    fiddler: Emulator, backend: str
+) -> None:
+    """From a plain on_error, the calls that never wait for a report work (under ``block``
+    too, where publish_event waits for the loop's answer); flush() and replay_spool(), which
+    wait for the callbacks, are a clear error."""
+    done = threading.Event()
+    seen: list[str] = []
+
+    def on_error(failure: DeliveryFailure) -> None:
+        calls: dict[str, Callable[[], object]] = {
+            "publish_event": lambda: pub.publish_event("bank_churn", "bank_churn", bank_event(1)),
+            "publish_events_batch": lambda: pub.publish_events_batch(
+                "bank_churn", "bank_churn", [bank_event(2)]
+            ),
+            "resolve": lambda: pub.resolve("bank_churn", "bank_churn").name,
+            "flush": lambda: pub.flush(1),
+            "replay_spool": pub.replay_spool,
+        }
+        try:
+            for name, call in calls.items():
+                try:
+                    call()
+                except RuntimeError as exc:
+                    seen.append(f"{name}: {'refused' if 'wait for itself' in str(exc) else exc}")
+                else:
+                    seen.append(f"{name}: ok")
+        finally:
+            done.set()
+
+    pub = sync_publisher(fiddler, backend, overflow="block", on_error=on_error)
+    pub.publish_event("bank_churn", "bank_churn", {**bank_event(0), "age": "forty"})
+    assert done.wait(20)
+    assert pub.close(10).complete
+    assert seen == [
+        "publish_event: ok",
+        "publish_events_batch: ok",
+        "resolve: ok",
+        "flush: refused",
+        "replay_spool: refused",
+    ]
+    assert sorted(e["customer_id"] for e in fiddler.events()) == ["c1", "c2"]
+
+
+def test_a_close_cut_short_by_ctrl_c_is_reported_by_the_next(
+    fiddler: Emulator, backend: str
+) -> None:
+    """Ctrl-C in close() (here a signal handler raising): the close went on to its deadline
+    on the loop all the same, and the next close() says what it settled, rather than an
+    empty success."""
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(*_: object) -> None:
+        raise Interrupted
+
+    pub = sync_publisher(fiddler, backend, linger=3600)
+    for i in range(10):
+        pub.publish_event("bank_churn", "bank_churn", bank_event(i))
+    fiddler.set_faults(script=["hang"])  # the close's request never gets an answer
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    try:
+        timer = threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGUSR1))
+        timer.start()
+        with pytest.raises(Interrupted):
+            pub.close(0.5)
+        timer.join()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    again = pub.close(0.5)
+    assert (again.delivered, again.dropped, again.pending) == (0, 10, 0)
+    assert pub.stats().dropped == {"shutdown": 10}
+
+
+def test_a_second_close_without_a_deadline_waits_for_the_first(
+    fiddler: Emulator, backend: str
+) -> None:
+    pub = sync_publisher(fiddler, backend, linger=3600)
+    for i in range(10):
+        pub.publish_event("bank_churn", "bank_churn", bank_event(i))
+    fiddler.set_faults(latency=0.3)  # the first close takes a while
+    first: list[FlushResult] = []
+    closing = threading.Thread(target=lambda: first.append(pub.close(math.inf)))
+    closing.start()
+    while pub._closing is None:  # the first close has begun
+        time.sleep(0.001)
+    second = pub.close(math.inf)  # used to be OverflowError (no wait that long)
+    closing.join(30)
+    assert second == first[0]
+    assert second.delivered == 10
+
+
+@pytest.mark.parametrize("call", ["stats", "flush", "resolve"])
+def test_a_call_racing_a_close_hears_that_it_closed(
+    fiddler: Emulator, backend: str, call: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call that found the publisher open, and reaches the loop after a close on another
+    thread ended it: stats() and flush() answer as after a close, resolve() raises
+    PublisherClosedError (not anyio's "portal is not running")."""
+    pub = sync_publisher(fiddler, backend)
+    pub.publish_event("bank_churn", "bank_churn", bank_event(0))
+    portal = Publisher._portal
+
+    def then_closed(self: Publisher) -> Any:  # the close lands just after the check
+        found = portal(self)
+        closer = threading.Thread(target=self.close, args=(10,))
+        closer.start()
+        closer.join()
+        return found
+
+    monkeypatch.setattr(Publisher, "_portal", then_closed)
+    if call == "stats":
+        assert pub.stats().delivered == 1
+    elif call == "flush":
+        assert pub.flush(5) == FlushResult()
+    else:
+        with pytest.raises(PublisherClosedError):
+            pub.resolve("bank_churn", "bank_churn")
 
 
 def test_a_busy_loop_keeps_the_hand_off_within_its_bytes(fiddler: Emulator, backend: str) -> None:
