@@ -38,7 +38,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import orjson
 
@@ -69,6 +69,17 @@ def replay_key(update: bool, first: int, last: int) -> int:
     insert accepted before it, even one spooled in a later file (an update batch may span
     an insert that failed on its own), and two updates of one id keep their order."""
     return last if update else first
+
+
+class Written(NamedTuple):
+    """A batch file this process wrote, as it remembers it."""
+
+    place: int
+    """Its place in the replay (:func:`replay_key`)."""
+    last_seq: int
+    """The sequence number of its last event."""
+    key: SpoolKey
+    events: int
 
 
 class SpoolFullError(Exception):
@@ -114,10 +125,14 @@ class Spool:
         self._counter = 0
         self._lock_file: IO[bytes] | None = None
         self.used_bytes = 0
-        self.written_here: dict[str, tuple[int, int]] = {}
-        """The batch files this object wrote that are still on disk, by name: their place in
-        the replay (:func:`replay_key`) and the sequence number of their last event. The
-        others in the directory are earlier or other processes'."""
+        """The bytes of the batch files on disk, as last counted, and of this object's
+        written since."""
+        self._reserved = 0
+        """The bytes of this object's writes in progress (not on disk under their name yet)."""
+        self._writing: set[str] = set()
+        self.written_here: dict[str, Written] = {}
+        """The batch files this object wrote that are still on disk (or being written), by
+        name. The others in the directory are earlier or other processes'."""
 
     def open(self) -> None:
         """Create the directory (owner only), remove temporaries of killed writers, and count
@@ -149,27 +164,35 @@ class Spool:
         """Write one batch file, all or nothing. SpoolFullError if over the disk bound."""
         data = _encode(key, items)
         with self._lock:
-            if self.used_bytes + len(data) > self.max_bytes:
-                self._recount()  # the count may be stale: look before refusing
-            if self.used_bytes + len(data) > self.max_bytes:
+            # Counted afresh each time: other processes sharing the directory add files
+            # this one does not see (a directory scan per batch file, on a worker thread).
+            self._recount()
+            if self.used_bytes + self._reserved + len(data) > self.max_bytes:
                 raise SpoolFullError(
-                    f"spool {self.directory} holds {self.used_bytes} bytes; "
+                    f"spool {self.directory} holds {self.used_bytes + self._reserved} bytes; "
                     f"{len(data)} more would pass spool_max_bytes ({self.max_bytes})"
                 )
-            self.used_bytes += len(data)
+            self._reserved += len(data)
             self._counter += 1
             name = f"{time.time_ns():023d}-{os.getpid()}-{self._counter:06d}{SUFFIX}"
             # Known as ours before it is on disk: a replay may send it before this returns.
             seqs = [item[0] for item in items]
-            self.written_here[name] = (replay_key(key.update, min(seqs), max(seqs)), max(seqs))
+            place = replay_key(key.update, min(seqs), max(seqs))
+            self.written_here[name] = Written(place, max(seqs), key, len(items))
+            self._writing.add(name)
         path = self.directory / name
+        written = False
         try:
             self._write_atomically(path, data)
-        except BaseException:
+            written = True
+        finally:
             with self._lock:
-                self.used_bytes -= len(data)
-                self.written_here.pop(name, None)
-            raise
+                self._reserved -= len(data)
+                self._writing.discard(name)
+                if written:
+                    self.used_bytes += len(data)
+                else:
+                    self.written_here.pop(name, None)
         return path
 
     def rewrite(self, path: Path, key: SpoolKey, items: Sequence[Item]) -> None:
@@ -213,10 +236,34 @@ class Spool:
             for name in os.listdir(self.directory)
             if name.endswith(SUFFIX) and not name.startswith(".")
         )
-        own = self.written_here
+        own = dict(self.written_here)  # a copy: writer threads add to it meanwhile
         ordered = [n for n in names if n not in own]
-        ordered += sorted((n for n in names if n in own), key=lambda n: own.get(n, (0, 0)))
+        ordered += sorted((n for n in names if n in own), key=lambda n: own[n].place)
         return [self.directory / name for name in ordered]
+
+    def written_before(self, name: str, listed: set[str]) -> bool:
+        """Whether this object wrote, since the batch files ``listed`` were listed, one that
+        goes before its file ``name`` in the replay (a batch that failed in flight after
+        later events were spooled)."""
+        with self._lock:
+            own = list(self.written_here.items())
+        place = self.written_here.get(name)
+        return place is not None and any(
+            other not in listed and written.place < place.place for other, written in own
+        )
+
+    def replayed_elsewhere(self) -> list[Written]:
+        """This object's batch files that left the disk without its doing: another process
+        sharing the directory replayed them (or set them aside). Forgotten here."""
+        with self._lock:
+            done = [name for name in self.written_here if name not in self._writing]
+        on_disk = set(os.listdir(self.directory))
+        with self._lock:
+            return [
+                self.written_here.pop(name)
+                for name in done
+                if name not in on_disk and name in self.written_here
+            ]
 
     def read(self, path: Path) -> SpooledBatch:
         data = path.read_bytes()
@@ -248,9 +295,12 @@ class Spool:
         what would pass it raises SpoolFullError and is only logged."""
         data = b"".join(line + b"\n" for line in lines)
         path = self.directory / DEAD_LETTERS
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
         with open(fd, "ab", closefd=True) as file:
-            if os.fstat(fd).st_size + len(data) > self.max_bytes // 8:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                data = b"\n" + data  # after a line cut short (a crash): not glued to it
+            if size + len(data) > self.max_bytes // 8:
                 raise SpoolFullError(
                     f"{path} has reached its bound ({self.max_bytes // 8} bytes); "
                     f"{len(lines)} dead letter(s) not written"

@@ -31,7 +31,7 @@ from .exceptions import (
     PublisherClosedError,
 )
 from .flusher import DeliveryFailure, Exporter
-from .spool import Spool, SpoolCorruptError, SpoolFullError, SpoolKey, replay_key
+from .spool import Spool, SpoolCorruptError, SpooledBatch, SpoolFullError, SpoolKey, replay_key
 from .stats import Ledger
 from .wire import POISON_STATUSES
 
@@ -287,12 +287,14 @@ class Replayer:
         if self.stopped:
             return ReplayResult(error=PublisherClosedError("the publisher is closed"))
         if not await anyio.to_thread.run_sync(spool.try_lock):
+            await self._count_down_replayed_elsewhere()
             paths = await anyio.to_thread.run_sync(spool.batches)
             return ReplayResult(remaining=len(paths), locked=True)
         replayed = refused = 0
         held: dict[tuple[str, str], Exception] = {}  # models whose files wait for a later pass
         while True:
             paths = await anyio.to_thread.run_sync(spool.batches)
+            listed = {path.name for path in paths}
             skipped = 0
             for index, path in enumerate(paths):
                 if self.stopped:
@@ -314,6 +316,8 @@ class Replayer:
                         extra=event("spool-corrupt"),
                     )
                     continue
+                if spool.written_before(path.name, listed):
+                    break  # this process spooled events meanwhile that go first: list again
                 if await self._waited_for_earlier(path.name, dest):
                     break  # what was accepted before this file's events may be spooled now
                 failed = await self._exporter.export(dest, batch.items)
@@ -322,17 +326,7 @@ class Replayer:
                 # Report first: a crash before the file goes repeats a dead letter, never loses one.
                 for failure in DeliveryFailure.grouped(dest, given_up):
                     await self._report(failure)
-                # Only this process's own inserts count down: replaying an earlier process's
-                # file must not let updates go live while this one's inserts are still on disk.
-                own = path.name in spool.written_here
-                if not kept:
-                    await anyio.to_thread.run_sync(spool.remove, path)
-                elif len(kept) < len(batch.items):
-                    await anyio.to_thread.run_sync(spool.rewrite, path, batch.key, kept)
-                settled = len(batch.items) - len(kept)
-                if own and not dest.update:
-                    lane = self._buffer.lane(dest)
-                    lane.spooled = max(0, lane.spooled - settled)
+                settled = await self._settle_file(batch, dest, kept)
                 replayed += settled - len(given_up)
                 self.replayed += settled - len(given_up)
                 refused += len(given_up)
@@ -355,22 +349,47 @@ class Replayer:
                 first = next(iter(held.values()), None)
                 return ReplayResult(replayed, refused, skipped, first)
 
+    async def _settle_file(self, batch: SpooledBatch, dest: Destination, kept: list[Item]) -> int:
+        """After a file was sent: remove it, or keep in it the events ``kept`` for a later
+        pass. How many of its events were settled."""
+        spool, path = self._spool, batch.path
+        # Only this process's own inserts count down: replaying an earlier process's file
+        # must not let updates go live while this one's inserts are still on disk.
+        own = path.name in spool.written_here
+        if not kept:
+            await anyio.to_thread.run_sync(spool.remove, path)
+        elif len(kept) < len(batch.items):
+            await anyio.to_thread.run_sync(spool.rewrite, path, batch.key, kept)
+        settled = len(batch.items) - len(kept)
+        if own and not dest.update:
+            lane = self._buffer.lane(dest)
+            lane.spooled = max(0, lane.spooled - settled)
+        return settled
+
+    async def _count_down_replayed_elsewhere(self) -> None:
+        """Another process holds the replay lock: the inserts of ours it replayed no longer
+        hold this process's updates of their model to the spool."""
+        for written in await anyio.to_thread.run_sync(self._spool.replayed_elsewhere):
+            if not written.key.update:
+                lane = self._buffer.lane(self._route(written.key))
+                lane.spooled = max(0, lane.spooled - written.events)
+
     async def _waited_for_earlier(self, name: str, dest: Destination) -> bool:
         """Before a file of updates this process spilled: wait while an insert or update
         accepted before its last event is still queued or in flight here, or on its way to the
         disk (it would be sent, or spooled, after; the updates must not go first). Whether it
         waited: the spool may then hold more, to replay before this file."""
-        seqs = self._spool.written_here.get(name)
-        if seqs is None or not dest.update:
+        written = self._spool.written_here.get(name)
+        if written is None or not dest.update:
             return False
         updates = self._buffer.lane(dest)
         assert updates.after is not None
-        lanes, writer = (updates.after, updates), self._writer
+        lanes, writer, last = (updates.after, updates), self._writer, written.last_seq
         waited = False
         while not self.stopped:
             earlier = [lane.oldest_unsent() for lane in lanes]
-            if all(seq is None or seq > seqs[1] for seq in earlier) and not (
-                writer is not None and any(writer.holds_before(lane, seqs[1]) for lane in lanes)
+            if all(seq is None or seq > last for seq in earlier) and not (
+                writer is not None and any(writer.holds_before(lane, last) for lane in lanes)
             ):
                 break
             waited = True

@@ -4,6 +4,7 @@ it is counted."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import stat
@@ -45,6 +46,17 @@ SPILL_SOON = {
     "breaker_probe_interval": 0.02,
     "max_batch_events": 100,
     "linger": 0.01,
+}
+
+
+# A queue of one event, and one attempt per request: the next event pushes the one queued
+# into the spool, and a request that fails once puts its events there.
+QUEUE_OF_ONE = {
+    "overflow": "drop_oldest",
+    "max_queue_events": 1,
+    "linger": 0,
+    "retry_max_attempts": 1,
+    "breaker_probe_interval": 0.02,
 }
 
 
@@ -451,15 +463,7 @@ async def test_a_spooled_update_waits_for_its_insert_on_the_way_to_the_disk(
         write(self, path, data)
 
     monkeypatch.setattr(Spool, "_write_atomically", slow_write)
-    async with loopback_publisher(
-        fiddler,
-        spool_dir=tmp_path,
-        overflow="drop_oldest",
-        max_queue_events=1,
-        linger=0,
-        retry_max_attempts=1,
-        breaker_probe_interval=0.02,
-    ) as pub:
+    async with loopback_publisher(fiddler, spool_dir=tmp_path, **QUEUE_OF_ONE) as pub:
         await pub.resolve("bank_churn", "bank_churn")
         await pub.resolve("bank_churn", "bank_churn_v2")
         fiddler.set_faults(latency=1)  # the insert's answer comes after a second
@@ -579,6 +583,97 @@ async def test_a_stray_entry_in_the_spool_does_not_stop_delivery(
             pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(i))
         assert (await pub.flush(10)).delivered == 10
     assert list(tmp_path.glob("*.corrupt"))  # noqa: ASYNC240
+
+
+def test_processes_sharing_a_spool_keep_to_its_bound_together(tmp_path: Path) -> None:
+    """Two processes (gunicorn workers) writing to one spool: neither may take the directory
+    past ``spool_max_bytes`` by counting only its own files."""
+    key = SpoolKey("p", "m", "PRODUCTION", None, False)
+    items = [(1, b'{"a":"' + b"x" * 400 + b'"}', None)]
+    first, second = Spool(tmp_path, 2000, fsync=False), Spool(tmp_path, 2000, fsync=False)
+    first.open()
+    second.open()  # both opened on an empty directory
+    for spool in (first, second):
+        written = 0
+        with contextlib.suppress(SpoolFullError):
+            while written < 10:
+                spool.write(key, items)
+                written += 1
+        assert written < 10  # refused before ten
+    assert sum(path.stat().st_size for path in batch_files(tmp_path)) <= 2000
+
+
+def test_a_dead_letter_cut_short_does_not_take_the_next_with_it(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, 10**6, fsync=False)
+    spool.open()
+    for event_id in ("a", "b"):
+        spool.write_dead_letters([orjson.dumps({"event_id": event_id})])
+    letters = tmp_path / "dead-letters.jsonl"
+    os.truncate(letters, letters.stat().st_size - 5)  # b's append cut short (a kill, a full disk)
+    spool.write_dead_letters([orjson.dumps({"event_id": "c"})])
+    assert [letter["event_id"] for letter in iter_dead_letters(tmp_path)] == ["a", "c"]
+
+
+async def test_updates_go_live_again_once_another_process_replayed_the_inserts(
+    fiddler: Emulator, tmp_path: Path
+) -> None:
+    """Two processes share a spool: one spools an insert in an outage, the other (which
+    holds the replay lock) delivers it. The first process's later updates of that model no
+    longer follow it to the disk: they are sent."""
+    holder = loopback_publisher(fiddler, spool_dir=tmp_path, **SPILL_SOON)
+    writer = loopback_publisher(fiddler, spool_dir=tmp_path, **SPILL_SOON)
+    async with holder, writer:
+        for pub in (holder, writer):
+            await pub.resolve("bank_churn", "bank_churn")
+        await holder.replay_spool()  # takes the replay lock
+        fiddler.set_faults(outage_seconds=1000)
+        writer.publish_event_nowait("bank_churn", "bank_churn", bank_event(1), event_id="e1")
+        assert (await writer.flush(10)).spooled == 1
+        fiddler.set_faults(outage_seconds=0)
+        assert (await holder.replay_spool()).replayed == 1
+        assert (await writer.replay_spool()).locked  # and sees its file gone
+        for i in range(5):
+            writer.publish_event_nowait(
+                "bank_churn",
+                "bank_churn",
+                {"predicted_churn": i / 10},
+                event_id="e1",
+                update_event=True,
+            )
+        result = await writer.flush(10)
+        assert (result.delivered, result.spooled) == (5, 0)
+    assert fiddler.early_updates() == 0
+
+
+async def test_an_insert_spooled_during_a_replay_pass_goes_before_its_update(
+    fiddler: Emulator, tmp_path: Path
+) -> None:
+    """A replay pass busy with older files while this process spools an insert that failed
+    in flight: the update of it, spooled before, is not sent first (the pass lists the files
+    again on seeing a file of its own that goes before)."""
+    async with loopback_publisher(fiddler, spool_dir=tmp_path, **QUEUE_OF_ONE) as pub:
+        for model in ("bank_churn", "bank_churn_v2"):
+            await pub.resolve("bank_churn", model)
+        fiddler.set_faults(latency=0.5, script=["503"])  # the insert fails, after 0.5 s
+        pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(1), event_id="e1")
+        await eventually(lambda: pub.stats().in_flight_events == 1)
+        # An earlier process's files, of another model: the pass spends a while on them.
+        key = SpoolKey("bank_churn", "bank_churn_v2", "PRODUCTION", None, False)
+        earlier = Spool(tmp_path, 10**9, fsync=False)
+        for i in range(2):
+            earlier.write(key, [(0, orjson.dumps({"customer_id": f"old{i}"}), None)])
+        # The update of e1 goes to the spool at once, pushed out of the queue of one.
+        pub.publish_event_nowait(
+            "bank_churn", "bank_churn", {"churn": "yes"}, event_id="e1", update_event=True
+        )
+        pub.publish_event_nowait("bank_churn", "bank_churn_v2", {"customer_id": "v0"})
+        await pub.flush(20)
+        fiddler.set_faults(latency=0)
+        await eventually(
+            lambda: [e.get("churn") for e in fiddler.events("bank_churn", "bank_churn")] == ["yes"],
+            timeout=20,
+        )
+    assert fiddler.early_updates() == 0
 
 
 def test_processes_sharing_a_spool_count_its_bytes_from_disk(tmp_path: Path) -> None:
