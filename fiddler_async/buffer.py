@@ -205,6 +205,8 @@ class EventBuffer:
         self.bytes = 0
         self._wakeup: anyio.Event | None = None
         self._room: anyio.Event | None = None
+        self._pressed = False
+        """The queue met a bound since the flusher last took a batch (see :meth:`full`)."""
         self.closed = False
         self._max_events = config.max_queue_events
         self._max_bytes = config.max_queue_bytes
@@ -233,6 +235,7 @@ class EventBuffer:
         stored = body if fixup is None else pack(body, fixup)
         size = len(stored)
         if self.events >= self._max_events or self.bytes + size > self._max_bytes:
+            self._press()
             policy = self._config.overflow
             if policy == "drop_newest":
                 item = (self._ledger.next_seq(), body, fixup)
@@ -261,13 +264,10 @@ class EventBuffer:
             lane.since = self.clock()
             self._busy[lane] = None
             self.wake()
-        elif (
-            count == self._batch_events
-            or (lane.bytes >= self._batch_bytes > lane.bytes - size)
-            or self.events >= self._max_events
-            or self.bytes + size > self._max_bytes
-        ):
+        elif count == self._batch_events or (lane.bytes >= self._batch_bytes > lane.bytes - size):
             self.wake()
+        elif self.events >= self._max_events or self.bytes + size > self._max_bytes:
+            self._press()
 
     def offer_all(
         self, lane: Lane, bodies: list[bytes], fixups: list[Fixup | None] | None = None
@@ -280,6 +280,7 @@ class EventBuffer:
             stored = [pack(body, fixup) for body, fixup in zip(bodies, fixups, strict=True)]
         size = sum(map(len, stored))
         if not self.fits(len(stored), size):
+            self._press()
             if self._config.overflow != "drop_oldest" or not (
                 len(stored) <= self._max_events and size <= self._max_bytes
             ):
@@ -342,17 +343,25 @@ class EventBuffer:
             )
 
     def full(self) -> bool:
-        """Whether the queue is at a bound: no room for one more event (by count, or by bytes
-        for one of the average size), or a caller waiting for room. Then the flusher sends at
-        once rather than after the linger time, so that a queue smaller than a batch, or than
-        what arrives within the linger time, does not drop, refuse or hold up events while the
-        server is there to take them."""
+        """Whether the queue is at a bound: it met one since the flusher last took a batch,
+        has no room for one more event (by count, or by bytes for one of the average size),
+        or a caller waits for room. Then the flusher sends at once rather than after the
+        linger time, so that a queue smaller than a batch, or than what arrives within the
+        linger time, does not drop, refuse or hold up events while the server can take them."""
         events = self.events
         return (
-            events >= self._max_events
+            self._pressed
+            or events >= self._max_events
             or (events > 0 and self.bytes + self.bytes // events > self._max_bytes)
             or self._room is not None
         )
+
+    def _press(self) -> None:
+        """The queue met a bound: wake the flusher, once until it takes a batch (while its
+        lanes cannot send, every publish into a full queue would wake it for nothing)."""
+        if not self._pressed:
+            self._pressed = True
+            self.wake()
 
     def fits(self, events: int, size: int) -> bool:
         """Whether ``events`` more events of ``size`` bytes in all fit without overflow."""
@@ -531,6 +540,7 @@ class EventBuffer:
                 count = max(1, fitting)
             size = sizes[count - 1]
         batch = lane.take(count)
+        self._pressed = False
         self._forget(lane, count, size)
         lane.in_flight.append(batch[0][0])
         return batch

@@ -20,10 +20,12 @@ import json
 import math
 import os
 import shutil
+import signal
 import sqlite3
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,12 +34,18 @@ import anyio
 
 from ._version import __version__
 from .config import PublisherConfig
-from .exceptions import EventError, FiddlerError, NotFoundError, QueueFullError
+from .exceptions import (
+    ConfigurationError,
+    EventError,
+    FiddlerError,
+    NotFoundError,
+    QueueFullError,
+)
 from .flusher import DeliveryFailure
 from .http1 import is_loopback
 from .publisher import AsyncPublisher
 from .rows import RowError, coerce_row, count_rows, file_format, read_rows
-from .spool import Spool
+from .spool import Spool, is_spool_entry
 from .spooler import ReplayResult
 from .stats import StatsSnapshot
 
@@ -48,6 +56,7 @@ __all__ = ["main"]
 
 DEFAULT_DB = "fiddler-emulator.db"
 SHOWN_PROBLEMS = 20
+INSECURE_HELP = "send the token over plain http:// to another machine (a network you trust)"
 
 
 class _Fatal(Exception):
@@ -108,17 +117,32 @@ async def _publish(args: argparse.Namespace) -> int:
             raise _Fatal("no token: pass --token or set FIDDLER_TOKEN")
         job = _FileJob(args, path, fmt, err)
         # A command line shows retries as they go: a warning every 5 s, not every 30 s.
-        config = PublisherConfig(overflow="block", block_timeout=args.timeout, log_interval=5)
-        pub = await stack.enter_async_context(
-            AsyncPublisher(url, token, config=config, on_error=job.failures.append)
+        config = PublisherConfig(
+            overflow="block",
+            block_timeout=args.timeout,
+            log_interval=5,
+            allow_insecure_http=args.allow_insecure_http,
         )
-        await job.run(pub, url)
-        # Incomplete, --timeout is spent (publishing stopped, or the flush ran out): the
-        # close drops the rest (counted) at once rather than wait its own 10 s.
-        await pub.aclose(None if job.complete else 0)
+        pub = await stack.enter_async_context(_publisher(url, token, config, job.failures))
+        stopped: _Fatal | None = None
+        async with anyio.create_task_group() as tasks:
+            phases = [anyio.CancelScope()]
+            tasks.start_soon(_on_ctrl_c, job, phases)
+            try:  # (raised out of the group, it would come wrapped in an exception group)
+                with phases[0]:
+                    await job.run(pub, url)
+            except _Fatal as exc:
+                stopped = exc
+            else:
+                await _close(pub, job, phases, min(config.close_timeout, args.timeout), err)
+            tasks.cancel_scope.cancel()
+        if stopped is not None:
+            raise stopped
         stats = pub.stats()
         holdings = _holdings(embedded, args) if embedded is not None else ""
     job.report(out, err, url, stats)
+    if job.interrupted:
+        return 130
     if embedded is not None:
         out.print(
             f"The events went to the embedded Fiddler emulator, stored in {args.db}.\n"
@@ -130,6 +154,49 @@ async def _publish(args: argparse.Namespace) -> int:
         job.complete and job.stopped_at is None and not stats.failed and not stats.dropped_total
     )
     return 0 if complete and not job.bad else 1
+
+
+def _publisher(
+    url: str, token: str | None, config: PublisherConfig, failures: list[DeliveryFailure]
+) -> AsyncPublisher:
+    """The command's publisher; a URL or token it cannot use stops the command, saying why."""
+    try:
+        return AsyncPublisher(url, token, config=config, on_error=failures.append)
+    except ConfigurationError as exc:
+        hint = " (here: --allow-insecure-http)" if "allow_insecure_http" in str(exc) else ""
+        raise _Fatal(f"{exc}{hint}") from None
+
+
+async def _close(
+    pub: AsyncPublisher,
+    job: _FileJob,
+    phases: list[anyio.CancelScope],
+    deadline: float,
+    err: Console,
+) -> None:
+    """Interrupted: what is queued goes within the close's usual deadline, unless Ctrl-C
+    comes again. Incomplete, --timeout spent (publishing stopped, or the flush ran out): the
+    close drops the rest (counted) at once rather than wait."""
+    if job.interrupted:
+        err.print(
+            f"Interrupted: sending what is queued, for {deadline:g} s at most; "
+            "Ctrl-C again to drop it (counted)"
+        )
+        phases.append(anyio.CancelScope())
+        with phases[-1]:  # a close is not cut short by a cancellation; a flush is
+            await pub.flush(deadline)
+    await pub.aclose(None if job.complete else 0)
+
+
+async def _on_ctrl_c(job: _FileJob, phases: list[anyio.CancelScope]) -> None:
+    """Ctrl-C (SIGINT) ends the phase under way: the first stops the publishing, the next
+    one the close that sends what is queued. The report comes all the same."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # signals reach the main thread only: Ctrl-C stays a KeyboardInterrupt
+    with anyio.open_signal_receiver(signal.SIGINT) as interrupts:
+        async for _ in interrupts:
+            job.interrupted += 1
+            phases[-1].cancel()
 
 
 def _holdings(embedded: Any, args: argparse.Namespace) -> str:
@@ -172,6 +239,11 @@ class _FileJob:
         """The row at which publishing stopped: the queue stayed full for --timeout."""
         self.unread = 0
         """Rows not published from there on."""
+        self.interrupted = 0
+        """How many times Ctrl-C was pressed."""
+        self.total = 0
+        self.handled = 0
+        """Rows of the file, and those published or found bad so far."""
 
     async def run(self, pub: AsyncPublisher, url: str) -> None:
         args = self.args
@@ -180,6 +252,11 @@ class _FileJob:
                 info = await pub.resolve(args.project, args.model)
         except NotFoundError as exc:
             raise _Fatal(f"{exc.message} at {url}") from None
+        except anyio.get_cancelled_exc_class():
+            if self.interrupted:  # before anything was read: the whole file
+                with anyio.CancelScope(shield=True):
+                    self.unread = await anyio.to_thread.run_sync(count_rows, self.path)
+            raise
         except (FiddlerError, TimeoutError) as exc:
             why = str(exc)
             if not why:  # the deadline: say what the server did meanwhile (503s, say)
@@ -195,10 +272,14 @@ class _FileJob:
             required = tuple(c for c in (*info.inputs, *info.outputs) if c in types)
         self.id_col = info.event_id_col if args.update else None
         started = time.perf_counter()
-        await self._publish_rows(pub, types, required)
-        if self.stopped_at is None:  # else --timeout is spent: the close drops what is left
-            self.complete = (await pub.flush(args.timeout)).complete
-        self.seconds = time.perf_counter() - started
+        try:
+            await self._publish_rows(pub, types, required)
+            if self.stopped_at is None:  # else --timeout is spent: the close drops what is left
+                self.complete = (await pub.flush(args.timeout)).complete
+        finally:
+            self.seconds = time.perf_counter() - started
+            if self.interrupted and self.stopped_at is None:
+                self.unread = self.total - self.handled
 
     async def _publish_rows(
         self, pub: AsyncPublisher, types: dict[str, str], required: tuple[str, ...]
@@ -214,7 +295,7 @@ class _FileJob:
 
         args, clock = self.args, time.perf_counter_ns
         try:
-            total = await anyio.to_thread.run_sync(count_rows, self.path)
+            self.total = total = await anyio.to_thread.run_sync(count_rows, self.path)
         except Exception as exc:  # a corrupt file: pyarrow and the OS have many errors
             raise _Fatal(f"cannot read {self.path}: {exc}") from None
         columns = (
@@ -249,6 +330,7 @@ class _FileJob:
                         rest = await anyio.to_thread.run_sync(lambda: sum(1 for _ in rows))
                         self.unread = len(chunk) - index + rest
                         return
+                    self.handled += 1
                 done += len(chunk)
                 rate = done / max(time.perf_counter() - begun, 1e-9)
                 progress.update(task, completed=done, rate=f"{rate:,.0f}")
@@ -274,7 +356,17 @@ class _FileJob:
         if len(self.bad) > SHOWN_PROBLEMS:
             err.print(f"... and {len(self.bad) - SHOWN_PROBLEMS} more bad rows")
         for failure in self.failures[:SHOWN_PROBLEMS]:
-            err.print(f"[red]not delivered[/red] {len(failure.bodies)} event(s): {failure.error}")
+            shown = ", ".join(map(str, failure.event_ids[:3]))
+            ids = shown + (", ..." if len(failure.event_ids) > 3 else "")
+            err.print(
+                f"[red]not delivered[/red] {len(failure.bodies)} event(s) ({ids}): {failure.error}"
+            )
+        if len(self.failures) > SHOWN_PROBLEMS:
+            err.print(f"... and {len(self.failures) - SHOWN_PROBLEMS} more failed requests")
+        if self.interrupted:
+            err.print(
+                f"[red]interrupted[/red] (Ctrl-C): {self.unread:,} row(s) not read", highlight=False
+            )
         if self.stopped_at is not None:
             err.print(
                 f"[red]stopped[/red] at line {self.stopped_at}: the server took no events for "
@@ -292,7 +384,7 @@ class _FileJob:
             ("failed", f"{stats.failed:,}"),
             ("dropped", f"{stats.dropped_total:,}"),
             ("bad rows", f"{len(self.bad):,}"),
-            *([("not sent", f"{self.unread:,}")] if self.stopped_at is not None else []),
+            *([("not sent", f"{self.unread:,}")] if self.unread else []),
             ("seconds", f"{self.seconds:.2f} ({rate:,.0f} events/s)"),
             ("p99 enqueue", f"{p99:.1f} µs"),
         ):
@@ -320,9 +412,18 @@ async def _replay(args: argparse.Namespace) -> int:
         request_timeout=min(30.0, args.timeout),
         connect_timeout=min(5.0, args.timeout),
         close_timeout=1.0,  # nothing is queued: the close only ends the replay
+        allow_insecure_http=args.allow_insecure_http,
     )
     refused: list[DeliveryFailure] = []
-    async with AsyncPublisher(url, token, config=config, on_error=refused.append) as pub:
+    publisher = _publisher(url, token, config, refused)  # a bad URL is said first
+    names = await anyio.to_thread.run_sync(os.listdir, directory)
+    if not any(map(is_spool_entry, names)):
+        # Opening a spool changes its directory (owner-only, a lock file): not someone else's.
+        if names:
+            raise _Fatal(f"{directory} is not a spool directory (no spool file in it): not used")
+        out.print(f"nothing to replay: {directory} is empty", highlight=False)
+        return 0
+    async with publisher as pub:
         result = ReplayResult(error=TimeoutError(f"no progress in {args.timeout:g} s"))
         with anyio.CancelScope(deadline=anyio.current_time() + args.timeout) as scope:
             async with anyio.create_task_group() as tasks:
@@ -518,7 +619,10 @@ def _inspect_url(args: argparse.Namespace) -> tuple[dict[str, Any], list[Any], d
         try:
             summary = client.get("/_emulator/summary").raise_for_status().json()
             served = [(m["project"], m["model"]) for m in summary.get("models", [])]
-            if not (args.project or args.model) and served and tuple(params.values()) not in served:
+            if served and tuple(params.values()) not in served:
+                if args.project or args.model:
+                    names = ", ".join(f"{p}/{m}" for p, m in served)
+                    raise _Fatal(f"no model {params['project']}/{params['model']} ({names})")
                 params = dict(zip(("project", "model"), served[0], strict=True))  # as with --db
             events = (
                 client.get("/_emulator/events", params={**params, "limit": args.events})
@@ -557,6 +661,22 @@ def _seconds(text: str) -> float:
     return seconds
 
 
+def _whole(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argument type: a whole number from ``low`` (to ``high``)."""
+
+    def parse(text: str) -> int:
+        try:
+            number = int(text)
+        except ValueError:
+            number = low - 1
+        if number < low or (high is not None and number > high):
+            bounds = f"{low} to {high}" if high is not None else f"{low} or more"
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number {bounds}")
+        return number
+
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fiddler-async", description="Publish events to Fiddler, or run a local emulator."
@@ -581,11 +701,14 @@ def _parser() -> argparse.ArgumentParser:
     publish.add_argument(
         "--timeout", type=_seconds, default=120.0, help="longest wait for delivery (%(default)s s)"
     )
+    publish.add_argument("--allow-insecure-http", action="store_true", help=INSECURE_HELP)
     publish.set_defaults(run=lambda a: anyio.run(_publish, a))
 
     serve = commands.add_parser("serve", help="run the Fiddler emulator")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (%(default)s)")
-    serve.add_argument("--port", type=int, default=8080, help="port (%(default)s; 0: any free)")
+    serve.add_argument(
+        "--port", type=_whole(0, 65535), default=8080, help="port (%(default)s; 0: any free)"
+    )
     serve.add_argument(
         "--token", default="emulator-token", help="the token clients must send (%(default)s)"
     )
@@ -620,7 +743,7 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--models", help="the models file the emulator was started with")
     inspect.add_argument("--project", help="default: bank_churn, or the first model")
     inspect.add_argument("--model", help="default: bank_churn, or the first model")
-    inspect.add_argument("--events", type=int, default=0, help="print the first N events")
+    inspect.add_argument("--events", type=_whole(0), default=0, help="print the first N events")
     inspect.add_argument("--duplicates", action="store_true", help="list duplicated event ids")
     inspect.set_defaults(run=_inspect)
 
@@ -634,6 +757,7 @@ def _parser() -> argparse.ArgumentParser:
         default=60.0,
         help="keep trying an unanswering server this long (%(default)s s)",
     )
+    replay.add_argument("--allow-insecure-http", action="store_true", help=INSECURE_HELP)
     replay.set_defaults(run=lambda a: anyio.run(_replay, a))
     return parser
 

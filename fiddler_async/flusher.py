@@ -2,8 +2,8 @@
 
 A lane (one destination's queue) is sent when it holds a full batch (``max_batch_events`` events
 or ``max_batch_bytes`` bytes), when its oldest event has waited ``linger`` seconds, or at once
-while a flush is under way. Up to ``max_in_flight`` requests run at the same time; while all are
-busy, events stay in the queue, where the overflow policy bounds them.
+while a flush is under way or the queue is full. Up to ``max_in_flight`` requests run at the
+same time; while all are busy, events stay in the queue, where the overflow policy bounds them.
 
 The flusher knows an :class:`Exporter`, never HTTP. Whatever an export does (succeed, fail,
 raise a bug, be cancelled at the close deadline), every event of the batch is settled exactly

@@ -180,6 +180,8 @@ class AsyncPublisher:
             raise ConfigurationError(f"url {url!r} is not a valid URL: {exc}") from None
         if parsed.scheme not in ("http", "https") or not parsed.host:
             raise ConfigurationError(f"url {url!r} must be an http:// or https:// URL with a host")
+        if parsed.port is not None and not 0 < parsed.port < 65536:
+            raise ConfigurationError(f"url {url!r}: port {parsed.port} is not 1 to 65535")
         self._config = config if config is not None else PublisherConfig()
         if parsed.scheme == "http" and not (
             is_loopback(parsed.host) or self._config.allow_insecure_http

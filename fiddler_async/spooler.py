@@ -287,12 +287,13 @@ class Replayer:
         if self.stopped:
             return ReplayResult(error=PublisherClosedError("the publisher is closed"))
         if not await anyio.to_thread.run_sync(spool.try_lock):
-            await self._count_down_replayed_elsewhere()
+            await self._forget_gone_files()
             paths = await anyio.to_thread.run_sync(spool.batches)
             return ReplayResult(remaining=len(paths), locked=True)
         replayed = refused = 0
         held: dict[tuple[str, str], Exception] = {}  # models whose files wait for a later pass
         while True:
+            await self._forget_gone_files()
             paths = await anyio.to_thread.run_sync(spool.batches)
             listed = {path.name for path in paths}
             skipped = 0
@@ -316,7 +317,7 @@ class Replayer:
                         extra=event("spool-corrupt"),
                     )
                     continue
-                if spool.written_before(path.name, listed):
+                if await self._wrote_earlier(path.name, listed):
                     break  # this process spooled events meanwhile that go first: list again
                 if await self._waited_for_earlier(path.name, dest):
                     break  # what was accepted before this file's events may be spooled now
@@ -366,10 +367,20 @@ class Replayer:
             lane.spooled = max(0, lane.spooled - settled)
         return settled
 
-    async def _count_down_replayed_elsewhere(self) -> None:
-        """Another process holds the replay lock: the inserts of ours it replayed no longer
-        hold this process's updates of their model to the spool."""
-        for written in await anyio.to_thread.run_sync(self._spool.replayed_elsewhere):
+    async def _wrote_earlier(self, name: str, listed: set[str]) -> bool:
+        """Whether this process spooled, since the files ``listed`` were listed, a file that
+        goes before its file ``name``; then after a short pause (it may still be being
+        written), so that listing again does not spin."""
+        if not self._spool.written_before(name, listed):
+            return False
+        await anyio.sleep(0.01)
+        return True
+
+    async def _forget_gone_files(self) -> None:
+        """Files of this process that left the disk without its doing (another process
+        replayed them, or someone removed them) are forgotten, so that they hold back
+        nothing; their inserts no longer hold this process's updates to the spool."""
+        for written in await anyio.to_thread.run_sync(self._spool.forget_gone):
             if not written.key.update:
                 lane = self._buffer.lane(self._route(written.key))
                 lane.spooled = max(0, lane.spooled - written.events)

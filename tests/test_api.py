@@ -91,6 +91,8 @@ def test_missing_or_bad_url_and_token(monkeypatch: pytest.MonkeyPatch) -> None:
         AsyncPublisher("https://acme.fiddler.ai")
     with pytest.raises(ConfigurationError, match="http"):
         AsyncPublisher("ftp://acme.fiddler.ai", "t")
+    with pytest.raises(ConfigurationError, match="port 99999 is not 1 to 65535"):
+        AsyncPublisher("http://127.0.0.1:99999", "t")  # was an OverflowError at the first send
     # A token read from a file with its line break: no request could carry it.
     with pytest.raises(ConfigurationError, match="line break"):
         AsyncPublisher("https://acme.fiddler.ai", "t0ken\n")

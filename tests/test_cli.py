@@ -7,10 +7,13 @@ import json
 import os
 import re
 import select
+import signal
 import socket
 import sqlite3
+import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -250,11 +253,10 @@ def test_serve_with_faults_then_inspect_by_url(served: str) -> None:
     shown = cli("inspect", "--url", served, "--token", "t0k3n", "--events", "1")
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.startswith("bank_churn/bank_churn: 5,000 events, 5,000 distinct ids")
-    mistyped = cli(
-        "inspect", "--url", served, "--token", "t0k3n", "--model", "typo", "--events", "1"
-    )
-    assert mistyped.returncode == 2
-    assert "refused: HTTP 404: no model bank_churn/typo" in mistyped.stderr
+    for asked in ([], ["--events", "1"]):  # a name that is not served, whatever is asked
+        mistyped = cli("inspect", "--url", served, "--token", "t0k3n", "--model", "typo", *asked)
+        assert mistyped.returncode == 2
+        assert "no model bank_churn/typo (bank_churn/bank_churn" in mistyped.stderr
 
 
 def test_rows_the_server_would_refuse_are_refused_one_by_one(
@@ -446,3 +448,107 @@ def test_inspect_by_url_shows_the_model_served_when_none_is_named(
     named = cli("inspect", "--db", str(db), "--models", str(models), "--events", "1")
     assert "fraud/detector: 1 events" in named.stdout
     assert "also holds" not in named.stderr
+
+
+def test_ctrl_c_stops_the_publish_and_still_says_what_became_of_every_row(
+    tmp_path: Path, fiddler: Emulator
+) -> None:
+    """The first Ctrl-C stops reading and sends what is queued; the second drops it. The
+    summary comes all the same, and accounts for every row: delivered, dropped (counted) or
+    not sent."""
+    rows = tmp_path / "many.csv"
+    header, *lines = EXAMPLE.read_text().splitlines()
+    rows.write_text("\n".join([header, *(lines * 40)]) + "\n")  # 200,000 rows
+    fiddler.set_faults(latency=0.5)  # each request takes a while: the queue fills
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fiddler_async.cli", "publish", str(rows),
+         "--project", "bank_churn", "--model", "bank_churn", *to(fiddler)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not fiddler.count() and time.monotonic() < deadline:  # publishing is under way
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err
+    assert "Interrupted: sending what is queued" in err
+    assert "interrupted (Ctrl-C):" in err
+    figures = {
+        name: int(value.replace(",", ""))
+        for name, value in re.findall(
+            r"^  (delivered|dropped|not sent|failed) +([\d,]+)", out, re.M
+        )
+    }
+    assert figures["not sent"] > 0
+    assert figures["delivered"] + figures["dropped"] + figures["not sent"] == 200_000
+    assert figures["delivered"] <= fiddler.count() <= figures["delivered"] + figures["dropped"]
+
+
+def test_replay_leaves_a_directory_that_is_no_spool_as_it_was(
+    tmp_path: Path, fiddler: Emulator
+) -> None:
+    """A mistyped directory: neither its files (an old ``*.tmp`` among them) nor its mode are
+    touched; an empty one has nothing to replay."""
+    documents = tmp_path / "documents"
+    documents.mkdir(mode=0o755)
+    draft = documents / "draft.tmp"
+    draft.write_text("notes")
+    os.utime(draft, (time.time() - 3600, time.time() - 3600))
+    refused = cli("replay", str(documents), *to(fiddler))
+    assert refused.returncode == 2
+    assert "is not a spool directory" in refused.stderr
+    assert sorted(p.name for p in documents.iterdir()) == ["draft.tmp"]
+    assert stat.S_IMODE(documents.stat().st_mode) == 0o755
+    empty = tmp_path / "empty"
+    empty.mkdir(mode=0o755)
+    nothing = cli("replay", str(empty), *to(fiddler))
+    assert nothing.returncode == 0, nothing.stderr
+    assert "nothing to replay" in nothing.stdout
+    assert (list(empty.iterdir()), stat.S_IMODE(empty.stat().st_mode)) == ([], 0o755)
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("notaurl", "must be an http:// or https:// URL"),
+        ("http://10.0.0.5", "--allow-insecure-http"),
+        ("http://127.0.0.1:99999", "port 99999 is not 1 to 65535"),
+    ],
+)
+def test_a_url_the_commands_cannot_use_is_said_plainly(url: str, said: str) -> None:
+    for command in (
+        ["publish", str(EXAMPLE), "--project", "bank_churn", "--model", "bank_churn"],
+        ["replay", str(EXAMPLE.parent)],  # (refused before the directory is looked at)
+    ):
+        done = cli(*command, "--url", url, "--token", "t")
+        assert done.returncode == 2, done.stderr
+        assert said in done.stderr
+        assert "Traceback" not in done.stderr
+
+
+def test_numbers_out_of_range_are_refused_by_the_parser() -> None:
+    port = cli("serve", "--port", "65537")  # used to wrap around to port 1
+    assert (port.returncode, "not a whole number 0 to 65535" in port.stderr) == (2, True)
+    events = cli("inspect", "--events", "-1")  # used to print every event
+    assert (events.returncode, "not a whole number 0 or more" in events.stderr) == (2, True)
+
+
+def test_a_database_of_someone_else_is_not_written_to(tmp_path: Path) -> None:
+    theirs = tmp_path / "theirs.db"
+    with sqlite3.connect(theirs) as db:
+        db.execute("CREATE TABLE mine (x)")
+    publish = cli(
+        "publish", str(EXAMPLE), "--project", "bank_churn", "--model", "bank_churn",
+        "--db", str(theirs),
+    )  # fmt: skip
+    assert publish.returncode == 2
+    assert "holds other tables (mine)" in publish.stderr
+    serve = cli("serve", "--port", "0", "--db", str(theirs))
+    assert (serve.returncode, "holds other tables (mine)" in serve.stderr) == (2, True)
+    with sqlite3.connect(theirs) as db:
+        assert [name for (name,) in db.execute("SELECT name FROM sqlite_master")] == ["mine"]

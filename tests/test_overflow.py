@@ -133,6 +133,25 @@ async def test_a_full_queue_is_sent_without_waiting_for_linger(fiddler: Emulator
     assert fiddler.count() == 250
 
 
+async def test_an_event_refused_for_bytes_has_the_queue_sent(fiddler: Emulator) -> None:
+    """Events of unequal size: a big one that does not fit a queue holding small ones is
+    refused (``raise``), and the queue is sent at once, so that the caller's next try fits
+    (it used to sit out the linger time)."""
+    async with loopback_publisher(
+        fiddler, overflow="raise", linger=3600, max_queue_bytes=2048, max_batch_bytes=2048
+    ) as pub:
+        await pub.resolve("bank_churn", "bank_churn")
+        for i in range(4):  # not full by any measure: room for more small ones
+            pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(i))
+        big = {**bank_event(99), "geography": "x" * 900}
+        with pytest.raises(QueueFullError):
+            pub.publish_event_nowait("bank_churn", "bank_churn", big)
+        await eventually(lambda: pub.stats().queued_events == 0)
+        pub.publish_event_nowait("bank_churn", "bank_churn", big)
+        await pub.flush(5)
+    assert fiddler.count() == 5
+
+
 async def test_a_queue_full_in_bytes_is_sent_without_waiting_for_linger(
     fiddler: Emulator,
 ) -> None:

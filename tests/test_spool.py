@@ -603,6 +603,19 @@ def test_processes_sharing_a_spool_keep_to_its_bound_together(tmp_path: Path) ->
     assert sum(path.stat().st_size for path in batch_files(tmp_path)) <= 2000
 
 
+def test_opening_removes_only_its_own_stale_temporaries(tmp_path: Path) -> None:
+    """A temporary a killed writer left is removed once old; a ``*.tmp`` of someone else's
+    (a spool_dir pointed at a shared folder) is not."""
+    key = SpoolKey("p", "m", "PRODUCTION", None, False)
+    name = Spool(tmp_path, 10**6, fsync=False).write(key, [(1, b"{}", None)]).name
+    ours, theirs = tmp_path / f".{name}.140234.tmp", tmp_path / "draft.tmp"
+    for path in (ours, theirs):
+        path.write_text("left behind")
+        os.utime(path, (time.time() - 3600, time.time() - 3600))
+    Spool(tmp_path, 10**6, fsync=False).open()
+    assert (ours.exists(), theirs.exists()) == (False, True)
+
+
 def test_a_dead_letter_cut_short_does_not_take_the_next_with_it(tmp_path: Path) -> None:
     spool = Spool(tmp_path, 10**6, fsync=False)
     spool.open()
@@ -643,6 +656,30 @@ async def test_updates_go_live_again_once_another_process_replayed_the_inserts(
         result = await writer.flush(10)
         assert (result.delivered, result.spooled) == (5, 0)
     assert fiddler.early_updates() == 0
+
+
+async def test_a_file_of_ours_removed_by_hand_holds_back_nothing(
+    fiddler: Emulator, tmp_path: Path
+) -> None:
+    """One of this process's spool files replayed by another process, which has ended since
+    (or removed by hand): this process's next pass replays the others."""
+    other = Spool(tmp_path, 10**6, fsync=False)
+    other.open()
+    assert other.try_lock()  # the other process replays: this one's passes leave the files
+    async with loopback_publisher(fiddler, spool_dir=tmp_path, **SPILL_SOON) as pub:
+        await pub.resolve("bank_churn", "bank_churn")
+        fiddler.set_faults(outage_seconds=1000)
+        for i in range(2):
+            pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(i), event_id=f"e{i}")
+            assert (await pub.flush(10)).spooled == 1
+        first, _ = batch_files(tmp_path)
+        other.remove(first)
+        other.unlock()
+        fiddler.set_faults(outage_seconds=0)
+        with anyio.fail_after(10):  # it used to list the files again and again
+            result = await pub.replay_spool()
+        assert (result.replayed, result.remaining) == (1, 0)
+    assert stored_ids(fiddler) == ["e1"]
 
 
 async def test_an_insert_spooled_during_a_replay_pass_goes_before_its_update(

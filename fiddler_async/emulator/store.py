@@ -78,6 +78,7 @@ class Store:
             self._db = sqlite3.connect(uri, uri=True, check_same_thread=False)
         else:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._refuse_another_database()
             self._db.execute(
                 "PRAGMA journal_mode=WAL" if path != ":memory:" else "PRAGMA journal_mode=MEMORY"
             )
@@ -89,6 +90,19 @@ class Store:
         ).fetchone()
         self.early_updates_seen = 0
         """Updates that arrived before any event with their id (since this store opened)."""
+
+    def _refuse_another_database(self) -> None:
+        """sqlite3.DatabaseError for a file that holds tables but not the emulator's events:
+        someone else's database, which the emulator must not add its tables to."""
+        query = "SELECT name FROM sqlite_master WHERE type = 'table'"
+        tables = sorted(name for (name,) in self._db.execute(query))
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(events)")}
+        if tables and not {"model_id", "event_id", "data"} <= columns:
+            self._db.close()
+            raise sqlite3.DatabaseError(
+                f"it holds other tables ({', '.join(tables[:5])}) and not the emulator's "
+                "events: left as it was"
+            )
 
     def close(self) -> None:
         with self._lock:
