@@ -102,6 +102,26 @@ async def _publish(args: argparse.Namespace) -> int:
             "Parquet files need pyarrow: pip install 'fiddler-async[parquet]' "
             "(from a clone: '.[parquet]')"
         )
+    job = _FileJob(args, path, fmt, err)
+    phases = [anyio.CancelScope()]
+    stopped: _Fatal | None = None
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(_on_ctrl_c, job, phases)  # to the end: the summary comes all the same
+        try:  # (raised out of the group, it would come wrapped in an exception group)
+            code = await _publish_file(job, phases, out, err)
+        except _Fatal as exc:
+            stopped = exc
+        tasks.cancel_scope.cancel()
+    if stopped is not None:
+        raise stopped
+    return code
+
+
+async def _publish_file(
+    job: _FileJob, phases: list[anyio.CancelScope], out: Console, err: Console
+) -> int:
+    """:func:`_publish` once the file is known: the publishing, the close, the summary."""
+    args = job.args
     url = args.url or os.environ.get("FIDDLER_URL")
     token = args.token or os.environ.get("FIDDLER_TOKEN")
     async with contextlib.AsyncExitStack() as stack:
@@ -115,7 +135,6 @@ async def _publish(args: argparse.Namespace) -> int:
             err.print(f"No Fiddler URL given: publishing to an embedded emulator at {url}")
         if not token:
             raise _Fatal("no token: pass --token or set FIDDLER_TOKEN")
-        job = _FileJob(args, path, fmt, err)
         # A command line shows retries as they go: a warning every 5 s, not every 30 s.
         config = PublisherConfig(
             overflow="block",
@@ -124,20 +143,9 @@ async def _publish(args: argparse.Namespace) -> int:
             allow_insecure_http=args.allow_insecure_http,
         )
         pub = await stack.enter_async_context(_publisher(url, token, config, job.failures))
-        stopped: _Fatal | None = None
-        async with anyio.create_task_group() as tasks:
-            phases = [anyio.CancelScope()]
-            tasks.start_soon(_on_ctrl_c, job, phases)
-            try:  # (raised out of the group, it would come wrapped in an exception group)
-                with phases[0]:
-                    await job.run(pub, url)
-            except _Fatal as exc:
-                stopped = exc
-            else:
-                await _close(pub, job, phases, min(config.close_timeout, args.timeout), err)
-            tasks.cancel_scope.cancel()
-        if stopped is not None:
-            raise stopped
+        with phases[0]:
+            await job.run(pub, url)
+        await _close(pub, job, phases, min(config.close_timeout, args.timeout), err)
         stats = pub.stats()
         holdings = _holdings(embedded, args) if embedded is not None else ""
     job.report(out, err, url, stats)
@@ -177,12 +185,14 @@ async def _close(
     """Interrupted: what is queued goes within the close's usual deadline, unless Ctrl-C
     comes again. Incomplete, --timeout spent (publishing stopped, or the flush ran out): the
     close drops the rest (counted) at once rather than wait."""
-    if job.interrupted:
+    if job.interrupted and pub.stats().pending:
         err.print(
             f"Interrupted: sending what is queued, for {deadline:g} s at most; "
             "Ctrl-C again to drop it (counted)"
         )
         phases.append(anyio.CancelScope())
+        if job.interrupted > 1:  # pressed again already, while the publishing stopped
+            phases[-1].cancel()
         with phases[-1]:  # a close is not cut short by a cancellation; a flush is
             await pub.flush(deadline)
     await pub.aclose(None if job.complete else 0)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -30,6 +31,11 @@ from .config import PublisherConfig
 from .destination import Destination, ModelInfo, ModelRef
 from .retry import is_retryable
 from .stats import Ledger
+
+_report_under_way: ContextVar[tuple[Flusher, int] | None] = ContextVar(
+    "fiddler_async_report_under_way", default=None
+)
+"""In an on_error callback: the flusher reporting, and the batch (its oldest event)."""
 
 __all__ = ["DeliveryFailure", "Exporter", "Flusher"]
 
@@ -244,6 +250,7 @@ class Flusher:
             await self._report(failure, batch[0][0])
 
     async def _report(self, failure: DeliveryFailure, oldest: int) -> None:
+        under_way = _report_under_way.set((self, oldest))
         try:
             await self._on_failure(failure)
         except cancellations() as exc:
@@ -258,6 +265,7 @@ class Flusher:
                 "fiddler_async: reporting a delivery failure raised", extra=event("on-error-raised")
             )
         finally:
+            _report_under_way.reset(under_way)
             self._reporting.remove(oldest)
             if self._reported is not None:  # the waiting flushes look again
                 self._reported.set()
@@ -265,8 +273,14 @@ class Flusher:
 
     async def reports_done(self, up_to: int | None = None) -> None:
         """Return once no failure of the events up to sequence number ``up_to`` (of any, when
-        None) is being reported: no on_error callback of theirs is running or due."""
-        while any(up_to is None or oldest <= up_to for oldest in self._reporting):
+        None) is being reported: no on_error callback of theirs is running or due. Called
+        from a callback (a flush or close there), not for the failures of its own batch,
+        which are reported one after the other in its task: they wait for it."""
+        current = _report_under_way.get()
+        own = current[1] if current is not None and current[0] is self else None
+        while any(
+            (up_to is None or oldest <= up_to) and oldest != own for oldest in self._reporting
+        ):
             if self._reported is None:
                 self._reported = anyio.Event()
             await self._reported.wait()

@@ -81,9 +81,9 @@ class _State(enum.Enum):
 _IdTimeParts = tuple[int, "ModelInfo | None", bytes, bytes, bytes, bytes, bytes]
 _NO_PARTS: _IdTimeParts = (-1, None, b"", b"", b"", b"", b"")
 
-# True in the background task and the tasks it starts (e.g. an on_error callback), so that an
-# aclose() called from there does not wait for the task it runs in.
-_in_background: ContextVar[bool] = ContextVar("fiddler_async_in_background", default=False)
+# The publisher whose background task this is (and the tasks it starts, e.g. an on_error
+# callback), so that its aclose() called from there does not wait for the task it runs in.
+_in_background: ContextVar[object] = ContextVar("fiddler_async_in_background", default=None)
 
 # Publishers that were started, so that a forked child can reset them (see _forget_parent).
 _started_publishers: weakref.WeakSet[AsyncPublisher] = weakref.WeakSet()
@@ -341,7 +341,7 @@ class AsyncPublisher:
     async def _run(self, flusher: Flusher, scope: anyio.CancelScope) -> None:
         assert self._started is not None
         assert self._runner_done is not None
-        _in_background.set(True)
+        _in_background.set(self)
         try:
             with scope:
                 async with anyio.create_task_group() as tg:
@@ -392,8 +392,7 @@ class AsyncPublisher:
             # Closing is cleanup: it runs to its deadline even if the caller is cancelled.
             with anyio.CancelScope(deadline=deadline, shield=True):
                 await watch.done.wait()
-                if not _in_background.get():  # called by a report: do not wait for ourselves
-                    await self._flusher.reports_done()
+                await self._flusher.reports_done()
         finally:
             with anyio.CancelScope(shield=True):
                 await self._shutdown()
@@ -419,7 +418,7 @@ class AsyncPublisher:
             self._replayer.stop()
         self._runner_scope.cancel()
         self._empty_queue()
-        if not _in_background.get():  # else we would wait for the very task we run in
+        if _in_background.get() is not self:  # else it would wait for the task it runs in
             with anyio.move_on_after(1.0):
                 await self._runner_done.wait()
         if self._writer is not None and self._spool is not None:
@@ -465,8 +464,9 @@ class AsyncPublisher:
             self._closed.set()
 
     async def _await_close(self, timeout: float) -> FlushResult:
-        """Another call is closing: wait for it to finish, up to our own ``timeout``."""
-        if self._closed is not None:
+        """Another call is closing: wait for it to finish, up to our own ``timeout``; not
+        from an on_error callback of ours, which that close waits for."""
+        if self._closed is not None and _in_background.get() is not self:
             with anyio.move_on_after(timeout):
                 await self._closed.wait()
         if self._state is _State.CLOSED:
@@ -477,19 +477,22 @@ class AsyncPublisher:
         """Send everything queued now, without waiting for batches to fill, and wait until the
         events accepted before this call are settled (and their failures reported to
         ``on_error``) or ``timeout`` seconds (default ``config.flush_timeout``) have passed.
-        Returns on time, with what became of them."""
+        Returns on time, with what became of them; during a close, what became of the events
+        the close sends (it waits for the close, up to ``timeout``). From an ``on_error``
+        callback, it does not wait for the reports of the callback's own batch."""
         if self._state in (_State.UNOPENED, _State.STARTING):
             raise PublisherClosedError("flush() before start()")
+        timeout = self._config.flush_timeout if timeout is None else timeout
+        if self._state is _State.CLOSING:  # it sends what is queued: the close's result
+            return await self._await_close(timeout)
         if self._flusher is None or self._state is not _State.OPEN:
             return FlushResult(pending=self._pending())
-        timeout = self._config.flush_timeout if timeout is None else timeout
         watch = self._ledger.watch(self._pending())
         self._flusher.begin_flush()
         try:
             with anyio.move_on_after(timeout):
                 await watch.done.wait()
-                if not _in_background.get():  # called by a report: do not wait for ourselves
-                    await self._flusher.reports_done(watch.last_seq)
+                await self._flusher.reports_done(watch.last_seq)
         finally:
             self._flusher.end_flush()
             self._ledger.unwatch(watch)

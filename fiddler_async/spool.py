@@ -65,8 +65,9 @@ LOCK = ".replay.lock"
 STALE_TEMP_SECONDS = 600.0
 """A temporary file lives for one write; one older than this was left by a killed process."""
 RECOUNT_SECONDS = 1.0
-"""The longest a write trusts its count of the bytes on disk without a look at the directory
-(see :meth:`Spool.write`)."""
+RECOUNT_EVERY_WRITE_BELOW = 1000
+"""How long, and below how many files, a write trusts its count of the bytes on disk (see
+:meth:`Spool.write`)."""
 _TEMPORARY = re.compile(r"\.\d+-\d+-\d+\.events\.\d+\.tmp")
 """The name of a batch file being written (see :meth:`Spool._write_atomically`)."""
 
@@ -147,9 +148,8 @@ class Spool:
         self._reserved = 0
         """The bytes of this object's writes in progress (not on disk under their name yet)."""
         self._writing: set[str] = set()
-        self._seen_change = -1
-        """The directory's modification time as of the last count or change of ours."""
         self._counted_at = -math.inf
+        self._files_counted = 0
         self.written_here: dict[str, Written] = {}
         """The batch files this object wrote that are still on disk (or being written), by
         name. The others in the directory are earlier or other processes'."""
@@ -171,17 +171,14 @@ class Spool:
     def _recount(self) -> None:
         """Count the bytes of the batch files on disk: other processes sharing the directory
         add and remove files this one does not see."""
-        self._seen_change = self._directory_change()
         self._counted_at = time.monotonic()
-        used = 0
+        used = files = 0
         for entry in os.scandir(self.directory):
             if entry.name.endswith(SUFFIX) and entry.is_file():
                 with contextlib.suppress(FileNotFoundError):
                     used += entry.stat().st_size
-        self.used_bytes = used
-
-    def _directory_change(self) -> int:
-        return os.stat(self.directory).st_mtime_ns
+                    files += 1
+        self.used_bytes, self._files_counted = used, files
 
     # Batches
 
@@ -189,14 +186,14 @@ class Spool:
         """Write one batch file, all or nothing. SpoolFullError if over the disk bound."""
         data = _encode(key, items)
         with self._lock:
-            # Counted afresh when the directory changed other than by us (another process
-            # sharing it), when the count says full, and at least every RECOUNT_SECONDS (two
-            # changes within one tick of the file system's clock look like one): a scan of
-            # the directory costs ~5 µs a file, a look at its time one stat.
+            # Other processes sharing the directory add files this one does not see: counted
+            # afresh before each write. A scan costs ~5 µs a file, so a big spool (of
+            # RECOUNT_EVERY_WRITE_BELOW files or more) is counted afresh only near the bound
+            # (within a tenth of it), and else at least every RECOUNT_SECONDS.
             if (
-                self._directory_change() != self._seen_change
+                self._files_counted < RECOUNT_EVERY_WRITE_BELOW
+                or self.used_bytes + self._reserved + len(data) > self.max_bytes * 0.9
                 or time.monotonic() - self._counted_at > RECOUNT_SECONDS
-                or self.used_bytes + self._reserved + len(data) > self.max_bytes
             ):
                 self._recount()
             if self.used_bytes + self._reserved + len(data) > self.max_bytes:
@@ -223,7 +220,6 @@ class Spool:
                 self._writing.discard(name)
                 if written:
                     self.used_bytes += len(data)
-                    self._seen_change = self._directory_change()
                 else:
                     self.written_here.pop(name, None)
         return path
@@ -235,7 +231,6 @@ class Spool:
         self._write_atomically(path, data)
         with self._lock:
             self.used_bytes += len(data) - old
-            self._seen_change = self._directory_change()
 
     def _write_atomically(self, path: Path, data: bytes) -> None:
         temp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
@@ -313,7 +308,6 @@ class Spool:
         self.written_here.pop(path.name, None)
         with self._lock:
             self.used_bytes -= size
-            self._seen_change = self._directory_change()
             if self.used_bytes < 0:  # it was another process's file
                 self._recount()
 

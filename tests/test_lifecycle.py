@@ -555,3 +555,108 @@ def test_a_request_cut_off_mid_body_leaves_nothing_for_the_garbage_collector(
 
 def unfinished_generators(caught: list[warnings.WarningMessage]) -> list[str]:
     return [str(w.message) for w in caught if "garbage collected" in str(w.message)]
+
+
+# Closing and flushing from on_error callbacks
+
+
+async def test_a_close_from_a_callback_lets_the_other_callbacks_finish(fiddler: Emulator) -> None:
+    """Two batches refused, their callbacks running at once; one of them closes the
+    publisher. The close waits for the other callback (not for its own): every failure
+    reaches on_error."""
+    finished: list[str] = []
+    other_started = anyio.Event()
+
+    async def on_error(failure: DeliveryFailure) -> None:
+        if failure.model == "bank_churn":
+            await other_started.wait()
+            await pub.aclose(5)
+        else:
+            other_started.set()
+            await anyio.sleep(0.3)  # a slow callback (posting an alert)
+        finished.append(failure.model)
+
+    pub = loopback_publisher(fiddler, linger=0, on_error=on_error)
+    async with pub:
+        for model in ("bank_churn", "bank_churn_v2"):
+            await pub.resolve("bank_churn", model)
+        fiddler.set_faults(script=["400", "400"])
+        pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(1))
+        pub.publish_event_nowait("bank_churn", "bank_churn_v2", {"customer_id": "v1"})
+        await eventually(lambda: len(finished) == 2)
+    assert sorted(finished) == ["bank_churn", "bank_churn_v2"]
+
+
+async def test_a_close_from_a_callback_while_the_app_closes_ends_both(fiddler: Emulator) -> None:
+    """The app closes while a callback of the publisher closes it too: the callback's close
+    returns (it used to wait for the app's, which waited for the callback, until the app's
+    deadline cancelled the callback)."""
+    outcome: list[str] = []
+    started = anyio.Event()
+
+    async def on_error(failure: DeliveryFailure) -> None:
+        started.set()
+        await anyio.sleep(0.05)  # the app's close begins meanwhile
+        try:
+            await pub.aclose(3)
+        except anyio.get_cancelled_exc_class():
+            outcome.append("cancelled")
+            raise
+        outcome.append("returned")
+
+    pub = loopback_publisher(fiddler, linger=0, on_error=on_error)
+    await pub.start()
+    await pub.resolve("bank_churn", "bank_churn")
+    fiddler.set_faults(script=["400"])
+    pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(1))
+    await started.wait()
+    result = await pub.aclose(2)
+    assert outcome == ["returned"]
+    assert (result.failed, result.pending) == (0, 0)  # settled before the close began
+
+
+async def test_a_flush_from_another_publishers_callback_waits_for_its_reports(
+    fiddler: Emulator,
+) -> None:
+    """A's on_error forwards to publisher B and flushes it: B's flush waits for B's own
+    on_error, as it does from any task (A's background is not B's)."""
+    b_reported: list[DeliveryFailure] = []
+    seen_by_flush: list[int] = []
+
+    async def b_on_error(failure: DeliveryFailure) -> None:
+        await anyio.sleep(0.2)
+        b_reported.append(failure)
+
+    async def a_on_error(failure: DeliveryFailure) -> None:
+        b.publish_event_nowait("bank_churn", "bank_churn", bank_event(99))
+        await b.flush(5)
+        seen_by_flush.append(len(b_reported))
+
+    a = loopback_publisher(fiddler, linger=0, on_error=a_on_error)
+    b = loopback_publisher(fiddler, linger=0, on_error=b_on_error)
+    async with a, b:
+        for pub in (a, b):
+            await pub.resolve("bank_churn", "bank_churn")
+        fiddler.set_faults(script=["400", "400"])
+        a.publish_event_nowait("bank_churn", "bank_churn", bank_event(1))
+        await a.flush(5)
+    assert seen_by_flush == [1]
+
+
+async def test_a_flush_during_a_close_waits_for_what_the_close_sends(fiddler: Emulator) -> None:
+    fiddler.set_faults(latency=0.05)
+    pub = loopback_publisher(fiddler, linger=5)
+    await pub.start()
+    await pub.resolve("bank_churn", "bank_churn")
+    for i in range(100):
+        pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(i))
+    flushed: list[FlushResult] = []
+
+    async def flush_soon() -> None:
+        await anyio.sleep(0.01)  # the close has begun
+        flushed.append(await pub.flush(5))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(pub.aclose, 5.0)
+        tg.start_soon(flush_soon)
+    assert (flushed[0].delivered, flushed[0].pending) == (100, 0)  # was pending=100 at once

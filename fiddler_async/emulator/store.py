@@ -95,8 +95,12 @@ class Store:
         """sqlite3.DatabaseError for a file that holds tables but not the emulator's events:
         someone else's database, which the emulator must not add its tables to."""
         query = "SELECT name FROM sqlite_master WHERE type = 'table'"
-        tables = sorted(name for (name,) in self._db.execute(query))
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(events)")}
+        try:
+            tables = sorted(name for (name,) in self._db.execute(query))
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(events)")}
+        except sqlite3.Error:  # not an SQLite file at all
+            self._db.close()
+            raise
         if tables and not {"model_id", "event_id", "data"} <= columns:
             self._db.close()
             raise sqlite3.DatabaseError(
