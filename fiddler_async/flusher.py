@@ -133,6 +133,8 @@ class Flusher:
         """For each failure being reported, the oldest event of its batch (its sequence
         number): a flush waits for the reports of its own events, not for later ones."""
         self._reported: anyio.Event | None = None
+        self._waiting: list[int] = []
+        """The batches (their oldest events) whose callback waits in :meth:`reports_done`."""
         self.in_flight_requests = 0
         self.in_flight_events = 0
 
@@ -246,8 +248,16 @@ class Flusher:
             self._reporting += [batch[0][0]] * len(failures)
             self._buffer.sent(lane, batch)
             self._slots.release()
-        for failure in failures:
-            await self._report(failure, batch[0][0])
+        oldest, begun = batch[0][0], 0
+        try:
+            for failure in failures:
+                begun += 1
+                await self._report(failure, oldest)
+        finally:
+            # Cut short (a close from one of these callbacks): the rest are not reported.
+            for _ in range(len(failures) - begun):
+                self._reporting.remove(oldest)
+            self._reports_changed()
 
     async def _report(self, failure: DeliveryFailure, oldest: int) -> None:
         under_way = _report_under_way.set((self, oldest))
@@ -267,20 +277,42 @@ class Flusher:
         finally:
             _report_under_way.reset(under_way)
             self._reporting.remove(oldest)
-            if self._reported is not None:  # the waiting flushes look again
-                self._reported.set()
-                self._reported = None
+            self._reports_changed()
+
+    def _reports_changed(self) -> None:
+        if self._reported is not None:  # the waiting flushes and closes look again
+            self._reported.set()
+            self._reported = None
+
+    def reporting_here(self) -> bool:
+        """Whether this runs in an on_error callback of this flusher's that is still under
+        way (not in a task it started, once it has returned)."""
+        current = _report_under_way.get()
+        return current is not None and current[0] is self and current[1] in self._reporting
 
     async def reports_done(self, up_to: int | None = None) -> None:
         """Return once no failure of the events up to sequence number ``up_to`` (of any, when
-        None) is being reported: no on_error callback of theirs is running or due. Called
-        from a callback (a flush or close there), not for the failures of its own batch,
-        which are reported one after the other in its task: they wait for it."""
+        None) is being reported: no on_error callback of theirs is running or due.
+
+        Called from a callback (a flush or close there): not for the failures of its own
+        batch, which are reported one after the other in its task, after it; and, for a
+        flush, not for callbacks that are themselves waiting here (two callbacks flushing
+        would wait for each other until their timeouts). A close waits for them."""
         current = _report_under_way.get()
-        own = current[1] if current is not None and current[0] is self else None
-        while any(
-            (up_to is None or oldest <= up_to) and oldest != own for oldest in self._reporting
-        ):
-            if self._reported is None:
-                self._reported = anyio.Event()
-            await self._reported.wait()
+        own = current[1] if self.reporting_here() and current is not None else None
+        if own is not None:
+            self._waiting.append(own)
+            self._reports_changed()
+        try:
+            while any(
+                (up_to is None or oldest <= up_to)
+                and oldest != own
+                and (up_to is None or oldest not in self._waiting)
+                for oldest in self._reporting
+            ):
+                if self._reported is None:
+                    self._reported = anyio.Event()
+                await self._reported.wait()
+        finally:
+            if own is not None:
+                self._waiting.remove(own)

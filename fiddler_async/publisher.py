@@ -466,7 +466,8 @@ class AsyncPublisher:
     async def _await_close(self, timeout: float) -> FlushResult:
         """Another call is closing: wait for it to finish, up to our own ``timeout``; not
         from an on_error callback of ours, which that close waits for."""
-        if self._closed is not None and _in_background.get() is not self:
+        flusher = self._flusher
+        if self._closed is not None and not (flusher is not None and flusher.reporting_here()):
             with anyio.move_on_after(timeout):
                 await self._closed.wait()
         if self._state is _State.CLOSED:

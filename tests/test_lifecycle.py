@@ -560,6 +560,15 @@ def unfinished_generators(caught: list[warnings.WarningMessage]) -> list[str]:
 # Closing and flushing from on_error callbacks
 
 
+async def refuse_two_batches(fiddler: Emulator, pub: AsyncPublisher) -> None:
+    """Publish one event to each of two models, both refused: two callbacks at once."""
+    for model in ("bank_churn", "bank_churn_v2"):
+        await pub.resolve("bank_churn", model)
+    fiddler.set_faults(script=["400", "400"])
+    pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(1))
+    pub.publish_event_nowait("bank_churn", "bank_churn_v2", {"customer_id": "v1"})
+
+
 async def test_a_close_from_a_callback_lets_the_other_callbacks_finish(fiddler: Emulator) -> None:
     """Two batches refused, their callbacks running at once; one of them closes the
     publisher. The close waits for the other callback (not for its own): every failure
@@ -578,11 +587,7 @@ async def test_a_close_from_a_callback_lets_the_other_callbacks_finish(fiddler: 
 
     pub = loopback_publisher(fiddler, linger=0, on_error=on_error)
     async with pub:
-        for model in ("bank_churn", "bank_churn_v2"):
-            await pub.resolve("bank_churn", model)
-        fiddler.set_faults(script=["400", "400"])
-        pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(1))
-        pub.publish_event_nowait("bank_churn", "bank_churn_v2", {"customer_id": "v1"})
+        await refuse_two_batches(fiddler, pub)
         await eventually(lambda: len(finished) == 2)
     assert sorted(finished) == ["bank_churn", "bank_churn_v2"]
 
@@ -660,3 +665,73 @@ async def test_a_flush_during_a_close_waits_for_what_the_close_sends(fiddler: Em
         tg.start_soon(pub.aclose, 5.0)
         tg.start_soon(flush_soon)
     assert (flushed[0].delivered, flushed[0].pending) == (100, 0)  # was pending=100 at once
+
+
+async def test_callbacks_flushing_at_once_do_not_wait_for_each_other(fiddler: Emulator) -> None:
+    """Two failed batches whose callbacks both flush: neither waits for the other (each would
+    until its timeout: a minute here, past the test's bound)."""
+    flushed: list[str] = []
+
+    async def on_error(failure: DeliveryFailure) -> None:
+        await pub.flush(60)
+        flushed.append(failure.model)
+
+    pub = loopback_publisher(fiddler, linger=0, on_error=on_error)
+    async with pub:
+        await refuse_two_batches(fiddler, pub)
+        await eventually(lambda: len(flushed) == 2)
+
+
+async def test_a_close_from_a_callback_leaves_no_report_to_wait_for(fiddler: Emulator) -> None:
+    """One batch, two refused events reported one after the other; the first callback
+    closes the publisher, so the second is never reported: a flush does not wait for it."""
+    reported: list[object] = []
+
+    async def on_error(failure: DeliveryFailure) -> None:
+        reported.append(failure.event_ids)
+        if len(reported) == 1:
+            await pub.aclose(5)
+            await anyio.lowlevel.checkpoint()  # goes on a little: the close has ended its task
+
+    pub = loopback_publisher(fiddler, linger=5, on_error=on_error)
+    await pub.start()
+    await pub.resolve("bank_churn", "bank_churn")
+    events = [bank_event(i) for i in range(4)]
+    events[1]["age"], events[3]["balance"] = "forty", "lots"  # refused, split apart
+    await pub.publish_events_batch("bank_churn", "bank_churn", events)
+    with anyio.fail_after(10):  # it used to wait for the second report to its own timeout
+        await pub.flush(60)
+    assert pub.stats().failed == 2
+
+
+async def test_a_task_a_callback_started_waits_like_any_other(fiddler: Emulator) -> None:
+    """A callback hands work to the app's task group; that task, after the callback has
+    returned, flushes during the close: it waits for the close, as a plain task does."""
+    flushed: dict[str, FlushResult] = {}
+    go = anyio.Event()
+
+    async def worker(name: str) -> None:
+        await go.wait()
+        flushed[name] = await pub.flush(5)
+
+    async def on_error(failure: DeliveryFailure) -> None:
+        app.start_soon(worker, "started by the callback")
+
+    async with anyio.create_task_group() as app:
+        app.start_soon(worker, "plain")
+        pub = loopback_publisher(fiddler, linger=5, on_error=on_error)
+        await pub.start()
+        await pub.resolve("bank_churn", "bank_churn")
+        fiddler.set_faults(script=["400"])
+        pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(0))
+        await pub.flush(5)  # reported: the worker is started
+        fiddler.set_faults(latency=0.3)
+        for i in range(50):
+            pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(i + 1))
+        app.start_soon(pub.aclose, 5.0)
+        await anyio.sleep(0.05)  # the close has begun
+        go.set()
+    assert {name: result.delivered for name, result in flushed.items()} == {
+        "plain": 50,
+        "started by the callback": 50,
+    }
