@@ -494,8 +494,7 @@ class EventBuffer:
     def next_lane(self, now: float, force: bool) -> Lane | None:
         """The lane to send a batch from now: of those with a full batch, a batch that has
         lingered long enough, or (forced, or the queue :meth:`full`) any events, the one whose
-        oldest event is oldest,
-        so that a busy destination never starves a quiet one."""
+        oldest event is oldest, so that a busy destination never starves a quiet one."""
         linger = self._config.linger
         force = force or self.full()
         chosen: Lane | None = None

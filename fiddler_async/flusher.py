@@ -287,8 +287,14 @@ class Flusher:
     def reporting_here(self) -> bool:
         """Whether this runs in an on_error callback of this flusher's that is still under
         way (not in a task it started, once it has returned)."""
+        return self._own_report() is not None
+
+    def _own_report(self) -> int | None:
+        """The batch (its oldest event) whose callback this runs in, if :meth:`reporting_here`."""
         current = _report_under_way.get()
-        return current is not None and current[0] is self and current[1] in self._reporting
+        if current is not None and current[0] is self and current[1] in self._reporting:
+            return current[1]
+        return None
 
     async def reports_done(self, up_to: int | None = None) -> None:
         """Return once no failure of the events up to sequence number ``up_to`` (of any, when
@@ -298,8 +304,7 @@ class Flusher:
         batch, which are reported one after the other in its task, after it; and, for a
         flush, not for callbacks that are themselves waiting here (two callbacks flushing
         would wait for each other until their timeouts). A close waits for them."""
-        current = _report_under_way.get()
-        own = current[1] if self.reporting_here() and current is not None else None
+        own = self._own_report()
         if own is not None:
             self._waiting.append(own)
             self._reports_changed()

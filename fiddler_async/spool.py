@@ -276,9 +276,9 @@ class Spool:
         later events were spooled)."""
         with self._lock:
             own = list(self.written_here.items())
-        place = self.written_here.get(name)
-        return place is not None and any(
-            other not in listed and written.place < place.place for other, written in own
+        mine = self.written_here.get(name)
+        return mine is not None and any(
+            other not in listed and written.place < mine.place for other, written in own
         )
 
     def forget_gone(self) -> list[Written]:

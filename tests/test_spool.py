@@ -635,26 +635,25 @@ async def test_updates_go_live_again_once_another_process_replayed_the_inserts(
     longer follow it to the disk: they are sent."""
     holder = loopback_publisher(fiddler, spool_dir=tmp_path, **SPILL_SOON)
     writer = loopback_publisher(fiddler, spool_dir=tmp_path, **SPILL_SOON)
-    async with holder, writer:
-        for pub in (holder, writer):
-            await pub.resolve("bank_churn", "bank_churn")
-        await holder.replay_spool()  # takes the replay lock
-        fiddler.set_faults(outage_seconds=1000)
-        writer.publish_event_nowait("bank_churn", "bank_churn", bank_event(1), event_id="e1")
-        assert (await writer.flush(10)).spooled == 1
-        fiddler.set_faults(outage_seconds=0)
-        assert (await holder.replay_spool()).replayed == 1
-        assert (await writer.replay_spool()).locked  # and sees its file gone
-        for i in range(5):
-            writer.publish_event_nowait(
-                "bank_churn",
-                "bank_churn",
-                {"predicted_churn": i / 10},
-                event_id="e1",
-                update_event=True,
-            )
-        result = await writer.flush(10)
-        assert (result.delivered, result.spooled) == (5, 0)
+    async with holder:
+        assert not (await holder.replay_spool()).locked  # holds the replay lock from now on
+        async with writer:
+            for pub in (holder, writer):
+                await pub.resolve("bank_churn", "bank_churn")
+            fiddler.set_faults(outage_seconds=1000)
+            writer.publish_event_nowait("bank_churn", "bank_churn", bank_event(1), event_id="e1")
+            assert (await writer.flush(10)).spooled == 1
+            fiddler.set_faults(outage_seconds=0)
+            await holder.replay_spool()  # (or its background pass, first)
+            await eventually(lambda: holder.stats().replayed == 1)
+            assert (await writer.replay_spool()).locked  # and sees its file gone
+            for i in range(5):
+                update = {"predicted_churn": i / 10}
+                writer.publish_event_nowait(
+                    "bank_churn", "bank_churn", update, event_id="e1", update_event=True
+                )
+            result = await writer.flush(10)
+            assert (result.delivered, result.spooled) == (5, 0)
     assert fiddler.early_updates() == 0
 
 
