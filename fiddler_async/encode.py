@@ -58,6 +58,9 @@ ENCODE_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_PASSTHROUGH_DATETIME
 # every numpy value then goes through encode_default.
 _NUMPY_BY_DEFAULT = orjson.OPT_PASSTHROUGH_DATETIME
 _dumps = orjson.dumps
+# orjson refuses anything nested deeper than this. Our own walks of an event stop there too
+# (rather than meet Python's recursion limit), and the error names the column so deep.
+_MAX_DEPTH = 254
 
 
 def encode_default(value: Any) -> Any:
@@ -103,13 +106,26 @@ def encode_event(event: Mapping[str, Any]) -> bytes:
     except TypeError:
         pass
     # The rare cases, tried only now that the usual way failed: numpy values orjson refuses
-    # (datetime64's NaT), and column names of a str subclass (a StrEnum, numpy.str_).
-    if any(type(key) is not str and isinstance(key, str) for key in event):
-        event = {str.__str__(k) if isinstance(k, str) else k: v for k, v in event.items()}
+    # (datetime64's NaT), and keys of a str subclass (a StrEnum, numpy.str_: class
+    # probabilities keyed by a classifier's ``classes_``), at any depth.
     try:
-        return _dumps(event, default=encode_default, option=_NUMPY_BY_DEFAULT)
+        return _dumps(_plain_keys(event, 0), default=encode_default, option=_NUMPY_BY_DEFAULT)
     except TypeError as exc:
         raise _explain(event, exc) from None
+
+
+def _plain_keys(value: Any, depth: int) -> Any:
+    """``value`` with the keys of a str subclass in its mappings made plain strings."""
+    if depth >= _MAX_DEPTH:
+        return value  # too deep for orjson in any case; _explain says so
+    if isinstance(value, Mapping):
+        return {
+            str.__str__(k) if isinstance(k, str) else k: _plain_keys(v, depth + 1)
+            for k, v in value.items()
+        }
+    if type(value) is list or type(value) is tuple:
+        return [_plain_keys(item, depth + 1) for item in value]
+    return value
 
 
 def _iso_times(value: Any) -> Any:
@@ -122,19 +138,23 @@ def _iso_times(value: Any) -> Any:
 
 def _explain(event: Mapping[Any, Any], exc: TypeError) -> EventEncodeError:
     """Find the first field that fails to encode, for an error message that names it."""
-    path, reason = _find_bad_value(event, "", set())
+    path, reason = _find_bad_value(event, "", set(), 0, None)
     if path is None:  # Only the whole failed (e.g. nesting too deep): report orjson's reason.
         return EventEncodeError(f"event cannot be encoded: {exc}")
     return EventEncodeError(f"event field {path!r} cannot be encoded: {reason}", field=path)
 
 
-def _find_bad_value(value: Any, path: str, within: set[int]) -> tuple[str | None, str]:
+def _find_bad_value(
+    value: Any, path: str, within: set[int], depth: int, column: str | None
+) -> tuple[str | None, str]:
     """The path of the first value that cannot be encoded, and why. ``within`` holds the
     containers on the way down to ``value``: one found again is a cycle, not infinite depth.
     A container whose items all encode is itself the value (a namedtuple, which orjson
-    refuses whole)."""
+    refuses whole). A value nested too deeply is named by its ``column``."""
+    if depth >= _MAX_DEPTH:
+        return column, f"it is nested more than {_MAX_DEPTH} levels deep"
     try:
-        _dumps(value, default=encode_default, option=ENCODE_OPTIONS)
+        _dumps(_plain_keys(value, depth), default=encode_default, option=_NUMPY_BY_DEFAULT)
     except TypeError as exc:
         reason = str(exc.__cause__ or exc)
     else:
@@ -146,17 +166,27 @@ def _find_bad_value(value: Any, path: str, within: set[int]) -> tuple[str | None
         items = value.items() if isinstance(value, Mapping) else enumerate(value)
         for key, item in items:
             if isinstance(value, Mapping):
-                if type(key) is not str:
+                if not isinstance(key, str):
                     where = f"{path}[{key!r}]" if path else repr(key)
                     kind = type(key).__qualname__
-                    return where, f"column names must be plain strings, got {kind!r}"
+                    names = "keys" if path else "column names"
+                    return where, f"{names} must be plain strings, got {kind!r}"
                 where = f"{path}.{key}" if path else key
+                if not key.isascii():
+                    try:
+                        key.encode()
+                    except UnicodeEncodeError:
+                        named = where.encode("utf-8", "backslashreplace").decode()
+                        return named, "the name is not valid UTF-8 (a lone surrogate)"
+
             else:
                 where = f"{path}[{key}]"
-            found = _find_bad_value(item, where, within)
+            found = _find_bad_value(item, where, within, depth + 1, column or where)
             if found[0] is not None:
                 return found
         within.discard(id(value))
+    if "recursion limit" in reason.lower():  # orjson's word for too deep
+        return column or path or None, f"it is nested more than {_MAX_DEPTH} levels deep"
     return path or None, reason
 
 

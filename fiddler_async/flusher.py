@@ -42,9 +42,14 @@ __all__ = ["DeliveryFailure", "Exporter", "Flusher"]
 
 class Exporter(Protocol):
     async def export(
-        self, dest: Destination, items: Sequence[Item]
+        self,
+        dest: Destination,
+        items: Sequence[Item],
+        delivered: Callable[[Sequence[Item]], None] | None = None,
     ) -> list[tuple[Item, Exception]]:
-        """Deliver ``items``; return those not delivered, each with its error."""
+        """Deliver ``items``; return those not delivered, each with its error. A batch may
+        go as several requests: ``delivered`` is given each request's events as its 2xx
+        arrives, so that what was acknowledged before a cancellation is known."""
         ...
 
     async def resolve(self, ref: ModelRef) -> ModelInfo:
@@ -209,27 +214,35 @@ class Flusher:
     async def _deliver(self, lane: Lane, batch: list[Item]) -> None:
         ledger, dest = self._ledger, lane.dest
         failures: list[DeliveryFailure] = []
+        acknowledged: list[Sequence[Item]] = []
+
+        def delivered(items: Sequence[Item]) -> None:
+            # Settled as each request's 2xx arrives: a batch split into several requests
+            # (a refused event isolated, a byte limit) may be cut short by the close deadline
+            # after some were acknowledged, which must count as delivered, not be sent again.
+            ledger.settle(items, "delivered")
+            self.in_flight_events -= len(items)
+            acknowledged.append(items)
+
         try:
-            failed = await self._exporter.export(dest, batch)
+            failed = await self._exporter.export(dest, batch, delivered)
         except anyio.get_cancelled_exc_class():
-            # Only aclose() cancels a delivery, at its deadline. The request may or may not
-            # have reached the server; we cannot know, so these are spilled (sent again from
-            # the spool: a duplicate at worst) or else count as dropped at shutdown.
+            # Only aclose() cancels a delivery, at its deadline. A request under way may or
+            # may not have reached the server; we cannot know, so its events are spilled
+            # (sent again from the spool: a duplicate at worst) or else count as dropped.
+            unsettled = _without(batch, acknowledged)
             if self._spill is not None:
-                self._spill(dest, batch)
+                self._spill(dest, unsettled)
             else:
-                ledger.settle(batch, "dropped", "shutdown")
+                ledger.settle(unsettled, "dropped", "shutdown")
             raise
         except Exception as exc:
-            ledger.settle(batch, "failed")
+            unsettled = _without(batch, acknowledged)
+            ledger.settle(unsettled, "failed")
             ledger.last_error = f"{type(exc).__name__}: {exc}"
-            failures.append(DeliveryFailure.of(dest, batch, exc))
+            if unsettled:
+                failures.append(DeliveryFailure.of(dest, unsettled, exc))
         else:
-            if failed:
-                failed_ids = {id(item) for item, _ in failed}
-                ledger.settle([i for i in batch if id(i) not in failed_ids], "delivered")
-            else:
-                ledger.settle(batch, "delivered")
             if self._spill is not None:  # what only the backend's absence failed waits on disk
                 later = [item for item, error in failed if is_retryable(error)]
                 if later:
@@ -243,7 +256,7 @@ class Flusher:
         finally:
             # Settled and no longer in flight in the same step, so stats always add up.
             self.in_flight_requests -= 1
-            self.in_flight_events -= len(batch)
+            self.in_flight_events -= len(batch) - sum(map(len, acknowledged))
             # In the same step, so that a flush waits for them.
             self._reporting += [batch[0][0]] * len(failures)
             self._buffer.sent(lane, batch)
@@ -321,3 +334,11 @@ class Flusher:
         finally:
             if own is not None:
                 self._waiting.remove(own)
+
+
+def _without(batch: list[Item], settled: list[Sequence[Item]]) -> list[Item]:
+    """The events of ``batch`` not among the ``settled`` parts of it."""
+    if not settled:
+        return batch
+    gone = {id(item) for part in settled for item in part}
+    return [item for item in batch if id(item) not in gone]

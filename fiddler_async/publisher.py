@@ -790,8 +790,8 @@ class AsyncPublisher:
         return await self._exporter.resolve(self._model_ref(project_id, model_id))
 
     def stats(self) -> StatsSnapshot:
-        """A snapshot of the counters. ``accepted == delivered + failed + dropped_total +
-        pending`` holds in every snapshot."""
+        """A snapshot of the counters. ``accepted == delivered + failed + spooled +
+        dropped_total + pending`` holds in every snapshot."""
         ledger, flusher = self._ledger, self._flusher
         return StatsSnapshot(
             accepted=ledger.accepted,

@@ -133,7 +133,7 @@ def _jsonl_rows(stream: IO[bytes]) -> Iterator[tuple[int, dict[str, Any] | RowEr
             continue
         try:
             row = json.loads(raw)
-        except ValueError as exc:  # UnicodeDecodeError too
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError; nested too deeply
             if first and raw.lstrip(b"\xef\xbb\xbf \t").startswith(b"["):
                 # The start of an array spread over lines: a .json file, not JSON Lines.
                 problem = "the file holds a JSON array, not JSON Lines (one object a line)"

@@ -9,13 +9,15 @@ with the retry policy, and turns every failure into a :mod:`fiddler_async.except
 from __future__ import annotations
 
 import datetime as dt
+import decimal
 import email.utils
+import json
 import math
 import platform
 import time
 import uuid
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from operator import itemgetter
 from typing import Any
 
@@ -27,7 +29,7 @@ from ._cancel import cancellations, is_ours
 from ._version import __version__
 from .buffer import Item
 from .destination import Destination, ModelInfo, ModelRef
-from .encode import event_id_text, is_null, splice_members
+from .encode import encode_default, event_id_text, is_null, splice_members
 from .exceptions import (
     APIError,
     ConnectError,
@@ -152,7 +154,12 @@ def finalize_event(info: ModelInfo, update: bool, body: bytes, fixup: tuple[Any,
         ts_explicit=bool(flags & TS_EXPLICIT),
     )
     if remove:
-        body = orjson.dumps({k: v for k, v in event.items() if k not in remove})
+        # Read again with its numbers exact: orjson reads a wide integer or a long decimal (a
+        # Decimal's exact text, as encode_default writes it) as a double, rounding it.
+        exact = json.loads(body, parse_float=decimal.Decimal, parse_int=decimal.Decimal)
+        body = orjson.dumps(
+            {k: v for k, v in exact.items() if k not in remove}, default=encode_default
+        )
     return splice_members(body, members)
 
 
@@ -575,10 +582,14 @@ class FiddlerV3Exporter:
     # Publishing
 
     async def export(
-        self, dest: Destination, items: Sequence[Item]
+        self,
+        dest: Destination,
+        items: Sequence[Item],
+        delivered: Callable[[Sequence[Item]], None] | None = None,
     ) -> list[tuple[Item, Exception]]:
         """Deliver ``items`` to ``dest``; returns the events that were not delivered, each with
-        its error (the final error of its request, or why the event itself was refused)."""
+        its error (the final error of its request, or why the event itself was refused).
+        ``delivered`` is given the events of each request as its 2xx arrives."""
         try:
             info = await self.resolve(dest.model)
         except Exception as exc:  # whatever it is, it is this batch's outcome
@@ -604,7 +615,9 @@ class FiddlerV3Exporter:
             count = end - start
             budget = [4 * math.ceil(math.log2(count)) + 4] if count > 1 else [0]
             failed.extend(
-                await self._send_isolating(info, dest, ready[start:end], bodies[start:end], budget)
+                await self._send_isolating(
+                    info, dest, ready[start:end], bodies[start:end], budget, delivered=delivered
+                )
             )
         return failed
 
@@ -615,6 +628,8 @@ class FiddlerV3Exporter:
         items: list[Item],
         bodies: list[bytes],
         budget: list[int],
+        *,
+        delivered: Callable[[Sequence[Item]], None] | None,
     ) -> list[tuple[Item, Exception]]:
         """Send ``items`` (encoded as ``bodies``); if the server refuses them as a whole for
         what they hold (400, 413, 422), send each half on its own, down to the events it
@@ -641,9 +656,16 @@ class FiddlerV3Exporter:
                 return [(item, exc) for item in items]
             budget[0] -= 2
             mid = len(items) // 2
-            first = await self._send_isolating(info, dest, items[:mid], bodies[:mid], budget)
-            return first + await self._send_isolating(info, dest, items[mid:], bodies[mid:], budget)
+            halves = ((items[:mid], bodies[:mid]), (items[mid:], bodies[mid:]))
+            failed: list[tuple[Item, Exception]] = []
+            for half, encoded in halves:
+                failed += await self._send_isolating(
+                    info, dest, half, encoded, budget, delivered=delivered
+                )
+            return failed
         budget[0] += 2 * len(items)
+        if delivered is not None:
+            delivered(items)
         return []
 
     async def _send(self, info: ModelInfo, dest: Destination, bodies: list[bytes]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import decimal
 import inspect
 import itertools
 import math
@@ -214,6 +215,27 @@ async def test_a_null_time_is_the_publish_time_as_a_missing_one(inproc: InProces
     times = {e["x"]: e["ts"] for e in inproc.stored("p", "loose")}
     assert times[4] == "2024-01-01 00:00:00"
     assert all(isinstance(times[x], int) for x in (1, 2, 3, 5))  # epoch ms: the model's format
+
+
+@anyio
+async def test_exact_numbers_stay_exact_when_the_columns_are_placed_after_the_lookup(
+    inproc: InProcessFiddler,
+) -> None:
+    """An event queued before its model is known, whose null time column is replaced once
+    it is, keeps its Decimal values as exact as an event queued after."""
+    amounts = {
+        "balance": decimal.Decimal("12345678901234567890.123456789"),
+        "estimatedsalary": decimal.Decimal("123456789012345678901234567890"),
+    }
+    event = {**bank_event(), **amounts, "timestamp": None}
+    async with mock_publisher(inproc) as pub:
+        pub.publish_event_nowait("bank_churn", "bank_churn", event, event_id="before")
+        await pub.resolve("bank_churn", "bank_churn")
+        pub.publish_event_nowait("bank_churn", "bank_churn", event, event_id="after")
+        assert (await pub.flush(5)).delivered == 2
+    sent = b"".join(request.content for request in inproc.event_requests())
+    for value in amounts.values():
+        assert sent.count(str(value).encode()) == 2
 
 
 @anyio

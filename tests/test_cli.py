@@ -87,6 +87,7 @@ def test_bad_rows_are_named_and_the_good_ones_delivered(tmp_path: Path, fiddler:
                 json.dumps({**good, "age": "old"}),
                 json.dumps(missing),
                 json.dumps([1, 2]),
+                '{"a":' * 5000 + "1" + "}" * 5000,  # past json's recursion limit
                 json.dumps({**good, "age": "41"}),
             ]
         )
@@ -99,7 +100,8 @@ def test_bad_rows_are_named_and_the_good_ones_delivered(tmp_path: Path, fiddler:
     assert "line 3, column 'age': 'old' is not a number" in done.stderr
     assert "line 4: missing column(s) 'tenure'" in done.stderr
     assert "line 5: a line must hold a JSON object" in done.stderr
-    assert "bad rows     4" in done.stdout
+    assert "line 6: malformed JSON" in done.stderr
+    assert "bad rows     5" in done.stdout
     assert [e["age"] for e in fiddler.events()] == [40, 41]
 
 

@@ -182,14 +182,38 @@ def test_numpy_datetimes_are_iso_text_and_their_nat_null() -> None:
     }
 
 
-def test_column_names_of_a_str_subclass_are_plain_names() -> None:
+def test_keys_of_a_str_subclass_are_plain_names_at_any_depth() -> None:
     class Column(str, enum.Enum):
         AGE = "age"
 
     assert roundtrip({Column.AGE: 40, np.str_("tenure"): 3}) == {"age": 40, "tenure": 3}
-    with pytest.raises(EventEncodeError, match="plain strings") as info:
-        encode_event({"nested": {Column.AGE: 1}})
-    assert info.value.field == f"nested[{Column.AGE!r}]"
+    # Class probabilities keyed by a classifier's classes_ (numpy strings), as json.dumps
+    # takes them.
+    probs = {"probs": [{np.str_("yes"): 0.8, Column.AGE: {np.str_("no"): 0.2}}]}
+    assert roundtrip(probs) == {"probs": [{"yes": 0.8, "age": {"no": 0.2}}]}
+    with pytest.raises(EventEncodeError, match="keys must be plain strings") as info:
+        encode_event({"nested": {np.str_("fine"): 1, 2: "two"}})
+    assert info.value.field == "nested[2]"
+    # A bad value beside such a key is the one named.
+    with pytest.raises(EventEncodeError, match="'object'") as info:
+        encode_event({"nested": {np.str_("fine"): object()}})
+    assert info.value.field == "nested.fine"
+
+
+def test_too_deep_and_unencodable_names_are_named() -> None:
+    deep: Any = 1
+    for _ in range(2000):  # deeper than Python's recursion limit
+        deep = [deep]
+    for depth in (300, 2000):
+        value: Any = deep
+        for _ in range(2000 - depth):
+            value = value[0]
+        with pytest.raises(EventEncodeError, match="nested more than 254 levels") as info:
+            encode_event({"ok": 1, "deep": value})
+        assert info.value.field == "deep"
+    with pytest.raises(EventEncodeError, match="not valid UTF-8") as info:
+        encode_event({"ok": 1, "bad\udc80name": 2})
+    assert info.value.field == "bad\\udc80name"
 
 
 def test_event_ids_are_text_integers_or_uuids() -> None:

@@ -4,6 +4,7 @@ those are left; the rest is delivered, and each refused event is reported with t
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import anyio
 import pytest
@@ -11,7 +12,14 @@ import pytest
 from fiddler_async import BadRequestError, DeliveryFailure
 from fiddler_async.emulator import Emulator
 
-from .conftest import bank_event, loopback_publisher, mock_publisher, publishes
+from .conftest import (
+    assert_adds_up,
+    bank_event,
+    eventually,
+    loopback_publisher,
+    mock_publisher,
+    publishes,
+)
 from .in_process import InProcessFiddler
 
 pytestmark = pytest.mark.anyio
@@ -125,3 +133,28 @@ async def test_a_bug_while_delivering_a_batch_does_not_end_delivery(
         assert (await pub.flush(10)).delivered == 1
     assert [e["customer_id"] for e in inproc.stored()] == ["c1", "c2"]
     assert "a bug" in caplog.text
+
+
+@pytest.mark.parametrize("spooled", [False, True], ids=["no-spool", "spool"])
+async def test_a_half_acknowledged_before_the_close_deadline_counts_as_delivered(
+    fiddler: Emulator, tmp_path: Path, spooled: bool
+) -> None:
+    # The batch is refused whole, its first half is stored and acknowledged, its second half
+    # hangs past the close deadline: only that half may be dropped, or spooled to go again.
+    fiddler.set_faults(script=["400", "ok", "hang"])
+    spool = {"spool_dir": tmp_path} if spooled else {}
+    pub = loopback_publisher(fiddler, **spool)
+    async with pub:
+        await pub.publish_events_batch(
+            "bank_churn", "bank_churn", [bank_event(i) for i in range(1000)]
+        )
+        await eventually(lambda: pub.stats().delivered == 500)
+        assert pub.stats().in_flight_events == 500
+        assert_adds_up(pub)
+        result = await pub.aclose(0.2)
+    stats = pub.stats()
+    assert fiddler.count() == 500
+    assert stats.delivered == 500
+    assert (result.dropped, result.spooled) == ((0, 500) if spooled else (500, 0))
+    assert (stats.spooled, stats.dropped_total) == ((500, 0) if spooled else (0, 500))
+    assert_adds_up(pub)

@@ -601,6 +601,21 @@ async def test_an_impossible_timestamp_is_refused_at_the_caller(inproc: InProces
         assert pub.stats().accepted == 0
 
 
+async def test_a_year_before_1000_is_written_as_the_time_format_reads_it(
+    inproc: InProcessFiddler,
+) -> None:
+    early = (dt.datetime(999, 12, 31, 23, 59, 59), dt.date(1, 1, 1))
+    async with mock_publisher(inproc) as pub:
+        await pub.resolve("p", "m")  # "%Y-%m-%d %H:%M:%S"
+        for x, when in enumerate(early):
+            pub.publish_event_nowait("p", "m", {"x": x}, event_timestamp=when)
+        assert (await pub.flush(5)).delivered == 2
+    times = [event["at"] for event in inproc.stored("p", "m")]
+    assert times == ["0999-12-31 23:59:59", "0001-01-01 00:00:00"]
+    for text in times:  # as the model's own format reads it
+        dt.datetime.strptime(text, "%Y-%m-%d %H:%M:%S")
+
+
 async def test_a_model_is_looked_up_at_its_first_event(inproc: InProcessFiddler) -> None:
     async with mock_publisher(inproc, linger=3600) as pub:
         first = pub.publish_event_nowait("bank_churn", "bank_churn", {"event_id": "own-1"})
