@@ -319,12 +319,7 @@ class EventBuffer:
         cancelled while waiting has changed nothing."""
         if self.fits(events, size) and not self.closed:
             return  # the usual case: no waiting, so no cancel scope to set up
-        if events > self._max_events or size > self._max_bytes:
-            self._ledger.rejected += events
-            raise QueueFullError(
-                f"{events} events of {size} bytes can never fit the queue "
-                f"({self._max_events} events, {self._max_bytes} bytes)"
-            )
+        self.refuse_never_fitting(events, size)
         with anyio.move_on_after(timeout):
             while not self.fits(events, size):
                 if self.closed:
@@ -340,6 +335,18 @@ class EventBuffer:
             raise QueueFullError(
                 f"queue full ({self.events} events, {self.bytes} bytes) after waiting "
                 f"{timeout:g} s for room for {events} event(s)"
+            )
+
+    def refuse_never_fitting(self, events: int, size: int) -> None:
+        """QueueFullError (all of them counted as rejected) if ``events`` events of ``size``
+        bytes would not fit even an empty queue: a batch call's events would otherwise push
+        out its own first ones (the drop policies), or wait for room in vain (``block``)."""
+        if events > self._max_events or size > self._max_bytes:
+            self._ledger.rejected += events
+            raise QueueFullError(
+                f"{events} events of {size} bytes can never fit the queue "
+                f"({self._max_events} events, {self._max_bytes} bytes): publish them in "
+                "parts, raise max_queue_events or max_queue_bytes, or use publish_file"
             )
 
     def full(self) -> bool:

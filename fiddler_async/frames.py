@@ -29,7 +29,9 @@ decimals exactly and names any value that cannot be sent.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import importlib
 import io
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -45,6 +47,7 @@ __all__ = [
     "EncodedFrame",
     "check_columns",
     "encode_frame",
+    "frame_library",
     "frame_to_parquet",
     "is_frame",
     "polars_rows",
@@ -53,20 +56,43 @@ __all__ = [
 _FRAME_TYPES = {("pandas", "DataFrame"), ("polars", "DataFrame"), ("pyarrow", "Table")}
 
 
+def frame_library(value: object) -> str | None:
+    """``"pandas"`` or ``"polars"`` for a DataFrame of theirs (a subclass's too: geopandas,
+    pandera), ``"pyarrow"`` for a Table, else None; checked without importing them."""
+    for cls in type(value).__mro__:
+        library = cls.__module__.partition(".")[0]
+        if (library, cls.__name__) in _FRAME_TYPES:
+            return library
+    return None
+
+
 def is_frame(value: object) -> bool:
-    """A pandas or polars DataFrame, or a pyarrow Table (checked without importing them)."""
-    cls = type(value)
-    return (cls.__module__.partition(".")[0], cls.__name__) in _FRAME_TYPES
+    return frame_library(value) is not None
+
+
+_LIBRARIES_TRIED: list[bool] = []
+
+
+def libraries_tried() -> bool:
+    """Whether :func:`import_libraries` ran."""
+    return bool(_LIBRARIES_TRIED)
+
+
+def import_libraries() -> None:
+    """Import pyarrow and polars where installed, for a worker thread: their first import
+    takes about half a second, which would hold the event loop at the first frame."""
+    for name in ("pyarrow", "polars"):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+    _LIBRARIES_TRIED.append(True)
 
 
 def check_columns(frame: Any) -> None:
     """Refuse a frame whose column names are not unique strings, naming the column: as rows,
     a name that is not a string cannot be sent, and of two columns of one name only the last
     would be (pandas warns, then drops the other)."""
-    if type(frame).__module__.partition(".")[0] == "pyarrow":
-        names = list(frame.column_names)
-    else:  # polars' names are unique strings already; pandas' need not be
-        names = list(frame.columns)
+    # polars' names are unique strings already; pandas' need not be
+    names = list(frame.column_names if frame_library(frame) == "pyarrow" else frame.columns)
     seen: set[str] = set()
     for name in names:
         if not isinstance(name, str):
@@ -315,7 +341,7 @@ def _types_polars_cannot_take(frame: Any) -> tuple[str, str] | None:
 
 def _source_types(frame: Any) -> list[tuple[str, str]]:
     """A pandas frame's or Arrow table's columns (name, type as text); none for polars."""
-    module = type(frame).__module__.partition(".")[0]
+    module = frame_library(frame)
     if module == "pandas":
         return [(name, str(kind)) for name, kind in frame.dtypes.items()]
     if module == "pyarrow":
@@ -415,7 +441,7 @@ def _new_ids(count: int, pl: Any) -> Any:
 
 
 def _to_polars(frame: Any, pl: Any) -> Any:
-    module = type(frame).__module__.partition(".")[0]
+    module = frame_library(frame)
     if module == "polars":
         return frame
     # From pandas, the index is left out, as to_dict(orient="records") does.

@@ -50,7 +50,15 @@ from .exceptions import (
     SchemaMismatchError,
 )
 from .flusher import DeliveryFailure, Flusher
-from .frames import check_columns, encode_frame, is_frame, polars_rows
+from .frames import (
+    check_columns,
+    encode_frame,
+    frame_library,
+    import_libraries,
+    is_frame,
+    libraries_tried,
+    polars_rows,
+)
 from .gate import Gate
 from .http1 import is_loopback, transport_for
 from .retry import RetryPolicy, is_retryable
@@ -615,6 +623,8 @@ class AsyncPublisher:
             keyed = update_event and (event_ids is None or None in event_ids)
             await self._await_lookup(dest.model, keyed)
         if is_frame(events) and event_timestamps is None and dest.model.info is not None:
+            if not libraries_tried():
+                await anyio.to_thread.run_sync(import_libraries)
             frame_ids = await self._queue_frame(dest, lane, events, event_ids)
             if frame_ids is not None:
                 return frame_ids
@@ -716,18 +726,19 @@ class AsyncPublisher:
         """Queue a batch call's events (``fixups`` beside ``bodies``; None when all are final)
         under the overflow policy: ``block`` waits for room for all of them and ``raise``
         refuses all unless all fit (so a timeout, a cancellation or a refusal leaves none
-        queued); the drop policies apply event by event."""
+        queued); the drop policies apply event by event. Events that could not fit even an
+        empty queue are refused whole under every policy."""
         buffer = self._buffer
         policy = self._config.overflow
-        if policy in ("block", "raise"):
-            if fixups is None:
-                size = sum(map(len, bodies))
-            else:  # as the queue counts them
-                size = sum(len(pack(b, f)) for b, f in zip(bodies, fixups, strict=True))
-            if policy == "block":
-                await buffer.wait_for_room(len(bodies), size, self._config.block_timeout)
-            else:
-                buffer.require_room(len(bodies), size)
+        if fixups is None:
+            size = sum(map(len, bodies))
+        else:  # as the queue counts them
+            size = sum(len(pack(b, f)) for b, f in zip(bodies, fixups, strict=True))
+        buffer.refuse_never_fitting(len(bodies), size)
+        if policy == "block":
+            await buffer.wait_for_room(len(bodies), size, self._config.block_timeout)
+        elif policy == "raise":
+            buffer.require_room(len(bodies), size)
         buffer.offer_all(lane, bodies, fixups)
 
     async def publish_file(
@@ -758,6 +769,8 @@ class AsyncPublisher:
         check_options(progress, poll_interval, timeout)
         listed = _listed(event_ids, "event_ids")
         ids = None if listed is None else _id_texts(listed)
+        if is_frame(source) and not len(source):  # the server would run a job of nothing
+            raise ValueError("the DataFrame has no rows: there is nothing to publish")
         dest, _ = self._route(project_id, model_id, env_type, env_name, update_event)
         return await publish_file(
             self._exporter,
@@ -1252,8 +1265,8 @@ class AsyncPublisher:
 
 def _rows(events: Any) -> list[Mapping[str, Any]]:
     """Events as dicts, one by one: the way without polars, and for what it cannot encode."""
-    if is_frame(events):
-        module = type(events).__module__.partition(".")[0]
+    module = frame_library(events)
+    if module is not None:
         if module == "pandas":
             records: list[Mapping[str, Any]] = events.to_dict(orient="records")
         elif module == "polars":

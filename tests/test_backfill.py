@@ -238,6 +238,8 @@ async def test_a_wrong_option_sends_nothing_at_all(fiddler: Emulator) -> None:
             await pub.publish_file("bank_churn", "bank_churn", frame, poll_interval=0)
         with pytest.raises(EventBatchError):
             await pub.publish_file("bank_churn", "bank_churn", frame, event_ids=["", "a", "b"])
+        with pytest.raises(ValueError, match="no rows"):  # no empty file, no job
+            await pub.publish_file("bank_churn", "bank_churn", frame.iloc[:0])
         await anyio.sleep(0.2)  # a lookup started in the background would have been made
     assert fiddler.requests() == []
 

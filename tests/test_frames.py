@@ -443,3 +443,29 @@ def test_float32_columns_and_embeddings_go_in_one_pass_as_their_rows() -> None:
         encoded = encode_frame(frame, info, update=False, event_ids=None, stamp_millis=None)
         assert encoded is not None
         assert [typed(orjson.loads(body)) for body in encoded.bodies] == rows_of(frame)
+
+
+class _SubFrame(pd.DataFrame):
+    """A DataFrame subclass, as geopandas' or a pandera-typed frame is."""
+
+    @property
+    def _constructor(self) -> type[_SubFrame]:
+        return _SubFrame
+
+
+async def test_a_dataframe_subclass_is_a_dataframe(fiddler: Emulator) -> None:
+    frame = _SubFrame([bank_event(i) for i in range(3)])
+    async with loopback_publisher(fiddler) as pub:
+        ids = await pub.publish_events_batch("bank_churn", "bank_churn", frame)
+        await pub.flush(5)
+        job = await pub.publish_file("bank_churn", "bank_churn", frame, poll_interval=0.05)
+    assert len(ids) == 3
+    assert job.info["events"] == 3
+    assert sorted(e["customer_id"] for e in fiddler.events()) == [
+        "c0",
+        "c0",
+        "c1",
+        "c1",
+        "c2",
+        "c2",
+    ]

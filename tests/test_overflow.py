@@ -51,7 +51,7 @@ async def test_a_batch_into_a_full_queue_drops_the_oldest_at_once(
     inproc: InProcessFiddler,
 ) -> None:
     """drop_oldest makes room for a whole batch in one go: the oldest events go, counted
-    and in order; a batch larger than the queue keeps its own newest events."""
+    and in order."""
     async with mock_publisher(inproc, overflow="drop_oldest", **HELD) as pub:
         await pub.resolve("bank_churn", "bank_churn")
         for i in range(8):
@@ -63,13 +63,7 @@ async def test_a_batch_into_a_full_queue_drops_the_oldest_at_once(
         assert (stats.queued_events, stats.dropped) == (10, {"queue_full": 3})
         assert_adds_up(pub)
         assert (await pub.flush(5)).delivered == 10
-        await pub.publish_events_batch(
-            "bank_churn", "bank_churn", [bank_event(i) for i in range(20, 32)]
-        )
-        assert pub.stats().dropped == {"queue_full": 5}
-        assert_adds_up(pub)
-        await pub.flush(5)
-    assert customers(inproc) == [f"c{i}" for i in range(3, 13)] + [f"c{i}" for i in range(22, 32)]
+    assert customers(inproc) == [f"c{i}" for i in range(3, 13)]
 
 
 async def test_a_batch_makes_room_across_destinations_by_age(inproc: InProcessFiddler) -> None:
@@ -409,3 +403,20 @@ async def test_an_event_is_measured_as_queued_before_its_model_is_known(
         assert stats.queued_bytes <= limit
         result = await pub.flush(5)
     assert result.delivered == 5
+
+
+@pytest.mark.parametrize("overflow", ["drop_oldest", "drop_newest", "raise", "block"])
+async def test_a_batch_larger_than_the_queue_is_refused_whole(
+    inproc: InProcessFiddler, overflow: str
+) -> None:
+    # Under the drop policies it used to push out its own first (or last) events.
+    async with mock_publisher(inproc, overflow=overflow, max_queue_events=10) as pub:
+        await pub.publish_events_batch("bank_churn", "bank_churn", [bank_event(0)] * 4)
+        with pytest.raises(QueueFullError, match="can never fit the queue"):
+            await pub.publish_events_batch(
+                "bank_churn", "bank_churn", [bank_event(i) for i in range(11)]
+            )
+        stats = pub.stats()
+        assert (stats.accepted, stats.rejected, stats.dropped_total) == (4, 11, 0)
+        await pub.flush(5)
+    assert customers(inproc) == ["c0"] * 4
