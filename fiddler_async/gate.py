@@ -32,6 +32,11 @@ class Gate:
     def __init__(self, config: PublisherConfig) -> None:
         self._config = config
         self._not_before = -math.inf
+        """The shared pause a Retry-After asked for."""
+        self._next_probe = -math.inf
+        """While the breaker is open: no probe before this. Not a pause of the server's, so
+        it ends with the breaker: a late failure of a request sent before the outage, pushing
+        it forward while the probe was out, must not hold requests once the probe passed."""
         self._failures = 0
         self._probing = False
         self._changed: anyio.Event | None = None
@@ -46,8 +51,9 @@ class Gate:
         Returns whether this request is the probe; pass it to the outcome's call."""
         while True:
             now = anyio.current_time()
-            if now < self._not_before:
-                await self._wait(self._not_before - now)
+            not_before = max(self._not_before, self._next_probe if self.open else -math.inf)
+            if now < not_before:
+                await self._wait(not_before - now)
             elif self.open and self._probing:
                 await self._wait(math.inf)
             else:
@@ -85,7 +91,7 @@ class Gate:
                     self._config.breaker_probe_interval,
                     extra=event("breaker-open"),
                 )
-            self._not_before = max(self._not_before, now + self._config.breaker_probe_interval)
+            self._next_probe = max(self._next_probe, now + self._config.breaker_probe_interval)
         self._release(probe)
 
     def abandoned(self, probe: bool) -> None:

@@ -12,6 +12,8 @@ import pytest
 import trio.testing
 
 from fiddler_async import AsyncPublisher
+from fiddler_async.exceptions import ServerError
+from fiddler_async.gate import Gate
 
 from .conftest import bank_event, config, eventually
 from .in_process import TOKEN, InProcessFiddler
@@ -99,3 +101,20 @@ async def test_a_down_backend_is_probed_one_request_at_a_time(inproc: InProcessF
     assert min(gaps) >= 10
     # ...and once it answers, the waiting batches go (no more than max_in_flight at once).
     assert all(concurrent <= 4 for _, _, concurrent in timed.seen)
+
+
+async def test_the_breakers_pause_ends_when_the_probe_passes() -> None:
+    gate = Gate(config(breaker_threshold=1, breaker_probe_interval=2.0))
+    assert await gate.enter() is False  # a request sent while all is well, answered late
+    assert await gate.enter() is False
+    gate.failed(ServerError("503", status=503), probe=False)  # the breaker opens
+    probe = await gate.enter()
+    assert probe
+    assert gate.open
+    # The late request fails while the probe is out, then the probe passes.
+    gate.failed(ServerError("503", status=503), probe=False)
+    gate.passed(probe)
+    assert not gate.open
+    answered = anyio.current_time()
+    assert await gate.enter() is False
+    assert anyio.current_time() == answered  # on the virtual clock: no wait at all
