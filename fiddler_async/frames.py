@@ -33,6 +33,7 @@ import contextlib
 import datetime as dt
 import importlib
 import io
+import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -187,7 +188,12 @@ def _placed(
         if not _failed_in_polars(exc):
             raise
         if as_file:
-            why = exc if isinstance(exc, _RowWay) else f"polars cannot take it: {exc}"
+            if isinstance(exc, _RowWay):
+                why = str(exc)
+            else:
+                column = _column_polars_refuses(frame)
+                named = f"the column {column!r}: " if column is not None else ""
+                why = f"polars cannot take {named or 'it: '}{exc}"
             raise EventError(f"this DataFrame cannot be uploaded as a file: {why}") from None
         return None
 
@@ -211,6 +217,8 @@ def _place(
     foreign = _types_polars_cannot_take(frame)
     if foreign:
         raise _RowWay(f"polars cannot read the column {foreign[0]!r} of type {foreign[1]}")
+    if as_file and frame_library(frame) == "pandas":
+        frame = _pandas_for_file(frame)
     df = _to_polars(frame, pl)
     source = _source_types(frame)
     if source and [name for name, _ in source] != df.columns:  # polars names "" column_0
@@ -438,6 +446,41 @@ def _new_ids(count: int, pl: Any) -> Any:
     prefix = new_event_id.random_prefix()
     rows = pl.int_range(0, count, dtype=pl.Int64, eager=True).cast(pl.String).str.zfill(12)
     return (prefix + rows).rename("id")
+
+
+def _pandas_for_file(frame: Any) -> Any:
+    """A pandas frame's columns that polars cannot take as they are, made as the rows send
+    them: times at a fixed offset (``+05:30``, which polars cannot name as a zone) moved to
+    UTC, the same instants; ``uuid.UUID`` objects (polars makes them bytes) as their text."""
+    changed = {}
+    for name, dtype in frame.dtypes.items():
+        column = frame[name]
+        zone = getattr(dtype, "tz", None)
+        if isinstance(zone, dt.timezone) and zone != dt.timezone.utc:
+            changed[name] = column.dt.tz_convert("UTC")
+        elif dtype == object:
+            first = column.first_valid_index()
+            if first is not None and isinstance(column[first], uuid.UUID):
+                changed[name] = column.map(lambda v: str(v) if isinstance(v, uuid.UUID) else v)
+    return frame.assign(**changed) if changed else frame
+
+
+def _column_polars_refuses(frame: Any) -> str | None:
+    """The first column of a pandas frame or Arrow table that polars fails to convert on
+    its own, to name it in an error; None if none does (or polars is not the one failing)."""
+    import polars as pl  # noqa: PLC0415  (only called once polars failed, so it is there)
+
+    library = frame_library(frame)
+    if library not in ("pandas", "pyarrow"):
+        return None
+    for name in frame.column_names if library == "pyarrow" else frame.columns:
+        try:
+            _to_polars(frame.select([name]) if library == "pyarrow" else frame[[name]], pl)
+        except BaseException as exc:  # a panic in polars' Rust is no Exception
+            if not _failed_in_polars(exc):
+                raise
+            return str(name)
+    return None
 
 
 def _to_polars(frame: Any, pl: Any) -> Any:

@@ -78,6 +78,32 @@ async def test_a_frame_file_carries_its_values_as_they_are(fiddler: Emulator) ->
     assert stored["f1"]["extra"] == {"a": None, "b": 2}
 
 
+async def test_a_frame_file_takes_offset_times_and_uuids_and_names_what_it_cannot(
+    fiddler: Emulator,
+) -> None:
+    """Columns polars cannot take as they are go as the rows would send them: times at a
+    fixed offset as the same instants in UTC, UUIDs as text. A column of mixed kinds is
+    refused, naming it."""
+    made = [uuid.UUID(int=i) for i in range(2)]
+    frame = pd.DataFrame([bank_event(i) for i in range(2)]).assign(
+        customer_id=made,
+        timestamp=pd.to_datetime(["2024-01-01 18:30:00+05:30", "2024-01-02 05:30:00+05:30"]),
+    )
+    mixed = pd.DataFrame([bank_event(i) for i in range(2)]).assign(customer_id=["c0", 1])
+    async with loopback_publisher(fiddler) as pub:
+        job = await pub.publish_file("bank_churn", "bank_churn", frame)
+        with pytest.raises(EventError, match="polars cannot take the column 'customer_id'"):
+            await pub.publish_file("bank_churn", "bank_churn", mixed)
+    assert job.status == "SUCCESS"
+    stored = sorted(fiddler.events(), key=lambda e: e["customer_id"])
+    assert [e["customer_id"] for e in stored] == [str(u) for u in made]
+    # The same instants, in UTC.
+    assert [e["timestamp"] for e in stored] == [
+        "2024-01-01 13:00:00+00:00",
+        "2024-01-02 00:00:00+00:00",
+    ]
+
+
 async def test_a_csv_file_is_sent_as_it_is(fiddler: Emulator) -> None:
     with EXAMPLE_CSV.open(encoding="utf-8") as file:
         rows = sum(1 for _ in csv.DictReader(file))
