@@ -458,7 +458,7 @@ def _pandas_for_file(frame: Any) -> Any:
         zone = getattr(dtype, "tz", None)
         if isinstance(zone, dt.timezone) and zone != dt.timezone.utc:
             changed[name] = column.dt.tz_convert("UTC")
-        elif dtype == object:
+        elif getattr(dtype, "kind", "") == "O":  # numpy objects (and pandas strings)
             first = column.first_valid_index()
             if first is not None and isinstance(column[first], uuid.UUID):
                 changed[name] = column.map(lambda v: str(v) if isinstance(v, uuid.UUID) else v)
