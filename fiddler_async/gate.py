@@ -23,7 +23,7 @@ import anyio
 from ._logging import event, logger
 from .config import PublisherConfig
 from .exceptions import APIError
-from .retry import is_retryable
+from .retry import RetryBudgetSpent, is_retryable, retry_deadline
 
 __all__ = ["Gate"]
 
@@ -48,14 +48,20 @@ class Gate:
 
     async def enter(self) -> bool:
         """Wait until a request may go: past any pause, and as the one probe while open.
-        Returns whether this request is the probe; pass it to the outcome's call."""
+        Returns whether this request is the probe; pass it to the outcome's call. A retry
+        that could not go out before its :data:`retry_deadline` raises RetryBudgetSpent."""
+        deadline = retry_deadline.get()
         while True:
             now = anyio.current_time()
             not_before = max(self._not_before, self._next_probe if self.open else -math.inf)
             if now < not_before:
+                if not_before > deadline:
+                    raise RetryBudgetSpent
                 await self._wait(not_before - now)
             elif self.open and self._probing:
-                await self._wait(math.inf)
+                if now >= deadline:
+                    raise RetryBudgetSpent
+                await self._wait(deadline - now)
             else:
                 self._probing = self.open
                 return self._probing

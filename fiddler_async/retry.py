@@ -10,13 +10,16 @@
   when ``retry_after_max`` is 0: retried at once, a request would spend its whole budget of
   attempts in a millisecond.
 - Stop: after ``retry_max_attempts`` attempts, or when the next attempt would start later than
-  ``retry_max_elapsed`` after the first; the last error is raised as it was.
+  ``retry_max_elapsed`` after the first; the last error is raised as it was. A retry waiting
+  for its turn at the gate (an open circuit breaker) waits until then at most, too.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import TypeVar
 
 import anyio
@@ -32,9 +35,18 @@ from ._logging import RateLimitedLog
 from .config import PublisherConfig
 from .exceptions import APIError, RateLimitedError, ServerError, TransportError
 
-__all__ = ["RetryPolicy", "is_retryable"]
+__all__ = ["RetryBudgetSpent", "RetryPolicy", "is_retryable", "retry_deadline"]
 
 T = TypeVar("T")
+
+retry_deadline: ContextVar[float] = ContextVar("fiddler_async_retry_deadline", default=math.inf)
+"""In a retry: the latest time (the event loop's clock) its request may go out, which the gate
+keeps to; infinity for a first attempt."""
+
+
+class RetryBudgetSpent(Exception):
+    """A retry could not go out within ``retry_max_elapsed``; the policy raises the error
+    that led to it instead."""
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -75,8 +87,12 @@ class RetryPolicy:
         fails for good, or the budget runs out; then the last error is raised as it was."""
         config = self._config
 
+        last: list[BaseException] = []  # the error a retry follows
+
         def before_sleep(state: RetryCallState) -> None:
             error = state.outcome.exception() if state.outcome else None
+            if error is not None:
+                last[:] = [error]
             self._log.warning(
                 f"retry:{what}",
                 f"{what} failed ({error}); retry {state.attempt_number} of "
@@ -92,7 +108,18 @@ class RetryPolicy:
             before_sleep=before_sleep,
             reraise=True,
         )
-        async for try_ in retrying:
-            with try_:
-                return await attempt(try_.retry_state.attempt_number - 1)
+        deadline = anyio.current_time() + config.retry_max_elapsed
+        try:
+            async for try_ in retrying:
+                with try_:
+                    number = try_.retry_state.attempt_number - 1
+                    if not number:
+                        return await attempt(number)
+                    token = retry_deadline.set(deadline)
+                    try:
+                        return await attempt(number)
+                    finally:
+                        retry_deadline.reset(token)
+        except RetryBudgetSpent:
+            raise last[0] from None
         raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover

@@ -8,6 +8,7 @@ from typing import Any
 
 import anyio
 import httpx
+import orjson
 import pytest
 import trio.testing
 
@@ -118,3 +119,46 @@ async def test_the_breakers_pause_ends_when_the_probe_passes() -> None:
     answered = anyio.current_time()
     assert await gate.enter() is False
     assert anyio.current_time() == answered  # on the virtual clock: no wait at all
+
+
+async def test_a_retry_waits_at_an_open_breaker_within_its_budget(
+    inproc: InProcessFiddler,
+) -> None:
+    """No retry goes out later than retry_max_elapsed after its request's first attempt, even
+    while it waits for its turn to probe; past that, its batch fails with the last error."""
+    inproc.state.faults.update({"error_503": 1.0, "retry_after": 0})
+    inner = inproc.transport()
+    sent: dict[str, list[float]] = {}  # each batch's (one customer's) requests, when sent
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v3/events":
+            (event,) = orjson.loads(request.content)["source"]["events"]
+            sent.setdefault(event["customer_id"], []).append(anyio.current_time())
+        return await inner.handle_async_request(request)
+
+    failures: list[Any] = []
+    async with AsyncPublisher(
+        "https://fiddler.test",
+        TOKEN,
+        config=config(
+            linger=0,
+            max_batch_events=1,
+            max_in_flight=4,
+            breaker_threshold=3,
+            breaker_probe_interval=1,
+            retry_max_attempts=100,
+            retry_max_elapsed=2,
+        ),
+        transport=httpx.MockTransport(handler),
+        on_error=failures.append,
+    ) as pub:
+        await pub.resolve("bank_churn", "bank_churn")
+        for i in range(4):
+            pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(i))
+        result = await pub.flush(10_000)
+    assert result.failed == 4
+    assert {type(f.error).__name__ for f in failures} == {"ServerError"}
+    assert len(sent) == 4
+    for times in sent.values():
+        assert max(times) <= min(times) + 2
+    assert sum(map(len, sent.values())) > 4  # some were retried
