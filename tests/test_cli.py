@@ -43,6 +43,16 @@ def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]
     )
 
 
+def refusal(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int | str | None, str]:
+    """A command that stops before doing anything, run in this process (a second and more
+    faster than a new one): its exit status and what it wrote to stderr."""
+    try:
+        code: int | str | None = cli_module.main(list(args))
+    except SystemExit as exc:  # argparse's refusals
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
 def to(fiddler: Emulator) -> list[str]:
     return ["--url", fiddler.url, "--token", TOKEN]
 
@@ -168,13 +178,14 @@ def test_a_server_that_takes_nothing_stops_the_publish_at_its_timeout(
     assert dropped + unsent == 1000  # every row: in flight or queued, dropped at the close
 
 
-def test_timeouts_must_be_positive_numbers(tmp_path: Path) -> None:
+def test_timeouts_must_be_positive_numbers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     for command in ("publish", "replay"):
         for value in ("-1", "0", "nan", "inf", "soon"):
-            done = cli(command, str(tmp_path), "--timeout", value)
-            assert done.returncode == 2
-            assert f"'{value}' is not a positive number of seconds" in done.stderr
-            assert "Traceback" not in done.stderr
+            code, said = refusal(capsys, command, str(tmp_path), "--timeout", value)
+            assert code == 2
+            assert f"'{value}' is not a positive number of seconds" in said
 
 
 def test_a_json_array_is_named_as_such(tmp_path: Path, fiddler: Emulator) -> None:
@@ -305,28 +316,30 @@ def test_updates_need_ids(tmp_path: Path, fiddler: Emulator) -> None:
     assert "model 'noid' has no event id column" in no_id.stderr
 
 
-def test_unreadable_inputs_stop_with_a_message(tmp_path: Path, fiddler: Emulator) -> None:
+def test_unreadable_inputs_stop_with_a_message(
+    tmp_path: Path, fiddler: Emulator, capsys: pytest.CaptureFixture[str]
+) -> None:
     corrupt = tmp_path / "events.parquet"
     corrupt.write_bytes(b"PAR1 not really")
     done = cli("publish", str(corrupt), "--project", "p", "--model", "m", *to(fiddler))
     assert (done.returncode, "cannot read" in done.stderr) == (2, True)
     not_db = tmp_path / "not.db"
     not_db.write_text("hello")
-    shown = cli("inspect", "--db", str(not_db))
-    assert (shown.returncode, "is not an emulator database" in shown.stderr) == (2, True)
-    served = cli("serve", "--db", str(not_db), "--port", "0")
-    assert (served.returncode, "is not an emulator database" in served.stderr) == (2, True)
+    code, said = refusal(capsys, "inspect", "--db", str(not_db))
+    assert (code, "is not an emulator database" in said) == (2, True)
+    code, said = refusal(capsys, "serve", "--db", str(not_db), "--port", "0")
+    assert (code, "is not an emulator database" in said) == (2, True)
     other = tmp_path / "other.db"  # somebody's SQLite: looked at, left as it was
     with sqlite3.connect(other) as db:
         db.execute("CREATE TABLE t (x)")
     before = other.read_bytes()
-    looked = cli("inspect", "--db", str(other))
-    assert (looked.returncode, "is not an emulator database" in looked.stderr) == (2, True)
+    code, said = refusal(capsys, "inspect", "--db", str(other))
+    assert (code, "is not an emulator database" in said) == (2, True)
     assert other.read_bytes() == before
     emulator_db = tmp_path / "emulator.db"
     Store(str(emulator_db)).close()
-    mistyped = cli("inspect", "--db", str(emulator_db), "--model", "typo")
-    assert (mistyped.returncode, "no model bank_churn/typo" in mistyped.stderr) == (2, True)
+    code, said = refusal(capsys, "inspect", "--db", str(emulator_db), "--model", "typo")
+    assert (code, "no model bank_churn/typo" in said) == (2, True)
     unanswered = cli(
         "publish", str(EXAMPLE), "--project", "p", "--model", "m",
         "--url", "http://127.0.0.1:1", "--token", "t", "--timeout", "1",
@@ -340,7 +353,7 @@ def test_unreadable_inputs_stop_with_a_message(tmp_path: Path, fiddler: Emulator
         2,
         True,
     )
-    for finished in (done, shown, nowhere, served, looked, mistyped, unanswered):
+    for finished in (done, nowhere, unanswered):  # (the others ran here: a traceback fails)
         assert "Traceback" not in finished.stderr
 
 
@@ -536,11 +549,13 @@ def test_a_url_the_commands_cannot_use_is_said_plainly(url: str, said: str) -> N
         assert "Traceback" not in done.stderr
 
 
-def test_numbers_out_of_range_are_refused_by_the_parser() -> None:
-    port = cli("serve", "--port", "65537")  # used to wrap around to port 1
-    assert (port.returncode, "not a whole number 0 to 65535" in port.stderr) == (2, True)
-    events = cli("inspect", "--events", "-1")  # used to print every event
-    assert (events.returncode, "not a whole number 0 or more" in events.stderr) == (2, True)
+def test_numbers_out_of_range_are_refused_by_the_parser(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, said = refusal(capsys, "serve", "--port", "65537")  # used to wrap around to port 1
+    assert (code, "not a whole number 0 to 65535" in said) == (2, True)
+    code, said = refusal(capsys, "inspect", "--events", "-1")  # used to print every event
+    assert (code, "not a whole number 0 or more" in said) == (2, True)
 
 
 def test_a_database_of_someone_else_is_not_written_to(tmp_path: Path) -> None:
