@@ -56,6 +56,8 @@ __all__ = ["main"]
 
 DEFAULT_DB = "fiddler-emulator.db"
 SHOWN_PROBLEMS = 20
+LOOKUP_TIMEOUT = 15.0
+"""Seconds ``publish`` waits for the model's lookup (``--timeout`` if shorter)."""
 INSECURE_HELP = "send the token over plain http:// to another machine (a network you trust)"
 
 
@@ -257,8 +259,11 @@ class _FileJob:
 
     async def run(self, pub: AsyncPublisher, url: str) -> None:
         args = self.args
+        # A command waits less than a service for a server that does not answer at all: the
+        # usual cause is a wrong URL, which the retry budget would take 45 s to tell.
+        lookup_timeout = min(args.timeout, LOOKUP_TIMEOUT)
         try:
-            with anyio.fail_after(args.timeout):
+            with anyio.fail_after(lookup_timeout):
                 info = await pub.resolve(args.project, args.model)
         except NotFoundError as exc:
             raise _Fatal(f"{exc.message} at {url}") from None
@@ -271,7 +276,7 @@ class _FileJob:
             why = str(exc)
             if not why:  # the deadline: say what the server did meanwhile (503s, say)
                 last = pub.stats().last_error
-                why = f"no answer in {args.timeout:g} s" + (f" (last: {last})" if last else "")
+                why = f"no answer in {lookup_timeout:g} s" + (f" (last: {last})" if last else "")
             raise _Fatal(f"cannot use {url}: {why}") from None
         types = dict(info.columns)
         if args.update:

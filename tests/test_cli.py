@@ -572,3 +572,16 @@ def test_a_database_of_someone_else_is_not_written_to(tmp_path: Path) -> None:
     assert (serve.returncode, "holds other tables (mine)" in serve.stderr) == (2, True)
     with sqlite3.connect(theirs) as db:
         assert [name for (name,) in db.execute("SELECT name FROM sqlite_master")] == ["mine"]
+
+
+def test_a_server_that_never_answers_is_given_up_before_the_timeout(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A wrong URL: the lookup is given LOOKUP_TIMEOUT (15 s), not all of --timeout (120 s).
+    monkeypatch.setattr(cli_module, "LOOKUP_TIMEOUT", 0.5)
+    code, said = refusal(
+        capsys, "publish", str(EXAMPLE), "--project", "p", "--model", "m",
+        "--url", "http://127.0.0.1:1", "--token", "t",
+    )  # fmt: skip
+    assert code == 2
+    assert "cannot use http://127.0.0.1:1: no answer in 0.5 s" in said
