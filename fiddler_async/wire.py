@@ -14,6 +14,7 @@ import email.utils
 import json
 import math
 import platform
+import re
 import time
 import uuid
 import zlib
@@ -221,8 +222,16 @@ def error_from_response(response: httpx.Response, body: bytes | None, secret: st
     )
 
 
+# What a token is made of (base64url, JWT, API keys): a secret is blotted where it stands
+# whole, not inside longer words (a short token would otherwise mangle every message).
+_TOKEN_CHARS = r"[\w.~+/=-]"
+
+
 def _blot(text: str, secret: str) -> str:
-    return text.replace(secret, "[token]") if secret else text
+    if not secret:
+        return text
+    whole = rf"(?<!{_TOKEN_CHARS}){re.escape(secret)}(?!{_TOKEN_CHARS})"
+    return re.sub(whole, "[token]", text)
 
 
 def parse_model(data: Mapping[str, Any]) -> ModelInfo:

@@ -6,6 +6,7 @@ import datetime as dt
 import email.utils
 import functools
 import gzip
+import json
 import platform
 import time
 from typing import Any
@@ -579,6 +580,14 @@ async def test_a_lookup_answer_of_another_shape_is_an_api_error(
         with pytest.raises(APIError, match="unexpected answer") as raised:
             await pub.resolve("bank_churn", "bank_churn")
     assert raised.value.status == 200
+
+
+def test_a_short_token_is_blotted_where_it_stands_whole() -> None:
+    # A token of a few letters used to be cut out of every word: "[token]oken".
+    envelope = {"code": 401, "message": "invalid bearer token (Authorization: Bearer tok)"}
+    body = json.dumps({"error": envelope}).encode()
+    error = error_from_response(httpx.Response(401), body, "tok")
+    assert error.message == "invalid bearer token (Authorization: Bearer [token])"
 
 
 def test_a_status_past_599_is_no_server_error() -> None:
