@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import inspect
 import os
 import sys
@@ -19,7 +20,7 @@ import uuid
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextvars import ContextVar
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar
 
 import anyio
 import httpx
@@ -74,6 +75,7 @@ ErrorCallback = Callable[[DeliveryFailure], Awaitable[None] | None]
 
 _EventTime = int | float | Any  # epoch milliseconds, or a datetime
 EventId: TypeAlias = str | int | uuid.UUID
+_T = TypeVar("_T")
 """An id given for an event: sent and returned as text (see :func:`~.encode.event_id_text`)."""
 
 
@@ -629,7 +631,8 @@ class AsyncPublisher:
             if frame_ids is not None:
                 return frame_ids
         rows = _rows(events)
-        new = self._prepare_rows(dest, rows, event_ids, event_timestamps)
+        prepare = functools.partial(self._prepare_rows, dest, rows, event_ids, event_timestamps)
+        new = await _off_the_loop_if_many(len(rows), prepare)
         if new is not None:
             await self._queue_all(lane, new[0])
             return new[1]
@@ -703,9 +706,10 @@ class AsyncPublisher:
         stamp = None
         if self._config.stamp_publish_time and not dest.update:
             stamp = int(time.time() * 1000)  # one publish time for the batch
-        encoded = encode_frame(
-            frame, info, update=dest.update, event_ids=event_ids, stamp_millis=stamp
+        encode = functools.partial(
+            encode_frame, frame, info, update=dest.update, event_ids=event_ids, stamp_millis=stamp
         )
+        encoded = await _off_the_loop_if_many(len(frame), encode)
         if encoded is None:
             return None
         _aligned(event_ids, len(encoded.bodies), "event_ids")
@@ -1261,6 +1265,21 @@ class AsyncPublisher:
             outcome = self._on_error(failure)
             if inspect.isawaitable(outcome):
                 await outcome
+
+
+ROWS_OFF_THE_LOOP = 20_000
+"""A batch call of this many rows or more is encoded on a worker thread."""
+
+
+async def _off_the_loop_if_many(rows: int, encode: Callable[[], _T]) -> _T:
+    """``encode()`` of a batch call's ``rows``: here, or for many rows on a worker thread,
+    since encoding takes about a microsecond a row, and a call of hundreds of thousands would
+    hold the event loop (every request it serves) for as many tenths of a second. The rows
+    are queued after, all at once, so they keep together all the same; events published
+    meanwhile by other tasks go before them."""
+    if rows < ROWS_OFF_THE_LOOP:
+        return encode()
+    return await anyio.to_thread.run_sync(encode)
 
 
 def _rows(events: Any) -> list[Mapping[str, Any]]:

@@ -5,11 +5,15 @@ from __future__ import annotations
 from collections import Counter
 
 import anyio
+import anyio.lowlevel
+import pandas as pd
 import pytest
 
+from fiddler_async import publisher as publisher_module
 from fiddler_async.emulator import Emulator
 
-from .conftest import bank_event, eventually, loopback_publisher, publishes
+from .conftest import bank_event, eventually, loopback_publisher, mock_publisher, publishes
+from .in_process import InProcessFiddler
 
 pytestmark = pytest.mark.anyio
 
@@ -245,3 +249,33 @@ async def test_a_busy_destination_does_not_starve_a_quiet_one(fiddler: Emulator)
             await eventually(lambda: fiddler.count("bank_churn", "bank_churn_v2") == 1)
             busy = False
         await pub.aclose(0.1)
+
+
+@pytest.mark.parametrize("kind", ["dicts", "frame"])
+async def test_a_batch_of_many_rows_lets_other_tasks_run_while_it_is_encoded(
+    inproc: InProcessFiddler, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    monkeypatch.setattr(publisher_module, "ROWS_OFF_THE_LOOP", 100)  # many rows, made few
+    rows = [bank_event(i) for i in range(300)]
+    events = pd.DataFrame(rows) if kind == "frame" else rows
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await anyio.lowlevel.checkpoint()
+
+    async with mock_publisher(inproc) as pub:
+        await pub.resolve("bank_churn", "bank_churn")
+        await pub.publish_events_batch("bank_churn", "bank_churn", events[:1])  # imports done
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ticker)
+            await anyio.lowlevel.checkpoint()
+            before = ticks
+            ids = await pub.publish_events_batch("bank_churn", "bank_churn", events)
+            during = ticks - before
+            tg.cancel_scope.cancel()
+        assert (await pub.flush(5)).delivered == 301
+    assert during > 0
+    assert [e["event_id"] for e in inproc.stored()][1:] == ids  # together, in order
