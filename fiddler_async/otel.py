@@ -13,7 +13,8 @@ observed from ``stats()`` when the reader collects, so publishing costs nothing 
 - ``fiddler_async.processor.queue.capacity`` (gauge, ``{event}``): ``max_queue_events``;
 - ``fiddler_async.processor.processed`` (counter, ``{event}``): events that left the queue,
   handed on (no ``error.type``) or dropped by it (``error.type``: ``queue_full``,
-  ``queue_bytes``, ``forked``);
+  ``queue_bytes``, ``forked``, and ``shutdown`` for those still queued at the close
+  deadline);
 - ``fiddler_async.exporter.exported`` (counter, ``{event}``): events whose delivery ended,
   delivered (no ``error.type``), or not (``error.type``: ``failed``, ``spooled``, or the
   reason of a later drop: ``shutdown``, ``spool_full``, ...);
@@ -67,8 +68,10 @@ class _Instruments:
     gives back the same instrument for the same name, so callbacks cannot be per
     publisher."""
 
-    def __init__(self, meter: metrics.Meter) -> None:
+    def __init__(self, meter: metrics.Meter, provider: Any = None) -> None:
         self.publishers: list[_Reported] = []
+        self.provider = None if provider is None else weakref.ref(provider)
+        """The provider given, for one set made on it directly; None for the global set."""
         meter.create_observable_gauge(
             "fiddler_async.processor.queue.size",
             [self._observe(lambda p, r: [Observation(p.stats().queued_events, r.component)])],
@@ -89,7 +92,7 @@ class _Instruments:
         )
         meter.create_observable_counter(
             "fiddler_async.exporter.exported",
-            [self._observe(lambda p, r: _exported(p.stats(), r.component))],
+            [self._observe(lambda p, r: _exported(p, r.component))],
             unit="{event}",
             description="Events whose delivery has finished, delivered or not.",
         )
@@ -120,35 +123,66 @@ class _Instruments:
         """A callback observing every live publisher of this provider."""
 
         def callback(options: CallbackOptions) -> Iterable[Observation]:
-            for entry in list(self.publishers):
+            for entry in self._reported():
                 publisher = entry.ref()
                 if publisher is not None:
                     yield from observations(publisher, entry)
 
         return callback
 
+    def _reported(self) -> list[_Reported]:
+        """This set's publishers; for a provider given by name that has since become the
+        global one, those of the global set too. Its instruments were made on the provider
+        first, so the SDK keeps them and drops the global set's, made there later under the
+        same names (with their callbacks, silently)."""
+        shared = _global
+        if (
+            self.provider is not None
+            and shared is not None
+            and self.provider() is metrics.get_meter_provider()
+        ):
+            return [*self.publishers, *shared.publishers]
+        return list(self.publishers)
+
 
 def _processed(publisher: Any, entry: _Reported) -> list[Observation]:
     s, component = publisher.stats(), entry.component
-    dropped_here = sum(s.dropped.get(reason, 0) for reason in QUEUE_DROPS)
-    entry.handed_on = max(entry.handed_on, s.accepted - s.queued_events - dropped_here)
+    drops = _queue_drops(publisher, s)
+    entry.handed_on = max(entry.handed_on, s.accepted - s.queued_events - sum(drops.values()))
     found = [Observation(entry.handed_on, component)]
-    for reason in QUEUE_DROPS:
-        if reason in s.dropped:
-            found.append(Observation(s.dropped[reason], {**component, "error.type": reason}))
+    for reason, count in drops.items():
+        found.append(Observation(count, {**component, "error.type": reason}))
     return found
 
 
-def _exported(s: Any, component: dict[str, Any]) -> list[Observation]:
+def _queue_drops(publisher: Any, s: Any) -> dict[str, int]:
+    """The events the queue dropped, by reason: those still queued at the close deadline
+    among them (the rest of the ``shutdown`` drops were in flight: the exporter's)."""
+    drops = {reason: s.dropped[reason] for reason in QUEUE_DROPS if reason in s.dropped}
+    unsent = _ledger(publisher).dropped_unsent
+    if unsent:
+        drops["shutdown"] = unsent
+    return drops
+
+
+def _exported(publisher: Any, component: dict[str, Any]) -> list[Observation]:
+    s = publisher.stats()
     found = [
         Observation(s.delivered, component),
         Observation(s.failed, {**component, "error.type": "failed"}),
         Observation(s.spooled, {**component, "error.type": "spooled"}),
     ]
+    queue_drops = _queue_drops(publisher, s)
     for reason, count in s.dropped.items():
-        if reason not in QUEUE_DROPS:
-            found.append(Observation(count, {**component, "error.type": reason}))
+        after_the_queue = count - queue_drops.get(reason, 0)
+        if after_the_queue:
+            found.append(Observation(after_the_queue, {**component, "error.type": reason}))
     return found
+
+
+def _ledger(publisher: Any) -> Any:
+    """The counters of an AsyncPublisher, or of the one a sync Publisher runs."""
+    return getattr(publisher, "_publisher", publisher)._ledger
 
 
 _by_provider: weakref.WeakKeyDictionary[Any, _Instruments] = weakref.WeakKeyDictionary()
@@ -174,13 +208,15 @@ def instrument(publisher: Any, meter_provider: metrics.MeterProvider | None = No
         )
     global _global  # noqa: PLW0603  (made once, on first use)
     inner = publisher._publisher if isinstance(publisher, Publisher) else publisher
-    if meter_provider is metrics.get_meter_provider():  # the global one, named
+    current = metrics.get_meter_provider()
+    if meter_provider is current:  # the global one, named
         meter_provider = None
+    if meter_provider is None and _global is None and current in _by_provider:
+        meter_provider = current  # given by name before it became the global one: one set
     instruments = _global if meter_provider is None else _by_provider.get(meter_provider)
     if instruments is None:
-        instruments = _Instruments(
-            metrics.get_meter("fiddler_async", __version__, meter_provider=meter_provider)
-        )
+        meter = metrics.get_meter("fiddler_async", __version__, meter_provider=meter_provider)
+        instruments = _Instruments(meter, meter_provider)
         if meter_provider is None:
             _global = instruments
         else:

@@ -450,6 +450,7 @@ class AsyncPublisher:
                 self._writer.offer(lane.dest, items)
             else:
                 self._ledger.settle(items, "dropped", "shutdown")
+                self._ledger.dropped_unsent += len(items)
 
     def _abandoned(self) -> None:
         """The loop ends without ``aclose()``: nothing can be sent any more. Spool what is
@@ -872,6 +873,7 @@ class AsyncPublisher:
             self._buffer.offer(lane, body, fixup)
         else:
             self._ledger.settle([(self._ledger.next_seq(),)], "dropped", "shutdown")
+            self._ledger.dropped_unsent += 1
 
     # Internals
 

@@ -122,6 +122,9 @@ class Ledger:
         self.spooled = 0
         self.rejected = 0
         self.dropped: dict[str, int] = {}
+        self.dropped_unsent = 0
+        """Of the ``shutdown`` drops, the events that never left the queue (for the metrics:
+        the queue dropped those, not the exporter)."""
         self.requests = 0
         self.retries = 0
         self.responses: dict[str, int] = {}

@@ -229,3 +229,85 @@ def test_publishers_instrumented_before_the_sdk_is_set_up_are_all_reported() -> 
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[3, 5, 7]"
+
+
+@pytest.mark.parametrize(
+    "steps",
+    [
+        # The provider given by name, made global, then the global one used.
+        ["instrument(a, provider)", "metrics.set_meter_provider(provider)", "instrument(b)"],
+        # The global one used before the SDK is set up, the provider given, made global.
+        ["instrument(a)", "instrument(b, provider)", "metrics.set_meter_provider(provider)"],
+    ],
+    ids=["named-then-global", "global-then-named"],
+)
+def test_a_provider_given_by_name_and_as_the_global_one_reports_every_publisher(
+    steps: list[str],
+) -> None:
+    """Two sets of instruments of the same names on one SDK provider: the SDK keeps the first
+    and drops the other's callbacks, which lost a publisher's metrics without a word."""
+    script = textwrap.dedent(
+        """
+        import anyio
+        from opentelemetry import metrics
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+        from fiddler_async import AsyncPublisher, PublisherConfig
+        from fiddler_async.otel import instrument
+
+        async def main():
+            config = PublisherConfig(linger=3600)
+            a = AsyncPublisher("http://127.0.0.1:9", "t", config=config)
+            b = AsyncPublisher("http://127.0.0.1:9", "t", config=config)
+            reader = InMemoryMetricReader()
+            provider = MeterProvider(metric_readers=[reader])
+            STEPS
+            async with a, b:
+                for i in range(3):
+                    a.publish_event_nowait("p", "m", {"i": i})
+                for i in range(5):
+                    b.publish_event_nowait("p", "m", {"i": i})
+                data = reader.get_metrics_data()
+                print(sorted(
+                    point.value
+                    for resource in data.resource_metrics
+                    for scope in resource.scope_metrics
+                    for metric in scope.metrics
+                    if metric.name == "fiddler_async.processor.queue.size"
+                    for point in metric.data.data_points
+                ))
+                for publisher in (a, b):
+                    await publisher.aclose(0)
+
+        anyio.run(main)
+        """
+    ).replace("STEPS", "; ".join(steps))
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[3, 5]"
+
+
+async def test_events_still_queued_at_the_close_deadline_are_the_queues_drops(
+    fiddler: Emulator,
+) -> None:
+    reader = InMemoryMetricReader()
+    fiddler.set_faults(script=["hang"])
+    pub = loopback_publisher(fiddler, linger=0, max_in_flight=1)
+    async with pub:
+        instrument(pub, MeterProvider(metric_readers=[reader]))
+        await pub.resolve("bank_churn", "bank_churn")
+        for i in range(10):
+            pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(i))
+        await eventually(lambda: pub.stats().in_flight_events == 10)
+        for i in range(5):  # behind the hung request
+            pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(i))
+        await pub.aclose(0.2)
+    found = points(reader)
+    assert pub.stats().dropped == {"shutdown": 15}
+    assert value(found, "fiddler_async.processor.processed").value == 10
+    queue_drop = value(found, "fiddler_async.processor.processed", **{"error.type": "shutdown"})
+    assert queue_drop.value == 5
+    exported = value(found, "fiddler_async.exporter.exported", **{"error.type": "shutdown"})
+    assert exported.value == 10
