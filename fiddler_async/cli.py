@@ -247,6 +247,8 @@ class _FileJob:
         self.seconds = 0.0
         self.complete = False
         self.id_col: str | None = None
+        self.ts_format: str | None = None
+        """The model's time format, that text in its time column is read by."""
         self.stopped_at: int | None = None
         """The row at which publishing stopped: the queue stayed full for --timeout."""
         self.unread = 0
@@ -286,6 +288,7 @@ class _FileJob:
         else:
             required = tuple(c for c in (*info.inputs, *info.outputs) if c in types)
         self.id_col = info.event_id_col if args.update else None
+        self.ts_format = info.event_ts_format
         started = time.perf_counter()
         try:
             await self._publish_rows(pub, types, required)
@@ -360,7 +363,7 @@ class _FileJob:
         """The row as an event of the model, or RowError saying what is wrong with it."""
         if isinstance(row, RowError):
             raise row
-        event = coerce_row(line, row, types, required)
+        event = coerce_row(line, row, types, required, self.ts_format)
         if self.id_col and event[self.id_col] is None:
             raise RowError(line, "an update needs an event id", self.id_col)
         return event

@@ -12,6 +12,7 @@ import decimal
 import io
 import json
 import math
+import re
 from collections.abc import Generator, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -203,11 +204,16 @@ _ACCEPTED: dict[str, tuple[type, ...]] = {
 }
 
 
-def type_problem(data_type: str, value: Any) -> str | None:
+def type_problem(data_type: str, value: Any, ts_format: str | None = None) -> str | None:
     """Why ``value`` does not fit a column of ``data_type`` (None when it does). The one check
-    of column types, used by the emulator on what it receives and by the CLI before sending."""
+    of column types, used by the emulator on what it receives and by the CLI before sending.
+    A time given as text reads as ISO 8601 (a date first), or by the model's ``ts_format``."""
     if value is None:
         return None
+    if data_type == "timestamp" and isinstance(value, bool | str):
+        if isinstance(value, str) and _reads_as_time(value, ts_format):
+            return None
+        return f"expected a time, got {type(value).__name__} {value!r}"
     if data_type == "int":  # JSON has one number type: 38.0 is an integer value too
         integral = (
             isinstance(value, int)
@@ -224,6 +230,21 @@ def type_problem(data_type: str, value: Any) -> str | None:
     return None
 
 
+_ISO_DATE = re.compile(r"\s*[+-]?\d{4,}-\d{2}-\d{2}(?![\d-])")
+
+
+def _reads_as_time(text: str, ts_format: str | None) -> bool:
+    if _ISO_DATE.match(text):
+        return True
+    if ts_format and "%" in ts_format:
+        try:
+            dt.datetime.strptime(text, ts_format)
+        except ValueError:
+            return False
+        return True
+    return False
+
+
 def _integral_decimal(value: decimal.Decimal) -> bool:
     return value.is_finite() and value == value.to_integral_value()
 
@@ -233,6 +254,7 @@ def coerce_row(
     row: Mapping[str, Any],
     types: Mapping[str, str],
     required: tuple[str, ...] = (),
+    ts_format: str | None = None,
 ) -> dict[str, Any]:
     """The row with the model's types: text converted, empty text and NaN as null. Raises
     RowError naming the column for a value that does not fit, or a required column missing."""
@@ -254,7 +276,7 @@ def coerce_row(
                 value = _from_text(data_type, raw)
         except ValueError as exc:
             raise RowError(line, str(exc), column) from None
-        problem = type_problem(data_type, value)
+        problem = type_problem(data_type, value, ts_format)
         if problem:
             raise RowError(line, problem, column)
         out[column] = int(value) if data_type == "int" and isinstance(value, float) else value

@@ -90,6 +90,7 @@ def test_lookups_with_the_filter_syntax(client: httpx.Client, fiddler: Emulator)
     assert detail["project"] == {"id": project_id, "name": "bank_churn"}
     assert {"name": "age", "data_type": "int"} in detail["schema"]["columns"]
     assert "age" in detail["spec"]["inputs"]
+    assert detail["spec"]["custom_features"] == []  # every spec key of the protocol
 
 
 def test_errors_use_fiddlers_envelope(client: httpx.Client, fiddler: Emulator) -> None:
@@ -130,6 +131,17 @@ def test_publishing_validates_and_stores(client: httpx.Client, fiddler: Emulator
         "events[2].balance: expected float, got bool True",
         "events[3].age: expected int, got float 4.5",
     ]
+    # A time: epoch ms, or text that reads as one (ISO 8601); not a repr, not a bool.
+    times = [1700000000000, "2024-01-02 03:04:05.678000", "2024-01-02T03:04:05+05:30"]
+    timed = [{"event_id": f"t{i}", "timestamp": value} for i, value in enumerate(times)]
+    assert publish(client, model_id, timed).status_code == 202
+    untimed = [{"timestamp": "<built-in method now>"}, {"timestamp": True}, {"timestamp": "soon"}]
+    reasons = [e["message"] for e in publish(client, model_id, untimed).json()["error"]["errors"]]
+    assert reasons == [
+        "events[0].timestamp: expected a time, got str '<built-in method now>'",
+        "events[1].timestamp: expected a time, got bool True",
+        "events[2].timestamp: expected a time, got str 'soon'",
+    ]
     assert publish(client, model_id, [{"age": 1}] * 1001).status_code == 400
     assert publish(client, model_id, []).status_code == 400
     assert publish(client, "not-a-model", [{"age": 1}]).status_code == 404
@@ -137,7 +149,7 @@ def test_publishing_validates_and_stores(client: httpx.Client, fiddler: Emulator
     assert publish(client, model_id, [{"age": 1}], env_type="PRE_PRODUCTION").status_code == 400
     no_id = publish(client, model_id, [{"churn": "yes"}], method="PATCH")
     assert no_id.status_code == 400
-    assert fiddler.count() == 6  # nothing of the refused requests was stored
+    assert fiddler.count() == 9  # nothing of the refused requests was stored
 
 
 def test_updates_merge_and_duplicates_are_counted(client: httpx.Client, fiddler: Emulator) -> None:

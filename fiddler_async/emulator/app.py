@@ -213,7 +213,7 @@ def validate_events(model: ModelDef, events: list[Any], update: bool) -> list[st
             )
         for column, value in event.items():
             data_type = types.get(column)
-            problem = type_problem(data_type, value) if data_type else None
+            problem = type_problem(data_type, value, model.event_ts_format) if data_type else None
             if problem:
                 problems.append(f"events[{index}].{column}: {problem}")
     return problems
@@ -256,7 +256,7 @@ def _file_rows(
         try:
             if isinstance(row, RowError):
                 raise row
-            typed = coerce_row(line, row, model.types)
+            typed = coerce_row(line, row, model.types, ts_format=model.event_ts_format)
             try:
                 encode_event(typed)  # what the store cannot hold, Fiddler cannot take either
             except EventEncodeError as exc:

@@ -79,7 +79,11 @@ class ModelDef:
                 "schema_version": 1,
                 "columns": [{"name": n, "data_type": t} for n, t in self.columns],
             },
-            "spec": {"schema_version": 1, **{k: self.spec.get(k, []) for k in SPEC_KEYS}},
+            "spec": {
+                "schema_version": 1,
+                **{k: self.spec.get(k, []) for k in SPEC_KEYS},
+                "custom_features": [],  # (none emulated)
+            },
             "description": None,
             "event_id_col": self.event_id_col,
             "event_ts_col": self.event_ts_col,
