@@ -273,17 +273,17 @@ class EventBuffer:
         self, lane: Lane, bodies: list[bytes], fixups: list[Fixup | None] | None = None
     ) -> None:
         """Queue many events in order (``fixups`` beside ``bodies``; None when all are
-        final): at once when all fit, else one by one under the overflow policy."""
+        final): at once when all fit, else one by one under the overflow policy; none if
+        they could not fit even an empty queue (:meth:`refuse_never_fitting`)."""
         if fixups is None:
             stored = bodies
         else:
             stored = [pack(body, fixup) for body, fixup in zip(bodies, fixups, strict=True)]
         size = sum(map(len, stored))
+        self.refuse_never_fitting(len(stored), size)
         if not self.fits(len(stored), size):
             self._press()
-            if self._config.overflow != "drop_oldest" or not (
-                len(stored) <= self._max_events and size <= self._max_bytes
-            ):
+            if self._config.overflow != "drop_oldest":
                 for body, fixup in zip(bodies, fixups or [None] * len(bodies), strict=True):
                     self.offer(lane, body, fixup)
                 return

@@ -82,7 +82,7 @@ class ModelInfo:
             return b"%d" % seconds if not rest else orjson.dumps(millis / 1000)
         moment = dt.datetime.fromtimestamp(millis / 1000, tz=dt.timezone.utc)
         pattern = self.event_ts_format or ""
-        if moment.year < 1000:  # strftime writes "999", which the pattern cannot read back
+        if moment.year < 1000:  # %Y writes "999", which the pattern cannot read back
             year = f"{moment.year:04d}"
             pattern = "%%".join(part.replace("%Y", year) for part in pattern.split("%%"))
         return orjson.dumps(moment.strftime(pattern))

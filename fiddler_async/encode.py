@@ -106,8 +106,15 @@ def encode_event(event: Mapping[str, Any]) -> bytes:
     except TypeError:
         pass
     # The rare cases, tried only now that the usual way failed: numpy values orjson refuses
-    # (datetime64's NaT), and keys of a str subclass (a StrEnum, numpy.str_: class
-    # probabilities keyed by a classifier's ``classes_``), at any depth.
+    # (datetime64's NaT), and column names of a str subclass (a StrEnum, numpy.str_)...
+    if any(type(key) is not str and isinstance(key, str) for key in event):
+        event = {str.__str__(k) if isinstance(k, str) else k: v for k, v in event.items()}
+    try:
+        return _dumps(event, default=encode_default, option=_NUMPY_BY_DEFAULT)
+    except TypeError:
+        pass
+    # ...and such keys deeper (class probabilities keyed by a classifier's ``classes_``),
+    # which take a walk over every nested value.
     try:
         return _dumps(_plain_keys(event, 0), default=encode_default, option=_NUMPY_BY_DEFAULT)
     except TypeError as exc:
@@ -116,7 +123,7 @@ def encode_event(event: Mapping[str, Any]) -> bytes:
 
 def _plain_keys(value: Any, depth: int) -> Any:
     """``value`` with the keys of a str subclass in its mappings made plain strings."""
-    if depth >= _MAX_DEPTH:
+    if depth > _MAX_DEPTH:
         return value  # too deep for orjson in any case; _explain says so
     if isinstance(value, Mapping):
         return {
@@ -151,7 +158,7 @@ def _find_bad_value(
     containers on the way down to ``value``: one found again is a cycle, not infinite depth.
     A container whose items all encode is itself the value (a namedtuple, which orjson
     refuses whole). A value nested too deeply is named by its ``column``."""
-    if depth >= _MAX_DEPTH:
+    if depth > _MAX_DEPTH:
         return column, f"it is nested more than {_MAX_DEPTH} levels deep"
     try:
         _dumps(_plain_keys(value, depth), default=encode_default, option=_NUMPY_BY_DEFAULT)
@@ -186,8 +193,20 @@ def _find_bad_value(
                 return found
         within.discard(id(value))
     if "recursion limit" in reason.lower():  # orjson's word for too deep
+        if column is None and isinstance(value, Mapping):
+            # Each column encodes alone, one level shallower than in the event: name the
+            # first that does not at its depth in the event.
+            column = next((str(k) for k, v in value.items() if not _encodes([v])), None)
         return column or path or None, f"it is nested more than {_MAX_DEPTH} levels deep"
     return path or None, reason
+
+
+def _encodes(value: Any) -> bool:
+    try:
+        _dumps(value, default=encode_default, option=_NUMPY_BY_DEFAULT)
+    except TypeError:
+        return False
+    return True
 
 
 def compact(body: bytes) -> bytes:

@@ -45,10 +45,10 @@ class Exporter(Protocol):
         self,
         dest: Destination,
         items: Sequence[Item],
-        delivered: Callable[[Sequence[Item]], None] | None = None,
+        on_delivered: Callable[[Sequence[Item]], None] | None = None,
     ) -> list[tuple[Item, Exception]]:
         """Deliver ``items``; return those not delivered, each with its error. A batch may
-        go as several requests: ``delivered`` is given each request's events as its 2xx
+        go as several requests: ``on_delivered`` is given each request's events as its 2xx
         arrives, so that what was acknowledged before a cancellation is known."""
         ...
 

@@ -68,32 +68,40 @@ def frame_library(value: object) -> str | None:
 
 
 def is_frame(value: object) -> bool:
+    """A pandas or polars DataFrame, or a pyarrow Table (see :func:`frame_library`)."""
     return frame_library(value) is not None
 
 
-_LIBRARIES_TRIED: list[bool] = []
+_libraries_tried = False
 
 
 def libraries_tried() -> bool:
     """Whether :func:`import_libraries` ran."""
-    return bool(_LIBRARIES_TRIED)
+    return _libraries_tried
 
 
 def import_libraries() -> None:
     """Import pyarrow and polars where installed, for a worker thread: their first import
-    takes about half a second, which would hold the event loop at the first frame."""
-    for name in ("pyarrow", "polars"):
-        with contextlib.suppress(ImportError):
-            importlib.import_module(name)
-    _LIBRARIES_TRIED.append(True)
+    takes about half a second, which would hold the event loop at the first frame. One that
+    fails, however, is left to fail where it is needed (the rows then go one by one)."""
+    global _libraries_tried  # noqa: PLW0603  (tried once a process)
+    try:
+        for name in ("pyarrow", "polars"):
+            with contextlib.suppress(Exception):
+                importlib.import_module(name)
+    finally:
+        _libraries_tried = True
+
+
+def _column_names(frame: Any) -> list[Any]:
+    return list(frame.column_names if frame_library(frame) == "pyarrow" else frame.columns)
 
 
 def check_columns(frame: Any) -> None:
     """Refuse a frame whose column names are not unique strings, naming the column: as rows,
     a name that is not a string cannot be sent, and of two columns of one name only the last
     would be (pandas warns, then drops the other)."""
-    # polars' names are unique strings already; pandas' need not be
-    names = list(frame.column_names if frame_library(frame) == "pyarrow" else frame.columns)
+    names = _column_names(frame)  # polars' are unique strings already; pandas' need not be
     seen: set[str] = set()
     for name in names:
         if not isinstance(name, str):
@@ -462,7 +470,12 @@ def _pandas_for_file(frame: Any) -> Any:
             first = column.first_valid_index()
             if first is not None and isinstance(column[first], uuid.UUID):
                 changed[name] = column.map(lambda v: str(v) if isinstance(v, uuid.UUID) else v)
-    return frame.assign(**changed) if changed else frame
+    if not changed:
+        return frame
+    frame = frame.copy(deep=False)  # the caller's frame stays as it was
+    for name, column in changed.items():
+        frame[name] = column
+    return frame
 
 
 def _column_polars_refuses(frame: Any) -> str | None:
@@ -473,7 +486,7 @@ def _column_polars_refuses(frame: Any) -> str | None:
     library = frame_library(frame)
     if library not in ("pandas", "pyarrow"):
         return None
-    for name in frame.column_names if library == "pyarrow" else frame.columns:
+    for name in _column_names(frame):
         try:
             _to_polars(frame.select([name]) if library == "pyarrow" else frame[[name]], pl)
         except BaseException as exc:  # a panic in polars' Rust is no Exception

@@ -735,16 +735,17 @@ class AsyncPublisher:
         empty queue are refused whole under every policy."""
         buffer = self._buffer
         policy = self._config.overflow
-        if fixups is None:
-            size = sum(map(len, bodies))
-        else:  # as the queue counts them
-            size = sum(len(pack(b, f)) for b, f in zip(bodies, fixups, strict=True))
-        buffer.refuse_never_fitting(len(bodies), size)
-        if policy == "block":
-            await buffer.wait_for_room(len(bodies), size, self._config.block_timeout)
-        elif policy == "raise":
-            buffer.require_room(len(bodies), size)
-        buffer.offer_all(lane, bodies, fixups)
+        if policy in ("block", "raise"):
+            if fixups is None:
+                size = sum(map(len, bodies))
+            else:  # as the queue counts them
+                size = sum(len(pack(b, f)) for b, f in zip(bodies, fixups, strict=True))
+            buffer.refuse_never_fitting(len(bodies), size)
+            if policy == "block":
+                await buffer.wait_for_room(len(bodies), size, self._config.block_timeout)
+            else:
+                buffer.require_room(len(bodies), size)
+        buffer.offer_all(lane, bodies, fixups)  # which refuses them under the drop policies
 
     async def publish_file(
         self,

@@ -121,5 +121,8 @@ class RetryPolicy:
                     finally:
                         retry_deadline.reset(token)
         except RetryBudgetSpent:
-            raise last[0] from None
+            if not last:
+                raise
+            error = last[0]
+            raise error from error.__cause__  # as it was: its cause kept
         raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover

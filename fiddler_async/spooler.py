@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import anyio
@@ -321,7 +321,7 @@ class Replayer:
                     break  # this process spooled events meanwhile that go first: list again
                 if await self._waited_for_earlier(path.name, dest):
                     break  # what was accepted before this file's events may be spooled now
-                failed = await self._exporter.export(dest, batch.items)
+                failed = await self._export(batch, dest)
                 given_up = [(item, error) for item, error in failed if _refused(error)]
                 kept = [item for item, error in failed if not _refused(error)]
                 # Report first: a crash before the file goes repeats a dead letter, never loses one.
@@ -349,6 +349,21 @@ class Replayer:
             else:
                 first = next(iter(held.values()), None)
                 return ReplayResult(replayed, refused, skipped, first)
+
+    async def _export(self, batch: SpooledBatch, dest: Destination) -> list[tuple[Item, Exception]]:
+        """Send a file's events; what was not delivered, with why. Cut short (the close
+        deadline) after the server acknowledged some of its requests, the file keeps only the
+        rest, so that they are not sent again."""
+        acknowledged: list[Sequence[Item]] = []
+        try:
+            return await self._exporter.export(dest, batch.items, acknowledged.append)
+        except anyio.get_cancelled_exc_class():
+            if acknowledged:
+                gone = {id(item) for part in acknowledged for item in part}
+                rest = [item for item in batch.items if id(item) not in gone]
+                with anyio.CancelScope(shield=True):
+                    await self._settle_file(batch, dest, rest)
+            raise
 
     async def _settle_file(self, batch: SpooledBatch, dest: Destination, kept: list[Item]) -> int:
         """After a file was sent: remove it, or keep in it the events ``kept`` for a later

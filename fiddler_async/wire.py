@@ -155,11 +155,12 @@ def finalize_event(info: ModelInfo, update: bool, body: bytes, fixup: tuple[Any,
         ts_explicit=bool(flags & TS_EXPLICIT),
     )
     if remove:
-        # Read again with its numbers exact: orjson reads a wide integer or a long decimal (a
-        # Decimal's exact text, as encode_default writes it) as a double, rounding it.
-        exact = json.loads(body, parse_float=decimal.Decimal, parse_int=decimal.Decimal)
+        if orjson.dumps(event) != body:
+            # Read again with its numbers exact: orjson reads a wide integer or a long decimal
+            # (a Decimal's exact text, as encode_default writes it) as a double, rounding it.
+            event = json.loads(body, parse_float=decimal.Decimal, parse_int=decimal.Decimal)
         body = orjson.dumps(
-            {k: v for k, v in exact.items() if k not in remove}, default=encode_default
+            {k: v for k, v in event.items() if k not in remove}, default=encode_default
         )
     return splice_members(body, members)
 
@@ -594,11 +595,11 @@ class FiddlerV3Exporter:
         self,
         dest: Destination,
         items: Sequence[Item],
-        delivered: Callable[[Sequence[Item]], None] | None = None,
+        on_delivered: Callable[[Sequence[Item]], None] | None = None,
     ) -> list[tuple[Item, Exception]]:
         """Deliver ``items`` to ``dest``; returns the events that were not delivered, each with
         its error (the final error of its request, or why the event itself was refused).
-        ``delivered`` is given the events of each request as its 2xx arrives."""
+        ``on_delivered`` is given the events of each request as its 2xx arrives."""
         try:
             info = await self.resolve(dest.model)
         except Exception as exc:  # whatever it is, it is this batch's outcome
@@ -625,7 +626,12 @@ class FiddlerV3Exporter:
             budget = [4 * math.ceil(math.log2(count)) + 4] if count > 1 else [0]
             failed.extend(
                 await self._send_isolating(
-                    info, dest, ready[start:end], bodies[start:end], budget, delivered=delivered
+                    info,
+                    dest,
+                    ready[start:end],
+                    bodies[start:end],
+                    budget,
+                    on_delivered=on_delivered,
                 )
             )
         return failed
@@ -638,7 +644,7 @@ class FiddlerV3Exporter:
         bodies: list[bytes],
         budget: list[int],
         *,
-        delivered: Callable[[Sequence[Item]], None] | None,
+        on_delivered: Callable[[Sequence[Item]], None] | None,
     ) -> list[tuple[Item, Exception]]:
         """Send ``items`` (encoded as ``bodies``); if the server refuses them as a whole for
         what they hold (400, 413, 422), send each half on its own, down to the events it
@@ -669,12 +675,12 @@ class FiddlerV3Exporter:
             failed: list[tuple[Item, Exception]] = []
             for half, encoded in halves:
                 failed += await self._send_isolating(
-                    info, dest, half, encoded, budget, delivered=delivered
+                    info, dest, half, encoded, budget, on_delivered=on_delivered
                 )
             return failed
         budget[0] += 2 * len(items)
-        if delivered is not None:
-            delivered(items)
+        if on_delivered is not None:
+            on_delivered(items)
         return []
 
     async def _send(self, info: ModelInfo, dest: Destination, bodies: list[bytes]) -> None:

@@ -89,6 +89,7 @@ async def test_a_frame_file_takes_offset_times_and_uuids_and_names_what_it_canno
         customer_id=made,
         timestamp=pd.to_datetime(["2024-01-01 18:30:00+05:30", "2024-01-02 05:30:00+05:30"]),
     )
+    frame["self"] = made  # a name pandas' assign() takes for itself
     mixed = pd.DataFrame([bank_event(i) for i in range(2)]).assign(customer_id=["c0", 1])
     async with loopback_publisher(fiddler) as pub:
         job = await pub.publish_file("bank_churn", "bank_churn", frame)

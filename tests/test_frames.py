@@ -15,7 +15,7 @@ import orjson
 import pandas as pd
 import pytest
 
-from fiddler_async import EventBatchError, EventEncodeError, EventError
+from fiddler_async import EventBatchError, EventEncodeError, EventError, frames
 from fiddler_async.destination import ModelInfo
 from fiddler_async.emulator import Emulator
 from fiddler_async.encode import encode_event
@@ -469,3 +469,21 @@ async def test_a_dataframe_subclass_is_a_dataframe(fiddler: Emulator) -> None:
         "c2",
         "c2",
     ]
+
+
+async def test_a_polars_that_fails_to_import_leaves_the_rows_way(
+    fiddler: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A broken install (an import that raises other than ImportError) must not break every
+    batch call: it fails again where polars is needed, and the rows go one by one."""
+
+    def broken(name: str) -> None:
+        raise RuntimeError(f"{name} is broken")
+
+    monkeypatch.setattr(frames, "_libraries_tried", False)
+    monkeypatch.setattr(frames.importlib, "import_module", broken)
+    async with loopback_publisher(fiddler) as pub:
+        ids = await pub.publish_events_batch("bank_churn", "bank_churn", pandas_frame())
+        await pub.flush(5)
+    assert frames.libraries_tried()
+    assert sorted(e["event_id"] for e in fiddler.events()) == sorted(ids)

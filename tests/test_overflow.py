@@ -406,11 +406,16 @@ async def test_an_event_is_measured_as_queued_before_its_model_is_known(
 
 
 @pytest.mark.parametrize("overflow", ["drop_oldest", "drop_newest", "raise", "block"])
+@pytest.mark.parametrize(
+    "bound",
+    [{"max_queue_events": 10}, {"max_queue_bytes": 2048, "max_batch_bytes": 2048}],
+    ids=["events", "bytes"],
+)
 async def test_a_batch_larger_than_the_queue_is_refused_whole(
-    inproc: InProcessFiddler, overflow: str
+    inproc: InProcessFiddler, overflow: str, bound: dict[str, int]
 ) -> None:
     # Under the drop policies it used to push out its own first (or last) events.
-    async with mock_publisher(inproc, overflow=overflow, max_queue_events=10) as pub:
+    async with mock_publisher(inproc, overflow=overflow, **bound) as pub:
         await pub.publish_events_batch("bank_churn", "bank_churn", [bank_event(0)] * 4)
         with pytest.raises(QueueFullError, match="can never fit the queue"):
             await pub.publish_events_batch(

@@ -22,7 +22,7 @@ from fiddler_async import (
 )
 from fiddler_async._logging import RateLimitedLog
 from fiddler_async.emulator import Emulator
-from fiddler_async.retry import RetryPolicy, is_retryable
+from fiddler_async.retry import RetryBudgetSpent, RetryPolicy, is_retryable
 
 from .conftest import bank_event, config, loopback_publisher, publishes, retry_headers
 from .in_process import TOKEN, InProcessFiddler
@@ -225,3 +225,20 @@ async def test_a_timed_out_request_is_retried(fiddler: Emulator) -> None:
     assert stats.last_error is not None
     assert "timed out" in stats.last_error
     assert retry_headers(fiddler) == [None, "1"]
+
+
+async def test_a_retry_past_its_budget_at_the_gate_raises_the_last_error_as_it_was() -> None:
+    policy = RetryPolicy(config(), RateLimitedLog(0, logging.getLogger("test")))
+    cause = OSError("connection reset by peer")
+    first = ConnectError("POST /v3/events: reset")
+    first.__cause__ = cause
+
+    async def attempt(number: int) -> None:
+        if number == 0:
+            raise first
+        raise RetryBudgetSpent  # the gate: the retry could not go out in time
+
+    with pytest.raises(ConnectError) as raised:
+        await policy.call(attempt, what="x")
+    assert raised.value is first
+    assert raised.value.__cause__ is cause

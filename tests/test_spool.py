@@ -752,3 +752,31 @@ def test_a_loop_ending_without_aclose_is_not_silent(
     (record,) = [r for r in caplog.records if getattr(r, "fiddler_event", "") == "loop-ended"]
     assert "without aclose()" in record.getMessage()
     assert len(batch_files(tmp_path)) == (1 if spooled else 0)
+
+
+async def test_a_replay_cut_short_keeps_only_what_the_server_did_not_acknowledge(
+    fiddler: Emulator, tmp_path: Path
+) -> None:
+    # 1000 events spooled (their request hangs past the close deadline).
+    fiddler.set_faults(script=["hang"])
+    async with loopback_publisher(fiddler, spool_dir=tmp_path) as pub:
+        ids = await pub.publish_events_batch(
+            "bank_churn", "bank_churn", [bank_event(i) for i in range(1000)]
+        )
+        await eventually(lambda: len(publishes(fiddler)) == 1)
+        assert (await pub.aclose(0.2)).spooled == 1000
+    # The next process replays them: refused whole, the first half acknowledged, the second
+    # hangs; it closes meanwhile. The first half must not be in the spool any more.
+    fiddler.set_faults(script=["400", "ok", "hang"])
+    async with loopback_publisher(fiddler, spool_dir=tmp_path) as pub:
+        await eventually(lambda: len(publishes(fiddler)) == 4)  # the half that hangs is sent
+        await pub.aclose(0.2)
+    assert fiddler.count() == 500
+    (left,) = batch_files(tmp_path)
+    assert len(Spool(tmp_path, 10**9, fsync=False).read(left).items) == 500
+    # A third process sends the rest: each event once.
+    fiddler.set_faults(script=[])
+    async with loopback_publisher(fiddler, spool_dir=tmp_path) as pub:
+        await eventually(lambda: fiddler.count() == 1000)
+        assert (await pub.flush(5)).complete
+    assert sorted(stored_ids(fiddler)) == sorted(ids)
