@@ -146,8 +146,13 @@ class Flusher:
     def look_up_soon(self, ref: ModelRef) -> None:
         """Start looking a model up now, at its first event, rather than at its first batch:
         until its schema is known, an id the event carries cannot be returned by publish."""
-        if self._tasks is not None:
-            self._tasks.start_soon(self._look_up, ref)
+        if self._tasks is None:
+            return
+        try:
+            anyio.get_current_task()
+        except RuntimeError:  # a plain asyncio callback: no task to start one from
+            return  # (the first batch looks the model up)
+        self._tasks.start_soon(self._look_up, ref)
 
     async def _look_up(self, ref: ModelRef) -> None:
         with contextlib.suppress(Exception):  # a failure shows when the first batch is sent

@@ -20,6 +20,7 @@ import uuid
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextvars import ContextVar
+from threading import get_ident
 from typing import Any, TypeAlias, TypeVar
 
 import anyio
@@ -218,6 +219,8 @@ class AsyncPublisher:
         self._routes: dict[tuple[str, str, str, str | None, bool], tuple[Destination, Lane]] = {}
         self._models: dict[tuple[str, str], ModelRef] = {}
         self._state = _State.UNOPENED
+        self._thread: int | None = None
+        """The thread whose event loop started the publisher, the one it runs on."""
         self._client: httpx.AsyncClient | None = None
         self._exporter: FiddlerV3Exporter | None = None
         self._flusher: Flusher | None = None
@@ -278,6 +281,7 @@ class AsyncPublisher:
                     f"spool_dir {str(self._spool.directory)!r} cannot be used: {exc}"
                 ) from None
         self._state = _State.STARTING
+        self._thread = get_ident()
         _started_publishers.add(self)
         self._runner_scope = anyio.CancelScope()
         self._started, self._runner_done, self._closed = anyio.Event(), anyio.Event(), anyio.Event()
@@ -347,6 +351,7 @@ class AsyncPublisher:
         self._client = self._exporter = self._flusher = None
         self._runner_scope = self._started = self._runner_done = self._closed = None
         self._state = _State.UNOPENED
+        self._thread = None
 
     async def _run(self, flusher: Flusher, scope: anyio.CancelScope) -> None:
         assert self._started is not None
@@ -380,8 +385,11 @@ class AsyncPublisher:
         ``config.close_timeout``), then stop. At the deadline, requests in flight are cancelled
         and they and the events still queued are dropped (reason ``shutdown``); the result says
         what became of the events that were pending. Safe to call again, or concurrently (the
-        later calls wait for the first, up to their own timeout), and from any task.
+        later calls wait for the first, up to their own timeout), and from any task of the
+        event loop it runs on.
         """
+        if self._elsewhere():
+            raise self._not_open()
         timeout = self._config.close_timeout if timeout is None else timeout
         if self._state is _State.UNOPENED:
             self._state = _State.CLOSED
@@ -492,6 +500,8 @@ class AsyncPublisher:
         Returns on time, with what became of them; during a close, what became of the events
         the close sends (it waits for the close, up to ``timeout``). From an ``on_error``
         callback, it does not wait for the reports of the callback's own batch."""
+        if self._elsewhere():
+            raise self._not_open()
         if self._state in (_State.UNOPENED, _State.STARTING):
             raise PublisherClosedError("flush() before start()")
         timeout = self._config.flush_timeout if timeout is None else timeout
@@ -528,7 +538,7 @@ class AsyncPublisher:
         coroutine. A full queue applies the overflow policy; under ``block``, which cannot wait
         here, a full queue raises QueueFullError. Bad input raises at once and queues nothing.
         """
-        if self._state is not _State.OPEN:
+        if self._state is not _State.OPEN or get_ident() != self._thread:
             raise self._not_open()
         route = self._routes.get((project_id, model_id, env_type, env_name, update_event))
         if route is None:
@@ -577,7 +587,7 @@ class AsyncPublisher:
                 env_type=env_type,
                 env_name=env_name,
             )
-        if self._state is not _State.OPEN:
+        if self._state is not _State.OPEN or get_ident() != self._thread:
             raise self._not_open()
         dest, lane = self._route(project_id, model_id, env_type, env_name, update_event)
         new = (
@@ -614,7 +624,7 @@ class AsyncPublisher:
         the model's id column, and updates without ``event_ids`` are keyed by that column; but
         for ``lookup_wait`` at most, except those updates (see :class:`PublisherConfig`).
         """
-        if self._state is not _State.OPEN:
+        if self._state is not _State.OPEN or get_ident() != self._thread:
             raise self._not_open()
         dest, lane = self._route(project_id, model_id, env_type, env_name, update_event)
         if is_frame(events):
@@ -631,12 +641,31 @@ class AsyncPublisher:
             frame_ids = await self._queue_frame(dest, lane, events, event_ids)
             if frame_ids is not None:
                 return frame_ids
-        rows = _rows(events)
-        prepare = functools.partial(self._prepare_rows, dest, rows, event_ids, event_timestamps)
-        new = await _off_the_loop_if_many(len(rows), prepare)
+        # A frame is made rows on the worker thread too; an iterator is read here (it may be
+        # the caller's, of this loop), and has no length before.
+        source: Any = events if is_frame(events) else _rows(events)
+        prepare = functools.partial(
+            self._prepare_all, dest, source, event_ids, event_timestamps, update_event
+        )
+        bodies, fixups, returned = await _off_the_loop_if_many(len(source), prepare)
+        await self._queue_all(lane, bodies, fixups)
+        return returned
+
+    def _prepare_all(
+        self,
+        dest: Destination,
+        events: Any,
+        event_ids: list[Any] | None,
+        event_timestamps: list[Any] | None,
+        update_event: bool,
+    ) -> tuple[list[bytes], list[Fixup | None] | None, list[str]]:
+        """A batch call's rows as events to queue: bodies, fix-ups (None when all are
+        final), ids. All at once where they allow it (:meth:`_prepare_rows`), else one by one;
+        EventBatchError lists every bad row."""
+        rows = _rows(events) if is_frame(events) else events
+        new = self._prepare_rows(dest, rows, event_ids, event_timestamps)
         if new is not None:
-            await self._queue_all(lane, new[0])
-            return new[1]
+            return new[0], None, new[1]
         ids = _aligned(event_ids, len(rows), "event_ids")
         times = _aligned(event_timestamps, len(rows), "event_timestamps")
         bodies: list[bytes] = []
@@ -661,8 +690,7 @@ class AsyncPublisher:
                 returned.append(returned_id)
         if errors:
             raise EventBatchError(errors)
-        await self._queue_all(lane, bodies, fixups)
-        return returned
+        return bodies, fixups, returned
 
     async def _await_lookup(self, model: ModelRef, keyed: bool) -> None:
         """Wait for ``model``'s first lookup, so that ids the events carry are the ids
@@ -691,7 +719,7 @@ class AsyncPublisher:
                 await exporter.lookup_news(model)
             if model.info is None:
                 model.batch_wait_until = now  # an attempt failed: later calls do not wait
-        if self._state is not _State.OPEN:
+        if self._state is not _State.OPEN or get_ident() != self._thread:
             raise self._not_open()
         failure = exporter.lookup_failure(model)
         if model.info is None and failure is not None and not is_retryable(failure):
@@ -733,6 +761,8 @@ class AsyncPublisher:
         refuses all unless all fit (so a timeout, a cancellation or a refusal leaves none
         queued); the drop policies apply event by event. Events that could not fit even an
         empty queue are refused whole under every policy."""
+        if self._state is not _State.OPEN:  # a close came while they were prepared
+            raise self._not_open()
         buffer = self._buffer
         policy = self._config.overflow
         if policy in ("block", "raise"):
@@ -769,7 +799,7 @@ class AsyncPublisher:
         succeeded; FileJobError if it failed, FileJobTimeoutError (a TimeoutError, with the job's
         id) after ``timeout`` seconds. See
         :mod:`fiddler_async.backfill`."""
-        if self._state is not _State.OPEN:
+        if self._state is not _State.OPEN or get_ident() != self._thread:
             raise self._not_open()
         assert self._exporter is not None
         check_options(progress, poll_interval, timeout)
@@ -793,7 +823,7 @@ class AsyncPublisher:
         """Send what waits in the spool now, oldest first, stopping at the backend's first
         error (the background does the same on its own; this is for scripts and the
         ``fiddler-async replay`` command). Needs ``spool_dir``."""
-        if self._state is not _State.OPEN:
+        if self._state is not _State.OPEN or get_ident() != self._thread:
             raise self._not_open()
         if self._replayer is None:
             raise ConfigurationError("replay_spool() needs PublisherConfig(spool_dir=...)")
@@ -803,7 +833,7 @@ class AsyncPublisher:
         """Look the model up now (normally done in the background on first use) and return its
         schema facts. Useful at startup to fail fast on a wrong name, and to make the ids
         returned for events that carry their own id column exact from the first event."""
-        if self._state is not _State.OPEN:
+        if self._state is not _State.OPEN or get_ident() != self._thread:
             raise self._not_open()
         assert self._exporter is not None
         return await self._exporter.resolve(self._model_ref(project_id, model_id))
@@ -901,11 +931,21 @@ class AsyncPublisher:
         return self._route(key.project, key.model, key.env_type, key.env_name, key.update)[0]
 
     def _not_open(self) -> PublisherClosedError:
+        if self._elsewhere():
+            return PublisherClosedError(
+                "this publisher runs on the event loop of the thread that started it: use it "
+                "there (from another thread, use the sync Publisher, which is thread-safe)"
+            )
         if self._state is _State.UNOPENED:
             return PublisherClosedError("the publisher is not started: use `async with` or start()")
         if self._state is _State.STARTING:
             return PublisherClosedError("the publisher is starting: await start() first")
         return PublisherClosedError(f"the publisher is {self._state.value}")
+
+    def _elsewhere(self) -> bool:
+        """Called from a thread other than the one whose event loop runs the publisher:
+        its queue and events belong to that loop (and would be raced for, never sent)."""
+        return self._thread is not None and get_ident() != self._thread
 
     def _model_ref(self, project_id: str, model_id: str) -> ModelRef:
         key = (project_id, model_id)

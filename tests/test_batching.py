@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -251,12 +253,14 @@ async def test_a_busy_destination_does_not_starve_a_quiet_one(fiddler: Emulator)
         await pub.aclose(0.1)
 
 
-@pytest.mark.parametrize("kind", ["dicts", "frame"])
+@pytest.mark.parametrize("kind", ["dicts", "frame", "row-by-row"])
 async def test_a_batch_of_many_rows_lets_other_tasks_run_while_it_is_encoded(
     inproc: InProcessFiddler, monkeypatch: pytest.MonkeyPatch, kind: str
 ) -> None:
     monkeypatch.setattr(publisher_module, "ROWS_OFF_THE_LOOP", 100)  # many rows, made few
     rows = [bank_event(i) for i in range(300)]
+    if kind == "row-by-row":  # a null id to replace: the rows go the long way
+        rows[7]["event_id"] = None
     events = pd.DataFrame(rows) if kind == "frame" else rows
     ticks = 0
 
@@ -269,6 +273,14 @@ async def test_a_batch_of_many_rows_lets_other_tasks_run_while_it_is_encoded(
     async with mock_publisher(inproc) as pub:
         await pub.resolve("bank_churn", "bank_churn")
         await pub.publish_events_batch("bank_churn", "bank_churn", events[:1])  # imports done
+        one_by_one = pub._prepare
+        threads: set[int] = set()
+
+        def prepare(*args: Any) -> Any:
+            threads.add(threading.get_ident())
+            return one_by_one(*args)
+
+        monkeypatch.setattr(pub, "_prepare", prepare)
         async with anyio.create_task_group() as tg:
             tg.start_soon(ticker)
             await anyio.lowlevel.checkpoint()
@@ -278,4 +290,6 @@ async def test_a_batch_of_many_rows_lets_other_tasks_run_while_it_is_encoded(
             tg.cancel_scope.cancel()
         assert (await pub.flush(5)).delivered == 301
     assert during > 0
+    assert threading.get_ident() not in threads  # the long way, too, off the loop
+    assert bool(threads) == (kind == "row-by-row")
     assert [e["event_id"] for e in inproc.stored()][1:] == ids  # together, in order

@@ -6,6 +6,7 @@ import gc
 import socketserver
 import threading
 import warnings
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -13,6 +14,7 @@ import httpx
 import pytest
 
 from fiddler_async import AsyncPublisher, DeliveryFailure, PublisherClosedError, QueueFullError
+from fiddler_async import publisher as publisher_module
 from fiddler_async.emulator import Emulator
 from fiddler_async.stats import FlushResult
 
@@ -735,3 +737,58 @@ async def test_a_task_a_callback_started_waits_like_any_other(fiddler: Emulator)
         "plain": 50,
         "started by the callback": 50,
     }
+
+
+async def test_a_publisher_is_refused_from_another_thread(fiddler: Emulator) -> None:
+    """Its queue belongs to the event loop that started it: from a worker thread, a call
+    would race for it and never wake the flusher (the sync Publisher is for threads)."""
+    async with loopback_publisher(fiddler) as pub:
+        with pytest.raises(PublisherClosedError, match="the sync Publisher"):
+            await anyio.to_thread.run_sync(
+                lambda: pub.publish_event_nowait("bank_churn", "bank_churn", bank_event())
+            )
+        for call in (pub.flush, pub.aclose):
+            with pytest.raises(PublisherClosedError, match="the thread that started it"):
+                await anyio.to_thread.run_sync(lambda call=call: anyio.run(call))  # type: ignore[misc]
+        assert pub.stats().accepted == 0
+
+
+async def test_a_batch_prepared_while_the_publisher_closes_is_refused(
+    fiddler: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch of many rows is prepared on a worker thread: a close meanwhile settles what
+    was queued, and the batch, coming back, is refused whole (its ids would name events
+    never sent)."""
+    monkeypatch.setattr(publisher_module, "ROWS_OFF_THE_LOOP", 100)
+    entered, release = threading.Event(), threading.Event()
+    outcome: list[object] = []
+    pub = loopback_publisher(fiddler)
+    await pub.start()
+    real = pub._prepare_all
+
+    def held(*args: Any) -> Any:
+        entered.set()
+        release.wait(10)
+        return real(*args)
+
+    monkeypatch.setattr(pub, "_prepare_all", held)
+
+    async def batch() -> None:
+        try:
+            outcome.append(
+                await pub.publish_events_batch(
+                    "bank_churn", "bank_churn", [bank_event(i) for i in range(300)]
+                )
+            )
+        except PublisherClosedError as exc:
+            outcome.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(batch)
+        await eventually(entered.is_set)
+        result = await pub.aclose(1)
+        release.set()
+    assert result.complete
+    assert [type(o) for o in outcome] == [PublisherClosedError]
+    stats = pub.stats()
+    assert (stats.accepted, stats.pending) == (0, 0)

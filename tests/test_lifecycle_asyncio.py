@@ -29,3 +29,26 @@ async def test_a_natively_cancelled_close_still_closes(fiddler: Emulator) -> Non
     assert (result.dropped, result.pending) == (1, 0)
     with pytest.raises(PublisherClosedError):
         pub.publish_event_nowait("bank_churn", "bank_churn", bank_event())
+
+
+def test_a_models_first_event_from_a_plain_loop_callback(fiddler: Emulator) -> None:
+    """A loop callback has no task: the model's early lookup is left to its first batch,
+    instead of anyio's error out of the publish call. (A program of asyncio's own: under
+    anyio's runner, a callback passes for a task.)"""
+    outcome: list[object] = []
+
+    async def main() -> None:
+        def callback() -> None:
+            try:
+                outcome.append(pub.publish_event_nowait("bank_churn", "bank_churn", bank_event()))
+            except Exception as exc:  # the test's report of it
+                outcome.append(exc)
+
+        async with loopback_publisher(fiddler) as pub:
+            asyncio.get_running_loop().call_soon(callback)
+            await eventually(lambda: bool(outcome))
+            assert (await pub.flush(5)).delivered == 1
+
+    asyncio.run(main())
+    assert [type(o) for o in outcome] == [str]
+    assert [e["event_id"] for e in fiddler.events()] == outcome
