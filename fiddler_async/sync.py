@@ -63,7 +63,12 @@ T = TypeVar("T")
 _open_publishers: set[Publisher] = set()
 
 
+_exit_close_ran = False
+
+
 def _close_at_exit() -> None:
+    global _exit_close_ran  # noqa: PLW0603  (once a process)
+    _exit_close_ran = True
     for publisher in list(_open_publishers):
         publisher._close_at_exit()
 
@@ -257,6 +262,11 @@ class Publisher:
         self._start()
 
     def _start(self) -> None:
+        late = _exit_close_ran  # made after the close at exit (its daemon thread would die)
+        if late and threading.current_thread() is threading.main_thread():
+            raise PublisherClosedError(
+                "the interpreter is exiting: a publisher made now could send nothing"
+            )
         self._loop = _LoopThread(self._backend)
         assert self._loop.portal is not None
         try:
@@ -265,6 +275,8 @@ class Publisher:
             self._loop.stop()
             raise
         _open_publishers.add(self)
+        if late:  # by a thread still running: closed once it, and the others, have ended
+            atexit.register(self._close_at_exit)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -615,31 +627,48 @@ class Publisher:
                 # The first call is on this very thread, interrupted by a signal handler
                 # making this one: it cannot finish until we return. Close through the loop.
                 with contextlib.suppress(RuntimeError, concurrent.futures.CancelledError):
-                    return loop.portal.call(self._close_on_loop, timeout)
+                    return loop.portal.call(self._close_on_loop, timeout, closing)
             if closing.wait(None if math.isinf(timeout) else timeout):
+                if loop is not None and self._closing_thread != threading.get_ident():
+                    loop.stop()  # left running by a first call interrupted (Ctrl-C)
                 return self._close_result
             return FlushResult(pending=self.stats().pending)  # still closing, as aclose says
-        _open_publishers.discard(self)
         loop = self._loop
+        if loop is None or loop.portal is None or os.getpid() != self._pid:
+            self._closed_now(closing)
+            return self._close_result
         try:
-            if loop is not None and loop.portal is not None and os.getpid() == self._pid:
-                try:
-                    loop.portal.call(self._close_on_loop, timeout)
-                finally:
-                    loop.stop()
-        finally:
-            if self._callbacks is not None:
-                self._callbacks.stop()
-            # Taken from the async publisher, not the call's return: a call interrupted
-            # (Ctrl-C) returns nothing, while the close it began ran on to its end or was cut
-            # short there, and the later calls must say what it settled.
-            self._close_result = self._publisher._close_result
-            closing.set()
+            loop.portal.call(self._close_on_loop, timeout, closing)
+        except BaseException as exc:
+            if not isinstance(exc, Exception):
+                # Ctrl-C (or an exit) in the middle: the close goes on in the loop's thread
+                # to its deadline, at once, and says so when it ends; a later close(), or the
+                # one at exit, waits for it and gets what it settled.
+                raise
+            loop.stop()
+            self._closed_now(closing)
+            raise
+        loop.stop()
+        self._closed_now(closing)
         return self._close_result
 
-    async def _close_on_loop(self, timeout: float) -> FlushResult:
-        self._drain()  # what was handed off before the close is the close's to send
-        return await self._publisher.aclose(timeout)
+    async def _close_on_loop(self, timeout: float, closing: threading.Event) -> FlushResult:
+        try:
+            self._drain()  # what was handed off before the close is the close's to send
+            return await self._publisher.aclose(timeout)
+        finally:
+            # Here, on the loop, whether or not the caller still waits: an interrupted one
+            # does not, and the later calls must say what this close settled.
+            self._closed_now(closing)
+
+    def _closed_now(self, closing: threading.Event) -> None:
+        """The close is over: record what it settled (from the async publisher, not a
+        call's return, which an interrupted call never gets) and let the waiting calls go."""
+        if self._callbacks is not None:
+            self._callbacks.stop()
+        self._close_result = self._publisher._close_result
+        _open_publishers.discard(self)
+        closing.set()
 
     def _close_at_exit(self) -> None:
         timeout = self._exit_timeout

@@ -26,6 +26,7 @@ from fiddler_async import (
     PublisherClosedError,
     QueueFullError,
 )
+from fiddler_async import sync as sync_module
 from fiddler_async.emulator import Emulator
 from fiddler_async.stats import FlushResult
 
@@ -188,6 +189,16 @@ def forget():
 forget()
 import gc; gc.collect()
 """,
+    # Made by a thread still running once the main one ended, after the close at exit ran.
+    "a publisher made after the exit began": """
+import threading
+def late():
+    threading.main_thread().join()
+    pub = Publisher(url, token, config=PublisherConfig(linger=3600))
+    for i in range(1000):
+        pub.publish_event("bank_churn", "bank_churn", {"customer_id": f"c{i}", "age": 40})
+threading.Thread(target=late).start()
+""",
 }
 
 
@@ -206,6 +217,33 @@ def test_the_exit_flush_reaches_every_publisher(fiddler: Emulator, case: str) ->
     )
     assert child.returncode == 0, child.stderr
     assert fiddler.count() == 1000, child.stderr
+
+
+def test_a_publisher_made_in_an_exit_hook_is_refused(fiddler: Emulator) -> None:
+    """It could send nothing: its thread would die with the interpreter, its events too."""
+    script = textwrap.dedent(
+        """
+        import atexit, sys
+        from fiddler_async import Publisher, PublisherClosedError
+
+        def at_exit():
+            try:
+                Publisher(sys.argv[1], sys.argv[2])
+            except PublisherClosedError as exc:
+                print("refused:", exc)
+
+        atexit.register(at_exit)
+        """
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", script, fiddler.url, TOKEN],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert child.returncode == 0, child.stderr
+    assert "refused: the interpreter is exiting" in child.stdout
 
 
 def hold_the_loop(pub: Publisher, seconds: float) -> None:
@@ -340,6 +378,41 @@ def test_a_close_cut_short_by_ctrl_c_is_reported_by_the_next(
     again = pub.close(0.5)
     assert (again.delivered, again.dropped, again.pending) == (0, 10, 0)
     assert pub.stats().dropped == {"shutdown": 10}
+
+
+def test_a_close_interrupted_by_ctrl_c_goes_on_and_is_waited_for(
+    fiddler: Emulator, backend: str
+) -> None:
+    """Ctrl-C (a BaseException) in close(): it reaches the caller at once, the close goes on
+    on the loop to its deadline, and the next close() waits for it and says what it settled.
+    (The interrupt used to wait up to 5 s for the loop to stop, then settle for an empty
+    result, losing the events without a word when the close's deadline was further.)"""
+
+    class Interrupted(BaseException):  # as KeyboardInterrupt is
+        pass
+
+    def interrupt(*_: object) -> None:
+        raise Interrupted
+
+    pub = sync_publisher(fiddler, backend, linger=3600)
+    for i in range(10):
+        pub.publish_event("bank_churn", "bank_churn", bank_event(i))
+    fiddler.set_faults(script=["hang"])  # the close's request never gets an answer
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    try:
+        timer = threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGUSR1))
+        timer.start()
+        with pytest.raises(Interrupted):
+            pub.close(2)
+        timer.join()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert pub._closing is not None
+    assert not pub._closing.is_set()  # still closing, in the background
+    assert pub in sync_module._open_publishers  # so the close at exit would wait for it too
+    again = pub.close(10)
+    assert (again.delivered, again.dropped, again.pending) == (0, 10, 0)
+    assert pub not in sync_module._open_publishers
 
 
 def test_a_second_close_without_a_deadline_waits_for_the_first(
