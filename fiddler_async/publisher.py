@@ -388,7 +388,7 @@ class AsyncPublisher:
         later calls wait for the first, up to their own timeout), and from any task of the
         event loop it runs on.
         """
-        if self._elsewhere():
+        if self._elsewhere() and self._state is not _State.CLOSED:
             raise self._not_open()
         timeout = self._config.close_timeout if timeout is None else timeout
         if self._state is _State.UNOPENED:
@@ -500,7 +500,7 @@ class AsyncPublisher:
         Returns on time, with what became of them; during a close, what became of the events
         the close sends (it waits for the close, up to ``timeout``). From an ``on_error``
         callback, it does not wait for the reports of the callback's own batch."""
-        if self._elsewhere():
+        if self._elsewhere() and self._state is not _State.CLOSED:
             raise self._not_open()
         if self._state in (_State.UNOPENED, _State.STARTING):
             raise PublisherClosedError("flush() before start()")

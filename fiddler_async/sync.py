@@ -64,12 +64,16 @@ _open_publishers: set[Publisher] = set()
 
 
 _exit_close_ran = False
+_exit_lock = threading.Lock()
+"""Between the close at exit taking its list and a publisher being added to it."""
 
 
 def _close_at_exit() -> None:
     global _exit_close_ran  # noqa: PLW0603  (once a process)
-    _exit_close_ran = True
-    for publisher in list(_open_publishers):
+    with _exit_lock:
+        _exit_close_ran = True
+        publishers = list(_open_publishers)
+    for publisher in publishers:
         publisher._close_at_exit()
 
 
@@ -89,6 +93,9 @@ _register_exit_close()
 
 
 def _after_fork_in_child() -> None:
+    global _exit_close_ran, _exit_lock  # noqa: PLW0603  (the child's own)
+    _exit_close_ran = False  # forked by a thread that outlived the parent's main one
+    _exit_lock = threading.Lock()
     for publisher in list(_open_publishers):
         publisher._lock = threading.RLock()  # another thread may have held it at the fork
 
@@ -253,6 +260,8 @@ class Publisher:
         self._drain_scheduled = False
         self._closing: threading.Event | None = None
         self._closing_thread: int | None = None
+        self._first_close_running = False
+        """The first close() call is still on its caller's stack (not interrupted)."""
         """The thread of the first ``close()``."""
         self._close_result = FlushResult()
         self._fast = self._publisher.config.overflow in ("drop_oldest", "drop_newest")
@@ -262,8 +271,8 @@ class Publisher:
         self._start()
 
     def _start(self) -> None:
-        late = _exit_close_ran  # made after the close at exit (its daemon thread would die)
-        if late and threading.current_thread() is threading.main_thread():
+        # Made after the close at exit (in an atexit hook): its daemon thread would die.
+        if _exit_close_ran and threading.current_thread() is threading.main_thread():
             raise PublisherClosedError(
                 "the interpreter is exiting: a publisher made now could send nothing"
             )
@@ -274,7 +283,9 @@ class Publisher:
         except BaseException:
             self._loop.stop()
             raise
-        _open_publishers.add(self)
+        with _exit_lock:
+            _open_publishers.add(self)
+            late = _exit_close_ran
         if late:  # by a thread still running: closed once it, and the others, have ended
             atexit.register(self._close_at_exit)
 
@@ -619,20 +630,29 @@ class Publisher:
                 return FlushResult()
             loop = self._loop
             if (
-                self._closing_thread == threading.get_ident()
+                self._first_close_running
+                and self._closing_thread == threading.get_ident()
                 and not closing.is_set()
                 and loop is not None
                 and loop.portal is not None
             ):
                 # The first call is on this very thread, interrupted by a signal handler
-                # making this one: it cannot finish until we return. Close through the loop.
+                # making this one: it cannot finish until we return. Close through the loop
+                # (this one only waits there; the first call's close still ends the close).
                 with contextlib.suppress(RuntimeError, concurrent.futures.CancelledError):
-                    return loop.portal.call(self._close_on_loop, timeout, closing)
+                    return loop.portal.call(self._close_on_loop, timeout, None)
             if closing.wait(None if math.isinf(timeout) else timeout):
-                if loop is not None and self._closing_thread != threading.get_ident():
-                    loop.stop()  # left running by a first call interrupted (Ctrl-C)
+                if loop is not None and not self._first_close_running:
+                    loop.stop()  # left running by a first call that was interrupted (Ctrl-C)
                 return self._close_result
             return FlushResult(pending=self.stats().pending)  # still closing, as aclose says
+        self._first_close_running = True
+        try:
+            return self._first_close(closing, timeout)
+        finally:
+            self._first_close_running = False
+
+    def _first_close(self, closing: threading.Event, timeout: float) -> FlushResult:
         loop = self._loop
         if loop is None or loop.portal is None or os.getpid() != self._pid:
             self._closed_now(closing)
@@ -641,29 +661,31 @@ class Publisher:
             loop.portal.call(self._close_on_loop, timeout, closing)
         except BaseException as exc:
             if not isinstance(exc, Exception):
-                # Ctrl-C (or an exit) in the middle: the close goes on in the loop's thread
-                # to its deadline, at once, and says so when it ends; a later close(), or the
-                # one at exit, waits for it and gets what it settled.
+                # Ctrl-C (or an exit) in the middle: it reaches the caller at once, while
+                # the close goes on in the loop's thread to its deadline; a later close(), or
+                # the one at exit, waits for it, gets what it settled, and stops the thread.
                 raise
             loop.stop()
             self._closed_now(closing)
             raise
         loop.stop()
-        self._closed_now(closing)
         return self._close_result
 
-    async def _close_on_loop(self, timeout: float, closing: threading.Event) -> FlushResult:
+    async def _close_on_loop(self, timeout: float, closing: threading.Event | None) -> FlushResult:
+        """The close, on the loop. The first close() ends it (``closing``), there, whether
+        or not its caller still waits: an interrupted one does not."""
         try:
             self._drain()  # what was handed off before the close is the close's to send
             return await self._publisher.aclose(timeout)
         finally:
-            # Here, on the loop, whether or not the caller still waits: an interrupted one
-            # does not, and the later calls must say what this close settled.
-            self._closed_now(closing)
+            if closing is not None:
+                self._closed_now(closing)
 
     def _closed_now(self, closing: threading.Event) -> None:
         """The close is over: record what it settled (from the async publisher, not a
         call's return, which an interrupted call never gets) and let the waiting calls go."""
+        if closing.is_set():
+            return
         if self._callbacks is not None:
             self._callbacks.stop()
         self._close_result = self._publisher._close_result

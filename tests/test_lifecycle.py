@@ -739,7 +739,9 @@ async def test_a_task_a_callback_started_waits_like_any_other(fiddler: Emulator)
     }
 
 
-async def test_a_publisher_is_refused_from_another_thread(fiddler: Emulator) -> None:
+async def test_a_publisher_is_refused_from_another_thread(
+    fiddler: Emulator, anyio_backend: str
+) -> None:
     """Its queue belongs to the event loop that started it: from a worker thread, a call
     would race for it and never wake the flusher (the sync Publisher is for threads)."""
     async with loopback_publisher(fiddler) as pub:
@@ -751,6 +753,9 @@ async def test_a_publisher_is_refused_from_another_thread(fiddler: Emulator) -> 
             with pytest.raises(PublisherClosedError, match="the thread that started it"):
                 await anyio.to_thread.run_sync(lambda call=call: anyio.run(call))  # type: ignore[misc]
         assert pub.stats().accepted == 0
+    # Closed, it may be closed again from anywhere: the result is the close's.
+    closed = await anyio.to_thread.run_sync(lambda: anyio.run(pub.aclose, backend=anyio_backend))
+    assert closed.complete
 
 
 async def test_a_batch_prepared_while_the_publisher_closes_is_refused(

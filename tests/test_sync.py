@@ -410,9 +410,13 @@ def test_a_close_interrupted_by_ctrl_c_goes_on_and_is_waited_for(
     assert pub._closing is not None
     assert not pub._closing.is_set()  # still closing, in the background
     assert pub in sync_module._open_publishers  # so the close at exit would wait for it too
+    early = pub.close(0.1)  # a shorter wait says it is not over, and does not end it
+    assert (early.complete, pub._closing.is_set()) == (False, False)
     again = pub.close(10)
     assert (again.delivered, again.dropped, again.pending) == (0, 10, 0)
     assert pub not in sync_module._open_publishers
+    assert pub._loop is not None
+    assert not pub._loop.thread.is_alive()  # stopped by the close that saw the end
 
 
 def test_a_second_close_without_a_deadline_waits_for_the_first(
