@@ -34,6 +34,8 @@ class Timed:
     def __init__(self, inproc: InProcessFiddler) -> None:
         self.inner = inproc.transport()
         self.seen: list[tuple[float, int, int]] = []  # (time, status, concurrent)
+        self.sent: dict[str, list[float]] = {}
+        """When each batch was sent (for batches of one event: by its customer)."""
         self.answering = 0
 
     async def __call__(self, request: httpx.Request) -> httpx.Response:
@@ -41,6 +43,8 @@ class Timed:
             return await self.inner.handle_async_request(request)
         self.answering += 1
         came, concurrent = anyio.current_time(), self.answering
+        first = orjson.loads(request.content)["source"]["events"][0]
+        self.sent.setdefault(first.get("customer_id"), []).append(came)
         try:
             response = await self.inner.handle_async_request(request)
         finally:
@@ -49,10 +53,14 @@ class Timed:
         return response
 
 
-def publisher(timed: Timed, **changes: Any) -> AsyncPublisher:
+def publisher(timed: Timed, on_error: Any = None, **changes: Any) -> AsyncPublisher:
     transport = httpx.MockTransport(timed)
     return AsyncPublisher(
-        "https://fiddler.test", TOKEN, config=config(**changes), transport=transport
+        "https://fiddler.test",
+        TOKEN,
+        config=config(**changes),
+        transport=transport,
+        on_error=on_error,
     )
 
 
@@ -127,30 +135,18 @@ async def test_a_retry_waits_at_an_open_breaker_within_its_budget(
     """No retry goes out later than retry_max_elapsed after its request's first attempt, even
     while it waits for its turn to probe; past that, its batch fails with the last error."""
     inproc.state.faults.update({"error_503": 1.0, "retry_after": 0})
-    inner = inproc.transport()
-    sent: dict[str, list[float]] = {}  # each batch's (one customer's) requests, when sent
-
-    async def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/v3/events":
-            (event,) = orjson.loads(request.content)["source"]["events"]
-            sent.setdefault(event["customer_id"], []).append(anyio.current_time())
-        return await inner.handle_async_request(request)
-
+    timed = Timed(inproc)
     failures: list[Any] = []
-    async with AsyncPublisher(
-        "https://fiddler.test",
-        TOKEN,
-        config=config(
-            linger=0,
-            max_batch_events=1,
-            max_in_flight=4,
-            breaker_threshold=3,
-            breaker_probe_interval=1,
-            retry_max_attempts=100,
-            retry_max_elapsed=2,
-        ),
-        transport=httpx.MockTransport(handler),
+    async with publisher(
+        timed,
         on_error=failures.append,
+        linger=0,
+        max_batch_events=1,
+        max_in_flight=4,
+        breaker_threshold=3,
+        breaker_probe_interval=1,
+        retry_max_attempts=100,
+        retry_max_elapsed=2,
     ) as pub:
         await pub.resolve("bank_churn", "bank_churn")
         for i in range(4):
@@ -158,7 +154,7 @@ async def test_a_retry_waits_at_an_open_breaker_within_its_budget(
         result = await pub.flush(10_000)
     assert result.failed == 4
     assert {type(f.error).__name__ for f in failures} == {"ServerError"}
-    assert len(sent) == 4
-    for times in sent.values():
+    assert len(timed.sent) == 4
+    for times in timed.sent.values():
         assert max(times) <= min(times) + 2
-    assert sum(map(len, sent.values())) > 4  # some were retried
+    assert sum(map(len, timed.sent.values())) > 4  # some were retried

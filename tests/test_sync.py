@@ -123,14 +123,19 @@ print("published", flush=True)
 """
 
 
-def run_child(fiddler: Emulator, timeout: float) -> subprocess.CompletedProcess[str]:
+def run_script(fiddler: Emulator, script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``script`` in a Python of its own, given the emulator's URL and token, then ``args``."""
     return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(CHILD), fiddler.url, TOKEN, str(timeout)],
+        [sys.executable, "-c", textwrap.dedent(script), fiddler.url, TOKEN, *args],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
+
+
+def run_child(fiddler: Emulator, timeout: float) -> subprocess.CompletedProcess[str]:
+    return run_script(fiddler, CHILD, str(timeout))
 
 
 def test_a_script_that_never_closes_is_flushed_at_exit(fiddler: Emulator) -> None:
@@ -208,21 +213,14 @@ def test_the_exit_flush_reaches_every_publisher(fiddler: Emulator, case: str) ->
         "import sys\nfrom fiddler_async import Publisher, PublisherConfig\n"
         "url, token = sys.argv[1], sys.argv[2]\n" + EXIT_CASES[case]
     )
-    child = subprocess.run(
-        [sys.executable, "-c", script, fiddler.url, TOKEN],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    child = run_script(fiddler, script)
     assert child.returncode == 0, child.stderr
     assert fiddler.count() == 1000, child.stderr
 
 
 def test_a_publisher_made_in_an_exit_hook_is_refused(fiddler: Emulator) -> None:
     """It could send nothing: its thread would die with the interpreter, its events too."""
-    script = textwrap.dedent(
-        """
+    script = """
         import atexit, sys
         from fiddler_async import Publisher, PublisherClosedError
 
@@ -234,14 +232,7 @@ def test_a_publisher_made_in_an_exit_hook_is_refused(fiddler: Emulator) -> None:
 
         atexit.register(at_exit)
         """
-    )
-    child = subprocess.run(
-        [sys.executable, "-c", script, fiddler.url, TOKEN],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    child = run_script(fiddler, script)
     assert child.returncode == 0, child.stderr
     assert "refused: the interpreter is exiting" in child.stdout
 
@@ -349,6 +340,29 @@ def test_an_on_error_may_publish_and_look_up_but_not_wait_for_reports(
     assert sorted(e["customer_id"] for e in fiddler.events()) == ["c1", "c2"]
 
 
+def close_interrupted(
+    pub: Publisher, fiddler: Emulator, kind: type[BaseException], timeout: float
+) -> None:
+    """Queue 10 events, then close() with a server that never answers, interrupted 0.1 s in
+    by a signal handler raising ``kind`` (which the caller gets)."""
+
+    def interrupt(*_: object) -> None:
+        raise kind
+
+    for i in range(10):
+        pub.publish_event("bank_churn", "bank_churn", bank_event(i))
+    fiddler.set_faults(script=["hang"])  # the close's request never gets an answer
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    try:
+        timer = threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGUSR1))
+        timer.start()
+        with pytest.raises(kind):
+            pub.close(timeout)
+        timer.join()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
 def test_a_close_cut_short_by_ctrl_c_is_reported_by_the_next(
     fiddler: Emulator, backend: str
 ) -> None:
@@ -359,22 +373,8 @@ def test_a_close_cut_short_by_ctrl_c_is_reported_by_the_next(
     class Interrupted(Exception):
         pass
 
-    def interrupt(*_: object) -> None:
-        raise Interrupted
-
     pub = sync_publisher(fiddler, backend, linger=3600)
-    for i in range(10):
-        pub.publish_event("bank_churn", "bank_churn", bank_event(i))
-    fiddler.set_faults(script=["hang"])  # the close's request never gets an answer
-    previous = signal.signal(signal.SIGUSR1, interrupt)
-    try:
-        timer = threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGUSR1))
-        timer.start()
-        with pytest.raises(Interrupted):
-            pub.close(0.5)
-        timer.join()
-    finally:
-        signal.signal(signal.SIGUSR1, previous)
+    close_interrupted(pub, fiddler, Interrupted, 0.5)
     again = pub.close(0.5)
     assert (again.delivered, again.dropped, again.pending) == (0, 10, 0)
     assert pub.stats().dropped == {"shutdown": 10}
@@ -391,22 +391,8 @@ def test_a_close_interrupted_by_ctrl_c_goes_on_and_is_waited_for(
     class Interrupted(BaseException):  # as KeyboardInterrupt is
         pass
 
-    def interrupt(*_: object) -> None:
-        raise Interrupted
-
     pub = sync_publisher(fiddler, backend, linger=3600)
-    for i in range(10):
-        pub.publish_event("bank_churn", "bank_churn", bank_event(i))
-    fiddler.set_faults(script=["hang"])  # the close's request never gets an answer
-    previous = signal.signal(signal.SIGUSR1, interrupt)
-    try:
-        timer = threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGUSR1))
-        timer.start()
-        with pytest.raises(Interrupted):
-            pub.close(2)
-        timer.join()
-    finally:
-        signal.signal(signal.SIGUSR1, previous)
+    close_interrupted(pub, fiddler, Interrupted, 2)
     assert pub._closing is not None
     assert not pub._closing.is_set()  # still closing, in the background
     assert pub in sync_module._open_publishers  # so the close at exit would wait for it too
