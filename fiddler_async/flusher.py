@@ -37,7 +37,7 @@ _report_under_way: ContextVar[tuple[Flusher, int] | None] = ContextVar(
 )
 """In an on_error callback: the flusher reporting, and the batch (its oldest event)."""
 
-__all__ = ["DeliveryFailure", "Exporter", "Flusher"]
+__all__ = ["DeliveryFailure", "Exporter", "Flusher", "items_without"]
 
 
 class Exporter(Protocol):
@@ -235,14 +235,14 @@ class Flusher:
             # Only aclose() cancels a delivery, at its deadline. A request under way may or
             # may not have reached the server; we cannot know, so its events are spilled
             # (sent again from the spool: a duplicate at worst) or else count as dropped.
-            unsettled = _without(batch, acknowledged)
+            unsettled = items_without(batch, acknowledged)
             if self._spill is not None:
                 self._spill(dest, unsettled)
             else:
                 ledger.settle(unsettled, "dropped", "shutdown")
             raise
         except Exception as exc:
-            unsettled = _without(batch, acknowledged)
+            unsettled = items_without(batch, acknowledged)
             ledger.settle(unsettled, "failed")
             ledger.last_error = f"{type(exc).__name__}: {exc}"
             if unsettled:
@@ -341,8 +341,9 @@ class Flusher:
                 self._waiting.remove(own)
 
 
-def _without(batch: list[Item], settled: list[Sequence[Item]]) -> list[Item]:
-    """The events of ``batch`` not among the ``settled`` parts of it."""
+def items_without(batch: list[Item], settled: list[Sequence[Item]]) -> list[Item]:
+    """The events of ``batch`` not among the ``settled`` parts of it (each request's events,
+    acknowledged before a delivery was cut short)."""
     if not settled:
         return batch
     gone = {id(item) for part in settled for item in part}

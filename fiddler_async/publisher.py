@@ -75,8 +75,8 @@ ErrorCallback = Callable[[DeliveryFailure], Awaitable[None] | None]
 """Called with every delivery failure; may be a plain function or a coroutine function."""
 
 _EventTime = int | float | Any  # epoch milliseconds, or a datetime
-EventId: TypeAlias = str | int | uuid.UUID
 _T = TypeVar("_T")
+EventId: TypeAlias = str | int | uuid.UUID
 """An id given for an event: sent and returned as text (see :func:`~.encode.event_id_text`)."""
 
 
@@ -386,9 +386,11 @@ class AsyncPublisher:
         and they and the events still queued are dropped (reason ``shutdown``); the result says
         what became of the events that were pending. Safe to call again, or concurrently (the
         later calls wait for the first, up to their own timeout), and from any task of the
-        event loop it runs on.
+        event loop it runs on (once closed, from anywhere).
         """
-        if self._elsewhere() and self._state is not _State.CLOSED:
+        if self._state is _State.CLOSED:
+            return self._close_result
+        if self._elsewhere():
             raise self._not_open()
         timeout = self._config.close_timeout if timeout is None else timeout
         if self._state is _State.UNOPENED:
@@ -538,6 +540,7 @@ class AsyncPublisher:
         coroutine. A full queue applies the overflow policy; under ``block``, which cannot wait
         here, a full queue raises QueueFullError. Bad input raises at once and queues nothing.
         """
+        # The publish hot path: _require_open() inlined.
         if self._state is not _State.OPEN or get_ident() != self._thread:
             raise self._not_open()
         route = self._routes.get((project_id, model_id, env_type, env_name, update_event))
@@ -587,7 +590,7 @@ class AsyncPublisher:
                 env_type=env_type,
                 env_name=env_name,
             )
-        if self._state is not _State.OPEN or get_ident() != self._thread:
+        if self._state is not _State.OPEN or get_ident() != self._thread:  # (inlined too)
             raise self._not_open()
         dest, lane = self._route(project_id, model_id, env_type, env_name, update_event)
         new = (
@@ -624,8 +627,7 @@ class AsyncPublisher:
         the model's id column, and updates without ``event_ids`` are keyed by that column; but
         for ``lookup_wait`` at most, except those updates (see :class:`PublisherConfig`).
         """
-        if self._state is not _State.OPEN or get_ident() != self._thread:
-            raise self._not_open()
+        self._require_open()
         dest, lane = self._route(project_id, model_id, env_type, env_name, update_event)
         if is_frame(events):
             check_columns(events)
@@ -719,8 +721,7 @@ class AsyncPublisher:
                 await exporter.lookup_news(model)
             if model.info is None:
                 model.batch_wait_until = now  # an attempt failed: later calls do not wait
-        if self._state is not _State.OPEN or get_ident() != self._thread:
-            raise self._not_open()
+        self._require_open()
         failure = exporter.lookup_failure(model)
         if model.info is None and failure is not None and not is_retryable(failure):
             raise failure
@@ -761,8 +762,7 @@ class AsyncPublisher:
         refuses all unless all fit (so a timeout, a cancellation or a refusal leaves none
         queued); the drop policies apply event by event. Events that could not fit even an
         empty queue are refused whole under every policy."""
-        if self._state is not _State.OPEN:  # a close came while they were prepared
-            raise self._not_open()
+        self._require_open()  # a close may have come while they were prepared
         buffer = self._buffer
         policy = self._config.overflow
         if policy in ("block", "raise"):
@@ -799,8 +799,7 @@ class AsyncPublisher:
         succeeded; FileJobError if it failed, FileJobTimeoutError (a TimeoutError, with the job's
         id) after ``timeout`` seconds. See
         :mod:`fiddler_async.backfill`."""
-        if self._state is not _State.OPEN or get_ident() != self._thread:
-            raise self._not_open()
+        self._require_open()
         assert self._exporter is not None
         check_options(progress, poll_interval, timeout)
         listed = _listed(event_ids, "event_ids")
@@ -823,8 +822,7 @@ class AsyncPublisher:
         """Send what waits in the spool now, oldest first, stopping at the backend's first
         error (the background does the same on its own; this is for scripts and the
         ``fiddler-async replay`` command). Needs ``spool_dir``."""
-        if self._state is not _State.OPEN or get_ident() != self._thread:
-            raise self._not_open()
+        self._require_open()
         if self._replayer is None:
             raise ConfigurationError("replay_spool() needs PublisherConfig(spool_dir=...)")
         return await self._replayer.replay_pass()
@@ -833,8 +831,7 @@ class AsyncPublisher:
         """Look the model up now (normally done in the background on first use) and return its
         schema facts. Useful at startup to fail fast on a wrong name, and to make the ids
         returned for events that carry their own id column exact from the first event."""
-        if self._state is not _State.OPEN or get_ident() != self._thread:
-            raise self._not_open()
+        self._require_open()
         assert self._exporter is not None
         return await self._exporter.resolve(self._model_ref(project_id, model_id))
 
@@ -941,6 +938,11 @@ class AsyncPublisher:
         if self._state is _State.STARTING:
             return PublisherClosedError("the publisher is starting: await start() first")
         return PublisherClosedError(f"the publisher is {self._state.value}")
+
+    def _require_open(self) -> None:
+        """PublisherClosedError unless open, and called on the thread whose loop runs it."""
+        if self._state is not _State.OPEN or get_ident() != self._thread:
+            raise self._not_open()
 
     def _elsewhere(self) -> bool:
         """Called from a thread other than the one whose event loop runs the publisher:

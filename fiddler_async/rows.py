@@ -231,10 +231,11 @@ def type_problem(data_type: str, value: Any, ts_format: str | None = None) -> st
 
 
 _ISO_DATE = re.compile(r"\s*[+-]?\d{4,}-\d{2}-\d{2}(?![\d-])")
+_EPOCH = re.compile(r"\s*-?\d+(\.\d+)?\s*")  # as a CSV cell holds epoch milliseconds
 
 
 def _reads_as_time(text: str, ts_format: str | None) -> bool:
-    if _ISO_DATE.match(text):
+    if _ISO_DATE.match(text) or _EPOCH.fullmatch(text):
         return True
     if ts_format and "%" in ts_format:
         try:

@@ -30,7 +30,7 @@ from .exceptions import (
     PermissionDeniedError,
     PublisherClosedError,
 )
-from .flusher import DeliveryFailure, Exporter
+from .flusher import DeliveryFailure, Exporter, items_without
 from .spool import Spool, SpoolCorruptError, SpooledBatch, SpoolFullError, SpoolKey, replay_key
 from .stats import Ledger
 from .wire import POISON_STATUSES
@@ -359,10 +359,9 @@ class Replayer:
             return await self._exporter.export(dest, batch.items, acknowledged.append)
         except anyio.get_cancelled_exc_class():
             if acknowledged:
-                gone = {id(item) for part in acknowledged for item in part}
-                rest = [item for item in batch.items if id(item) not in gone]
+                rest = items_without(batch.items, acknowledged)
                 with anyio.CancelScope(shield=True):
-                    await self._settle_file(batch, dest, rest)
+                    self.replayed += await self._settle_file(batch, dest, rest)
             raise
 
     async def _settle_file(self, batch: SpooledBatch, dest: Destination, kept: list[Item]) -> int:

@@ -260,9 +260,9 @@ class Publisher:
         self._drain_scheduled = False
         self._closing: threading.Event | None = None
         self._closing_thread: int | None = None
+        """The thread of the first ``close()``."""
         self._first_close_running = False
         """The first close() call is still on its caller's stack (not interrupted)."""
-        """The thread of the first ``close()``."""
         self._close_result = FlushResult()
         self._fast = self._publisher.config.overflow in ("drop_oldest", "drop_newest")
         self._loop: _LoopThread | None = None

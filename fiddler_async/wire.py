@@ -223,9 +223,9 @@ def error_from_response(response: httpx.Response, body: bytes | None, secret: st
     )
 
 
-# What a token is made of (base64url, JWT, API keys): a secret is blotted where it stands
-# whole, not inside longer words (a short token would otherwise mangle every message).
-_TOKEN_CHARS = r"[\w.~+/=-]"
+# A secret is blotted where it stands whole, not inside a longer word (a short token would
+# otherwise mangle every message); punctuation around it ("token=X.") does not hide it.
+_TOKEN_CHARS = r"[A-Za-z0-9_]"
 
 
 def _blot(text: str, secret: str) -> str:

@@ -430,6 +430,17 @@ def test_file_integers_are_read_exactly() -> None:
             coerce_row(7, {"n": text}, types)
 
 
+def test_file_times_are_epoch_digits_or_text_that_reads_as_a_time() -> None:
+    """A CSV cell is text: epoch milliseconds come as digits, and are a time too."""
+    types = {"at": "timestamp"}
+    for text in ("1700000000000", "1700000000000.5", "2024-01-02 03:04:05", "2024-01-02T03:04Z"):
+        assert coerce_row(1, {"at": text}, types) == {"at": text}
+    assert coerce_row(1, {"at": "02/01/2024"}, types, ts_format="%d/%m/%Y")
+    for text in ("soon", "<built-in method now>", "02/01/2024"):
+        with pytest.raises(RowError, match="column 'at': expected a time"):
+            coerce_row(7, {"at": text}, types)
+
+
 def test_inspect_by_url_shows_the_model_served_when_none_is_named(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

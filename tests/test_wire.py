@@ -588,6 +588,11 @@ def test_a_short_token_is_blotted_where_it_stands_whole() -> None:
     body = json.dumps({"error": envelope}).encode()
     error = error_from_response(httpx.Response(401), body, "tok")
     assert error.message == "invalid bearer token (Authorization: Bearer [token])"
+    # Quoted with punctuation around it, a token is blotted all the same.
+    secret = "fdl_9f8e7d6c.5b4a-x"
+    for said in (f"token={secret} is not valid.", f"?access_token={secret}&", f"bad {secret}."):
+        body = json.dumps({"error": {"code": 401, "message": said}}).encode()
+        assert secret not in error_from_response(httpx.Response(401), body, secret).message
 
 
 def test_a_status_past_599_is_no_server_error() -> None:
