@@ -309,6 +309,7 @@ class EventBuffer:
     def require_room(self, events: int, size: int) -> None:
         """QueueFullError (all of them counted as rejected) unless ``events`` events of
         ``size`` bytes in all fit now: the ``raise`` policy for a batch, all or nothing."""
+        self.refuse_never_fitting(events, size)  # (saying so, rather than "no room now")
         if not self.fits(events, size):
             self._ledger.rejected += events
             raise QueueFullError(f"queue has no room for {events} events; none queued")

@@ -770,12 +770,11 @@ class AsyncPublisher:
                 size = sum(map(len, bodies))
             else:  # as the queue counts them
                 size = sum(len(pack(b, f)) for b, f in zip(bodies, fixups, strict=True))
-            buffer.refuse_never_fitting(len(bodies), size)
             if policy == "block":
                 await buffer.wait_for_room(len(bodies), size, self._config.block_timeout)
             else:
                 buffer.require_room(len(bodies), size)
-        buffer.offer_all(lane, bodies, fixups)  # which refuses them under the drop policies
+        buffer.offer_all(lane, bodies, fixups)  # (which refuses what could never fit)
 
     async def publish_file(
         self,

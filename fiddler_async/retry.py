@@ -113,9 +113,7 @@ class RetryPolicy:
             async for try_ in retrying:
                 with try_:
                     number = try_.retry_state.attempt_number - 1
-                    if not number:
-                        return await attempt(number)
-                    token = retry_deadline.set(deadline)
+                    token = retry_deadline.set(deadline if number else math.inf)
                     try:
                         return await attempt(number)
                     finally:
