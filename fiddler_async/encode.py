@@ -229,13 +229,16 @@ def splice_members(body: bytes, members: list[bytes]) -> bytes:
 
 # The times a datetime can hold (years 1 to 9999), in epoch milliseconds.
 _MIN_MILLIS, _MAX_MILLIS = -62_135_596_800_000, 253_402_300_799_999
+# Epoch seconds since March 1973 (what time.time() gives) read as milliseconds fall here, in
+# 1970-01-02 to 1973-03-03: a time no monitored event has, which would file it out of sight.
+_SECONDS_FROM, _SECONDS_UNTIL = 100_000_000, 100_000_000_000
 
 
 def epoch_millis(value: object, field: str = "event_timestamp") -> int:
     """Epoch milliseconds from a number (already ms; numpy's too) or a datetime (naive means
     UTC; numpy's ``datetime64`` too), within years 1 to 9999 (what a time column's format can
-    write)."""
-    if type(value) is int and _MIN_MILLIS <= value <= _MAX_MILLIS:  # the usual: no checks more
+    write). A number that reads as epoch seconds since 1973 is refused, not filed in 1970."""
+    if type(value) is int and _SECONDS_UNTIL <= value <= _MAX_MILLIS:  # the usual: no more checks
         return value
     if isinstance(value, dt.datetime):
         if value != value:  # noqa: PLR0124  (pandas.NaT)
@@ -256,6 +259,15 @@ def epoch_millis(value: object, field: str = "event_timestamp") -> int:
         if not (math.isfinite(number) and _MIN_MILLIS <= number <= _MAX_MILLIS):
             raise EventError(
                 f"{field} must be epoch milliseconds between years 1 and 9999, got {value!r}"
+            )
+        if _SECONDS_FROM <= number < _SECONDS_UNTIL:
+            epoch = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+            as_seconds = epoch + dt.timedelta(seconds=number)
+            as_millis = epoch + dt.timedelta(milliseconds=number)
+            raise EventError(
+                f"{field} must be epoch milliseconds: {value!r} looks like epoch seconds "
+                f"({as_seconds:%Y-%m-%d}; as milliseconds it is {as_millis:%Y-%m-%d}). "
+                "Pass int(time.time() * 1000), or a datetime"
             )
         return round(number)
     if isinstance(value, dt.date):

@@ -574,8 +574,8 @@ class AsyncPublisher:
         """Queue one event and return its id (Fiddler's ``publish_event``, without the wait).
 
         ``project_id`` and ``model_id`` are names (a model's UUID is accepted as ``model_id``).
-        ``event_id`` and ``event_timestamp`` (epoch milliseconds, or a datetime) are written
-        into the model's event id and timestamp columns; without an ``event_id`` one is
+        ``event_id`` and ``event_timestamp`` (epoch milliseconds, not seconds; or a datetime)
+        are written into the model's event id and timestamp columns; without an ``event_id`` one is
         generated. ``update_event=True`` sends the event as an update (PATCH) of the event with
         that id. Waits only when the queue is full and the overflow policy is ``block``.
         """

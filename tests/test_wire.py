@@ -615,6 +615,30 @@ async def test_an_impossible_timestamp_is_refused_at_the_caller(inproc: InProces
         assert pub.stats().accepted == 0
 
 
+async def test_epoch_seconds_are_refused_at_the_caller_not_filed_in_1970(
+    inproc: InProcessFiddler,
+) -> None:
+    seconds = [1_764_370_000, 1_764_370_000.25, np.int64(1_764_370_000)]  # time.time()'s kind
+    async with mock_publisher(inproc) as pub:
+        await pub.resolve("p", "m")
+        for when in seconds:
+            with pytest.raises(fiddler_async.EventError, match="looks like epoch seconds"):
+                pub.publish_event_nowait("p", "m", {"x": 1}, event_timestamp=when)
+            with pytest.raises(fiddler_async.EventError, match="2025-11-28.*1970-01-21"):
+                await pub.publish_event("p", "m", {"x": 1}, event_id="e", event_timestamp=when)
+        with pytest.raises(fiddler_async.EventBatchError) as info:
+            await pub.publish_events_batch(
+                "p", "m", [{"x": 1}, {"x": 2}], event_timestamps=[1_764_370_000_000, seconds[0]]
+            )
+        assert list(info.value.errors) == [1]
+        assert pub.stats().accepted == 0
+        # Milliseconds, and the first day of 1970 (a test's small numbers), go as given.
+        for when in (1_764_370_000_000, 5):
+            pub.publish_event_nowait("p", "m", {"x": when}, event_timestamp=when)
+        assert (await pub.flush(5)).delivered == 2
+    assert [event["at"][:10] for event in inproc.stored("p", "m")] == ["2025-11-28", "1970-01-01"]
+
+
 async def test_a_year_before_1000_is_written_as_the_time_format_reads_it(
     inproc: InProcessFiddler,
 ) -> None:
