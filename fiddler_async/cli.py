@@ -732,7 +732,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--db", default=":memory:", help="SQLite file (default: in memory)")
     serve.add_argument("--models", help="a TOML file of projects and models (default: bank_churn)")
-    serve.add_argument("--count-only", action="store_true", help="count events, store nothing")
+    serve.add_argument(
+        "--count-only", action="store_true", help="count events (read: their ids), store nothing"
+    )
     faults = serve.add_argument_group(
         "faults",
         "what the emulator does wrong, from the start (none by default); answers lost after "

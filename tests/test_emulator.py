@@ -572,3 +572,31 @@ def test_a_file_job_runs_after_its_answer_and_the_emulator_goes_on_answering(
     held_jobs.set()
     assert job_when_done(client, job_id)["status"] == "SUCCESS"
     assert fiddler.events() == [{"event_id": "j1", "age": 40}]
+
+
+def test_a_count_only_emulator_counts_events_and_answers_their_ids() -> None:
+    """The benchmark's sink reads only each event's id: it answers the ids (the event's own,
+    or new UUIDs), counts new events (not updates), and leaves what is not a list of events
+    to the full way, which refuses it as a full emulator does."""
+    with running_emulator(count_only=True, models=MODELS, token=TOKEN) as em:
+
+        def publish(model: str, events: Any, method: str = "POST") -> httpx.Response:
+            body = {"model_id": em.model("p", model).id, "source": {"type": "EVENTS"}}
+            body["source"]["events"] = events
+            return httpx.request(method, f"{em.url}/v3/events", json=body, headers=AUTH)
+
+        answer = publish("m", [{"row_id": "a", "x": {"deep": [1]}}, {"x": 2}, {"row_id": 7}])
+        assert answer.status_code == 202
+        ids = answer.json()["data"]["event_ids"]
+        assert (ids[0], ids[2], uuid.UUID(ids[1]).version) == ("a", "7", 4)
+        new = publish("noid", [{"x": 1}, {"x": 2}]).json()["data"]["event_ids"]
+        assert len({uuid.UUID(text) for text in new}) == 2
+        assert publish("m", [{"row_id": "a", "y": 1}], "PATCH").status_code == 202
+        assert publish("m", [{"y": 1}], "PATCH").status_code == 400  # keyed by nothing
+        assert (em.count("p", "m"), em.count("p", "noid")) == (3, 2)  # the update: not one
+        for events in ([], [1, 2], "x", [{"row_id": "r"}] * 1001):
+            assert publish("m", events).status_code == 400
+        unknown = {"model_id": str(uuid.uuid4()), "source": {"type": "EVENTS", "events": [{}]}}
+        missing = httpx.post(f"{em.url}/v3/events", json=unknown, headers=AUTH)
+        assert missing.status_code == 404
+        assert em.count() == 5

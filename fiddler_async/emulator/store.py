@@ -127,6 +127,11 @@ class Store:
                 raise
             self._db.execute("COMMIT")
 
+    def add_count(self, model_id: str, events: int) -> None:
+        """What a count-only store keeps of new events: how many, by model."""
+        with self._lock:
+            self._counts[model_id] = self._counts.get(model_id, 0) + events
+
     def insert(
         self,
         model_id: str,
@@ -136,8 +141,7 @@ class Store:
         events: Sequence[Mapping[str, Any]],
     ) -> None:
         if self.count_only:
-            with self._lock:
-                self._counts[model_id] = self._counts.get(model_id, 0) + len(events)
+            self.add_count(model_id, len(events))
             return
         where = (model_id, env_type, env_name)
         with self._transaction() as db:
