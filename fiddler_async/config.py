@@ -9,6 +9,8 @@ encoded events, whichever is reached first.
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -161,6 +163,19 @@ class PublisherConfig(BaseModel):
         if self.retry_backoff_initial > self.retry_backoff_max:
             raise ValueError("retry_backoff_initial must not exceed retry_backoff_max")
         return self
+
+
+def seconds_or(default: float, timeout: object, name: str = "timeout") -> float:
+    """A ``timeout`` argument in seconds (``default`` for None; 0 or less: no wait), checked
+    before a call does anything with it: NaN, or not a number, raises naming it."""
+    if timeout is None:
+        return default
+    if not isinstance(timeout, numbers.Real) or isinstance(timeout, bool):
+        raise TypeError(f"{name} must be a number of seconds, got {type(timeout).__qualname__!r}")
+    seconds = float(timeout)
+    if math.isnan(seconds):
+        raise ValueError(f"{name} must be a number of seconds, got NaN")
+    return seconds
 
 
 @contextlib.contextmanager

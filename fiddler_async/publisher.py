@@ -30,7 +30,7 @@ import orjson
 from ._logging import RateLimitedLog, event, logger
 from .backfill import FileJob, ProgressCallback, check_options, publish_file
 from .buffer import EventBuffer, Fixup, Item, Lane, pack
-from .config import PublisherConfig
+from .config import PublisherConfig, seconds_or
 from .destination import ENV_TYPES, Destination, ModelInfo, ModelRef, model_uuid
 from .encode import (
     ENCODE_OPTIONS,
@@ -170,37 +170,19 @@ class AsyncPublisher:
     ) -> None:
         url = url if url is not None else os.environ.get("FIDDLER_URL")
         token = token if token is not None else os.environ.get("FIDDLER_TOKEN")
-        if not url:
-            raise ConfigurationError("no Fiddler URL: pass url= or set FIDDLER_URL")
-        if not token:
-            raise ConfigurationError("no Fiddler token: pass token= or set FIDDLER_TOKEN")
-        if not (token.isascii() and token.isprintable()):
-            # A header cannot carry it: every request would fail before it left.
-            raise ConfigurationError(
-                "the Fiddler token holds a character an HTTP header cannot carry (a line "
-                "break read from a file?): strip it"
-            )
         if config is not None and not isinstance(config, PublisherConfig):
             raise ConfigurationError(
                 f"config must be a PublisherConfig, got {type(config).__qualname__!r}: "
                 "e.g. config=PublisherConfig(linger=0.1)"
             )
-        try:
-            parsed = httpx.URL(url)
-        except httpx.InvalidURL as exc:
-            raise ConfigurationError(f"url {url!r} is not a valid URL: {exc}") from None
-        if parsed.scheme not in ("http", "https") or not parsed.host:
-            raise ConfigurationError(f"url {url!r} must be an http:// or https:// URL with a host")
-        if parsed.port is not None and not 0 < parsed.port < 65536:
-            raise ConfigurationError(f"url {url!r}: port {parsed.port} is not 1 to 65535")
         self._config = config if config is not None else PublisherConfig()
-        if parsed.scheme == "http" and not (
-            is_loopback(parsed.host) or self._config.allow_insecure_http
-        ):
+        url, token = _checked_server(url, token, self._config.allow_insecure_http)
+        if transport is not None and not isinstance(transport, httpx.AsyncBaseTransport):
             raise ConfigurationError(
-                f"url {url!r}: plain http would send the token in clear text; use https, or "
-                "set PublisherConfig(allow_insecure_http=True) for a network you trust"
+                "transport must be an httpx.AsyncBaseTransport, got "
+                f"{type(transport).__qualname__!r}"
             )
+        check_callback(on_error)
         self._url = url.rstrip("/")
         self._token = token
         self._transport = transport
@@ -388,11 +370,11 @@ class AsyncPublisher:
         later calls wait for the first, up to their own timeout), and from any task of the
         event loop it runs on (once closed, from anywhere).
         """
+        timeout = seconds_or(self._config.close_timeout, timeout)
         if self._state is _State.CLOSED:
             return self._close_result
         if self._elsewhere():
             raise self._not_open()
-        timeout = self._config.close_timeout if timeout is None else timeout
         if self._state is _State.UNOPENED:
             self._state = _State.CLOSED
             return self._close_result
@@ -506,7 +488,7 @@ class AsyncPublisher:
             raise self._not_open()
         if self._state in (_State.UNOPENED, _State.STARTING):
             raise PublisherClosedError("flush() before start()")
-        timeout = self._config.flush_timeout if timeout is None else timeout
+        timeout = seconds_or(self._config.flush_timeout, timeout)
         if self._state is _State.CLOSING:  # it sends what is queued: the close's result
             return await self._await_close(timeout)
         if self._flusher is None or self._state is not _State.OPEN:
@@ -543,7 +525,10 @@ class AsyncPublisher:
         # The publish hot path: _require_open() inlined.
         if self._state is not _State.OPEN or get_ident() != self._thread:
             raise self._not_open()
-        route = self._routes.get((project_id, model_id, env_type, env_name, update_event))
+        try:
+            route = self._routes.get((project_id, model_id, env_type, env_name, update_event))
+        except TypeError:  # an argument that is no key: _route names it
+            route = None
         if route is None:
             route = self._route(project_id, model_id, env_type, env_name, update_event)
         dest, lane = route
@@ -875,7 +860,10 @@ class AsyncPublisher:
         """The part of ``publish_event_nowait`` that may run on any thread (it reads shared
         state, never changes it): the event encoded for its lane, and its id. None for a
         destination not seen yet: the caller must take the loop's path."""
-        route = self._routes.get((project_id, model_id, env_type, env_name, update_event))
+        try:
+            route = self._routes.get((project_id, model_id, env_type, env_name, update_event))
+        except TypeError:  # an argument that is no key: the loop's path names it
+            return None
         if route is None:
             return None
         dest, lane = route
@@ -949,12 +937,12 @@ class AsyncPublisher:
         return self._thread is not None and get_ident() != self._thread
 
     def _model_ref(self, project_id: str, model_id: str) -> ModelRef:
+        for name, value in (("project_id", project_id), ("model_id", model_id)):
+            if not isinstance(value, str) or not value:
+                raise ConfigurationError(f"{name} must be a non-empty string, got {value!r}")
         key = (project_id, model_id)
         ref = self._models.get(key)
         if ref is None:
-            for name, value in (("project_id", project_id), ("model_id", model_id)):
-                if not isinstance(value, str) or not value:
-                    raise ConfigurationError(f"{name} must be a non-empty string, got {value!r}")
             # A model's UUID, however written and with whatever project, is one model (one
             # ordering of its inserts and updates).
             given_uuid = model_uuid(model_id)
@@ -971,19 +959,26 @@ class AsyncPublisher:
         self, project_id: str, model_id: str, env_type: str, env_name: str | None, update: bool
     ) -> tuple[Destination, Lane]:
         key = (project_id, model_id, env_type, env_name, update)
-        route = self._routes.get(key)
+        try:
+            route = self._routes.get(key)
+        except TypeError:  # an argument that is no key (a list): named below
+            route = None
         if route is None:
             if env_type not in ENV_TYPES:
                 raise ConfigurationError(f"env_type must be one of {ENV_TYPES}, got {env_type!r}")
+            if env_name is not None and (not isinstance(env_name, str) or not env_name):
+                raise ConfigurationError(f"env_name must be a non-empty string, got {env_name!r}")
             if (env_type == "PRE_PRODUCTION") != (env_name is not None):
                 raise ConfigurationError(
                     "env_name names a PRE_PRODUCTION dataset: required for PRE_PRODUCTION, "
                     "and only for it"
                 )
-            dest = Destination(
-                self._model_ref(project_id, model_id), env_type, env_name, bool(update)
+            update = bool(update)
+            dest = Destination(self._model_ref(project_id, model_id), env_type, env_name, update)
+            route = self._routes[project_id, model_id, env_type, env_name, update] = (
+                dest,
+                self._buffer.lane(dest),
             )
-            route = self._routes[key] = (dest, self._buffer.lane(dest))
         return route
 
     def _prepare_new(
@@ -1313,6 +1308,52 @@ class AsyncPublisher:
 
 ROWS_OFF_THE_LOOP = 20_000
 """A batch call of this many rows or more is encoded on a worker thread."""
+
+
+def _checked_server(url: object, token: object, allow_insecure_http: bool) -> tuple[str, str]:
+    """``url`` and ``token``, checked: an http(s) URL with a host (plain http only to this
+    machine unless allowed) and a token an HTTP header can carry."""
+    if not url:
+        raise ConfigurationError("no Fiddler URL: pass url= or set FIDDLER_URL")
+    if not token:
+        raise ConfigurationError("no Fiddler token: pass token= or set FIDDLER_TOKEN")
+    for name, value in (("url", url), ("token", token)):
+        if not isinstance(value, str):
+            raise ConfigurationError(f"{name} must be a string, got {type(value).__qualname__!r}")
+    assert isinstance(url, str)
+    assert isinstance(token, str)
+    if not (token.isascii() and token.isprintable()):
+        # A header cannot carry it: every request would fail before it left.
+        raise ConfigurationError(
+            "the Fiddler token holds a character an HTTP header cannot carry (a line "
+            "break read from a file?): strip it"
+        )
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise ConfigurationError(f"url {url!r} is not a valid URL: {exc}") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ConfigurationError(f"url {url!r} must be an http:// or https:// URL with a host")
+    if parsed.port is not None and not 0 < parsed.port < 65536:
+        raise ConfigurationError(f"url {url!r}: port {parsed.port} is not 1 to 65535")
+    if parsed.query or parsed.fragment:
+        raise ConfigurationError(
+            f"url {url!r}: the API's paths are added to it, so it takes no query or "
+            "fragment (the part from '?' or '#')"
+        )
+    if parsed.scheme == "http" and not (is_loopback(parsed.host) or allow_insecure_http):
+        raise ConfigurationError(
+            f"url {url!r}: plain http would send the token in clear text; use https, or "
+            "set PublisherConfig(allow_insecure_http=True) for a network you trust"
+        )
+    return url, token
+
+
+def check_callback(on_error: object) -> None:
+    if on_error is not None and not callable(on_error):
+        raise ConfigurationError(
+            f"on_error must be a callable or None, got {type(on_error).__qualname__!r}"
+        )
 
 
 async def _off_the_loop_if_many(rows: int, encode: Callable[[], _T]) -> _T:

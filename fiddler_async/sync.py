@@ -47,11 +47,11 @@ from anyio.from_thread import BlockingPortal
 from ._logging import event, logger
 from .backfill import FileJob
 from .buffer import Fixup, Lane
-from .config import PublisherConfig
+from .config import PublisherConfig, seconds_or
 from .destination import ModelInfo
-from .exceptions import PublisherClosedError
+from .exceptions import ConfigurationError, PublisherClosedError
 from .flusher import DeliveryFailure
-from .publisher import AsyncPublisher, ErrorCallback, EventId, _EventTime
+from .publisher import AsyncPublisher, ErrorCallback, EventId, _EventTime, check_callback
 from .spooler import ReplayResult
 from .stats import FlushResult, StatsSnapshot
 
@@ -236,14 +236,19 @@ class Publisher:
         exit_timeout: float | None = None,
     ) -> None:
         self._callbacks: _CallbackThread | None = None
+        check_callback(on_error)  # before it is wrapped into one
         if on_error is not None and not _is_async(on_error):
             on_error = self._off_loop(on_error)
         # Bad arguments raise here, before any thread starts.
         self._publisher = AsyncPublisher(
             url, token, config=config, transport=transport, on_error=on_error
         )
+        config_ = self._publisher.config
         self._backend = backend
-        self._exit_timeout = exit_timeout
+        try:
+            self._exit_timeout = seconds_or(config_.close_timeout, exit_timeout, "exit_timeout")
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(str(exc)) from None
         # Serialises the publishing threads and close(). Reentrant: a signal handler that
         # closes the publisher may interrupt this thread inside a publish. The loop's thread
         # never takes it (see _drain).
@@ -616,7 +621,7 @@ class Publisher:
         """Send what is queued (at most ``timeout`` seconds; default ``config.close_timeout``),
         then stop the background thread. Safe to call again, and from several threads (the
         later calls wait for the first, up to their own timeout)."""
-        timeout = self.config.close_timeout if timeout is None else timeout
+        timeout = seconds_or(self.config.close_timeout, timeout)
         self._refuse_waiting_for_itself("close", reports=True)
         with self._lock:
             closing = self._closing
@@ -693,11 +698,8 @@ class Publisher:
         closing.set()
 
     def _close_at_exit(self) -> None:
-        timeout = self._exit_timeout
-        if timeout is None:
-            timeout = self.config.close_timeout
         try:
-            result = self.close(timeout)
+            result = self.close(self._exit_timeout)
         except Exception:
             logger.exception(
                 "fiddler_async: closing at interpreter exit failed",

@@ -36,6 +36,7 @@ from .exceptions import (
     ConnectError,
     ErrorReason,
     EventError,
+    EventTooLargeError,
     FiddlerError,
     NotFoundError,
     PublisherClosedError,
@@ -612,13 +613,20 @@ class FiddlerV3Exporter:
             for item in items:
                 body, fixup = item[1], item[2]
                 try:
-                    bodies.append(
-                        body if fixup is None else finalize_event(info, dest.update, body, fixup)
-                    )
+                    if fixup is not None:
+                        # Measured at the call with a placeholder id and time: it may have
+                        # grown past what a request can carry (as refused at the call now).
+                        body = finalize_event(info, dest.update, body, fixup)
+                        if len(body) + 1 > self._max_batch_bytes:
+                            raise EventTooLargeError(
+                                f"event is {len(body)} bytes encoded once its id and time "
+                                f"were placed; max_batch_bytes is {self._max_batch_bytes}"
+                            )
                 except EventError as exc:
                     failed.append((item, exc))
                 else:
                     ready.append(item)
+                    bodies.append(body)
         # Events queued before the model was known grew when their id and time were placed,
         # so a batch can outgrow the byte limit here: then it goes out as several requests.
         for start, end in _split_by_bytes(bodies, self._max_batch_bytes):

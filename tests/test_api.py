@@ -99,6 +99,54 @@ def test_missing_or_bad_url_and_token(monkeypatch: pytest.MonkeyPatch) -> None:
         AsyncPublisher("https://acme.fiddler.ai", "t0ken\n")
     with pytest.raises(ConfigurationError, match="PublisherConfig"):
         AsyncPublisher("https://acme.fiddler.ai", "t", config={"linger": 0.1})  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="token must be a string, got 'bytes'"):
+        AsyncPublisher("https://acme.fiddler.ai", b"t")  # type: ignore[arg-type]
+    # Every request would go to the query's path ("/?region=eu/v3/..."), answered 404.
+    for url in ("https://acme.fiddler.ai?region=eu", "https://acme.fiddler.ai/#top"):
+        with pytest.raises(ConfigurationError, match="no query or fragment"):
+            AsyncPublisher(url, "t")
+    with pytest.raises(ConfigurationError, match="transport must be an httpx"):
+        AsyncPublisher("https://acme.fiddler.ai", "t", transport=5)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="on_error must be a callable"):
+        AsyncPublisher("https://acme.fiddler.ai", "t", on_error=5)  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+async def test_a_bad_timeout_is_refused_before_the_flush_or_close_begins(
+    inproc: InProcessFiddler,
+) -> None:
+    """A NaN deadline raised only once the close had begun: the queue was dropped."""
+    async with mock_publisher(inproc) as pub:
+        pub.publish_event_nowait("bank_churn", "bank_churn", bank_event())
+        for bad, error in ((math.nan, ValueError), ("5", TypeError), (True, TypeError)):
+            with pytest.raises(error, match="timeout must be a number of seconds"):
+                await pub.aclose(bad)  # type: ignore[arg-type]
+            with pytest.raises(error, match="timeout must be a number of seconds"):
+                await pub.flush(bad)  # type: ignore[arg-type]
+        assert repr(pub).endswith("state=open>")
+        assert (await pub.aclose(5)).delivered == 1
+    assert len(inproc.stored("bank_churn", "bank_churn")) == 1
+
+
+@pytest.mark.anyio
+async def test_an_event_that_outgrows_a_request_once_its_id_is_placed_fails_alone(
+    inproc: InProcessFiddler,
+) -> None:
+    """Queued before the model was known, an event is measured with a placeholder id and
+    time; placed, they may make it larger than any request may be. It fails as too large,
+    as it is refused at the call once the model is known, and is never sent."""
+    failures: list[fiddler_async.DeliveryFailure] = []
+    large = {"x": 1, "pad": "a" * 949}
+    async with mock_publisher(inproc, on_error=failures.append, max_batch_bytes=1024) as pub:
+        pub.publish_event_nowait("p", "m", large)  # fits, with the placeholder
+        pub.publish_event_nowait("p", "m", {"x": 2})
+        result = await pub.flush(5)
+        assert (result.delivered, result.failed) == (1, 1)
+        with pytest.raises(EventTooLargeError):
+            pub.publish_event_nowait("p", "m", large)
+    assert isinstance(failures[0].error, EventTooLargeError)
+    assert "once its id and time were placed" in str(failures[0].error)
+    assert [event["x"] for event in inproc.stored("p", "m")] == [2]
 
 
 def test_the_token_never_appears_in_repr() -> None:
@@ -134,6 +182,20 @@ async def test_bad_events_raise_at_the_caller_and_queue_nothing(inproc: InProces
             pub.publish_event_nowait("bank_churn", "bank_churn", {}, env_type="PRE_PRODUCTION")
         with pytest.raises(ConfigurationError, match="model_id"):
             pub.publish_event_nowait("bank_churn", "", {})
+        # Named, also where the argument cannot even be looked up (a list is no key).
+        for bad in ("", 123, ["baseline"]):
+            with pytest.raises(ConfigurationError, match="env_name must be a non-empty string"):
+                pub.publish_event_nowait(
+                    "bank_churn", "bank_churn", {}, env_type="PRE_PRODUCTION", env_name=bad
+                )
+            with pytest.raises(ConfigurationError, match="env_name must be a non-empty string"):
+                await pub.publish_events_batch(
+                    "bank_churn", "bank_churn", [{}], env_type="PRE_PRODUCTION", env_name=bad
+                )
+        with pytest.raises(ConfigurationError, match="project_id"):
+            pub.publish_event_nowait(["bank_churn"], "bank_churn", {})  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError, match="model_id"):
+            await pub.resolve("bank_churn", ["bank_churn"])  # type: ignore[arg-type]
         stats = pub.stats()
         assert (stats.accepted, stats.queued_events) == (0, 0)
         # The publisher goes on working.

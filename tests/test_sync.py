@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from fiddler_async import (
+    ConfigurationError,
     DeliveryFailure,
     EventEncodeError,
     Publisher,
@@ -90,6 +91,24 @@ def test_errors_reach_the_calling_thread(fiddler: Emulator, backend: str) -> Non
     with pytest.raises(PublisherClosedError):
         pub.publish_event("bank_churn", "bank_churn", bank_event(4))
     assert pub.close().complete  # closing again is harmless
+
+
+def test_bad_timeouts_are_refused_before_anything_closes(fiddler: Emulator, backend: str) -> None:
+    """A NaN exit_timeout made the exit's close fail and drop the queue; a NaN close()
+    closed the publisher and dropped it too."""
+    for bad in ("5", math.nan):
+        with pytest.raises(ConfigurationError, match="exit_timeout must be a number"):
+            Publisher(fiddler.url, TOKEN, exit_timeout=bad)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="on_error must be a callable"):
+        Publisher(fiddler.url, TOKEN, on_error="log")  # type: ignore[arg-type]
+    with sync_publisher(fiddler, backend) as pub:
+        pub.publish_event("bank_churn", "bank_churn", bank_event(0))
+        with pytest.raises(ValueError, match="timeout must be a number of seconds, got NaN"):
+            pub.close(math.nan)
+        with pytest.raises(ValueError, match="timeout must be a number of seconds, got NaN"):
+            pub.flush(math.nan)
+        assert pub.close(10).delivered == 1
+    assert len(fiddler.events()) == 1
 
 
 def test_the_raise_policy_raises_in_the_caller(fiddler: Emulator, backend: str) -> None:
