@@ -12,9 +12,10 @@ beyond that (a disk slower than the incoming events) an event is dropped, reason
 from __future__ import annotations
 
 import datetime as dt
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import anyio
 import orjson
@@ -31,9 +32,9 @@ from .exceptions import (
     PublisherClosedError,
 )
 from .flusher import DeliveryFailure, Exporter, items_without
+from .retry import is_retryable
 from .spool import Spool, SpoolCorruptError, SpooledBatch, SpoolFullError, SpoolKey, replay_key
 from .stats import Ledger
-from .wire import POISON_STATUSES
 
 __all__ = ["ReplayResult", "Replayer", "SpoolWriter", "dead_letter_lines"]
 
@@ -196,10 +197,15 @@ class ReplayResult:
 
 
 def _refused(error: Exception) -> bool:
-    """Whether the server refused this event for what it holds (a dead letter), rather than
-    the request failing for a reason that may pass (the backend, the token, a closed client)."""
+    """Whether the server refused this event for good (a dead letter, as a live event is
+    failed once): for what it holds, or with any answer that is not retried (409, 501), but
+    one about the token (401) or the file's model (403, 404), which a later pass may get
+    past; rather than the request failing for a reason that may pass (the backend, a closed
+    client)."""
     return isinstance(error, EventError) or (
-        isinstance(error, APIError) and error.status in POISON_STATUSES
+        isinstance(error, APIError)
+        and not is_retryable(error)
+        and error.status not in (401, 403, 404)
     )
 
 
@@ -238,6 +244,10 @@ class Replayer:
         self._pass = anyio.Lock()
         self.stopped = False
         self.replayed = 0
+        self._unsaved: dict[str, list[bytes]] = {}
+        """Files whose events were settled but which could not be removed or rewritten
+        (a full or read-only disk): by name, the bodies of the events still to send, so that
+        this process sends none of the others again."""
 
     async def run(self, writer: SpoolWriter) -> None:
         """Replay whenever there is something to, backing off while the backend fails."""
@@ -301,7 +311,9 @@ class Replayer:
                 if self.stopped:
                     return ReplayResult(replayed, refused, skipped + len(paths) - index)
                 try:
-                    batch = await anyio.to_thread.run_sync(spool.read, path)
+                    batch = await self._read(path)
+                    if batch is None:
+                        continue
                     if (batch.key.project, batch.key.model) in held:
                         skipped += 1  # behind an earlier file of its model: order holds
                         continue
@@ -371,15 +383,47 @@ class Replayer:
         # Only this process's own inserts count down: replaying an earlier process's file
         # must not let updates go live while this one's inserts are still on disk.
         own = path.name in spool.written_here
-        if not kept:
-            await anyio.to_thread.run_sync(spool.remove, path)
-        elif len(kept) < len(batch.items):
-            await anyio.to_thread.run_sync(spool.rewrite, path, batch.key, kept)
+        try:
+            if not kept:
+                await anyio.to_thread.run_sync(spool.remove, path)
+            elif len(kept) < len(batch.items):
+                await anyio.to_thread.run_sync(spool.rewrite, path, batch.key, kept)
+        except OSError as exc:
+            if path.name not in self._unsaved:
+                logger.error(
+                    "fiddler_async: cannot change the spool file %s after its events were "
+                    "sent: %s; this process will not send them again (another would)",
+                    path.name,
+                    exc,
+                    extra=event("spool-unwritable"),
+                )
+            self._unsaved[path.name] = [item[1] for item in kept]
+        else:
+            self._unsaved.pop(path.name, None)
         settled = len(batch.items) - len(kept)
         if own and not dest.update:
             lane = self._buffer.lane(dest)
             lane.spooled = max(0, lane.spooled - settled)
         return settled
+
+    async def _read(self, path: Path) -> SpooledBatch | None:
+        """A batch file's events still to send: of a file that could not be changed after
+        some were settled, the others (None if none, once it could be removed)."""
+        batch = await anyio.to_thread.run_sync(self._spool.read, path)
+        unsaved = self._unsaved.get(path.name)
+        if unsaved is None:
+            return batch
+        left = Counter(unsaved)
+        items = []
+        for item in batch.items:
+            if left[item[1]] > 0:
+                left[item[1]] -= 1
+                items.append(item)
+        batch = SpooledBatch(batch.path, batch.key, items)
+        if not items:
+            await self._settle_file(batch, self._route(batch.key), [])
+            return None
+        return batch
 
     async def _wrote_earlier(self, name: str, listed: set[str]) -> bool:
         """Whether this process spooled, since the files ``listed`` were listed, a file that

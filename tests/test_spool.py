@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import orjson
 import pytest
 
@@ -36,7 +37,7 @@ from .conftest import (
     loopback_publisher,
     publishes,
 )
-from .in_process import TOKEN
+from .in_process import TOKEN, InProcessFiddler
 
 pytestmark = pytest.mark.anyio
 
@@ -780,3 +781,87 @@ async def test_a_replay_cut_short_keeps_only_what_the_server_did_not_acknowledge
         await eventually(lambda: fiddler.count() == 1000)
         assert (await pub.flush(5)).complete
     assert sorted(stored_ids(fiddler)) == sorted(ids)
+
+
+async def test_a_file_refused_for_good_is_a_dead_letter_not_a_roadblock(
+    inproc: InProcessFiddler, tmp_path: Path
+) -> None:
+    """An answer that is never retried (409, 501) to a replayed file is final, as it is for a
+    live event: its events are dead letters, and the files behind it go on. Such a file held
+    back every file of the spool, and was sent again on every pass."""
+    earlier = Spool(tmp_path, 10**6, fsync=False)
+    earlier.open()
+    refused = {"event_id": "v2-0", "timestamp": 1700000000000, "customer_id": "c", "age": 3}
+    earlier.write(
+        SpoolKey("bank_churn", "bank_churn_v2", "PRODUCTION", None, False),
+        [(1, orjson.dumps(refused), None)],
+    )
+    good = orjson.dumps({"event_id": "kept-1", "timestamp": 1700000000000, **bank_event(1)})
+    earlier.write(
+        SpoolKey("bank_churn", "bank_churn", "PRODUCTION", None, False), [(2, good, None)]
+    )
+    refusing = inproc.model_id("bank_churn", "bank_churn_v2")
+    inner = inproc.transport()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v3/events" and refusing in request.content.decode():
+            return httpx.Response(409, json={"error": {"code": 409, "message": "conflict"}})
+        return await inner.handle_async_request(request)
+
+    pub = AsyncPublisher(
+        "https://fiddler.test",
+        TOKEN,
+        config=config(spool_dir=tmp_path),
+        transport=httpx.MockTransport(handler),
+    )
+    async with pub:
+        result = await pub.replay_spool()  # (or the pass at start did it all)
+        assert (result.remaining, result.error, pub.stats().replayed) == (0, None, 1)
+    assert [e["event_id"] for e in inproc.stored("bank_churn", "bank_churn")] == ["kept-1"]
+    assert [(d["event_id"], d["status"]) for d in iter_dead_letters(tmp_path)] == [("v2-0", 409)]
+    assert batch_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("change", ["remove", "rewrite"])
+async def test_a_file_that_cannot_be_changed_after_its_events_went_is_not_sent_again(
+    fiddler: Emulator,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    change: str,
+) -> None:
+    """A read-only or full disk: the file cannot be removed (all of it delivered) or
+    rewritten (part of it). This process remembers what went and sends only the rest; the
+    file was sent whole again on every pass."""
+    earlier = Spool(tmp_path, 10**6, fsync=False)
+    earlier.open()
+    bodies = [
+        orjson.dumps({"event_id": f"s{i}", "timestamp": 1, "customer_id": "c" * 600})
+        for i in range(4)
+    ]
+    earlier.write(
+        SpoolKey("bank_churn", "bank_churn", "PRODUCTION", None, False),
+        [(i + 1, body, None) for i, body in enumerate(bodies)],
+    )
+
+    def read_only(*args: Any) -> None:
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(Spool, change, read_only)
+    # Two requests of two events (the byte bound); the second fails once for "rewrite".
+    async with loopback_publisher(
+        fiddler, spool_dir=tmp_path, max_batch_bytes=2 * len(bodies[0]) + 10, retry_max_attempts=1
+    ) as pub:
+        await pub.resolve("bank_churn", "bank_churn")
+        if change == "rewrite":
+            fiddler.set_faults(script=["ok", "503"])
+        for _ in range(3):
+            await pub.replay_spool()
+        assert sorted(stored_ids(fiddler)) == ["s0", "s1", "s2", "s3"]
+        assert pub.stats().replayed == 4
+        monkeypatch.undo()  # the disk is writable again: the file goes
+        await pub.replay_spool()
+    assert batch_files(tmp_path) == []
+    assert sorted(stored_ids(fiddler)) == ["s0", "s1", "s2", "s3"]
+    logged = [getattr(record, "fiddler_event", "") for record in caplog.records]
+    assert logged.count("spool-unwritable") == 1
