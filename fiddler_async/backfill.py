@@ -26,7 +26,7 @@ from typing import Any
 import anyio
 
 from .destination import Destination, ModelInfo
-from .exceptions import FileJobError, FileJobTimeoutError, ServerError, TransportError
+from .exceptions import APIError, FileJobError, FileJobTimeoutError, ServerError, TransportError
 from .frames import frame_to_parquet, is_frame
 from .wire import FiddlerV3Exporter, not_acted_on
 
@@ -92,7 +92,17 @@ async def publish_file(
                 reason=type(exc).__name__,
             ) from exc
         while True:
-            job = await exporter.job(job_id)
+            try:
+                job = await exporter.job(job_id)
+            except (TransportError, APIError) as exc:  # after its retries
+                raise FileJobError(
+                    f"following job {job_id} of {dest.describe()} failed "
+                    f"({str(exc).rstrip('.')}); the job may still finish: look (GET "
+                    f"/v3/jobs/{job_id}) before publishing the file again",
+                    job_id=job_id,
+                    reason=type(exc).__name__,
+                    file_id=file_id,
+                ) from exc
             status = str(job.get("status", "")).upper()
             report("job", min(1.0, float(job.get("progress") or 0) / 100))
             if status in ("SUCCESS", "SUCCESSFUL"):

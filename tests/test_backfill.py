@@ -22,6 +22,7 @@ from fiddler_async import (
     EventError,
     FileJobError,
     FileJobTimeoutError,
+    ServerError,
     backfill,
 )
 from fiddler_async.emulator import Emulator
@@ -213,6 +214,28 @@ async def test_a_job_past_the_timeout_is_named(inproc: InProcessFiddler) -> None
     assert pickle.loads(pickle.dumps(error)).job_id == error.job_id  # e.g. from a worker process
     assert error.job_id is not None
     assert f"job {error.job_id} was STARTED: it may still finish" in str(error)
+
+
+async def test_a_job_that_cannot_be_followed_is_named(inproc: InProcessFiddler) -> None:
+    """The job started, then its status requests failed past the retries: the caller gets
+    the job's id (it may finish), not a bare server error, which a caller would take for a
+    file not published and publish again."""
+    emulator = inproc.transport()
+
+    async def jobs_down(request: httpx.Request) -> httpx.Response:
+        if request.url.path.startswith("/v3/jobs/"):
+            return httpx.Response(503, json={"error": {"code": 503, "message": "jobs down"}})
+        return await emulator.handle_async_request(request)
+
+    frame = pd.DataFrame([bank_event(i) for i in range(3)])
+    transport = httpx.MockTransport(jobs_down)
+    async with AsyncPublisher("https://f.test", TOKEN, config=config(), transport=transport) as pub:
+        with pytest.raises(FileJobError, match="the job may still finish") as caught:
+            await pub.publish_file("bank_churn", "bank_churn", frame, poll_interval=0.01)
+    assert caught.value.job_id is not None
+    assert caught.value.file_id is not None
+    assert f"GET /v3/jobs/{caught.value.job_id}" in str(caught.value)
+    assert isinstance(caught.value.__cause__, ServerError)
 
 
 async def test_a_job_not_answered_for_before_the_timeout_is_not_called_unstarted(
