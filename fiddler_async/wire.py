@@ -368,11 +368,19 @@ class FiddlerV3Exporter:
             request.extensions[HEAD_IS_ENOUGH] = True
         started = time.perf_counter()
         try:
-            response = await self._transmit(request)
             try:
-                body = await _read_body(response)
-            finally:
-                await response.aclose()
+                response = await self._transmit(request)
+                try:
+                    body = await _read_body(response)
+                finally:
+                    await response.aclose()
+            except cancellations() as exc:
+                if is_ours(exc):
+                    raise
+                # A transport given raised it (asyncio lets any code), sending or answering:
+                # a failure of this request, not a cancellation of the task sending it,
+                # which would end delivery.
+                raise RuntimeError(f"the transport raised {exc!r}") from exc
         except httpx.TimeoutException as exc:
             sent = not isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout)
             error: Exception = RequestTimeoutError(f"{where}: timed out", sent=sent)
@@ -430,12 +438,6 @@ class FiddlerV3Exporter:
         except httpx.RequestError as exc:  # as httpx's client sets it: on_error may read it
             exc.request = request
             raise
-        except cancellations() as exc:
-            if is_ours(exc):
-                raise
-            # A transport given raised it (asyncio lets any code): a failure of this request,
-            # not a cancellation of the task sending it, which would end delivery.
-            raise RuntimeError(f"the transport raised {exc!r}") from exc
         response.request = request
         if "set-cookie" in response.headers:
             self._client.cookies.extract_cookies(response)
