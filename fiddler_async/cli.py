@@ -448,7 +448,9 @@ async def _replay(args: argparse.Namespace) -> int:
                 tasks.start_soon(_extend_while_sending, pub, scope, args.timeout)
                 result = await pub.replay_spool()
                 tasks.cancel_scope.cancel()
-        replayed = pub.stats().replayed  # the background may have sent some first
+    # Once closed: a pass cut short counts what it delivered as it ends (the background may
+    # have sent some first, too).
+    replayed = publisher.stats().replayed
     if scope.cancelled_caught:  # cut short: what waits is on disk
         waiting = await anyio.to_thread.run_sync(Spool(directory, 0, fsync=False).batches)
         result = ReplayResult(remaining=len(waiting), error=result.error)

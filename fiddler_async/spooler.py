@@ -341,7 +341,6 @@ class Replayer:
                     await self._report(failure)
                 settled = await self._settle_file(batch, dest, kept)
                 replayed += settled - len(given_up)
-                self.replayed += settled - len(given_up)
                 refused += len(given_up)
                 if kept:
                     error = next(error for _, error in failed if not _refused(error))
@@ -363,17 +362,23 @@ class Replayer:
                 return ReplayResult(replayed, refused, skipped, first)
 
     async def _export(self, batch: SpooledBatch, dest: Destination) -> list[tuple[Item, Exception]]:
-        """Send a file's events; what was not delivered, with why. Cut short (the close
-        deadline) after the server acknowledged some of its requests, the file keeps only the
-        rest, so that they are not sent again."""
+        """Send a file's events; what was not delivered, with why. Each request's events are
+        counted replayed as it is acknowledged (a long file shows progress as it goes). Cut
+        short (the close deadline) after the server acknowledged some of its requests, the
+        file keeps only the rest, so that they are not sent again."""
         acknowledged: list[Sequence[Item]] = []
+
+        def delivered(items: Sequence[Item]) -> None:
+            acknowledged.append(items)
+            self.replayed += len(items)
+
         try:
-            return await self._exporter.export(dest, batch.items, acknowledged.append)
+            return await self._exporter.export(dest, batch.items, delivered)
         except anyio.get_cancelled_exc_class():
             if acknowledged:
                 rest = items_without(batch.items, acknowledged)
                 with anyio.CancelScope(shield=True):
-                    self.replayed += await self._settle_file(batch, dest, rest)
+                    await self._settle_file(batch, dest, rest)
             raise
 
     async def _settle_file(self, batch: SpooledBatch, dest: Destination, kept: list[Item]) -> int:

@@ -865,3 +865,43 @@ async def test_a_file_that_cannot_be_changed_after_its_events_went_is_not_sent_a
     assert sorted(stored_ids(fiddler)) == ["s0", "s1", "s2", "s3"]
     logged = [getattr(record, "fiddler_event", "") for record in caplog.records]
     assert logged.count("spool-unwritable") == 1
+
+
+async def test_a_file_counts_its_events_replayed_as_each_request_is_acknowledged(
+    inproc: InProcessFiddler, tmp_path: Path
+) -> None:
+    """A file sent in several requests shows its progress as they are acknowledged, not at
+    its end: the command line's --timeout watches it, and ended a long, slow replay that was
+    going well."""
+    earlier = Spool(tmp_path, 10**6, fsync=False)
+    earlier.open()
+    bodies = [orjson.dumps({"event_id": f"s{i}", "customer_id": "c" * 600}) for i in range(4)]
+    earlier.write(
+        SpoolKey("bank_churn", "bank_churn", "PRODUCTION", None, False),
+        [(i + 1, body, None) for i, body in enumerate(bodies)],
+    )
+    inner, second_sent, second_may_go = inproc.transport(), anyio.Event(), anyio.Event()
+    sent: list[httpx.Request] = []
+
+    async def holding_the_second(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v3/events":
+            sent.append(request)
+            if len(sent) == 2:
+                second_sent.set()
+                await second_may_go.wait()
+        return await inner.handle_async_request(request)
+
+    pub = AsyncPublisher(
+        "https://fiddler.test",
+        TOKEN,
+        config=config(spool_dir=tmp_path, max_batch_bytes=2 * len(bodies[0]) + 10),
+        transport=httpx.MockTransport(holding_the_second),
+    )
+    async with pub:
+        with anyio.fail_after(10):
+            await second_sent.wait()  # by the pass at start: its first request answered
+        assert pub.stats().replayed == 2
+        second_may_go.set()
+        await pub.replay_spool()
+        assert pub.stats().replayed == 4
+    assert len(inproc.stored("bank_churn", "bank_churn")) == 4
