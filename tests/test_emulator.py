@@ -88,7 +88,8 @@ def test_lookups_with_the_filter_syntax(client: httpx.Client, fiddler: Emulator)
     detail = client.get(f"/v3/models/{fiddler.model().id}").json()["data"]
     assert (detail["event_id_col"], detail["event_ts_col"]) == ("event_id", "timestamp")
     assert detail["project"] == {"id": project_id, "name": "bank_churn"}
-    assert {"name": "age", "data_type": "int"} in detail["schema"]["columns"]
+    age = {"name": "age", "data_type": "int", "min": None, "max": None, "categories": None}
+    assert age in detail["schema"]["columns"]  # every column field of the protocol
     assert "age" in detail["spec"]["inputs"]
     assert detail["spec"]["custom_features"] == []  # every spec key of the protocol
 

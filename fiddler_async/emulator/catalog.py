@@ -77,7 +77,10 @@ class ModelDef:
             "task_params": {},
             "schema": {
                 "schema_version": 1,
-                "columns": [{"name": n, "data_type": t} for n, t in self.columns],
+                "columns": [
+                    {"name": n, "data_type": t, "min": None, "max": None, "categories": None}
+                    for n, t in self.columns
+                ],
             },
             "spec": {
                 "schema_version": 1,
