@@ -36,7 +36,7 @@ from typing import Any
 
 import orjson
 
-from .exceptions import EventEncodeError, EventError
+from .exceptions import EventEncodeError, EventError, EventTooLargeError
 
 __all__ = [
     "ENCODE_OPTIONS",
@@ -232,6 +232,16 @@ _MIN_MILLIS, _MAX_MILLIS = -62_135_596_800_000, 253_402_300_799_999
 # Epoch seconds since March 1973 (what time.time() gives) read as milliseconds fall here, in
 # 1970-01-02 to 1973-03-03: a time no monitored event has, which would file it out of sight.
 _SECONDS_FROM, _SECONDS_UNTIL = 100_000_000, 100_000_000_000
+
+
+def check_event_size(body: bytes, limit: int, *, placed: bool = False) -> None:
+    """EventTooLargeError unless ``body`` and its comma fit a request of ``limit`` bytes;
+    ``placed``: measured once its id and time were placed, after its model was known."""
+    if len(body) + 1 > limit:
+        when = " once its id and time were placed" if placed else ""
+        raise EventTooLargeError(
+            f"event is {len(body)} bytes encoded{when}; max_batch_bytes is {limit}"
+        )
 
 
 def epoch_millis(value: object, field: str = "event_timestamp") -> int:

@@ -85,7 +85,9 @@ class QueueFullError(FiddlerError):
 class FileJobError(FiddlerError):
     """The server's job that publishes an uploaded file ended in failure (``publish_file``);
     or whether it started is not known: the answer to the request starting it was lost
-    (``job_id`` empty, ``reason`` the error's kind). ``file_id`` is the uploaded file's."""
+    (``job_id`` empty, ``reason`` the error's kind); or it started and could not be followed
+    (its status requests failed past their retries: ``job_id`` set, ``reason`` the error's
+    kind; it may still finish). ``file_id`` is the uploaded file's."""
 
     def __init__(
         self, message: str, *, job_id: str = "", reason: str = "", file_id: str = ""

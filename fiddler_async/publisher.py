@@ -10,6 +10,7 @@ a framework's startup hook and shutdown hook, for example. It never raises into 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import functools
 import inspect
@@ -34,6 +35,7 @@ from .config import PublisherConfig, seconds_or
 from .destination import ENV_TYPES, Destination, ModelInfo, ModelRef, model_uuid
 from .encode import (
     ENCODE_OPTIONS,
+    check_event_size,
     compact,
     encode_default,
     encode_event,
@@ -47,7 +49,6 @@ from .exceptions import (
     ConfigurationError,
     EventBatchError,
     EventError,
-    EventTooLargeError,
     PublisherClosedError,
     SchemaMismatchError,
 )
@@ -973,12 +974,12 @@ class AsyncPublisher:
                     "env_name names a PRE_PRODUCTION dataset: required for PRE_PRODUCTION, "
                     "and only for it"
                 )
-            update = bool(update)
-            dest = Destination(self._model_ref(project_id, model_id), env_type, env_name, update)
-            route = self._routes[project_id, model_id, env_type, env_name, update] = (
-                dest,
-                self._buffer.lane(dest),
+            dest = Destination(
+                self._model_ref(project_id, model_id), env_type, env_name, bool(update)
             )
+            route = (dest, self._buffer.lane(dest))
+            with contextlib.suppress(TypeError):  # an update_event that is no key: not kept
+                self._routes[key] = route
         return route
 
     def _prepare_new(
@@ -1279,11 +1280,7 @@ class AsyncPublisher:
         return body, None, (given or "") if carried is None else carried
 
     def _check_size(self, body: bytes) -> None:
-        if len(body) + 1 > self._config.max_batch_bytes:
-            raise EventTooLargeError(
-                f"event is {len(body)} bytes encoded; max_batch_bytes is "
-                f"{self._config.max_batch_bytes}"
-            )
+        check_event_size(body, self._config.max_batch_bytes)
 
     async def _report_failure(self, failure: DeliveryFailure) -> None:
         count = len(failure.bodies)
@@ -1317,11 +1314,10 @@ def _checked_server(url: object, token: object, allow_insecure_http: bool) -> tu
         raise ConfigurationError("no Fiddler URL: pass url= or set FIDDLER_URL")
     if not token:
         raise ConfigurationError("no Fiddler token: pass token= or set FIDDLER_TOKEN")
-    for name, value in (("url", url), ("token", token)):
-        if not isinstance(value, str):
-            raise ConfigurationError(f"{name} must be a string, got {type(value).__qualname__!r}")
-    assert isinstance(url, str)
-    assert isinstance(token, str)
+    if not isinstance(url, str):
+        raise ConfigurationError(f"url must be a string, got {type(url).__qualname__!r}")
+    if not isinstance(token, str):
+        raise ConfigurationError(f"token must be a string, got {type(token).__qualname__!r}")
     if not (token.isascii() and token.isprintable()):
         # A header cannot carry it: every request would fail before it left.
         raise ConfigurationError(
@@ -1336,7 +1332,7 @@ def _checked_server(url: object, token: object, allow_insecure_http: bool) -> tu
         raise ConfigurationError(f"url {url!r} must be an http:// or https:// URL with a host")
     if parsed.port is not None and not 0 < parsed.port < 65536:
         raise ConfigurationError(f"url {url!r}: port {parsed.port} is not 1 to 65535")
-    if parsed.query or parsed.fragment:
+    if "?" in url or "#" in url:
         raise ConfigurationError(
             f"url {url!r}: the API's paths are added to it, so it takes no query or "
             "fragment (the part from '?' or '#')"
@@ -1350,6 +1346,7 @@ def _checked_server(url: object, token: object, allow_insecure_http: bool) -> tu
 
 
 def check_callback(on_error: object) -> None:
+    """An ``on_error`` given: refused at construction unless it can be called."""
     if on_error is not None and not callable(on_error):
         raise ConfigurationError(
             f"on_error must be a callable or None, got {type(on_error).__qualname__!r}"

@@ -32,9 +32,9 @@ from .exceptions import (
     PublisherClosedError,
 )
 from .flusher import DeliveryFailure, Exporter, items_without
-from .retry import is_retryable
 from .spool import Spool, SpoolCorruptError, SpooledBatch, SpoolFullError, SpoolKey, replay_key
 from .stats import Ledger
+from .wire import POISON_STATUSES
 
 __all__ = ["ReplayResult", "Replayer", "SpoolWriter", "dead_letter_lines"]
 
@@ -196,16 +196,17 @@ class ReplayResult:
     """Another process is replaying this spool; this pass did nothing."""
 
 
+REFUSED_STATUSES = (*POISON_STATUSES, 409, 501)
+"""Answers that refuse a replayed file's events for good: for what they hold (400, 413, 422),
+as a conflict, or as a request the server does not implement. Any other failure keeps the file:
+one about the token (401) or a proxy (407), a redirect, a timeout may pass."""
+
+
 def _refused(error: Exception) -> bool:
     """Whether the server refused this event for good (a dead letter, as a live event is
-    failed once): for what it holds, or with any answer that is not retried (409, 501), but
-    one about the token (401) or the file's model (403, 404), which a later pass may get
-    past; rather than the request failing for a reason that may pass (the backend, a closed
-    client)."""
+    failed once), rather than the request failing for a reason that may pass."""
     return isinstance(error, EventError) or (
-        isinstance(error, APIError)
-        and not is_retryable(error)
-        and error.status not in (401, 403, 404)
+        isinstance(error, APIError) and error.status in REFUSED_STATUSES
     )
 
 
@@ -336,10 +337,7 @@ class Replayer:
                 failed = await self._export(batch, dest)
                 given_up = [(item, error) for item, error in failed if _refused(error)]
                 kept = [item for item, error in failed if not _refused(error)]
-                # Report first: a crash before the file goes repeats a dead letter, never loses one.
-                for failure in DeliveryFailure.grouped(dest, given_up):
-                    await self._report(failure)
-                settled = await self._settle_file(batch, dest, kept)
+                settled = await self._report_and_settle(batch, dest, failed, given_up, kept)
                 replayed += settled - len(given_up)
                 refused += len(given_up)
                 if kept:
@@ -360,6 +358,30 @@ class Replayer:
             else:
                 first = next(iter(held.values()), None)
                 return ReplayResult(replayed, refused, skipped, first)
+
+    async def _report_and_settle(
+        self,
+        batch: SpooledBatch,
+        dest: Destination,
+        failed: list[tuple[Item, Exception]],
+        given_up: list[tuple[Item, Exception]],
+        kept: list[Item],
+    ) -> int:
+        """Report the events ``given_up`` (dead letters), then keep in the file only those
+        ``kept``; how many of its events were settled. Reported first: a crash before the
+        file goes repeats a dead letter, never loses one. The file is settled whatever comes
+        (the close): what was delivered must leave it, or it would be sent again; refused
+        events whose report was cut short stay in it, to be refused again."""
+        reported = False
+        try:
+            for failure in DeliveryFailure.grouped(dest, given_up):
+                await self._report(failure)
+            reported = True
+        finally:
+            left = kept if reported else [item for item, _ in failed]
+            with anyio.CancelScope(shield=True):
+                settled = await self._settle_file(batch, dest, left)
+        return settled
 
     async def _export(self, batch: SpooledBatch, dest: Destination) -> list[tuple[Item, Exception]]:
         """Send a file's events; what was not delivered, with why. Each request's events are
@@ -393,6 +415,10 @@ class Replayer:
                 await anyio.to_thread.run_sync(spool.remove, path)
             elif len(kept) < len(batch.items):
                 await anyio.to_thread.run_sync(spool.rewrite, path, batch.key, kept)
+            else:  # nothing settled: the file says what it did, or what _unsaved says
+                return 0
+        except FileNotFoundError:  # another process replayed it, or someone removed it
+            self._unsaved.pop(path.name, None)
         except OSError as exc:
             if path.name not in self._unsaved:
                 logger.error(

@@ -30,13 +30,12 @@ from ._cancel import cancellations, is_ours
 from ._version import __version__
 from .buffer import Item
 from .destination import Destination, ModelInfo, ModelRef
-from .encode import encode_default, event_id_text, is_null, splice_members
+from .encode import check_event_size, encode_default, event_id_text, is_null, splice_members
 from .exceptions import (
     APIError,
     ConnectError,
     ErrorReason,
     EventError,
-    EventTooLargeError,
     FiddlerError,
     NotFoundError,
     PublisherClosedError,
@@ -619,11 +618,7 @@ class FiddlerV3Exporter:
                         # Measured at the call with a placeholder id and time: it may have
                         # grown past what a request can carry (as refused at the call now).
                         body = finalize_event(info, dest.update, body, fixup)
-                        if len(body) + 1 > self._max_batch_bytes:
-                            raise EventTooLargeError(
-                                f"event is {len(body)} bytes encoded once its id and time "
-                                f"were placed; max_batch_bytes is {self._max_batch_bytes}"
-                            )
+                        check_event_size(body, self._max_batch_bytes, placed=True)
                 except EventError as exc:
                     failed.append((item, exc))
                 else:

@@ -102,13 +102,35 @@ def test_missing_or_bad_url_and_token(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigurationError, match="token must be a string, got 'bytes'"):
         AsyncPublisher("https://acme.fiddler.ai", b"t")  # type: ignore[arg-type]
     # Every request would go to the query's path ("/?region=eu/v3/..."), answered 404.
-    for url in ("https://acme.fiddler.ai?region=eu", "https://acme.fiddler.ai/#top"):
+    for url in (
+        "https://acme.fiddler.ai?region=eu",
+        "https://acme.fiddler.ai/#top",
+        "https://a.b/?",
+    ):
         with pytest.raises(ConfigurationError, match="no query or fragment"):
             AsyncPublisher(url, "t")
     with pytest.raises(ConfigurationError, match="transport must be an httpx"):
         AsyncPublisher("https://acme.fiddler.ai", "t", transport=5)  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="on_error must be a callable"):
         AsyncPublisher("https://acme.fiddler.ai", "t", on_error=5)  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+async def test_a_destination_is_worked_out_once_whatever_update_event_is(
+    inproc: InProcessFiddler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A falsy or truthy update_event that is not a bool (None, 1) took the slow way on
+    every call; one that is no key at all (a list) still works."""
+    async with mock_publisher(inproc) as pub:
+        routed = []
+        monkeypatch.setattr(pub, "_route", lambda *key: routed.append(key) or route(*key))
+        route = type(pub)._route.__get__(pub)
+        for update_event in (None, None, 0, False, []):
+            pub.publish_event_nowait(
+                "bank_churn", "bank_churn", bank_event(), update_event=update_event
+            )
+        assert [key[-1] for key in routed] == [None, 0, []]  # False is 0 to a dict
+        assert (await pub.flush(5)).delivered == 5
 
 
 @pytest.mark.anyio

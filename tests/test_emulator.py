@@ -588,6 +588,8 @@ def test_a_count_only_emulator_counts_events_and_answers_their_ids() -> None:
 
         answer = publish("m", [{"row_id": "a", "x": {"deep": [1]}}, {"x": 2}, {"row_id": 7}])
         assert answer.status_code == 202
+        logged = em.requests()[-1]
+        assert (logged["model"], logged["env_type"], logged["events"]) == ("m", "PRODUCTION", 3)
         ids = answer.json()["data"]["event_ids"]
         assert (ids[0], ids[2], uuid.UUID(ids[1]).version) == ("a", "7", 4)
         new = publish("noid", [{"x": 1}, {"x": 2}]).json()["data"]["event_ids"]
@@ -597,6 +599,12 @@ def test_a_count_only_emulator_counts_events_and_answers_their_ids() -> None:
         assert (em.count("p", "m"), em.count("p", "noid")) == (3, 2)  # the update: not one
         for events in ([], [1, 2], "x", [{"row_id": "r"}] * 1001):
             assert publish("m", events).status_code == 400
+        assert publish("noid", [1, "x", None]).status_code == 400  # no id to read: objects
+        for env in ({"env_type": "STAGING"}, {"env_type": "PRE_PRODUCTION"}, {"env_name": 5}):
+            body = {"model_id": em.model("p", "m").id, **env}
+            body["source"] = {"type": "EVENTS", "events": [{"row_id": "e"}]}
+            wrong = httpx.post(f"{em.url}/v3/events", json=body, headers=AUTH)
+            assert wrong.status_code == 400, env
         unknown = {"model_id": str(uuid.uuid4()), "source": {"type": "EVENTS", "events": [{}]}}
         missing = httpx.post(f"{em.url}/v3/events", json=unknown, headers=AUTH)
         assert missing.status_code == 404

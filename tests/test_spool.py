@@ -35,6 +35,7 @@ from .conftest import (
     config,
     eventually,
     loopback_publisher,
+    mock_publisher,
     publishes,
 )
 from .in_process import TOKEN, InProcessFiddler
@@ -87,8 +88,9 @@ async def test_an_outage_longer_than_the_memory_budget_loses_nothing(
         assert (during.delivered, during.spooled, during.dropped) == (0, 5000, {})
         assert_adds_up(pub)
         fiddler.set_faults(outage_seconds=0)  # the backend comes back
-        await eventually(lambda: pub.stats().replayed == 5000, timeout=30)
-        assert batch_files(tmp_path) == []
+        await eventually(  # counted as they are acknowledged, then the files go
+            lambda: pub.stats().replayed == 5000 and not batch_files(tmp_path), timeout=30
+        )
     assert sorted(stored_ids(fiddler)) == sorted(ids)
 
 
@@ -831,8 +833,8 @@ async def test_a_file_that_cannot_be_changed_after_its_events_went_is_not_sent_a
     change: str,
 ) -> None:
     """A read-only or full disk: the file cannot be removed (all of it delivered) or
-    rewritten (part of it). This process remembers what went and sends only the rest; the
-    file was sent whole again on every pass."""
+    rewritten (part of it). This process remembers what went and sends only the rest, also
+    when the rest fails again; the file was sent whole again on every pass."""
     earlier = Spool(tmp_path, 10**6, fsync=False)
     earlier.open()
     bodies = [
@@ -848,13 +850,12 @@ async def test_a_file_that_cannot_be_changed_after_its_events_went_is_not_sent_a
         raise OSError(30, "Read-only file system")
 
     monkeypatch.setattr(Spool, change, read_only)
-    # Two requests of two events (the byte bound); the second fails once for "rewrite".
+    # Two requests of two events (the byte bound); the second fails, then the rest once more.
     async with loopback_publisher(
         fiddler, spool_dir=tmp_path, max_batch_bytes=2 * len(bodies[0]) + 10, retry_max_attempts=1
     ) as pub:
         await pub.resolve("bank_churn", "bank_churn")
-        if change == "rewrite":
-            fiddler.set_faults(script=["ok", "503"])
+        fiddler.set_faults(script=["ok", "503", "503"])
         for _ in range(3):
             await pub.replay_spool()
         assert sorted(stored_ids(fiddler)) == ["s0", "s1", "s2", "s3"]
@@ -905,3 +906,33 @@ async def test_a_file_counts_its_events_replayed_as_each_request_is_acknowledged
         await pub.replay_spool()
         assert pub.stats().replayed == 4
     assert len(inproc.stored("bank_churn", "bank_churn")) == 4
+
+
+async def test_a_close_while_refusals_are_reported_still_takes_the_delivered_out(
+    inproc: InProcessFiddler, tmp_path: Path
+) -> None:
+    """The close comes while a replayed file's refused event is being reported: the events
+    delivered from it must leave the file all the same (the file stayed whole, and the next
+    process sent them again); the refused one stays, to be refused again."""
+    earlier = Spool(tmp_path, 10**6, fsync=False)
+    earlier.open()
+    events = [{"event_id": f"e{i}", "timestamp": 1, **bank_event(i)} for i in range(3)]
+    events[1]["age"] = "forty"  # refused by the server
+    earlier.write(
+        SpoolKey("bank_churn", "bank_churn", "PRODUCTION", None, False),
+        [(i + 1, orjson.dumps(event), None) for i, event in enumerate(events)],
+    )
+    reporting = anyio.Event()
+
+    async def on_error(failure: DeliveryFailure) -> None:
+        reporting.set()
+        await anyio.sleep_forever()
+
+    pub = mock_publisher(inproc, spool_dir=tmp_path, on_error=on_error)
+    await pub.start()
+    with anyio.fail_after(10):
+        await reporting.wait()
+    await pub.aclose(0.2)
+    assert sorted(e["event_id"] for e in inproc.stored("bank_churn", "bank_churn")) == ["e0", "e2"]
+    (left,) = batch_files(tmp_path)
+    assert [orjson.loads(item[1])["event_id"] for item in earlier.read(left).items] == ["e1"]

@@ -224,9 +224,22 @@ def validate_events(
     return problems
 
 
+def _env_problem(env_type: object, env_name: object) -> str | None:
+    """Why a publish body's environment is refused, or None."""
+    if env_type not in ENV_TYPES:
+        return f"env_type must be one of {list(ENV_TYPES)}"
+    if env_name is not None and not isinstance(env_name, str):
+        return f"env_name must be a string or null, got {type(env_name).__name__}"
+    if env_type == "PRE_PRODUCTION" and not env_name:
+        return "env_name (the dataset name) is required for PRE_PRODUCTION"
+    return None
+
+
 class _BodyHead(msgspec.Struct):
     model_id: str
     source: msgspec.Raw
+    env_type: Any = "PRODUCTION"
+    env_name: Any = None
 
 
 _BODY_HEAD = msgspec.json.Decoder(_BodyHead)
@@ -235,12 +248,12 @@ _BODY_HEAD = msgspec.json.Decoder(_BodyHead)
 @functools.cache
 def _events_reader(id_col: str | None) -> msgspec.json.Decoder[Any]:
     """A decoder of a publish body's ``source`` that keeps of each event only its value in
-    ``id_col``. It reads a body 2.5x as fast as ``orjson.loads``, which builds every value:
+    ``id_col``. It reads a body about twice as fast as ``orjson.loads``, which builds every value:
     that took most of a count-only sink's time, and left it barely faster than the clients
     it measures."""
-    event: Any = msgspec.Raw  # (without an id column, events are only counted)
-    if id_col is not None:
-        event = msgspec.defstruct("Event", [("id", Any, None)], rename={"id": id_col})
+    fields: list[Any] = [] if id_col is None else [("id", Any, None)]
+    rename = None if id_col is None else {"id": id_col}
+    event: Any = msgspec.defstruct("Event", fields, rename=rename)  # an object: checked
     source = msgspec.defstruct("Source", [("type", str), ("events", list[event], [])])
     return msgspec.json.Decoder(source)
 
@@ -345,7 +358,7 @@ class _Api:
             body = await request.body()
             entry["bytes"] = len(body)
             if self.store.count_only:
-                counted = self._count_events(body, update)
+                counted = self._count_events(body, update, entry)
                 if counted is not None:
                     return counted
             payload = orjson.loads(body)
@@ -366,14 +379,11 @@ class _Api:
             env_name=env_name,
             events=len(events) if isinstance(events, list) else None,
         )
-        if env_type not in ENV_TYPES:
-            return error(400, f"env_type must be one of {list(ENV_TYPES)}")
-        if env_name is not None and not isinstance(env_name, str):
-            return error(400, f"env_name must be a string or null, got {type(env_name).__name__}")
+        problem = _env_problem(env_type, env_name)
+        if problem is not None:
+            return error(400, problem)
         if env_type == "PRODUCTION":
             env_name = None  # one production environment a model, whatever a client names
-        if env_type == "PRE_PRODUCTION" and not env_name:
-            return error(400, "env_name (the dataset name) is required for PRE_PRODUCTION")
         if update and not model.event_id_col:
             return error(400, f"model {model.name!r} has no event id column: cannot update")
         if kind == "EVENTS":
@@ -399,15 +409,16 @@ class _Api:
         self._store(model, env_type, env_name, events, update)
         return ok({"source_type": "EVENTS", "event_ids": _event_ids(model, events)}, 202)
 
-    def _count_events(self, body: bytes, update: bool) -> Response | None:
+    def _count_events(self, body: bytes, update: bool, entry: dict[str, Any]) -> Response | None:
         """A count-only emulator's (a benchmark sink's) way with a list of events: each
         event's id read and the rest of it skipped unread (see :func:`_events_reader`); new
         events counted, and all answered with their ids. None for what the full way answers:
-        a file, an unknown model, a body it cannot read, an update without an id."""
+        a file, an unknown model, a wrong environment, a body it cannot read, an update
+        without an id."""
         try:
             head = _BODY_HEAD.decode(body)
             model = self.catalog.model(head.model_id)
-            if model is None:
+            if model is None or _env_problem(head.env_type, head.env_name) is not None:
                 return None
             source = _events_reader(model.event_id_col).decode(head.source)
         except msgspec.MsgspecError:
@@ -415,6 +426,13 @@ class _Api:
         events = source.events
         if source.type != "EVENTS" or not 0 < len(events) <= MAX_EVENTS:
             return None
+        entry.update(
+            model=model.name,
+            project=model.project,
+            env_type=head.env_type,
+            env_name=head.env_name,
+            events=len(events),
+        )
         given = [event.id for event in events] if model.event_id_col else [None] * len(events)
         if update:
             if None in given:
