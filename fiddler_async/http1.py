@@ -47,6 +47,10 @@ _JOIN_BELOW = 16 * 1024
 _NO_BODY_STATUS = frozenset({204, 304})
 _HEX_DIGITS = b"0123456789abcdefABCDEF"
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 5.6.2: methods, field names
+# The blank line that ends a head; a bare LF ends a line too (RFC 9112 2.2 lets a recipient
+# take it so, as httpx's parser does): refused, a 2xx of a server that writes them was retried.
+_HEAD_END = re.compile(rb"\n\r?\n")
+_LINE_END = re.compile(rb"\r?\n")
 _CONNECTION_ERRORS = (OSError, anyio.EndOfStream, anyio.BrokenResourceError)
 
 Origin = tuple[str, str, int]
@@ -292,17 +296,23 @@ class _Connection:
 
         buffer = self._buffer
         while True:  # informational answers (100 Continue...) come before the real one
-            while (end := buffer.find(b"\r\n\r\n", 0, _HEAD_SEARCH)) < 0:
-                if b"\n\n" in buffer[:_HEAD_SEARCH] or b"\n\r\n" in buffer[:_HEAD_SEARCH]:
-                    # Lines ended by a bare LF: a head that would never end, waited on until
-                    # the read timeout, and again on each retry. Said at once instead.
-                    broken("the answer's header lines do not end in CRLF")
+            status_seen = False
+            while True:
+                if not status_seen and (line_end := buffer.find(b"\n", 0, _HEAD_SEARCH)) >= 0:
+                    status_seen = True
+                    # Known before the rest of the head, which may then turn out broken (too
+                    # long, a bad line): a 2xx has arrived, and may be all a request needs.
+                    status, reason = _parse_status(bytes(buffer[:line_end]), broken)
+                    if status >= 200:
+                        self._head = (status, reason, [])
+                if (end := _HEAD_END.search(buffer, 0, _HEAD_SEARCH)) is not None:
+                    break
                 if len(buffer) >= _HEAD_SEARCH:
                     broken(f"the answer's headers exceed {MAX_HEAD_BYTES} bytes")
                 if not await self._receive(request):
                     broken("Server disconnected without sending a response.")
-            status, reason, headers, keep_alive = _parse_head(bytes(buffer[:end]), broken)
-            del buffer[: end + 4]
+            status, reason, headers, keep_alive = _parse_head(bytes(buffer[: end.start()]), broken)
+            del buffer[: end.end()]
             if status >= 200:
                 self._head = (status, reason, headers)
                 break
@@ -354,13 +364,13 @@ class _Connection:
         return data
 
     async def _read_line(self, request: httpx.Request, broken: Callable[[str], NoReturn]) -> bytes:
-        while (end := self._buffer.find(b"\r\n")) < 0:
+        while (end := self._buffer.find(b"\n")) < 0:
             if len(self._buffer) > MAX_HEAD_BYTES:
                 broken("a chunk's size line or a trailer is too long")
             if not await self._receive(request):
                 broken("the server closed the connection in a chunked body")
-        line = bytes(self._buffer[:end])
-        del self._buffer[: end + 2]
+        line = bytes(self._buffer[:end]).removesuffix(b"\r")
+        del self._buffer[: end + 1]
         return line
 
     async def _read_chunked(
@@ -370,6 +380,7 @@ class _Connection:
         received = 0
         while True:
             size_text = (await self._read_line(request, broken)).split(b";", 1)[0].strip(b" \t")
+            size_text = size_text.lstrip(b"0") or size_text[:1]  # leading zeros are legal
             if not size_text or len(size_text) > 16 or size_text.strip(_HEX_DIGITS):
                 broken(f"invalid chunk size: {size_text[:20]!r}")
             size = int(size_text, 16)
@@ -384,7 +395,7 @@ class _Connection:
             if received > self._max_answer_bytes:
                 broken(f"the answer's body exceeds {self._max_answer_bytes} bytes")
             chunks.append(await self._read_exactly(size, request, broken))
-            if await self._read_exactly(2, request, broken) != b"\r\n":
+            if await self._read_line(request, broken):
                 broken("a chunk does not end with CRLF")
 
     async def _read_to_end(
@@ -451,16 +462,8 @@ def _parse_head(
 ) -> tuple[int, bytes, list[tuple[bytes, bytes]], bool]:
     """Status, reason, headers, and whether the connection may be kept: from a head without
     its final blank line."""
-    status_line, *lines = head.split(b"\r\n")
-    version, _, rest = status_line.partition(b" ")
-    code, _, reason = rest.partition(b" ")
-    if (
-        version not in (b"HTTP/1.1", b"HTTP/1.0")
-        or len(code) != 3
-        or not code.isdigit()
-        or code[0] == ord("0")
-    ):
-        broken(f"invalid status line: {status_line[:100]!r}")
+    status_line, *lines = _LINE_END.split(head.removesuffix(b"\r"))
+    status, reason = _parse_status(status_line, broken)
     headers: list[tuple[bytes, bytes]] = []
     for line in lines:
         if line[:1] in (b" ", b"\t") and headers:  # obsolete line folding: one value
@@ -470,10 +473,31 @@ def _parse_head(
         name, colon, value = line.partition(b":")
         if not colon or not _TOKEN.fullmatch(name):
             broken(f"invalid header line: {line[:100]!r}")
-        headers.append((name, value.strip(b" \t")))
+        # A CR or NUL in a value is replaced by a space (RFC 9110 5.5): kept, it went on into
+        # the cookie jar, and every later request carrying it was refused before it left.
+        headers.append((name, value.replace(b"\r", b" ").replace(b"\0", b" ").strip(b" \t")))
     tokens = _tokens([value for name, value in headers if name.lower() == b"connection"])
-    keep_alive = b"close" not in tokens if version == b"HTTP/1.1" else b"keep-alive" in tokens
-    return int(code), reason, headers, keep_alive
+    if status_line.startswith(b"HTTP/1.1"):
+        keep_alive = b"close" not in tokens
+    else:  # HTTP/1.0: kept only if asked, and never with a transfer coding (RFC 9112 6.1)
+        chunked = any(name.lower() == b"transfer-encoding" for name, _ in headers)
+        keep_alive = b"keep-alive" in tokens and not chunked
+    return status, reason, headers, keep_alive
+
+
+def _parse_status(line: bytes, broken: Callable[[str], NoReturn]) -> tuple[int, bytes]:
+    """Status and reason of a status line (its line end removed, or not)."""
+    line = line.removesuffix(b"\r")
+    version, _, rest = line.partition(b" ")
+    code, _, reason = rest.partition(b" ")
+    if (
+        version not in (b"HTTP/1.1", b"HTTP/1.0")
+        or len(code) != 3
+        or not code.isdigit()
+        or code[0] == ord("0")
+    ):
+        broken(f"invalid status line: {line[:100]!r}")
+    return int(code), reason
 
 
 def _tokens(values: list[bytes]) -> list[bytes]:

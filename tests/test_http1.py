@@ -399,8 +399,6 @@ async def test_answers_written_by_h11_read_back_the_same() -> None:
         (b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n", "header line"),
         (b"HTTP/1.1 200 OK\r\nContent-Length : 2\r\n\r\nok", "header line"),
         (b"HTTP/1.1 101 Switching\r\n\r\n", "switched"),
-        (b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok", "CRLF"),
-        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\n\r\nok", "CRLF"),
         (b"HTTP/1.1 200 OK\r\nX: " + b"a" * MAX_HEAD_BYTES + b"\r\n\r\n", "exceed"),
     ],
 )
@@ -415,6 +413,37 @@ async def test_a_broken_answer_is_a_protocol_error_and_costs_only_its_connection
         await transport.aclose()
     assert after.content == b"ok"
     assert server.connections == 2
+
+
+@pytest.mark.parametrize(
+    ("answer", "connections"),
+    [
+        (b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok", 1),  # bare LF ends lines: RFC 9112 2.2
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\n\r\nok", 1),
+        (CHUNKED + b"000000000000000000002\r\nok\r\n0\n\n", 1),  # leading zeros are legal
+        (b"HTTP/1.1 200 OK\r\nX-Odd: a\rb\x00c\r\nContent-Length: 2\r\n\r\nok", 1),
+        # HTTP/1.0 with a transfer coding: its framing is not to be trusted (RFC 9112 6.1).
+        (
+            b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"2\r\nok\r\n0\r\n\r\n",
+            2,
+        ),
+    ],
+    ids=["LF", "LF-then-CRLF", "zeros", "CR-NUL", "1.0-chunked"],
+)
+async def test_answers_loose_in_ways_the_rfc_allows_are_read(
+    answer: bytes, connections: int
+) -> None:
+    """Refused, a 2xx was retried (the events stored again, and then failed); a CR or NUL
+    kept in a cookie's value made every later request unsendable."""
+    async with serving(StrictServer(answer, OK)) as server:
+        transport = HTTP1Transport()
+        first = await send(transport, server.url)
+        after = await send(transport, server.url)
+        await transport.aclose()
+    assert (first.content, after.content) == (b"ok", b"ok")
+    assert first.headers.get("x-odd", "a b c") == "a b c"  # CR and NUL are spaces
+    assert server.connections == connections
 
 
 # Timeouts, failures and cancellation
@@ -624,8 +653,10 @@ async def test_answers_are_read_up_to_the_limit_and_refused_past_it(
         CHUNKED + b"0x3\r\nabc\r\n0\r\n\r\n",
         b"HTTP/1.1 202 Accepted\r\nContent-Length: 101\r\n\r\n",
         [b"HTTP/1.1 202 Accepted\r\nContent-Length: 10\r\n\r\n", b"short"],  # then silence
+        b"HTTP/1.1 202 Accepted\r\nX: " + b"a" * MAX_HEAD_BYTES + b"\r\n\r\n",
+        b"HTTP/1.1 202 Accepted\r\nno colon\r\n\r\n",
     ],
-    ids=["cut", "bad-chunk", "too-long", "silent"],
+    ids=["cut", "bad-chunk", "too-long", "silent", "head-too-long", "bad-header"],
 )
 async def test_a_2xx_whose_head_is_enough_stands_without_its_body(answer: Any) -> None:
     """Events are stored once the server says 2xx; a body that then fails to come must not
