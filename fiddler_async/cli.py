@@ -161,7 +161,11 @@ async def _publish_file(
             highlight=False,
         )
     complete = (
-        job.complete and job.stopped_at is None and not stats.failed and not stats.dropped_total
+        job.complete
+        and job.stopped_at is None
+        and job.read_error is None
+        and not stats.failed
+        and not stats.dropped_total
     )
     return 0 if complete and not job.bad else 1
 
@@ -251,6 +255,8 @@ class _FileJob:
         """The model's time format, that text in its time column is read by."""
         self.stopped_at: int | None = None
         """The row at which publishing stopped: the queue stayed full for --timeout."""
+        self.read_error: str | None = None
+        """Why the file could not be read to its end (a damaged page, a disk error)."""
         self.unread = 0
         """Rows not published from there on."""
         self.interrupted = 0
@@ -293,11 +299,11 @@ class _FileJob:
         try:
             await self._publish_rows(pub, types, required)
             if self.stopped_at is None:  # else --timeout is spent: the close drops what is left
-                self.complete = (await pub.flush(args.timeout)).complete
+                self.complete = await _flush_while_sending(pub, args.timeout)
         finally:
             self.seconds = time.perf_counter() - started
-            if self.interrupted and self.stopped_at is None:
-                self.unread = self.total - self.handled
+            if (self.interrupted or self.read_error) and self.stopped_at is None:
+                self.unread = max(0, self.total - self.handled)  # (the total is counted apart)
 
     async def _publish_rows(
         self, pub: AsyncPublisher, types: dict[str, str], required: tuple[str, ...]
@@ -330,7 +336,14 @@ class _FileJob:
         # The rows' reader ends before its file closes.
         with Progress(*columns, console=self.err) as progress, stream, contextlib.closing(rows):
             task = progress.add_task("publish", total=total, rate="-")
-            while chunk := await anyio.to_thread.run_sync(lambda: list(islice(rows, 1000))):
+            while True:
+                try:
+                    chunk = await anyio.to_thread.run_sync(lambda: list(islice(rows, 1000)))
+                except Exception as exc:  # the file broke partway: what was read still goes
+                    self.read_error = f"cannot read {self.path} after row {done:,}: {exc}"
+                    return
+                if not chunk:
+                    return
                 for index, (line, row) in enumerate(chunk):
                     try:
                         event = self._event(line, row, types, required)
@@ -390,6 +403,17 @@ class _FileJob:
                 f"[red]stopped[/red] at line {self.stopped_at}: the server took no events for "
                 f"{self.args.timeout:g} s (--timeout); {self.unread:,} row(s) from there on "
                 "not sent",
+                highlight=False,
+            )
+        elif self.read_error is not None:
+            err.print(
+                f"[red]stopped[/red]: {self.read_error}; {self.unread:,} row(s) not read",
+                highlight=False,
+            )
+        elif not self.complete and not self.interrupted:
+            err.print(
+                f"[red]stopped[/red]: the server took no events for {self.args.timeout:g} s "
+                "(--timeout); what was still queued was dropped",
                 highlight=False,
             )
         latencies = sorted(self.latencies)
@@ -474,15 +498,27 @@ async def _replay(args: argparse.Namespace) -> int:
     return 1 if refused else 0
 
 
+async def _flush_while_sending(pub: AsyncPublisher, seconds: float) -> bool:
+    """Flush, for as long as the server takes events (see :func:`_extend_while_sending`);
+    whether all went."""
+    with anyio.CancelScope(deadline=anyio.current_time() + seconds) as scope:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(_extend_while_sending, pub, scope, seconds)
+            result = await pub.flush(math.inf)
+            tasks.cancel_scope.cancel()
+            return result.complete
+    return False
+
+
 async def _extend_while_sending(
     pub: AsyncPublisher, scope: anyio.CancelScope, seconds: float
 ) -> None:
-    """Push the replay's deadline on while events go: --timeout bounds a silence of the
-    server, not a long spool it is taking."""
+    """Push a flush's or a replay's deadline on while events go: --timeout bounds a
+    silence of the server, not a long queue or spool it is taking."""
 
     def settled() -> int:
         stats = pub.stats()
-        return stats.replayed + stats.failed
+        return stats.delivered + stats.replayed + stats.failed
 
     seen = settled()
     while True:

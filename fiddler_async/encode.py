@@ -234,6 +234,11 @@ _MIN_MILLIS, _MAX_MILLIS = -62_135_596_800_000, 253_402_300_799_999
 _SECONDS_FROM, _SECONDS_UNTIL = 100_000_000, 100_000_000_000
 
 
+def reads_as_seconds(number: float) -> bool:
+    """Whether a time in epoch milliseconds is, it seems, epoch seconds since 1973."""
+    return _SECONDS_FROM <= number < _SECONDS_UNTIL
+
+
 def check_event_size(body: bytes, limit: int, *, placed: bool = False) -> None:
     """EventTooLargeError unless ``body`` and its comma fit a request of ``limit`` bytes;
     ``placed``: measured once its id and time were placed, after its model was known."""
@@ -270,7 +275,7 @@ def epoch_millis(value: object, field: str = "event_timestamp") -> int:
             raise EventError(
                 f"{field} must be epoch milliseconds between years 1 and 9999, got {value!r}"
             )
-        if _SECONDS_FROM <= number < _SECONDS_UNTIL:
+        if reads_as_seconds(number):
             epoch = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
             as_seconds = epoch + dt.timedelta(seconds=number)
             as_millis = epoch + dt.timedelta(milliseconds=number)

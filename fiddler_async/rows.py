@@ -17,6 +17,8 @@ from collections.abc import Generator, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
+from .encode import reads_as_seconds
+
 __all__ = ["FORMATS", "RowError", "coerce_row", "count_rows", "file_format", "read_rows"]
 
 FORMATS = ("csv", "jsonl", "parquet")
@@ -64,8 +66,19 @@ def count_rows(path: str | Path) -> int:
 
         return int(pq.ParquetFile(path).metadata.num_rows)
     with open(path, "rb") as stream:
-        lines = sum(1 for line in stream if line.strip())
-    return max(0, lines - 1) if fmt == "csv" else lines
+        if fmt != "csv":
+            return sum(1 for line in stream if line.strip())
+        # Records, not lines: a quoted value may hold line breaks, and a line may end in a
+        # bare CR. Blank lines are no records; the first record is the header.
+        text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
+        reader, records = csv.reader(text), 0
+        while True:
+            try:
+                records += bool(next(reader))
+            except StopIteration:
+                return max(0, records - 1)
+            except csv.Error:  # a bad record is still one
+                records += 1
 
 
 # A CSV field may be as large as an event (csv's default bound is 128 KiB). The bound is the
@@ -133,7 +146,7 @@ def _jsonl_rows(stream: IO[bytes]) -> Iterator[tuple[int, dict[str, Any] | RowEr
         if not raw.strip():
             continue
         try:
-            row = json.loads(raw)
+            row = json.loads(raw, object_pairs_hook=_once_each)
         except (ValueError, RecursionError) as exc:  # UnicodeDecodeError; nested too deeply
             if first and raw.lstrip(b"\xef\xbb\xbf \t").startswith(b"["):
                 # The start of an array spread over lines: a .json file, not JSON Lines.
@@ -148,14 +161,40 @@ def _jsonl_rows(stream: IO[bytes]) -> Iterator[tuple[int, dict[str, Any] | RowEr
             yield line, RowError(line, f"a line must hold a JSON object, not {type(row).__name__}")
 
 
+def _once_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refused if it names a member twice (as a CSV header may not)."""
+    found = dict(pairs)
+    if len(found) < len(pairs):
+        names = [name for name, _ in pairs]
+        raise ValueError(f"{sorted({n for n in names if names.count(n) > 1})} named twice")
+    return found
+
+
 def _parquet_rows(stream: IO[bytes]) -> Iterator[tuple[int, dict[str, Any] | RowError]]:
     import pyarrow.parquet as pq  # noqa: PLC0415
 
+    parquet = pq.ParquetFile(stream)
+    names = parquet.schema_arrow.names
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:  # a row as a dict would keep only the last
+        yield 1, RowError(1, f"the file names the columns {twice} more than once")
+        return
     line = 0
-    for batch in pq.ParquetFile(stream).iter_batches(batch_size=10_000):
-        for row in batch.to_pylist():
+    for batch in parquet.iter_batches(batch_size=10_000):
+        try:
+            rows: list[dict[str, Any] | RowError] = batch.to_pylist()
+        except Exception:  # a value Python cannot hold (a year past 9999): in which row?
+            rows = [_parquet_row(batch, index, line + index + 1) for index in range(len(batch))]
+        for row in rows:
             line += 1
             yield line, row
+
+
+def _parquet_row(batch: Any, index: int, line: int) -> dict[str, Any] | RowError:
+    try:
+        return dict(batch.slice(index, 1).to_pylist()[0])
+    except Exception as exc:  # pyarrow's errors, OverflowError, ValueError...
+        return RowError(line, f"cannot read this row: {type(exc).__name__}: {exc}")
 
 
 def _from_text(data_type: str, text: str) -> Any:
@@ -212,8 +251,10 @@ def type_problem(data_type: str, value: Any, ts_format: str | None = None) -> st
         return None
     if data_type == "timestamp" and isinstance(value, bool | str):
         if isinstance(value, str) and _reads_as_time(value, ts_format):
-            return None
+            return _seconds_problem(float(value), ts_format) if _EPOCH.fullmatch(value) else None
         return f"expected a time, got {type(value).__name__} {value!r}"
+    if data_type == "timestamp" and isinstance(value, int | float):
+        return _seconds_problem(value, ts_format)
     if data_type == "int":  # JSON has one number type: 38.0 is an integer value too
         integral = (
             isinstance(value, int)
@@ -230,12 +271,38 @@ def type_problem(data_type: str, value: Any, ts_format: str | None = None) -> st
     return None
 
 
-_ISO_DATE = re.compile(r"\s*[+-]?\d{4,}-\d{2}-\d{2}(?![\d-])")
+# ISO 8601: a date, then maybe a time and a zone.
+_ISO_TIME = re.compile(
+    r"\s*(?P<year>[+-]?\d{4,})-(?P<month>\d{2})-(?P<day>\d{2})"
+    r"(?:[T ](?P<hour>\d{2}):(?P<minute>\d{2})(?::(?P<second>\d{2})(?:[.,]\d+)?)?)?"
+    r"\s*(?:Z|[+-]\d{2}(?::?\d{2})?)?\s*"
+)
 _EPOCH = re.compile(r"\s*-?\d+(\.\d+)?\s*")  # as a CSV cell holds epoch milliseconds
 
 
+def _seconds_problem(number: float, ts_format: str | None) -> str | None:
+    """Epoch seconds where the model's times are epoch milliseconds: filed in 1970."""
+    if (ts_format or "").strip().lower() == "epoch seconds" or not reads_as_seconds(number):
+        return None
+    return f"{number:.15g} looks like epoch seconds; the model's times are epoch milliseconds"
+
+
+def _is_iso_time(text: str) -> bool:
+    """Whether ``text`` is an ISO 8601 time that exists (no 2024-13-45 99:99)."""
+    found = _ISO_TIME.fullmatch(text)
+    if found is None:
+        return False
+    year, month, day = (int(found[name]) for name in ("year", "month", "day"))
+    try:
+        dt.date(year if 1 <= year <= 9999 else 2000, month, day)  # (far years: leap-free)
+    except ValueError:
+        return False
+    hour, minute, second = (int(found[name] or 0) for name in ("hour", "minute", "second"))
+    return hour <= 23 and minute <= 59 and second <= 60
+
+
 def _reads_as_time(text: str, ts_format: str | None) -> bool:
-    if _ISO_DATE.match(text) or _EPOCH.fullmatch(text):
+    if _is_iso_time(text) or _EPOCH.fullmatch(text):
         return True
     if ts_format and "%" in ts_format:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import json
 import os
@@ -25,7 +26,7 @@ import pytest
 
 from fiddler_async import cli as cli_module
 from fiddler_async.emulator import Emulator, Store, emulator_process
-from fiddler_async.rows import RowError, coerce_row
+from fiddler_async.rows import RowError, coerce_row, count_rows, file_format, read_rows
 
 from .in_process import TOKEN
 
@@ -439,6 +440,14 @@ def test_file_times_are_epoch_digits_or_text_that_reads_as_a_time() -> None:
     for text in ("soon", "<built-in method now>", "02/01/2024"):
         with pytest.raises(RowError, match="column 'at': expected a time"):
             coerce_row(7, {"at": text}, types)
+    # A date that does not exist, or text after one, is not a time (the first digits were
+    # enough); epoch seconds are not milliseconds, unless the model's times are seconds.
+    for text in ("2024-13-45 99:99", "2024-02-30", "2024-01-01garbage", "2024-01-01T24:00"):
+        with pytest.raises(RowError, match="column 'at': expected a time"):
+            coerce_row(7, {"at": text}, types)
+    with pytest.raises(RowError, match="1704067200 looks like epoch seconds"):
+        coerce_row(7, {"at": "1704067200"}, types)
+    assert coerce_row(1, {"at": "1704067200"}, types, ts_format="epoch seconds")
 
 
 def test_inspect_by_url_shows_the_model_served_when_none_is_named(
@@ -596,3 +605,78 @@ def test_a_server_that_never_answers_is_given_up_before_the_timeout(
     )  # fmt: skip
     assert code == 2
     assert "cannot use http://127.0.0.1:1: no answer in 0.5 s" in said
+
+
+def test_files_are_read_alike_whatever_their_format(tmp_path: Path) -> None:
+    """A name twice is refused in every format (a row would keep one of its values); a
+    Parquet value Python cannot hold is its row's problem, not its 10,000-row batch's; a
+    file's rows are counted as records (quoted line breaks, bare CR line ends)."""
+    twice = tmp_path / "twice.parquet"
+    pq.write_table(pa.Table.from_arrays([pa.array([1]), pa.array([2])], names=["x", "x"]), twice)
+    jsonl = tmp_path / "twice.jsonl"
+    jsonl.write_text('{"x": 1, "x": 100}\n{"x": 2, "y": {"z": 1, "z": 2}}\n{"x": 3}\n')
+    far = tmp_path / "far.parquet"
+    micros = [1_700_000_000_000_000, 10**18, 1_700_000_000_000_001]  # 10**18: year 33658
+    pq.write_table(pa.table({"at": pa.array(micros, type=pa.timestamp("us"))}), far)
+
+    def rows(path: Path) -> list[Any]:
+        with path.open("rb") as stream:
+            return [
+                row if isinstance(row, dict) else str(row)
+                for _, row in read_rows(stream, file_format(path))
+            ]
+
+    assert rows(twice) == ["line 1: the file names the columns ['x'] more than once"]
+    read = rows(jsonl)
+    assert read[2] == {"x": 3}
+    assert "['x'] named twice" in read[0]
+    assert "['z'] named twice" in read[1]
+    far_rows = rows(far)
+    assert far_rows[0] == {"at": dt.datetime(2023, 11, 14, 22, 13, 20)}
+    assert far_rows[1].startswith("line 2: cannot read this row")
+    assert far_rows[2] == {"at": dt.datetime(2023, 11, 14, 22, 13, 20, 1)}
+    for text in ("x,y\r1,2\r3,4\r", 'x,y\n1,"a\nb"\n\n3,4\n'):
+        (tmp_path / "rows.csv").write_text(text, newline="")
+        assert count_rows(tmp_path / "rows.csv") == 2
+
+
+def test_a_file_that_breaks_partway_sends_what_was_read_and_says_so(
+    fiddler: Emulator, monkeypatch: pytest.MonkeyPatch, capsys: Any, tmp_path: Path
+) -> None:
+    """A damaged Parquet page, a disk error: the command ended in a traceback, without its
+    summary, after it had sent events."""
+    path = tmp_path / "events.csv"
+    path.write_text("row_id,x\n" + "".join(f"r{i},{i}\n" for i in range(2500)))
+
+    def breaking(stream: Any, fmt: str) -> Iterator[tuple[int, dict[str, Any]]]:
+        for i in range(2500):
+            if i == 2200:
+                raise OSError("Corrupt snappy compressed data")
+            yield i + 2, {"row_id": f"r{i}", "x": str(i)}
+
+    monkeypatch.setattr(cli_module, "read_rows", breaking)
+    code = cli_module.main(["publish", str(path), "--project", "p", "--model", "m", *to(fiddler)])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "Traceback" not in err
+    assert "after row 2,000: Corrupt snappy compressed data; 500 row(s) not read" in err
+    assert re.search(r"delivered\s+2,000", out)
+    assert len(fiddler.events("p", "m")) == 2000
+
+
+def test_a_slow_server_that_keeps_taking_events_is_given_them_all(
+    tmp_path: Path, fiddler: Emulator, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """--timeout bounds a silence of the server, not the whole flush: a server taking
+    events steadily, slower than the queue fills, lost the tail of the file."""
+    path = tmp_path / "events.csv"
+    path.write_text("row_id,x\n" + "".join(f"r{i},{i}\n" for i in range(1200)))
+    small = functools.partial(cli_module.PublisherConfig, max_batch_events=100, max_in_flight=1)
+    monkeypatch.setattr(cli_module, "PublisherConfig", small)
+    fiddler.set_faults(latency=0.2)  # 12 requests, one at a time: well past --timeout 1
+    code = cli_module.main(["publish", str(path), "--project", "p", "--model", "m",
+                            *to(fiddler), "--timeout", "1"])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert re.search(r"delivered\s+1,200", out)
+    assert len(fiddler.events("p", "m")) == 1200

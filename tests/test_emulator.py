@@ -7,6 +7,7 @@ import gzip
 import json
 import logging
 import math
+import re
 import socket
 import threading
 import time
@@ -137,11 +138,15 @@ def test_publishing_validates_and_stores(client: httpx.Client, fiddler: Emulator
     timed = [{"event_id": f"t{i}", "timestamp": value} for i, value in enumerate(times)]
     assert publish(client, model_id, timed).status_code == 202
     untimed = [{"timestamp": "<built-in method now>"}, {"timestamp": True}, {"timestamp": "soon"}]
+    untimed += [{"timestamp": "2024-02-30"}, {"timestamp": 1704067200}]
     reasons = [e["message"] for e in publish(client, model_id, untimed).json()["error"]["errors"]]
     assert reasons == [
         "events[0].timestamp: expected a time, got str '<built-in method now>'",
         "events[1].timestamp: expected a time, got bool True",
         "events[2].timestamp: expected a time, got str 'soon'",
+        "events[3].timestamp: expected a time, got str '2024-02-30'",
+        "events[4].timestamp: 1704067200 looks like epoch seconds; the model's times are epoch "
+        "milliseconds",
     ]
     assert publish(client, model_id, [{"age": 1}] * 1001).status_code == 400
     assert publish(client, model_id, []).status_code == 400
@@ -283,6 +288,18 @@ def test_a_models_file(tmp_path: Path) -> None:
                       '[models.columns]\nx = "int"\n')  # fmt: skip
     with pytest.raises(ValueError, match="event_id_col 'id' is not a column"):
         load_catalog(broken)
+    # Tables of the wrong shape: said as such (the command line shows it), not a traceback.
+    head = '[[models]]\nproject = "p"\nname = "m"\n'
+    for text, said in (
+        ('[models]\nproject = "p"\n', "each model is a [[models]] table"),
+        ("models = [1]\n", "each model is a [[models]] table"),
+        (head + 'columns = ["x"]\n', "[columns] must be a table"),
+        (head + 'spec = "x"\n[models.columns]\nx = "int"\n', "[spec] must be a table"),
+        (head + 'event_id_col = ["x"]\n[models.columns]\nx = "int"\n', "event_id_col must be"),
+    ):
+        broken.write_text(text)
+        with pytest.raises(ValueError, match=re.escape(said)):
+            load_catalog(broken)
 
 
 @pytest.mark.anyio

@@ -128,6 +128,15 @@ def _model_from_table(table: dict[str, Any], where: str) -> ModelDef:
         raise ValueError(
             f"{where}: a model needs project, name and [columns]; {exc} missing"
         ) from None
+    if not isinstance(columns, dict):
+        raise ValueError(f"{where}: [columns] must be a table of column = type")  # noqa: TRY004
+    if not isinstance(table.get("spec", {}), dict) or not all(
+        isinstance(names, list) for names in table.get("spec", {}).values()
+    ):
+        raise ValueError(f"{where}: [spec] must be a table of lists of column names")
+    for key in ("event_id_col", "event_ts_col", "event_ts_format"):
+        if table.get(key) is not None and not isinstance(table[key], str):
+            raise ValueError(f"{where}: {key} must be a string, got {table[key]!r}")
     for column, data_type in columns.items():
         if data_type not in DATA_TYPES:
             raise ValueError(f"{where}: column {column!r} has unknown type {data_type!r}")
@@ -163,4 +172,6 @@ def load_catalog(path: str | Path | None = None) -> Catalog:
     tables = tomllib.loads(text).get("models", [])
     if not tables:
         raise ValueError(f"{where}: no [[models]] defined")
+    if not isinstance(tables, list) or not all(isinstance(table, dict) for table in tables):
+        raise ValueError(f"{where}: each model is a [[models]] table")
     return Catalog([_model_from_table(t, f"{where}: models[{i}]") for i, t in enumerate(tables)])
