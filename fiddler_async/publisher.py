@@ -92,6 +92,8 @@ class _State(enum.Enum):
 # (millis, model, id prefix, head, between, empty, stamped): see AsyncPublisher._id_time_parts.
 _IdTimeParts = tuple[int, "ModelInfo | None", bytes, bytes, bytes, bytes, bytes]
 _NO_PARTS: _IdTimeParts = (-1, None, b"", b"", b"", b"", b"")
+_IdHigh = tuple[int, bytes, bytes, str]
+_LOW, _LOW_TEXT = new_event_id.LOW, new_event_id.LOW_TEXT
 
 # The publisher whose background task this is (and the tasks it starts, e.g. an on_error
 # callback), so that its aclose() called from there does not wait for the task it runs in.
@@ -192,6 +194,7 @@ class AsyncPublisher:
         self._log = RateLimitedLog(self._config.log_interval)
         self._last_stamp: tuple[int, ModelInfo | None, bytes] = (-1, None, b"")
         self._parts = _NO_PARTS
+        self._high: _IdHigh = (-1, b"", b"", "")
         # Read on the hot path: plain attributes are quicker than the config's.
         self._stamping = self._config.stamp_publish_time
         self._max_event_bytes = self._config.max_batch_bytes  # an event and its comma must fit
@@ -1010,7 +1013,11 @@ class AsyncPublisher:
         except TypeError:
             encoded = encode_event(event)  # raises, naming the field
         ids = new_event_id
-        digits = b"%012x" % (next(ids.counter) & ids.MASK)
+        number = next(ids.counter) & ids.MASK
+        high = self._high  # _id_high, inline
+        if high[0] != number >> 8 or high[1] is not ids.prefix_bytes:
+            high = self._id_high(number, ids.prefix_bytes)
+        low = number & 0xFF
         if id_col is not None and ts_col is not None and self._stamping:
             millis = int(time.time() * 1000)
             parts = self._parts  # _parts_now, inline on the hottest path
@@ -1020,19 +1027,20 @@ class AsyncPublisher:
             # Joined once into an exact-size object (as _prepare_rows does). The id is
             # ASCII letters, digits and dashes (nothing to escape).
             if len(encoded) > 2:
-                body = b"".join((head, digits, between, encoded[1:]))
+                body = b"".join((head, high[2], _LOW[low], between, encoded[1:]))
             else:  # {}
-                body = b"".join((head, digits, empty))
+                body = b"".join((head, high[2], _LOW[low], empty))
         else:
             members = []
             if id_col is not None:
-                members.append(b'%s"%s%s"' % (info.id_key, ids.prefix_bytes, digits))
+                digits = ids.prefix_bytes + high[2] + _LOW[low]
+                members.append(b'%s"%s"' % (info.id_key, digits))
             if ts_col is not None and self._stamping:
                 members.append(info.ts_key + self._stamp(info))
             body = splice_members(encoded, members)
         if len(body) >= self._max_event_bytes:
             self._check_size(body)  # raises, with the message
-        return body, ids.prefix + digits.decode()
+        return body, high[3] + _LOW_TEXT[low]
 
     def _prepare_rows(
         self,
@@ -1065,7 +1073,7 @@ class AsyncPublisher:
             return None  # the long way says so
         _, _, prefix_bytes, head, between, empty, _ = parts or _NO_PARTS
         counter, mask, limit = new_event_id.counter, new_event_id.MASK, self._max_event_bytes
-        prefix = prefix_bytes.decode()
+        high = self._high
         bodies: list[bytes] = []
         returned: list[str] = []
         join, dumps = b"".join, orjson.dumps
@@ -1090,13 +1098,16 @@ class AsyncPublisher:
                     encoded = dumps(row, default=encode_default, option=ENCODE_OPTIONS)
                 except TypeError:
                     return None
-                number = b"%012x" % (next(counter) & mask)
+                number = next(counter) & mask
+                if high[0] != number >> 8 or high[1] is not prefix_bytes:
+                    high = self._id_high(number, prefix_bytes)
+                low = number & 0xFF
                 body = (
-                    join((head, number, between, encoded[1:]))
+                    join((head, high[2], _LOW[low], between, encoded[1:]))
                     if len(encoded) > 2
-                    else join((head, number, empty))
+                    else join((head, high[2], _LOW[low], empty))
                 )
-                event_id = prefix + number.decode()
+                event_id = high[3] + _LOW_TEXT[low]
             if len(body) >= limit:
                 return None
             bodies.append(body)
@@ -1186,9 +1197,21 @@ class AsyncPublisher:
             return (b"".join((b"{", stamp, rest)) if stamp else compact(encoded)), event_id
         assert parts is not None
         _, _, prefix, head, *_ = parts
-        number = b"%012x" % (next(new_event_id.counter) & new_event_id.MASK)
-        body = b"".join((head, number, b'",', stamp, rest))
-        return body, prefix.decode() + number.decode()
+        number = next(new_event_id.counter) & new_event_id.MASK
+        high = self._high
+        if high[0] != number >> 8 or high[1] is not prefix:
+            high = self._id_high(number, prefix)
+        low = number & 0xFF
+        body = b"".join((head, high[2], _LOW[low], b'",', stamp, rest))
+        return body, high[3] + _LOW_TEXT[low]
+
+    def _id_high(self, number: int, prefix: bytes) -> _IdHigh:
+        """For an id made of ``prefix`` and counter value ``number``: the first ten of its
+        twelve counter digits, as bytes, and as the id's text up to them; kept for the next
+        ids, which share them up to 255 times (the last two come from a table)."""
+        digits = b"%010x" % (number >> 8)
+        self._high = high = (number >> 8, prefix, digits, (prefix + digits).decode())
+        return high
 
     def _parts_now(self, info: ModelInfo) -> _IdTimeParts:
         """:meth:`_id_time_parts` for the current millisecond, cached."""
