@@ -730,11 +730,20 @@ async def _read_body(response: httpx.Response) -> bytes | None:
     # zlib's window bits: gzip's framing; deflate in zlib's framing, or bare as some send it.
     for window in {"gzip": (31,), "x-gzip": (31,), "deflate": (15, -15)}.get(coding, ()):
         inflater = zlib.decompressobj(window)
+        members = window == 31  # gzip
         try:
             body = inflater.decompress(raw, MAX_ANSWER_BYTES)
+            # gzip may come as several members, one after another (RFC 1952 2.2): only the
+            # first was read, the rest of the body dropped without a word.
+            while (
+                members and inflater.eof and inflater.unused_data and len(body) < MAX_ANSWER_BYTES
+            ):
+                rest, inflater = inflater.unused_data, zlib.decompressobj(window)
+                body += inflater.decompress(rest, MAX_ANSWER_BYTES - len(body))
         except zlib.error:
             continue
-        return body if inflater.eof and not inflater.unconsumed_tail else None  # whole, bounded
+        whole = inflater.eof and not inflater.unconsumed_tail
+        return body if whole and not (members and inflater.unused_data) else None  # and bounded
     return None
 
 
