@@ -254,8 +254,10 @@ class _Connection:
         """Sends one request and reads its whole answer. Any failure, cancellation included,
         closes the connection: what is left in it is unknown. Two failures still give the
         answer, not reusable: one the server sent before it stopped reading the request (a
-        413 from a proxy, say), and a 2xx whose body did not come, for a request that says
-        :data:`HEAD_IS_ENOUGH` (without the body, ``broken`` saying why)."""
+        413 from a proxy, say); and, without the body (``broken`` saying why), a 2xx whose
+        body did not come, for a request that says :data:`HEAD_IS_ENOUGH`, and an error
+        answer whose body did not (its status and headers, a Retry-After, are the answer: as
+        a dropped connection it was retried at once, the 400 of a bad event never seen)."""
         self._head = None
         try:
             unsent = None
@@ -276,7 +278,8 @@ class _Connection:
                 answered = self._head
                 if unsent is not None or answered is None:
                     raise unsent or exc  # noqa: B904  (the write's failure, when it failed)
-                if not (200 <= answered[0] < 300 and request.extensions.get(HEAD_IS_ENOUGH)):
+                enough = 200 <= answered[0] < 300 and request.extensions.get(HEAD_IS_ENOUGH)
+                if not enough and answered[0] < 400:
                     raise
                 await self.aclose()
                 return _Answer(*answered, b"", False, _describe(exc))

@@ -678,6 +678,36 @@ async def test_a_2xx_whose_head_is_enough_stands_without_its_body(answer: Any) -
     assert server.connections == 3
 
 
+@pytest.mark.parametrize(
+    ("answer", "status"),
+    [
+        (Close(b"HTTP/1.1 503 Busy\r\nRetry-After: 7\r\nContent-Length: 99\r\n\r\nshort"), 503),
+        (b"HTTP/1.1 400 Bad\r\nContent-Length: 101\r\n\r\n", 400),  # past the bound
+        (Close(b"HTTP/1.1 302 Found\r\nContent-Length: 99\r\n\r\nshort"), None),
+    ],
+    ids=["cut-503", "long-400", "cut-302"],
+)
+async def test_an_error_answer_whose_body_breaks_is_still_the_answer(
+    answer: bytes, status: int | None
+) -> None:
+    """Its status and headers say it: as a dropped connection, a 503's Retry-After was
+    ignored and the request sent again at once, and a 400 (a bad event among good ones) was
+    retried, then failed whole rather than split. Anything else stays a protocol error."""
+    async with serving(StrictServer(answer, OK)) as server:
+        transport = HTTP1Transport(max_answer_bytes=100)
+        if status is None:
+            with pytest.raises(httpx.RemoteProtocolError):
+                await send(transport, server.url)
+        else:
+            response = await send(transport, server.url)
+            assert (response.status_code, response.content) == (status, b"")
+            assert response.extensions[BROKEN_BODY]
+            assert response.headers.get("Retry-After", "7") == "7"
+        assert (await send(transport, server.url)).content == b"ok"  # on a new connection
+        await transport.aclose()
+    assert server.connections == 2
+
+
 # On asyncio the answer is lost, as with httpx's own transport: a failed write closes the
 # asyncio transport, which then reads nothing more of what the kernel holds.
 @pytest.mark.parametrize("anyio_backend", ["trio"])
