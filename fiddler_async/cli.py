@@ -25,7 +25,7 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,6 +56,7 @@ __all__ = ["main"]
 
 DEFAULT_DB = "fiddler-emulator.db"
 SHOWN_PROBLEMS = 20
+_Row = tuple[int, dict[str, Any] | RowError]  # (line, row) as read_rows gives them
 LOOKUP_TIMEOUT = 15.0
 """Seconds ``publish`` waits for the model's lookup (``--timeout`` if shorter)."""
 INSECURE_HELP = "send the token over plain http:// to another machine (a network you trust)"
@@ -337,11 +338,10 @@ class _FileJob:
         with Progress(*columns, console=self.err) as progress, stream, contextlib.closing(rows):
             task = progress.add_task("publish", total=total, rate="-")
             while True:
-                try:
-                    chunk = await anyio.to_thread.run_sync(lambda: list(islice(rows, 1000)))
-                except Exception as exc:  # the file broke partway: what was read still goes
-                    self.read_error = f"cannot read {self.path} after row {done:,}: {exc}"
-                    return
+                chunk, failure = await anyio.to_thread.run_sync(_take, rows, 1000)
+                if failure is not None:  # the file broke partway: what was read still goes
+                    self.read_error = f"cannot read {self.path} after row {done + len(chunk):,}"
+                    self.read_error += f": {failure}"
                 if not chunk:
                     return
                 for index, (line, row) in enumerate(chunk):
@@ -365,6 +365,8 @@ class _FileJob:
                 done += len(chunk)
                 rate = done / max(time.perf_counter() - begun, 1e-9)
                 progress.update(task, completed=done, rate=f"{rate:,.0f}")
+                if failure is not None:
+                    return
 
     def _event(
         self,
@@ -405,12 +407,12 @@ class _FileJob:
                 "not sent",
                 highlight=False,
             )
-        elif self.read_error is not None:
+        if self.read_error is not None:
             err.print(
                 f"[red]stopped[/red]: {self.read_error}; {self.unread:,} row(s) not read",
                 highlight=False,
             )
-        elif not self.complete and not self.interrupted:
+        if not self.complete and not self.interrupted and self.stopped_at is None:
             err.print(
                 f"[red]stopped[/red]: the server took no events for {self.args.timeout:g} s "
                 "(--timeout); what was still queued was dropped",
@@ -498,16 +500,27 @@ async def _replay(args: argparse.Namespace) -> int:
     return 1 if refused else 0
 
 
+def _take(rows: Iterator[_Row], count: int) -> tuple[list[_Row], Exception | None]:
+    """Up to ``count`` rows, and what stopped the reading short: the rows read before a
+    failure are kept."""
+    taken: list[_Row] = []
+    try:
+        taken.extend(islice(rows, count))
+    except Exception as exc:  # a damaged file: pyarrow's errors, the disk's, many kinds
+        return taken, exc
+    return taken, None
+
+
 async def _flush_while_sending(pub: AsyncPublisher, seconds: float) -> bool:
     """Flush, for as long as the server takes events (see :func:`_extend_while_sending`);
     whether all went."""
+    complete = False
     with anyio.CancelScope(deadline=anyio.current_time() + seconds) as scope:
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(_extend_while_sending, pub, scope, seconds)
-            result = await pub.flush(math.inf)
+            complete = (await pub.flush(math.inf)).complete
             tasks.cancel_scope.cancel()
-            return result.complete
-    return False
+    return complete
 
 
 async def _extend_while_sending(

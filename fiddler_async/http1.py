@@ -47,8 +47,9 @@ _JOIN_BELOW = 16 * 1024
 _NO_BODY_STATUS = frozenset({204, 304})
 _HEX_DIGITS = b"0123456789abcdefABCDEF"
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 5.6.2: methods, field names
-# The blank line that ends a head; a bare LF ends a line too (RFC 9112 2.2 lets a recipient
-# take it so, as httpx's parser does): refused, a 2xx of a server that writes them was retried.
+# The blank line that ends a head; a bare LF ends a head's line too (RFC 9112 2.2 lets a
+# recipient take it so, as h11 does): refused, a 2xx of a server writing them was retried. A
+# chunked body's framing still takes CRLF only (see _read_line).
 _HEAD_END = re.compile(rb"\n\r?\n")
 _LINE_END = re.compile(rb"\r?\n")
 _CONNECTION_ERRORS = (OSError, anyio.EndOfStream, anyio.BrokenResourceError)
@@ -367,13 +368,15 @@ class _Connection:
         return data
 
     async def _read_line(self, request: httpx.Request, broken: Callable[[str], NoReturn]) -> bytes:
-        while (end := self._buffer.find(b"\n")) < 0:
+        """A line of a chunked body: its framing takes CRLF only (RFC 9112 7.1), a bare LF
+        being where two parsers could disagree on where a chunk ends."""
+        while (end := self._buffer.find(b"\r\n")) < 0:
             if len(self._buffer) > MAX_HEAD_BYTES:
                 broken("a chunk's size line or a trailer is too long")
             if not await self._receive(request):
                 broken("the server closed the connection in a chunked body")
-        line = bytes(self._buffer[:end]).removesuffix(b"\r")
-        del self._buffer[: end + 1]
+        line = bytes(self._buffer[:end])
+        del self._buffer[: end + 2]
         return line
 
     async def _read_chunked(
@@ -398,7 +401,7 @@ class _Connection:
             if received > self._max_answer_bytes:
                 broken(f"the answer's body exceeds {self._max_answer_bytes} bytes")
             chunks.append(await self._read_exactly(size, request, broken))
-            if await self._read_line(request, broken):
+            if await self._read_exactly(2, request, broken) != b"\r\n":
                 broken("a chunk does not end with CRLF")
 
     async def _read_to_end(
@@ -493,6 +496,7 @@ def _parse_status(line: bytes, broken: Callable[[str], NoReturn]) -> tuple[int, 
     line = line.removesuffix(b"\r")
     version, _, rest = line.partition(b" ")
     code, _, reason = rest.partition(b" ")
+    reason = reason.replace(b"\r", b" ").replace(b"\0", b" ")  # as in header values
     if (
         version not in (b"HTTP/1.1", b"HTTP/1.0")
         or len(code) != 3

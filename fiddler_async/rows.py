@@ -13,7 +13,8 @@ import io
 import json
 import math
 import re
-from collections.abc import Generator, Iterator, Mapping
+from collections import Counter
+from collections.abc import Generator, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -103,7 +104,7 @@ def _csv_rows(stream: IO[bytes]) -> Iterator[tuple[int, dict[str, Any] | RowErro
         if names is None:
             return  # nothing but blank lines
         # Empty names (a spreadsheet's trailing commas) are no columns anyone meant.
-        twice = sorted({name for name in names if name and names.count(name) > 1})
+        twice = _twice(name for name in names if name)
         if twice:
             line = reader.line_num
             yield line, RowError(line, f"the header names {twice} more than once")
@@ -165,17 +166,20 @@ def _once_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """A JSON object, refused if it names a member twice (as a CSV header may not)."""
     found = dict(pairs)
     if len(found) < len(pairs):
-        names = [name for name, _ in pairs]
-        raise ValueError(f"{sorted({n for n in names if names.count(n) > 1})} named twice")
+        raise ValueError(f"{_twice(name for name, _ in pairs)} named twice")
     return found
+
+
+def _twice(names: Iterable[str]) -> list[str]:
+    """The names that come more than once, sorted."""
+    return sorted(name for name, count in Counter(names).items() if count > 1)
 
 
 def _parquet_rows(stream: IO[bytes]) -> Iterator[tuple[int, dict[str, Any] | RowError]]:
     import pyarrow.parquet as pq  # noqa: PLC0415
 
     parquet = pq.ParquetFile(stream)
-    names = parquet.schema_arrow.names
-    twice = sorted({name for name in names if names.count(name) > 1})
+    twice = _twice(parquet.schema_arrow.names)
     if twice:  # a row as a dict would keep only the last
         yield 1, RowError(1, f"the file names the columns {twice} more than once")
         return
@@ -271,18 +275,22 @@ def type_problem(data_type: str, value: Any, ts_format: str | None = None) -> st
     return None
 
 
-# ISO 8601: a date, then maybe a time and a zone.
+# ISO 8601 as data exports write it: a date, then maybe a time (to the hour, the minute or
+# the second, with a fraction) and a zone (Z, an offset, UTC or GMT as BigQuery writes them).
 _ISO_TIME = re.compile(
     r"\s*(?P<year>[+-]?\d{4,})-(?P<month>\d{2})-(?P<day>\d{2})"
-    r"(?:[T ](?P<hour>\d{2}):(?P<minute>\d{2})(?::(?P<second>\d{2})(?:[.,]\d+)?)?)?"
-    r"\s*(?:Z|[+-]\d{2}(?::?\d{2})?)?\s*"
+    r"(?:[Tt ](?P<hour>\d{2})(?::(?P<minute>\d{2})(?::(?P<second>\d{2})(?:[.,]\d+)?)?)?"
+    r"\s*(?:[Zz]|(?i:UTC|GMT)|[+-](?P<offset_hours>\d{2})(?::?(?P<offset_minutes>\d{2}))?)?)?"
+    r"\s*"
 )
 _EPOCH = re.compile(r"\s*-?\d+(\.\d+)?\s*")  # as a CSV cell holds epoch milliseconds
 
 
 def _seconds_problem(number: float, ts_format: str | None) -> str | None:
-    """Epoch seconds where the model's times are epoch milliseconds: filed in 1970."""
-    if (ts_format or "").strip().lower() == "epoch seconds" or not reads_as_seconds(number):
+    """Epoch seconds where the model's times are epoch milliseconds: filed in 1970. (A
+    model whose times are seconds, or text in a strftime format, is not asked.)"""
+    fmt = (ts_format or "").strip().lower()
+    if fmt == "epoch seconds" or "%" in fmt or not reads_as_seconds(number):
         return None
     return f"{number:.15g} looks like epoch seconds; the model's times are epoch milliseconds"
 
@@ -293,12 +301,19 @@ def _is_iso_time(text: str) -> bool:
     if found is None:
         return False
     year, month, day = (int(found[name]) for name in ("year", "month", "day"))
+    if not 1 <= year <= 9999:  # past what a date holds: checked in a year as leap as it
+        year = 2000 if year % 4 == 0 and (year % 100 != 0 or year % 400 == 0) else 2001
     try:
-        dt.date(year if 1 <= year <= 9999 else 2000, month, day)  # (far years: leap-free)
+        dt.date(year, month, day)
     except ValueError:
         return False
-    hour, minute, second = (int(found[name] or 0) for name in ("hour", "minute", "second"))
-    return hour <= 23 and minute <= 59 and second <= 60
+    hour, minute, second, offset_hours, offset_minutes = (
+        int(found[name] or 0)
+        for name in ("hour", "minute", "second", "offset_hours", "offset_minutes")
+    )
+    return (
+        hour <= 23 and minute <= 59 and second <= 59 and offset_hours <= 23 and offset_minutes <= 59
+    )
 
 
 def _reads_as_time(text: str, ts_format: str | None) -> bool:

@@ -442,12 +442,16 @@ def test_file_times_are_epoch_digits_or_text_that_reads_as_a_time() -> None:
             coerce_row(7, {"at": text}, types)
     # A date that does not exist, or text after one, is not a time (the first digits were
     # enough); epoch seconds are not milliseconds, unless the model's times are seconds.
-    for text in ("2024-13-45 99:99", "2024-02-30", "2024-01-01garbage", "2024-01-01T24:00"):
+    for text in ("2024-01-01 10:00:00 UTC", "2024-01-01t10:00:00z", "2024-01-01T10"):
+        assert coerce_row(1, {"at": text}, types) == {"at": text}  # as exports write them
+    for text in ("2024-13-45 99:99", "2024-02-30", "2024-01-01garbage", "2024-01-01T24:00",
+                 "2024-01-01T10:00+99:99", "2024-01-01 Z"):  # fmt: skip
         with pytest.raises(RowError, match="column 'at': expected a time"):
             coerce_row(7, {"at": text}, types)
     with pytest.raises(RowError, match="1704067200 looks like epoch seconds"):
         coerce_row(7, {"at": "1704067200"}, types)
     assert coerce_row(1, {"at": "1704067200"}, types, ts_format="epoch seconds")
+    assert coerce_row(1, {"at": "1704067200"}, types, ts_format="%Y")  # (not asked)
 
 
 def test_inspect_by_url_shows_the_model_served_when_none_is_named(
@@ -659,9 +663,9 @@ def test_a_file_that_breaks_partway_sends_what_was_read_and_says_so(
     out, err = capsys.readouterr()
     assert code == 1
     assert "Traceback" not in err
-    assert "after row 2,000: Corrupt snappy compressed data; 500 row(s) not read" in err
-    assert re.search(r"delivered\s+2,000", out)
-    assert len(fiddler.events("p", "m")) == 2000
+    assert "after row 2,200: Corrupt snappy compressed data; 300 row(s) not read" in err
+    assert re.search(r"delivered\s+2,200", out)  # every row read before the failure
+    assert len(fiddler.events("p", "m")) == 2200
 
 
 def test_a_slow_server_that_keeps_taking_events_is_given_them_all(

@@ -295,6 +295,8 @@ def test_a_models_file(tmp_path: Path) -> None:
         ("models = [1]\n", "each model is a [[models]] table"),
         (head + 'columns = ["x"]\n', "[columns] must be a table"),
         (head + 'spec = "x"\n[models.columns]\nx = "int"\n', "[spec] must be a table"),
+        (head + '[models.spec]\ninputs = [["x"]]\n[models.columns]\nx = "int"\n', "[spec] must"),
+        ('[[models]]\nproject = "p"\nname = ["m"]\n[models.columns]\nx = "int"\n', "name must be"),
         (head + 'event_id_col = ["x"]\n[models.columns]\nx = "int"\n', "event_id_col must be"),
     ):
         broken.write_text(text)

@@ -395,6 +395,9 @@ async def test_answers_written_by_h11_read_back_the_same() -> None:
         (b"HTTP/1.1 200 OK\r\nContent-Length: 2, 3\r\n\r\nok", "Content-Length"),
         (CHUNKED + b"0x3\r\nabc\r\n0\r\n\r\n", "chunk size"),
         (CHUNKED + b"3\r\nabcd\r\n0\r\n\r\n", "CRLF"),
+        # A chunk's framing takes CRLF only, unlike a head's lines (RFC 9112 7.1).
+        (CHUNKED + b"2\r\nok\n0\r\n\r\n", "CRLF"),
+        (CHUNKED + b"2\nok\r\n0\r\n\r\n", "chunk size"),
         (Close(CHUNKED + b"3\r\nab"), "short"),
         (b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n", "header line"),
         (b"HTTP/1.1 200 OK\r\nContent-Length : 2\r\n\r\nok", "header line"),
@@ -420,7 +423,7 @@ async def test_a_broken_answer_is_a_protocol_error_and_costs_only_its_connection
     [
         (b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok", 1),  # bare LF ends lines: RFC 9112 2.2
         (b"HTTP/1.1 200 OK\r\nContent-Length: 2\n\r\nok", 1),
-        (CHUNKED + b"000000000000000000002\r\nok\r\n0\n\n", 1),  # leading zeros are legal
+        (CHUNKED + b"000000000000000000002\r\nok\r\n0\r\n\r\n", 1),  # leading zeros: legal
         (b"HTTP/1.1 200 OK\r\nX-Odd: a\rb\x00c\r\nContent-Length: 2\r\n\r\nok", 1),
         # HTTP/1.0 with a transfer coding: its framing is not to be trusted (RFC 9112 6.1).
         (
@@ -442,7 +445,8 @@ async def test_answers_loose_in_ways_the_rfc_allows_are_read(
         after = await send(transport, server.url)
         await transport.aclose()
     assert (first.content, after.content) == (b"ok", b"ok")
-    assert first.headers.get("x-odd", "a b c") == "a b c"  # CR and NUL are spaces
+    if b"X-Odd" in answer:
+        assert first.headers["x-odd"] == "a b c"  # CR and NUL are spaces
     assert server.connections == connections
 
 

@@ -131,10 +131,11 @@ def _model_from_table(table: dict[str, Any], where: str) -> ModelDef:
     if not isinstance(columns, dict):
         raise ValueError(f"{where}: [columns] must be a table of column = type")  # noqa: TRY004
     if not isinstance(table.get("spec", {}), dict) or not all(
-        isinstance(names, list) for names in table.get("spec", {}).values()
+        isinstance(names, list) and all(isinstance(name, str) for name in names)
+        for names in table.get("spec", {}).values()
     ):
         raise ValueError(f"{where}: [spec] must be a table of lists of column names")
-    for key in ("event_id_col", "event_ts_col", "event_ts_format"):
+    for key in ("project", "name", "event_id_col", "event_ts_col", "event_ts_format"):
         if table.get(key) is not None and not isinstance(table[key], str):
             raise ValueError(f"{where}: {key} must be a string, got {table[key]!r}")
     for column, data_type in columns.items():
