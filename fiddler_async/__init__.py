@@ -5,7 +5,7 @@
 """
 
 from ._version import __version__
-from .backfill import FileJob
+from .backfill import FileJob, ProgressCallback
 from .config import OverflowPolicy, PublisherConfig
 from .destination import ModelInfo
 from .exceptions import (
@@ -36,7 +36,7 @@ from .exceptions import (
     UnprocessableEntityError,
 )
 from .flusher import DeliveryFailure
-from .publisher import AsyncPublisher, ErrorCallback, EventId
+from .publisher import AsyncPublisher, DataFrameLike, ErrorCallback, Event, EventId, EventTime
 from .spooler import ReplayResult
 from .stats import FlushResult, StatsSnapshot
 from .sync import Publisher
@@ -49,13 +49,16 @@ __all__ = [
     "ConfigurationError",
     "ConflictError",
     "ConnectError",
+    "DataFrameLike",
     "DeliveryFailure",
     "ErrorCallback",
     "ErrorReason",
+    "Event",
     "EventBatchError",
     "EventEncodeError",
     "EventError",
     "EventId",
+    "EventTime",
     "EventTooLargeError",
     "FiddlerError",
     "FileJob",
@@ -67,6 +70,7 @@ __all__ = [
     "OverflowPolicy",
     "PayloadTooLargeError",
     "PermissionDeniedError",
+    "ProgressCallback",
     "Publisher",
     "PublisherClosedError",
     "PublisherConfig",

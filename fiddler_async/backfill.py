@@ -32,7 +32,7 @@ from .wire import FiddlerV3Exporter, not_acted_on
 
 __all__ = ["FileJob", "ProgressCallback", "check_options", "publish_file"]
 
-ProgressCallback = Callable[[str, float], None]
+ProgressCallback = Callable[[str, float], object]
 """Called with a stage (``"upload"``, then ``"job"``) and how far it is, from 0.0 to 1.0."""
 
 FILE_SUFFIXES = (".csv", ".parquet", ".jsonl")

@@ -38,18 +38,18 @@ class PublisherConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     # The queue
-    max_queue_events: int = Field(250_000, ge=1)
+    max_queue_events: int = Field(default=250_000, ge=1)
     """Most events held in memory waiting to be sent."""
-    max_queue_bytes: int = Field(128 * 1024 * 1024, ge=1024)
+    max_queue_bytes: int = Field(default=128 * 1024 * 1024, ge=1024)
     """Most bytes of encoded events held in memory waiting to be sent."""
     overflow: OverflowPolicy = "drop_oldest"
     """What a full queue does: ``drop_oldest`` evicts the oldest queued event, ``drop_newest``
     discards the new one, ``raise`` raises QueueFullError at the caller, ``block`` makes
     ``publish_event`` wait up to ``block_timeout`` for room (then raise QueueFullError).
     Every drop is counted by reason in ``stats()``."""
-    block_timeout: float = Field(5.0, ge=0)
+    block_timeout: float = Field(default=5.0, ge=0)
     """Longest wait of ``publish_event`` for room under the ``block`` policy."""
-    lookup_wait: float = Field(1.0, ge=0)
+    lookup_wait: float = Field(default=1.0, ge=0)
     """Longest time ``publish_events_batch`` calls wait, all together, for a model's first
     lookup (so that the ids they return are exact from the first batch); a failed attempt of
     the lookup ends the wait at once. Past it, their events
@@ -59,55 +59,55 @@ class PublisherConfig(BaseModel):
     waits for the lookup regardless: it needs that column."""
 
     # Batching
-    max_batch_events: int = Field(MAX_EVENTS_PER_REQUEST, ge=1, le=MAX_EVENTS_PER_REQUEST)
+    max_batch_events: int = Field(default=MAX_EVENTS_PER_REQUEST, ge=1, le=MAX_EVENTS_PER_REQUEST)
     """Events per request; a batch this full is sent at once."""
-    max_batch_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_batch_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     """Bytes of events per request; a batch this large is sent at once. Also the largest event."""
-    linger: float = Field(0.5, ge=0)
+    linger: float = Field(default=0.5, ge=0)
     """Longest time an event waits for its batch to fill before the batch is sent anyway; none
     at all once the queue is full (a bound reached, or a caller waiting for room)."""
-    max_in_flight: int = Field(4, ge=1, le=64)
+    max_in_flight: int = Field(default=4, ge=1, le=64)
     """Requests sent concurrently."""
 
     # HTTP
-    connect_timeout: float = Field(5.0, gt=0)
-    request_timeout: float = Field(30.0, gt=0)
+    connect_timeout: float = Field(default=5.0, gt=0)
+    request_timeout: float = Field(default=30.0, gt=0)
     """Longest wait for a response to one request (read, write and pool)."""
 
     # Retry
-    retry_max_attempts: int = Field(8, ge=1)
+    retry_max_attempts: int = Field(default=8, ge=1)
     """Attempts per request, the first one included."""
-    retry_max_elapsed: float = Field(120.0, gt=0)
+    retry_max_elapsed: float = Field(default=120.0, gt=0)
     """No retry starts after this long since the first attempt of a request."""
-    retry_backoff_initial: float = Field(0.5, gt=0)
+    retry_backoff_initial: float = Field(default=0.5, gt=0)
     """Cap of the first backoff; it doubles per retry (full jitter: a uniform draw below it)."""
-    retry_backoff_max: float = Field(30.0, gt=0)
+    retry_backoff_max: float = Field(default=30.0, gt=0)
     """Largest backoff cap."""
-    retry_after_max: float = Field(60.0, ge=0)
+    retry_after_max: float = Field(default=60.0, ge=0)
     """Largest wait honoured from a server's Retry-After header."""
 
     # The backend's health (see fiddler_async.gate)
-    breaker_threshold: int = Field(5, ge=1)
+    breaker_threshold: int = Field(default=5, ge=1)
     """Attempts failing in a row for want of the backend that open the circuit breaker."""
-    breaker_probe_interval: float = Field(5.0, gt=0)
+    breaker_probe_interval: float = Field(default=5.0, gt=0)
     """While the breaker is open: one probe request at most this often."""
 
     # The durable spool (see fiddler_async.spool)
-    spool_dir: Path | None = None
+    spool_dir: str | Path | None = None
     """A directory for events that cannot be delivered in time (the backend down past the
     retry budget, the queue over its memory budget, the close deadline): they are written
     there instead of being failed or dropped, and sent from there once the backend answers,
     also by the next process that opens the directory. None: no spool."""
-    spool_max_bytes: int = Field(1024**3, ge=1024)
+    spool_max_bytes: int = Field(default=1024**3, ge=1024)
     """Most bytes the spool directory may hold; what would pass it is dropped and counted."""
     spool_fsync: bool = True
     """Sync each spool file to the disk before counting its events spooled, so that they
     survive a power cut, not just the process's death. Off: the OS writes them when it will."""
 
     # Lifecycle
-    flush_timeout: float = Field(30.0, gt=0)
+    flush_timeout: float = Field(default=30.0, gt=0)
     """Deadline of ``flush()`` when called without one."""
-    close_timeout: float = Field(10.0, gt=0)
+    close_timeout: float = Field(default=10.0, gt=0)
     """Deadline of ``aclose()`` when called without one."""
 
     # Transport security
@@ -122,7 +122,7 @@ class PublisherConfig(BaseModel):
     """Write the publish time into the model's timestamp column when the event has none."""
 
     # Logs
-    log_interval: float = Field(30.0, ge=0)
+    log_interval: float = Field(default=30.0, ge=0)
     """Repeated warnings (drops, failed batches) are logged at most once per interval."""
 
     if not TYPE_CHECKING:  # (to mypy, pydantic's own signatures)

@@ -92,7 +92,7 @@ def encode_default(value: Any) -> Any:
     raise TypeError(f"cannot encode a value of type {type(value).__qualname__!r}")
 
 
-def encode_event(event: Mapping[str, Any]) -> bytes:
+def encode_event(event: Mapping[Any, Any]) -> bytes:
     """The event as compact JSON bytes (an object); EventEncodeError names a bad field."""
     if not isinstance(event, dict):
         if not isinstance(event, Mapping):

@@ -116,6 +116,9 @@ class FileJobTimeoutError(FiddlerError, TimeoutError):
 class EventError(FiddlerError, ValueError):
     """This event cannot be published as given. Nothing of it was queued."""
 
+    field: str | None = None
+    """The value at fault, where one is (see :class:`EventEncodeError`)."""
+
 
 class EventEncodeError(EventError, TypeError):
     """A value of the event cannot be encoded to JSON.

@@ -32,12 +32,16 @@ from __future__ import annotations
 import itertools
 import weakref
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from ._version import __version__
+
+if TYPE_CHECKING:
+    from .publisher import AsyncPublisher
+    from .sync import Publisher
 
 __all__ = ["instrument"]
 
@@ -193,7 +197,9 @@ up, is a proxy that reports through the SDK's once it is (a new proxy each call 
 second set of instruments, which the SDK drops for having the same names)."""
 
 
-def instrument(publisher: Any, meter_provider: metrics.MeterProvider | None = None) -> None:
+def instrument(
+    publisher: AsyncPublisher | Publisher, meter_provider: metrics.MeterProvider | None = None
+) -> None:
     """Report ``publisher``'s metrics (an ``AsyncPublisher`` or a ``Publisher``) through
     ``meter_provider`` (default: the global one, set up before or after this call). Several
     publishers may share a provider; each is told apart by ``otel.component.name``. Once

@@ -19,10 +19,10 @@ import sys
 import time
 import uuid
 import weakref
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
 from contextvars import ContextVar
 from threading import get_ident
-from typing import Any, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, SupportsIndex, TypeAlias, TypeVar, cast
 
 import anyio
 import httpx
@@ -70,15 +70,38 @@ from .spooler import Replayer, ReplayResult, SpoolWriter, dead_letter_lines
 from .stats import FlushResult, Ledger, StatsSnapshot
 from .wire import ID_EXPLICIT, TS_EXPLICIT, FiddlerV3Exporter, client_headers, place_columns
 
-__all__ = ["AsyncPublisher", "ErrorCallback"]
+if TYPE_CHECKING:
+    import datetime as dt
 
-ErrorCallback = Callable[[DeliveryFailure], Awaitable[None] | None]
-"""Called with every delivery failure; may be a plain function or a coroutine function."""
+    import numpy as np
 
-_EventTime = int | float | Any  # epoch milliseconds, or a datetime
+__all__ = ["AsyncPublisher", "DataFrameLike", "ErrorCallback", "Event", "EventId", "EventTime"]
+
+ErrorCallback: TypeAlias = Callable[[DeliveryFailure], object]
+"""Called with every delivery failure; may be a plain function (what it returns is ignored)
+or a coroutine function (awaited)."""
+
+Event: TypeAlias = "Mapping[str, Any] | Mapping[Hashable, Any]"
+"""An event: column names and values, e.g. a dict (or a row of ``df.to_dict(orient="records")``,
+whose keys pandas types as ``Hashable``). The names must be strings, at run time."""
+
+EventTime: TypeAlias = "float | SupportsIndex | dt.date | np.datetime64"
+"""A time given for an event: epoch milliseconds (numpy's numbers too), or a ``datetime`` or
+``date`` (pandas' ``Timestamp``, numpy's ``datetime64``); naive means UTC."""
+
+EventId: TypeAlias = "str | SupportsIndex | uuid.UUID"
+"""An id given for an event: text, an integer (numpy's too) or a UUID; sent and returned as
+text (see :func:`~.encode.event_id_text`)."""
+
+
+class DataFrameLike(Protocol):
+    """A pandas or polars DataFrame, or a pyarrow Table, as the batch calls take them."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+
 _T = TypeVar("_T")
-EventId: TypeAlias = str | int | uuid.UUID
-"""An id given for an event: sent and returned as text (see :func:`~.encode.event_id_text`)."""
 
 
 class _State(enum.Enum):
@@ -514,11 +537,11 @@ class AsyncPublisher:
         self,
         project_id: str,
         model_id: str,
-        event: Mapping[str, Any],
+        event: Event,
         *,
         event_id: EventId | None = None,
         update_event: bool = False,
-        event_timestamp: _EventTime | None = None,
+        event_timestamp: EventTime | None = None,
         env_type: str = "PRODUCTION",
         env_name: str | None = None,
     ) -> str:
@@ -552,11 +575,11 @@ class AsyncPublisher:
         self,
         project_id: str,
         model_id: str,
-        event: Mapping[str, Any],
+        event: Event,
         *,
         event_id: EventId | None = None,
         update_event: bool = False,
-        event_timestamp: _EventTime | None = None,
+        event_timestamp: EventTime | None = None,
         env_type: str = "PRODUCTION",
         env_name: str | None = None,
     ) -> str:
@@ -598,11 +621,11 @@ class AsyncPublisher:
         self,
         project_id: str,
         model_id: str,
-        events: Iterable[Mapping[str, Any]] | Any,
+        events: Iterable[Event] | DataFrameLike,
         *,
         update_event: bool = False,
         event_ids: Iterable[EventId | None] | None = None,
-        event_timestamps: Iterable[_EventTime | None] | None = None,
+        event_timestamps: Iterable[EventTime | None] | None = None,
         env_type: str = "PRODUCTION",
         env_name: str | None = None,
     ) -> list[str]:
@@ -853,11 +876,11 @@ class AsyncPublisher:
         self,
         project_id: str,
         model_id: str,
-        event: Mapping[str, Any],
+        event: Event,
         *,
         event_id: EventId | None,
         update_event: bool,
-        event_timestamp: _EventTime | None,
+        event_timestamp: EventTime | None,
         env_type: str,
         env_name: str | None,
     ) -> tuple[Lane, bytes, Fixup | None, str] | None:
@@ -986,7 +1009,7 @@ class AsyncPublisher:
         return route
 
     def _prepare_new(
-        self, dest: Destination, event: Mapping[str, Any], event_id: object, when: object
+        self, dest: Destination, event: Event, event_id: object, when: object
     ) -> tuple[bytes, str] | None:
         """The common cases of :meth:`_prepare`, made short because they are the hot path: a
         new event (the caller makes sure it is not an update) for a resolved model; the
@@ -1115,7 +1138,7 @@ class AsyncPublisher:
         return bodies, returned
 
     def _prepare_update(
-        self, dest: Destination, event: Mapping[str, Any], event_id: object, when: object
+        self, dest: Destination, event: Event, event_id: object, when: object
     ) -> tuple[bytes, str] | None:
         """The common case of an update (the caller makes sure it is one), made short: for a
         resolved model with an id column, keyed by ``event_id`` or by the event's own id
@@ -1249,7 +1272,7 @@ class AsyncPublisher:
     def _prepare(
         self,
         dest: Destination,
-        event: Mapping[str, Any],
+        event: Event,
         event_id: object,
         event_timestamp: object,
     ) -> tuple[bytes, Fixup | None, str]:
@@ -1270,6 +1293,7 @@ class AsyncPublisher:
         else:
             millis = None
         body = encode_event(event)
+        named = cast("Mapping[str, Any]", event)  # (encode_event refuses names not text)
         info = dest.model.info
         if info is None:
             # The model's columns are not known yet: the exporter places id and time later.
@@ -1289,7 +1313,7 @@ class AsyncPublisher:
             return compact(body), fixup, given or ""
         members, remove, carried = place_columns(
             info,
-            event,
+            named,
             update=dest.update,
             event_id=given,
             id_explicit=id_explicit,
@@ -1297,7 +1321,7 @@ class AsyncPublisher:
             ts_explicit=ts_explicit,
         )
         if remove:
-            body = encode_event({k: v for k, v in event.items() if k not in remove})
+            body = encode_event({k: v for k, v in named.items() if k not in remove})
         body = splice_members(body, members)
         self._check_size(body)
         return body, None, (given or "") if carried is None else carried

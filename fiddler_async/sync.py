@@ -37,7 +37,7 @@ import os
 import queue
 import threading
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Literal, TypeVar
 
 import anyio
@@ -45,13 +45,21 @@ import httpx
 from anyio.from_thread import BlockingPortal
 
 from ._logging import event, logger
-from .backfill import FileJob
+from .backfill import FileJob, ProgressCallback
 from .buffer import Fixup, Lane
 from .config import PublisherConfig, seconds_or
 from .destination import ModelInfo
 from .exceptions import ConfigurationError, PublisherClosedError
 from .flusher import DeliveryFailure
-from .publisher import AsyncPublisher, ErrorCallback, EventId, _EventTime, check_callback
+from .publisher import (
+    AsyncPublisher,
+    DataFrameLike,
+    ErrorCallback,
+    Event,
+    EventId,
+    EventTime,
+    check_callback,
+)
 from .spooler import ReplayResult
 from .stats import FlushResult, StatsSnapshot
 
@@ -462,11 +470,11 @@ class Publisher:
         self,
         project_id: str,
         model_id: str,
-        event: Mapping[str, Any],
+        event: Event,
         *,
         event_id: EventId | None = None,
         update_event: bool = False,
-        event_timestamp: _EventTime | None = None,
+        event_timestamp: EventTime | None = None,
         env_type: str = "PRODUCTION",
         env_name: str | None = None,
     ) -> str:
@@ -520,11 +528,11 @@ class Publisher:
         self,
         project_id: str,
         model_id: str,
-        events: Iterable[Mapping[str, Any]] | Any,
+        events: Iterable[Event] | DataFrameLike,
         *,
         update_event: bool = False,
         event_ids: Iterable[EventId | None] | None = None,
-        event_timestamps: Iterable[_EventTime | None] | None = None,
+        event_timestamps: Iterable[EventTime | None] | None = None,
         env_type: str = "PRODUCTION",
         env_name: str | None = None,
     ) -> list[str]:
@@ -541,9 +549,34 @@ class Publisher:
             env_name=env_name,
         )
 
-    def publish_file(self, project_id: str, model_id: str, source: Any, **options: Any) -> FileJob:
+    def publish_file(
+        self,
+        project_id: str,
+        model_id: str,
+        source: Any,
+        *,
+        update_event: bool = False,
+        event_ids: Iterable[EventId | None] | None = None,
+        env_type: str = "PRODUCTION",
+        env_name: str | None = None,
+        progress: ProgressCallback | None = None,
+        poll_interval: float = 1.0,
+        timeout: float = 3600.0,
+    ) -> FileJob:
         """Publish through Fiddler's file path; see :meth:`AsyncPublisher.publish_file`."""
-        return self._await(self._publisher.publish_file, project_id, model_id, source, **options)
+        return self._await(
+            self._publisher.publish_file,
+            project_id,
+            model_id,
+            source,
+            update_event=update_event,
+            event_ids=event_ids,
+            env_type=env_type,
+            env_name=env_name,
+            progress=progress,
+            poll_interval=poll_interval,
+            timeout=timeout,
+        )
 
     def flush(self, timeout: float | None = None) -> FlushResult:
         """Send what is queued and wait for it, at most ``timeout`` seconds. Once closed,
