@@ -142,7 +142,10 @@ class Lane:
 
     def _advance(self, count: int) -> None:
         self.head = head = self.head + count
-        if head >= 4096 and head * 2 >= len(self.seqs):
+        if head == len(self.seqs):  # empty: an idle lane keeps none of its past numbers
+            self.seqs = array("q")
+            self.head = 0
+        elif head >= 4096 and head * 2 >= len(self.seqs):
             del self.seqs[:head]  # amortised: drops at least as many as it moves
             self.head = 0
 

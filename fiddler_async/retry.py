@@ -81,10 +81,14 @@ class RetryPolicy:
         attempt: Callable[[int], Awaitable[T]],
         *,
         what: str,
+        kind: str | None = None,
         retryable: Callable[[BaseException], bool] = is_retryable,
     ) -> T:
         """Run ``attempt(n)`` (n = 0 for the first try, then the retry number) until it succeeds,
-        fails for good, or the budget runs out; then the last error is raised as it was."""
+        fails for good, or the budget runs out; then the last error is raised as it was. Its
+        retries are logged as ``what``, rate-limited together with all of the same ``kind``
+        (default ``what``): a kind per job or file would keep a log key for each, and limit
+        nothing."""
         config = self._config
 
         last: list[BaseException] = []  # the error a retry follows
@@ -94,7 +98,7 @@ class RetryPolicy:
             if error is not None:
                 last[:] = [error]
             self._log.warning(
-                f"retry:{what}",
+                f"retry:{kind or what}",
                 f"{what} failed ({error}); retry {state.attempt_number} of "
                 f"{config.retry_max_attempts - 1} in {state.upcoming_sleep:.2f} s",
             )

@@ -467,6 +467,7 @@ class FiddlerV3Exporter:
         body = await self._retry.call(
             lambda retry: self._request("POST", path, retry=retry, files={"file": (name, data)}),
             what=f"upload {name}",
+            kind="upload",
         )
         return str(self._data("POST", path, body)["id"])
 
@@ -485,6 +486,7 @@ class FiddlerV3Exporter:
         body = await self._retry.call(
             lambda retry: self._request(dest.method, EVENTS_PATH, retry=retry, content=payload),
             what=f"{dest.describe()} from file {file_id}",
+            kind="publish-file",
             retryable=not_acted_on,
         )
         return str(self._data(dest.method, EVENTS_PATH, body)["job"]["id"])
@@ -493,7 +495,7 @@ class FiddlerV3Exporter:
         """``GET /v3/jobs/{id}``: status, progress, error_message, error_reason, info."""
         path = f"/v3/jobs/{job_id}"
         data: dict[str, Any] = await self._retry.call(
-            lambda retry: self._get_data(path, retry), what=f"job {job_id}"
+            lambda retry: self._get_data(path, retry), what=f"job {job_id}", kind="job"
         )
         return data
 

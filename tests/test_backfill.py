@@ -308,3 +308,29 @@ async def test_ids_given_for_a_frame_file_are_as_for_a_batch(fiddler: Emulator) 
     stored = {e["event_id"] for e in fiddler.events()}
     assert set(job.event_ids) | set(batch) == stored  # 6 distinct ids: "7" and the UUID twice
     assert len(stored) == 6
+
+
+async def test_retries_of_different_jobs_share_one_rate_limit(
+    inproc: InProcessFiddler, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A log key for each job (and each file) was kept for ever, one per publish_file call,
+    and limited nothing: every job's retry was logged."""
+    emulator = inproc.transport()
+    refused_once: set[str] = set()
+
+    async def jobs_busy_once(request: httpx.Request) -> httpx.Response:
+        if request.url.path.startswith("/v3/jobs/") and request.url.path not in refused_once:
+            refused_once.add(request.url.path)
+            return httpx.Response(503, json={"error": {"code": 503, "message": "busy"}})
+        return await emulator.handle_async_request(request)
+
+    frame = pd.DataFrame([bank_event(i) for i in range(3)])
+    transport = httpx.MockTransport(jobs_busy_once)
+    async with AsyncPublisher(
+        "https://f.test", TOKEN, config=config(log_interval=60), transport=transport
+    ) as pub:
+        for _ in range(3):
+            await pub.publish_file("bank_churn", "bank_churn", frame, poll_interval=0.01)
+    assert len(refused_once) == 3
+    retries = [r.getMessage() for r in caplog.records if "retry 1 of" in r.getMessage()]
+    assert len(retries) == 1, retries  # the others held back, counted

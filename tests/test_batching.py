@@ -293,3 +293,20 @@ async def test_a_batch_of_many_rows_lets_other_tasks_run_while_it_is_encoded(
     assert threading.get_ident() not in threads  # the long way, too, off the loop
     assert bool(threads) == (kind == "row-by-row")
     assert [e["event_id"] for e in inproc.stored()][1:] == ids  # together, in order
+
+
+async def test_an_idle_destination_keeps_no_trace_of_its_events(inproc: InProcessFiddler) -> None:
+    """A lane trimmed its past sequence numbers only every 4096 events: one per dataset
+    name (rotated daily, say) kept up to 32 KB for ever once it went idle."""
+    async with mock_publisher(inproc) as pub:
+        for day in range(3):
+            name = f"day-{day}"
+            for i in range(3000):
+                pub.publish_event_nowait(
+                    "bank_churn", "bank_churn", bank_event(i), env_type="PRE_PRODUCTION",
+                    env_name=name,
+                )  # fmt: skip
+            assert (await pub.flush(10)).delivered == 3000
+        lanes = list(pub._buffer._lanes.values())
+    assert len(lanes) == 3
+    assert [len(lane.seqs) for lane in lanes] == [0, 0, 0]
