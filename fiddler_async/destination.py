@@ -63,10 +63,7 @@ class ModelInfo:
 
     @cached_property
     def _ts_style(self) -> str:
-        fmt = (self.event_ts_format or "").strip()
-        if "%" in fmt:
-            return "strftime"
-        return "seconds" if fmt.lower() == "epoch seconds" else "millis"
+        return time_style(self.event_ts_format)
 
     def timestamp_json(self, millis: int) -> bytes:
         """An epoch-milliseconds time as the JSON value the model's timestamp column expects.
@@ -86,6 +83,15 @@ class ModelInfo:
             year = f"{moment.year:04d}"
             pattern = "%%".join(part.replace("%Y", year) for part in pattern.split("%%"))
         return orjson.dumps(moment.strftime(pattern))
+
+
+def time_style(event_ts_format: str | None) -> str:
+    """How a model's times are written, by its ``event_ts_format``: ``strftime`` (a pattern),
+    ``seconds`` (``epoch seconds``) or ``millis`` (anything else: epoch milliseconds)."""
+    fmt = (event_ts_format or "").strip()
+    if "%" in fmt:
+        return "strftime"
+    return "seconds" if fmt.lower() == "epoch seconds" else "millis"
 
 
 @dataclass(eq=False)

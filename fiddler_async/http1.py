@@ -300,22 +300,23 @@ class _Connection:
 
         buffer = self._buffer
         while True:  # informational answers (100 Continue...) come before the real one
-            status_seen = False
+            line_end = -1
             while True:
-                if not status_seen and (line_end := buffer.find(b"\n", 0, _HEAD_SEARCH)) >= 0:
-                    status_seen = True
+                if line_end < 0 and (line_end := buffer.find(b"\n", 0, _HEAD_SEARCH)) >= 0:
                     # Known before the rest of the head, which may then turn out broken (too
                     # long, a bad line): a 2xx has arrived, and may be all a request needs.
-                    status, reason = _parse_status(bytes(buffer[:line_end]), broken)
+                    status, reason, http11 = _parse_status(bytes(buffer[:line_end]), broken)
                     if status >= 200:
                         self._head = (status, reason, [])
+                # (The status line's end comes first: it was found when this is.)
                 if (end := _HEAD_END.search(buffer, 0, _HEAD_SEARCH)) is not None:
                     break
                 if len(buffer) >= _HEAD_SEARCH:
                     broken(f"the answer's headers exceed {MAX_HEAD_BYTES} bytes")
                 if not await self._receive(request):
                     broken("Server disconnected without sending a response.")
-            status, reason, headers, keep_alive = _parse_head(bytes(buffer[: end.start()]), broken)
+            lines = bytes(buffer[line_end + 1 : end.start()])
+            headers, keep_alive = _parse_headers(lines, http11, broken)
             del buffer[: end.end()]
             if status >= 200:
                 self._head = (status, reason, headers)
@@ -463,13 +464,12 @@ async def _serialize(request: httpx.Request) -> tuple[bytes, bytes, bool]:
     return b"\r\n".join(lines), body, keep
 
 
-def _parse_head(
-    head: bytes, broken: Callable[[str], NoReturn]
-) -> tuple[int, bytes, list[tuple[bytes, bytes]], bool]:
-    """Status, reason, headers, and whether the connection may be kept: from a head without
-    its final blank line."""
-    status_line, *lines = _LINE_END.split(head.removesuffix(b"\r"))
-    status, reason = _parse_status(status_line, broken)
+def _parse_headers(
+    head: bytes, http11: bool, broken: Callable[[str], NoReturn]
+) -> tuple[list[tuple[bytes, bytes]], bool]:
+    """The headers, and whether the connection may be kept: from a head's header lines
+    (after its status line, without its final blank line)."""
+    lines = _LINE_END.split(head.removesuffix(b"\r")) if head else []
     headers: list[tuple[bytes, bytes]] = []
     for line in lines:
         if line[:1] in (b" ", b"\t") and headers:  # obsolete line folding: one value
@@ -483,16 +483,17 @@ def _parse_head(
         # the cookie jar, and every later request carrying it was refused before it left.
         headers.append((name, value.replace(b"\r", b" ").replace(b"\0", b" ").strip(b" \t")))
     tokens = _tokens([value for name, value in headers if name.lower() == b"connection"])
-    if status_line.startswith(b"HTTP/1.1"):
+    if http11:
         keep_alive = b"close" not in tokens
     else:  # HTTP/1.0: kept only if asked, and never with a transfer coding (RFC 9112 6.1)
         chunked = any(name.lower() == b"transfer-encoding" for name, _ in headers)
         keep_alive = b"keep-alive" in tokens and not chunked
-    return status, reason, headers, keep_alive
+    return headers, keep_alive
 
 
-def _parse_status(line: bytes, broken: Callable[[str], NoReturn]) -> tuple[int, bytes]:
-    """Status and reason of a status line (its line end removed, or not)."""
+def _parse_status(line: bytes, broken: Callable[[str], NoReturn]) -> tuple[int, bytes, bool]:
+    """Status, reason, and whether it is HTTP/1.1, of a status line (its line end removed,
+    or not)."""
     line = line.removesuffix(b"\r")
     version, _, rest = line.partition(b" ")
     code, _, reason = rest.partition(b" ")
@@ -504,7 +505,7 @@ def _parse_status(line: bytes, broken: Callable[[str], NoReturn]) -> tuple[int, 
         or code[0] == ord("0")
     ):
         broken(f"invalid status line: {line[:100]!r}")
-    return int(code), reason
+    return int(code), reason, version == b"HTTP/1.1"
 
 
 def _tokens(values: list[bytes]) -> list[bytes]:

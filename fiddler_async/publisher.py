@@ -1221,9 +1221,7 @@ class AsyncPublisher:
         assert parts is not None
         _, _, prefix, head, *_ = parts
         number = next(new_event_id.counter) & new_event_id.MASK
-        high = self._high
-        if high[0] != number >> 8 or high[1] is not prefix:
-            high = self._id_high(number, prefix)
+        high = self._id_high(number, prefix)
         low = number & 0xFF
         body = b"".join((head, high[2], _LOW[low], b'",', stamp, rest))
         return body, high[3] + _LOW_TEXT[low]
@@ -1231,7 +1229,11 @@ class AsyncPublisher:
     def _id_high(self, number: int, prefix: bytes) -> _IdHigh:
         """For an id made of ``prefix`` and counter value ``number``: the first ten of its
         twelve counter digits, as bytes, and as the id's text up to them; kept for the next
-        ids, which share them up to 255 times (the last two come from a table)."""
+        ids, which share them up to 255 times (the last two come from a table). The hot paths
+        check the kept ones inline, and call this only for new ones."""
+        high = self._high
+        if high[0] == number >> 8 and high[1] is prefix:
+            return high
         digits = b"%010x" % (number >> 8)
         self._high = high = (number >> 8, prefix, digits, (prefix + digits).decode())
         return high

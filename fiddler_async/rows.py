@@ -18,6 +18,7 @@ from collections.abc import Generator, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
+from .destination import time_style
 from .encode import reads_as_seconds
 
 __all__ = ["FORMATS", "RowError", "coerce_row", "count_rows", "file_format", "read_rows"]
@@ -289,8 +290,7 @@ _EPOCH = re.compile(r"\s*-?\d+(\.\d+)?\s*")  # as a CSV cell holds epoch millise
 def _seconds_problem(number: float, ts_format: str | None) -> str | None:
     """Epoch seconds where the model's times are epoch milliseconds: filed in 1970. (A
     model whose times are seconds, or text in a strftime format, is not asked.)"""
-    fmt = (ts_format or "").strip().lower()
-    if fmt == "epoch seconds" or "%" in fmt or not reads_as_seconds(number):
+    if time_style(ts_format) != "millis" or not reads_as_seconds(number):
         return None
     return f"{number:.15g} looks like epoch seconds; the model's times are epoch milliseconds"
 
