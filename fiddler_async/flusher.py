@@ -18,7 +18,7 @@ import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 
 import anyio
 import anyio.abc
@@ -32,10 +32,36 @@ from .destination import Destination, ModelInfo, ModelRef
 from .retry import is_retryable
 from .stats import Ledger
 
-_report_under_way: ContextVar[tuple[Flusher, int] | None] = ContextVar(
+ReportUnderWay: TypeAlias = "tuple[Flusher, int, _Slot]"
+"""In an on_error callback: the flusher reporting, the batch (its oldest event), and the
+delivery slot its reports hold."""
+
+_report_under_way: ContextVar[ReportUnderWay | None] = ContextVar(
     "fiddler_async_report_under_way", default=None
 )
-"""In an on_error callback: the flusher reporting, and the batch (its oldest event)."""
+
+
+def report_under_way() -> ReportUnderWay | None:
+    """The on_error report this code runs in, if any (for the sync Publisher, whose plain
+    callbacks run on a thread of their own, to carry to the calls they make)."""
+    return _report_under_way.get()
+
+
+def resume_report(report: ReportUnderWay) -> None:
+    """In a task that a callback's call runs in (the sync Publisher's): as in the callback."""
+    _report_under_way.set(report)
+
+
+def give_back_report_slot() -> None:
+    """Called before waiting for a publisher (a flush, a close, room in its queue): from an
+    on_error callback still under way, of any publisher, its batch's delivery slot goes back
+    now, since what it waits for may need slots to send. With ``max_in_flight=1`` it would
+    wait for itself; two publishers' callbacks waiting for room in each other's queue would
+    wait for each other."""
+    current = _report_under_way.get()
+    if current is not None:  # (once the batch's reports are over, its slot is back already)
+        current[2].release()
+
 
 __all__ = ["DeliveryFailure", "Exporter", "Flusher", "items_without"]
 
@@ -115,6 +141,24 @@ class DeliveryFailure:
         return [cls.of(dest, items, error) for error, items in by_error.values()]
 
 
+class _Slot:
+    """A delivery slot (of ``max_in_flight``) that a failed batch keeps while its failures
+    are reported, given back once: a slow ``on_error`` then holds back delivery as a slow
+    server does, rather than failures (all their events' bytes) piling up in memory while
+    they wait for it."""
+
+    __slots__ = ("_held", "_slots")
+
+    def __init__(self, slots: anyio.Semaphore) -> None:
+        self._slots = slots
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._slots.release()
+
+
 class Flusher:
     def __init__(
         self,
@@ -160,6 +204,7 @@ class Flusher:
 
     def begin_flush(self) -> None:
         """Send partial batches at once until :meth:`end_flush`."""
+        give_back_report_slot()
         self._flushing += 1
         self._buffer.wake()
 
@@ -265,20 +310,28 @@ class Flusher:
             # In the same step, so that a flush waits for them.
             self._reporting += [batch[0][0]] * len(failures)
             self._buffer.sent(lane, batch)
-            self._slots.release()
-        oldest, begun = batch[0][0], 0
+            if not failures:
+                self._slots.release()
+        if failures:
+            await self._report_all(failures, batch[0][0])
+
+    async def _report_all(self, failures: list[DeliveryFailure], oldest: int) -> None:
+        """Report a batch's failures one after the other, its delivery slot kept meanwhile
+        (see :class:`_Slot` and :func:`give_back_report_slot`)."""
+        slot, begun = _Slot(self._slots), 0
         try:
             for failure in failures:
                 begun += 1
-                await self._report(failure, oldest)
+                await self._report(failure, oldest, slot)
         finally:
             # Cut short (a close from one of these callbacks): the rest are not reported.
             for _ in range(len(failures) - begun):
                 self._reporting.remove(oldest)
+            slot.release()
             self._reports_changed()
 
-    async def _report(self, failure: DeliveryFailure, oldest: int) -> None:
-        under_way = _report_under_way.set((self, oldest))
+    async def _report(self, failure: DeliveryFailure, oldest: int, slot: _Slot) -> None:
+        under_way = _report_under_way.set((self, oldest, slot))
         try:
             await self._on_failure(failure)
         except cancellations() as exc:

@@ -19,7 +19,7 @@ import sys
 import time
 import uuid
 import weakref
-from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
 from threading import get_ident
 from typing import TYPE_CHECKING, Any, Protocol, SupportsIndex, TypeAlias, TypeVar, cast
@@ -52,7 +52,7 @@ from .exceptions import (
     PublisherClosedError,
     SchemaMismatchError,
 )
-from .flusher import DeliveryFailure, Flusher
+from .flusher import DeliveryFailure, Flusher, give_back_report_slot
 from .frames import (
     check_columns,
     encode_frame,
@@ -312,6 +312,7 @@ class AsyncPublisher:
             self._report_failure,
             spill=self._spill if self._spool is not None else None,
         )
+        self._buffer.before_waiting = give_back_report_slot
         if self._spool is not None:
             self._writer = SpoolWriter(self._spool, self._ledger, self._buffer, self._log, config)
             self._replayer = Replayer(
@@ -1429,7 +1430,11 @@ def _rows(events: Any) -> list[Mapping[str, Any]]:
             "events must be an iterable of events (dicts), or a DataFrame, got "
             f"{type(events).__qualname__!r}"
         )
-    return list(events)
+    if isinstance(events, Sequence):
+        return list(events)
+    # A generator may yield one dict, changed between rows (a buffer reused): each row is
+    # copied as it is read, or every event would be the last row. (A list's rows are not.)
+    return [dict(row) if type(row) is dict else row for row in events]
 
 
 def _listed(values: Iterable[Any] | None, name: str) -> list[Any] | None:

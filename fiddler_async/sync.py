@@ -14,8 +14,10 @@ runs on the loop's thread through the portal, after the hand-off is drained, so 
 event published before it.
 
 A plain ``on_error`` function runs on a daemon thread of its own, one failure at a time: one
-that blocks (a post to an alerting service) holds up neither delivery nor the deadlines of
-``flush`` and ``close``, nor ``stats``, nor the interpreter's exit.
+that blocks (a post to an alerting service) holds up neither the deadlines of ``flush`` and
+``close``, nor ``stats``, nor the interpreter's exit; delivery, only by the slot its batch
+keeps until it returns (as for every callback). The calls it makes carry its report with
+them to the loop, where one that waits for room gives that slot back first.
 
 The thread is a daemon: a script that ends without ``close()`` does not hang. Instead, at
 interpreter exit every publisher still open is closed, waiting at most ``exit_timeout`` seconds
@@ -50,7 +52,7 @@ from .buffer import Fixup, Lane
 from .config import PublisherConfig, seconds_or
 from .destination import ModelInfo
 from .exceptions import ConfigurationError, PublisherClosedError
-from .flusher import DeliveryFailure
+from .flusher import DeliveryFailure, ReportUnderWay, report_under_way, resume_report
 from .publisher import (
     AsyncPublisher,
     DataFrameLike,
@@ -202,6 +204,8 @@ class _CallbackThread:
             target=self._work, name="fiddler_async-on_error", daemon=True
         )
         self.thread.start()
+        self.report: ReportUnderWay | None = None
+        """The report whose callback runs now (see :meth:`Publisher._await`)."""
 
     def _work(self) -> None:
         while (job := self._jobs.get()) is not None:
@@ -355,13 +359,16 @@ class Publisher:
             done = anyio.Event()
             outcome: list[object] = []
             raised: list[BaseException] = []
+            callbacks, under_way = self._callbacks, report_under_way()
 
             def run() -> None:
+                callbacks.report = under_way
                 try:
                     outcome.append(callback(failure))
                 except BaseException as exc:  # the publisher logs it, as for an inline call
                     raised.append(exc)
                 finally:
+                    callbacks.report = None
                     with contextlib.suppress(Exception):  # the loop has ended meanwhile
                         loop.call_soon(done.set)
 
@@ -396,7 +403,13 @@ class Publisher:
         """Await ``fn`` on the loop's thread, after the hand-off; its result or its error.
         (A call that waits for reports checks first that it is not in a callback.)"""
 
+        callbacks, report = self._callbacks, None
+        if callbacks is not None and threading.current_thread() is callbacks.thread:
+            report = callbacks.report  # from an on_error callback: its report comes along
+
         async def run() -> T:
+            if report is not None:
+                resume_report(report)
             self._drain()
             return await fn(*args, **kwargs)
 

@@ -33,6 +33,17 @@ def fiddler() -> Iterator[Emulator]:
 # Tests should not wait on the real backoff: small, but still jittered and exponential.
 FAST_RETRY = {"retry_backoff_initial": 0.01, "retry_backoff_max": 0.05}
 
+ONE_SLOT_FULL_QUEUE: dict[str, Any] = {
+    "max_in_flight": 1,
+    "max_batch_events": 10,
+    "max_queue_events": 10,
+    "overflow": "block",
+    "block_timeout": 60,
+    "linger": 0,
+}
+"""One batch in flight and one queued fill the queue: a callback of the batch in flight that
+publishes waits for room (to the block timeout if it keeps the one slot)."""
+
 
 def config(**changes: Any) -> PublisherConfig:
     return PublisherConfig(**{**FAST_RETRY, **changes})

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import threading
+import tracemalloc
 from collections import Counter
 from typing import Any
 
@@ -11,6 +13,7 @@ import anyio.lowlevel
 import pandas as pd
 import pytest
 
+from fiddler_async import buffer as buffer_module
 from fiddler_async import publisher as publisher_module
 from fiddler_async.emulator import Emulator
 
@@ -297,16 +300,27 @@ async def test_a_batch_of_many_rows_lets_other_tasks_run_while_it_is_encoded(
 
 async def test_an_idle_destination_keeps_no_trace_of_its_events(inproc: InProcessFiddler) -> None:
     """A lane trimmed its past sequence numbers only every 4096 events: one per dataset
-    name (rotated daily, say) kept up to 32 KB for ever once it went idle."""
-    async with mock_publisher(inproc) as pub:
-        for day in range(3):
-            name = f"day-{day}"
-            for i in range(3000):
-                pub.publish_event_nowait(
-                    "bank_churn", "bank_churn", bank_event(i), env_type="PRE_PRODUCTION",
-                    env_name=name,
-                )  # fmt: skip
-            assert (await pub.flush(10)).delivered == 3000
-        lanes = list(pub._buffer._lanes.values())
+    name (rotated daily, say) kept up to 32 KB for ever once it went idle. Its deque kept
+    the blocks it had used (up to 16 of 512 bytes) for reuse, another 8 KB."""
+    tracemalloc.start()
+    try:
+        async with mock_publisher(inproc) as pub:
+            for day in range(3):
+                name = f"day-{day}"
+                for i in range(3000):
+                    pub.publish_event_nowait(
+                        "bank_churn", "bank_churn", bank_event(i), env_type="PRE_PRODUCTION",
+                        env_name=name,
+                    )  # fmt: skip
+                assert (await pub.flush(10)).delivered == 3000
+            gc.collect()
+            kept = tracemalloc.take_snapshot().filter_traces(
+                [tracemalloc.Filter(True, buffer_module.__file__)]
+            )
+            lanes = list(pub._buffer._lanes.values())
+    finally:
+        tracemalloc.stop()
     assert len(lanes) == 3
     assert [len(lane.seqs) for lane in lanes] == [0, 0, 0]
+    per_lane = sum(stat.size for stat in kept.statistics("filename")) / 3
+    assert per_lane < 2048  # a fresh lane's deque, array and slots: about 1 KB

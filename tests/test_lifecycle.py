@@ -6,6 +6,7 @@ import gc
 import socketserver
 import threading
 import warnings
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -19,6 +20,7 @@ from fiddler_async.emulator import Emulator
 from fiddler_async.stats import FlushResult
 
 from .conftest import (
+    ONE_SLOT_FULL_QUEUE,
     assert_adds_up,
     bank_event,
     config,
@@ -682,6 +684,118 @@ async def test_callbacks_flushing_at_once_do_not_wait_for_each_other(fiddler: Em
     async with pub:
         await refuse_two_batches(fiddler, pub)
         await eventually(lambda: len(flushed) == 2)
+
+
+async def test_a_slow_callback_holds_back_delivery_not_memory(fiddler: Emulator) -> None:
+    """Every batch refused and on_error slow (a post to an alerting service): a failed batch
+    keeps its delivery slot until its callback returns, so at most ``max_in_flight`` failures
+    (their events' bytes) wait for callbacks, and the rest waits in the bounded queue. They
+    used to pile up in memory, one per refused batch, as fast as the server refused them."""
+    started: list[DeliveryFailure] = []
+    release = anyio.Event()
+
+    async def on_error(failure: DeliveryFailure) -> None:
+        started.append(failure)
+        await release.wait()
+
+    fiddler.set_faults(script=["403"] * 10)
+    pub = loopback_publisher(
+        fiddler, max_in_flight=2, max_batch_events=10, linger=0, on_error=on_error
+    )
+    async with pub:
+        await pub.resolve("bank_churn", "bank_churn")
+        for i in range(100):
+            pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(i))
+        await eventually(lambda: len(started) == 2)
+        held = await pub.flush(1)  # the callbacks are not done: it returns at its deadline
+        stats = pub.stats()
+        assert (held.pending, stats.failed, stats.queued_events) == (80, 20, 80)
+        assert len(started) == 2
+        release.set()
+        assert (await pub.flush(10)).complete
+    assert [len(failure.event_ids) for failure in started] == [10] * 10
+    assert pub.stats().failed == 100
+
+
+async def test_a_callback_that_flushes_gives_its_slot_back(fiddler: Emulator) -> None:
+    """With one slot, held by a failed batch's callback, the callback flushes: the slot goes
+    back first, so the events queued behind the batch are sent (the flush would otherwise
+    wait for its own callback, until its timeout)."""
+    flushed: list[FlushResult] = []
+
+    async def on_error(failure: DeliveryFailure) -> None:
+        flushed.append(await pub.flush(60))
+
+    fiddler.set_faults(script=["403"])
+    pub = loopback_publisher(
+        fiddler, max_in_flight=1, max_batch_events=10, linger=0, on_error=on_error
+    )
+    async with pub:
+        await pub.resolve("bank_churn", "bank_churn")
+        for i in range(30):
+            pub.publish_event_nowait("bank_churn", "bank_churn", bank_event(i))
+        await eventually(lambda: bool(flushed))
+    assert (flushed[0].delivered, flushed[0].pending) == (20, 0)
+    assert len(fiddler.events()) == 20
+
+
+async def test_a_callback_waiting_for_room_gives_its_slot_back(fiddler: Emulator) -> None:
+    """Under ``block``, a callback publishes into a full queue whose next batch waits for
+    the one slot, which the callback's batch holds: the slot goes back as it starts to wait,
+    so that batch is sent and makes room."""
+    go, republished = anyio.Event(), []
+
+    async def on_error(failure: DeliveryFailure) -> None:
+        await go.wait()
+        republished.append(await pub.publish_event("bank_churn", "bank_churn", bank_event(99)))
+
+    fiddler.set_faults(script=["403"])
+    pub = loopback_publisher(fiddler, **ONE_SLOT_FULL_QUEUE, on_error=on_error)
+    async with pub:
+        await pub.resolve("bank_churn", "bank_churn")
+        for i in range(10):  # the batch that is refused
+            await pub.publish_event("bank_churn", "bank_churn", bank_event(i))
+        await eventually(lambda: pub.stats().failed == 10)
+        for i in range(10, 20):  # a full queue behind it
+            await pub.publish_event("bank_churn", "bank_churn", bank_event(i))
+        go.set()
+        await eventually(lambda: bool(republished))
+    assert sorted(e["customer_id"] for e in fiddler.events()) == sorted(
+        f"c{i}" for i in [*range(10, 20), 99]
+    )
+
+
+async def test_callbacks_waiting_for_room_in_each_others_queue(fiddler: Emulator) -> None:
+    """Two publishers, one slot each, each one's callback publishing into the other's full
+    queue under ``block``: each gives its own publisher's slot back as it waits, so neither
+    waits for the other (until its block timeout, a minute here)."""
+    go, republished = anyio.Event(), []
+    pubs: dict[str, AsyncPublisher] = {}
+
+    def republishing_to(other: str) -> Callable[[DeliveryFailure], Awaitable[None]]:
+        async def on_error(failure: DeliveryFailure) -> None:
+            await go.wait()
+            await pubs[other].publish_event("bank_churn", "bank_churn", bank_event(99))
+            republished.append(other)
+
+        return on_error
+
+    for name, other in (("a", "b"), ("b", "a")):
+        pubs[name] = loopback_publisher(
+            fiddler, **ONE_SLOT_FULL_QUEUE, on_error=republishing_to(other)
+        )
+    async with pubs["a"], pubs["b"]:
+        for pub in pubs.values():
+            await pub.resolve("bank_churn", "bank_churn")
+            await pub.publish_event("bank_churn", "bank_churn", {**bank_event(0), "age": "x"})
+        await eventually(lambda: all(pub.stats().failed == 1 for pub in pubs.values()))
+        for pub in pubs.values():  # a full queue behind each callback's slot
+            for i in range(1, 11):
+                await pub.publish_event("bank_churn", "bank_churn", bank_event(i))
+        go.set()
+        await eventually(lambda: len(republished) == 2)
+    assert sorted(republished) == ["a", "b"]
+    assert [pub.stats().delivered for pub in pubs.values()] == [11, 11]
 
 
 async def test_a_close_from_a_callback_leaves_no_report_to_wait_for(fiddler: Emulator) -> None:

@@ -31,7 +31,7 @@ from fiddler_async import sync as sync_module
 from fiddler_async.emulator import Emulator
 from fiddler_async.stats import FlushResult
 
-from .conftest import bank_event, config
+from .conftest import ONE_SLOT_FULL_QUEUE, bank_event, config
 from .in_process import TOKEN
 
 
@@ -357,6 +357,39 @@ def test_an_on_error_may_publish_and_look_up_but_not_wait_for_reports(
         "replay_spool: refused",
     ]
     assert sorted(e["customer_id"] for e in fiddler.events()) == ["c1", "c2"]
+
+
+def test_an_on_error_waiting_for_room_gives_its_slot_back(fiddler: Emulator, backend: str) -> None:
+    """Under ``block``, with one slot, which the failed batch keeps while its plain callback
+    runs: the callback publishes into the full queue behind it. Its call, run on the loop,
+    carries the callback's report and gives the slot back as it waits for room (else it
+    would wait for itself until its block timeout)."""
+    go, done, outcome = threading.Event(), threading.Event(), []
+
+    def on_error(failure: DeliveryFailure) -> None:
+        go.wait(20)
+        try:
+            outcome.append(pub.publish_event("bank_churn", "bank_churn", bank_event(99)))
+        except Exception as exc:
+            outcome.append(exc)
+        done.set()
+
+    pub = sync_publisher(fiddler, backend, **ONE_SLOT_FULL_QUEUE, on_error=on_error)
+    try:
+        pub.resolve("bank_churn", "bank_churn")
+        pub.publish_event("bank_churn", "bank_churn", {**bank_event(0), "age": "forty"})
+        deadline = time.monotonic() + 10
+        while pub.stats().failed < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for i in range(1, 11):  # a full queue behind the callback's slot
+            pub.publish_event("bank_churn", "bank_churn", bank_event(i))
+        go.set()
+        assert done.wait(20)
+    finally:
+        go.set()
+        pub.close(10)
+    assert [type(value) for value in outcome] == [str]  # an id, not QueueFullError
+    assert pub.stats().delivered == 11
 
 
 def close_interrupted(
