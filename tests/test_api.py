@@ -346,6 +346,7 @@ async def test_a_generator_reusing_one_dict_publishes_each_row_as_yielded(
     assert [e["event_id"] for e in stored] == ids
 
 
+@anyio
 async def test_a_batch_of_plain_rows_is_stamped_whole_and_mixed_rows_one_by_one(
     inproc: InProcessFiddler, monkeypatch: pytest.MonkeyPatch
 ) -> None:
