@@ -737,7 +737,7 @@ class AsyncPublisher:
         self._require_open()
         failure = exporter.lookup_failure(model)
         if model.info is None and failure is not None and not is_retryable(failure):
-            raise failure
+            raise failure.with_traceback(None)  # raised again and again: else its traceback grows
 
     async def _queue_frame(
         self, dest: Destination, lane: Lane, frame: Any, given: list[Any] | None

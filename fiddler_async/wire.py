@@ -509,11 +509,7 @@ class FiddlerV3Exporter:
         began = anyio.current_time()
         async with lock:
             if ref.info is None:
-                # A lookup that failed while we waited for the lock is our answer too: each
-                # waiting batch retrying it in turn would hold them all for its retry budget.
-                failed_at, error = self._lookup_failures.get(id(ref), (-math.inf, None))
-                if error is not None and failed_at >= began:
-                    raise error
+                self._raise_if_failed_since(ref, began)
                 try:
                     ref.info = await self._retry.call(
                         lambda retry: self._attempt_lookup(ref, retry),
@@ -522,9 +518,21 @@ class FiddlerV3Exporter:
                 except Exception as exc:
                     self._lookup_failures[id(ref)] = (anyio.current_time(), exc)
                     raise
+                else:
+                    self._lookup_failures.pop(id(ref), None)
                 finally:
                     self._tell_lookup_waiters(ref)
         return ref.info
+
+    def _raise_if_failed_since(self, ref: ModelRef, began: float) -> None:
+        """A lookup that failed while we waited for the lock is our answer too: each waiting
+        batch retrying it in turn would hold them all for its retry budget. (A function of
+        its own: a local of resolve's holding the last failure would be kept by the next
+        one's traceback, and so on, each with its batch: memory without bound for a model
+        whose lookup always fails.)"""
+        failed_at, error = self._lookup_failures.get(id(ref), (-math.inf, None))
+        if error is not None and failed_at >= began:
+            raise error.with_traceback(None)  # raised again: else its traceback grows
 
     async def _attempt_lookup(self, ref: ModelRef, retry: int) -> ModelInfo:
         try:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import datetime as dt
 import email.utils
 import functools
+import gc
 import gzip
 import json
 import platform
 import time
+import tracemalloc
 from typing import Any
 
 import anyio
@@ -282,6 +284,36 @@ async def test_model_uuid_is_accepted(inproc: InProcessFiddler) -> None:
         pub.publish_event_nowait("other", model_id.upper().replace("-", ""), bank_event())
         assert (await pub.flush(5)).delivered == 2
     assert [r.url.path for r in inproc.lookups()] == [f"/v3/models/{model_id}"]
+
+
+async def test_a_name_that_is_never_found_keeps_none_of_its_events(
+    inproc: InProcessFiddler,
+) -> None:
+    """A misspelt model, its lookup failing for good again and again: each failure's
+    traceback held the lookup before it (a local of that frame held its failure), and so on
+    back to the first, each with its batch. Every event sent to the name was kept."""
+
+    async def send_some() -> None:
+        for i in range(50):
+            pub.publish_event_nowait("bank_churn", "nope", {**bank_event(i), "note": "x" * 500})
+        await pub.flush(5)
+
+    async with mock_publisher(inproc, linger=0) as pub:
+        for _ in range(3):  # the caches and the logs settle
+            await send_some()
+        gc.collect()
+        tracemalloc.start()
+        try:
+            for _ in range(20):  # 1000 events
+                await send_some()
+            gc.collect()
+            made_here = tracemalloc.take_snapshot().filter_traces(
+                [tracemalloc.Filter(True, __file__)]
+            )
+        finally:
+            tracemalloc.stop()
+    kept = sum(stat.size for stat in made_here.statistics("filename"))
+    assert kept < 200_000  # the last batch may be kept (with its failure): 50 events
 
 
 async def test_unknown_names_fail_with_not_found(inproc: InProcessFiddler) -> None:
