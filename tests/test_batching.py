@@ -291,7 +291,8 @@ async def test_a_batch_of_many_rows_lets_other_tasks_run_while_it_is_encoded(
             ids = await pub.publish_events_batch("bank_churn", "bank_churn", events)
             during = ticks - before
             tg.cancel_scope.cancel()
-        assert (await pub.flush(5)).delivered == 301
+        await pub.flush(5)  # (the first event may have gone while the rows were encoded)
+        assert pub.stats().delivered == 301
     assert during > 0
     assert threading.get_ident() not in threads  # the long way, too, off the loop
     assert bool(threads) == (kind == "row-by-row")
